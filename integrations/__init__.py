@@ -1,0 +1,1 @@
+"""Integrations with RL frameworks (veRL rollout backend, Ray actors)."""

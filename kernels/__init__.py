@@ -1,0 +1,1 @@
+"""Triton / CUDA kernels, each with a torch reference."""

@@ -1,0 +1,1 @@
+"""GPU memory that can be released and resumed at the same virtual addresses."""

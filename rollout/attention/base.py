@@ -1,0 +1,42 @@
+"""The attention backend interface.
+
+A backend computes causal attention of a step's new tokens over each request's KV in the paged
+pool, after writing the new tokens' K and V into the pool. Backends are chosen by name through
+``rollout.attention.registry`` so GPU libraries are imported only when picked.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from rollout.cache.kv_pool import KVPool
+from rollout.runner.forward_batch import ForwardBatch
+
+
+class AttentionBackend(ABC):
+    """Paged causal attention over a ``KVPool``."""
+
+    def __init__(self, kv_pool: KVPool) -> None:
+        self.kv_pool = kv_pool
+
+    @abstractmethod
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Build per-step metadata (index plans, masks) once before the layers run."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # (T, num_q_heads, head_dim)
+        k: torch.Tensor,  # (T, num_kv_heads, head_dim)
+        v: torch.Tensor,  # (T, num_kv_heads, head_dim)
+        layer_id: int,
+        scale: float,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # (T, num_q_heads, head_dim)
+        """Store ``k`` and ``v`` at ``batch.out_cache_loc`` of layer ``layer_id``, then attend.
+
+        Token ``t`` of request ``i`` at position ``p`` attends to positions ``0..p`` of request
+        ``i`` only (causal within the request, nothing across requests).
+        """

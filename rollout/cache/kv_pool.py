@@ -1,0 +1,46 @@
+"""The KV pool: one K and one V tensor per layer, indexed by token slot."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPool:
+    """K/V storage for ``num_slots`` token slots in every layer.
+
+    Slot 0 is never handed out by the allocator: padded or dummy tokens (CUDA graph padding) write
+    there harmlessly.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        self.num_layers = num_layers
+        self.num_slots = num_slots
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k``, ``v`` (T, num_kv_heads, head_dim) at ``slots`` (T,) of one layer."""
+        self.k_buffers[layer_id][slots] = k.to(self.dtype)
+        self.v_buffers[layer_id][slots] = v.to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        per = self.num_slots * self.num_kv_heads * self.head_dim * self.k_buffers[0].element_size()
+        return 2 * self.num_layers * per
+
+    @staticmethod
+    def bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()

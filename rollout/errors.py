@@ -1,0 +1,82 @@
+"""Typed errors raised at the edges of the engine.
+
+Each error carries a ``code`` that names the gRPC status it maps to, so the service layer converts
+them without guessing, and a ``field`` where one input field is at fault, so a person reading the
+message knows what to change.
+"""
+
+from __future__ import annotations
+
+
+class RolloutError(Exception):
+    """Base class of every error the engine reports to its callers."""
+
+    code: str = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        self.message = f"{field}: {message}" if field else message
+        super().__init__(self.message)
+
+
+class InvalidArgumentError(RolloutError, ValueError):
+    """A request or option is malformed (bad ids, bad sampling values, unknown option)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class OutOfRangeError(RolloutError, ValueError):
+    """A request does not fit the model's context (prompt plus max_new_tokens too long)."""
+
+    code = "OUT_OF_RANGE"
+
+
+class ResourceExhaustedError(RolloutError):
+    """The engine cannot take the request now or ever with its memory (queue full, KV too small)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class FailedPreconditionError(RolloutError):
+    """The engine is in a state that forbids the call (weights released or invalid, not paused)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class NotFoundError(RolloutError):
+    """A named object (request id, weight group) does not exist."""
+
+    code = "NOT_FOUND"
+
+
+class UnimplementedError(RolloutError):
+    """The call is declared but this build does not provide it."""
+
+    code = "UNIMPLEMENTED"
+
+
+class EngineDeadError(RolloutError):
+    """The engine loop died; the message carries the cause."""
+
+    code = "UNAVAILABLE"
+
+
+ERROR_TYPES: dict[str, type[RolloutError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        OutOfRangeError,
+        ResourceExhaustedError,
+        FailedPreconditionError,
+        NotFoundError,
+        UnimplementedError,
+        EngineDeadError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> RolloutError:
+    """Rebuild a typed error from its code and message (used across the process boundary)."""
+    cls = ERROR_TYPES.get(code, RolloutError)
+    err = cls(message)
+    return err

@@ -1,0 +1,54 @@
+"""The tensors of one forward step, shared by the runner, the model and the attention backends.
+
+All new tokens of all requests in the step are laid out request-major in one flat token axis
+(``T`` tokens, ``B`` requests). Request ``i`` contributes ``extend_lens[i]`` new tokens (1 when it
+decodes, a chunk of its prompt when it prefills) and attends to ``seq_lens[i]`` tokens of KV: its
+``prefix_lens[i]`` cached tokens followed by its new ones::
+
+    token axis   | req 0: new tokens | req 1 | req 2 ...            qo_indptr = [0, e0, e0+e1, ...]
+    kv axis      | req 0: prefix + new       | req 1: prefix + new | kv_indptr = [0, s0, s0+s1, ...]
+
+``kv_indices`` holds the KV-pool slot of every kv-axis position; ``out_cache_loc`` the slot that
+each new token's K and V are written to (the tail of its request's kv run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from rollout.attention.base import AttentionBackend
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """Everything a model forward needs besides the weights."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64, position of each new token in its sequence
+    out_cache_loc: torch.Tensor  # (T,) int64, KV slot written by each new token
+    qo_indptr: torch.Tensor  # (B+1,) int32
+    kv_indptr: torch.Tensor  # (B+1,) int32
+    kv_indices: torch.Tensor  # (sum(seq_lens),) int64
+    seq_lens: torch.Tensor  # (B,) int32, prefix + new tokens per request
+    logits_indices: torch.Tensor  # (B,) int64, token-axis index of each request's last new token
+    seq_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
+    prefix_lens_cpu: list[int]
+    attn_backend: "AttentionBackend"
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def is_decode(self) -> bool:
+        """True when every request adds exactly one token (the CUDA-graph-able case)."""
+        return all(e == 1 for e in self.extend_lens_cpu)

@@ -1,0 +1,131 @@
+"""ModelRunner: owns the model, the KV pool and the attention backend; runs one step of a plan."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rollout.attention.registry import create_attention_backend
+from rollout.cache.kv_pool import KVPool
+from rollout.config import EngineConfig
+from rollout.models.loader import load_model
+from rollout.runner.forward_batch import ForwardBatch
+from rollout.sampling.sampler import Sampler
+from rollout.sampling.sampling_batch import SamplingBatch
+from rollout.scheduler.plan import BatchPlan
+from rollout.scheduler.scheduler import StepResult
+from rollout.types import TopLogprobs
+
+logger = logging.getLogger(__name__)
+
+# KV budget on a CPU device when the caller gives none.
+CPU_DEFAULT_KV_BYTES = 1 << 30
+CPU_MAX_DEFAULT_SLOTS = 1 << 18
+
+
+class ModelRunner:
+    """Turns a ``BatchPlan`` into tensors, runs the model forward and samples."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype: torch.dtype = getattr(torch, config.dtype)
+        self.model = self._load_model()
+        self.num_slots = self._num_kv_slots()
+        m = config.model
+        self.kv_pool = KVPool(m.num_hidden_layers, self.num_slots, m.num_key_value_heads, m.head_dim,
+                              self.dtype, self.device)
+        self.attn_backend = create_attention_backend(config.attention_backend, self.kv_pool)
+        self.sampler = Sampler()
+        self.req_table: torch.Tensor | None = None  # (max_requests, max_context) int64, bound later
+
+    def _load_model(self) -> torch.nn.Module:
+        model = load_model(self.config.model, self.config.model_path, self.dtype, self.device)
+        model.eval()
+        return model
+
+    def _num_kv_slots(self) -> int:
+        """Token slots of the KV pool: the configured size, else what memory allows."""
+        cfg = self.config
+        page = cfg.cache.page_size
+        if cfg.cache.max_total_tokens is not None:
+            tokens = cfg.cache.max_total_tokens
+        else:
+            m = cfg.model
+            per_slot = KVPool.bytes_per_slot(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, self.dtype)
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * cfg.cache.kv_memory_fraction)
+                tokens = budget // per_slot
+            else:
+                tokens = min(CPU_DEFAULT_KV_BYTES // per_slot, CPU_MAX_DEFAULT_SLOTS)
+        pages = max(tokens // page, 1)
+        # +1 page: page 0 is the padding page, never handed out.
+        return (pages + 1) * page
+
+    def bind_req_table(self, table: torch.Tensor) -> None:
+        """Use the cache manager's request->slot table to find each request's KV."""
+        self.req_table = table
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def run(self, plan: BatchPlan) -> StepResult:
+        batch = self._build_batch(plan)
+        self.attn_backend.prepare(batch)
+        hidden = self.model(batch)  # (T, hidden)
+        sample_idx = [i for i, s in enumerate(plan.sample) if s]
+        if not sample_idx:
+            return StepResult([])
+        rows = batch.logits_indices[torch.tensor(sample_idx, device=self.device)]
+        logits = self.model.compute_logits(hidden[rows])  # (B_sample, vocab) float32
+        banned = [b or [] for b in plan.banned] if any(plan.banned) else None
+        sb = SamplingBatch.build(plan.sampling, plan.seeds, plan.steps, banned, self.device)
+        res = self.sampler.sample(
+            logits, sb, return_logprob=plan.return_logprob, return_raw_logprob=plan.return_raw_logprob,
+            top_logprobs_num=plan.top_logprobs_num,
+        )
+        top = None
+        if res.top_ids is not None:
+            ids, lps = res.top_ids.tolist(), res.top_logprobs.tolist()
+            top = [TopLogprobs(i, lp) for i, lp in zip(ids, lps)]
+        return StepResult(
+            res.token_ids.tolist(),
+            res.logprobs.tolist() if res.logprobs is not None else None,
+            res.raw_logprobs.tolist() if res.raw_logprobs is not None else None,
+            top,
+        )
+
+    def _build_batch(self, plan: BatchPlan) -> ForwardBatch:
+        assert self.req_table is not None, "bind_req_table() first"
+        dev = self.device
+        ext = torch.tensor(plan.extend_lens, dtype=torch.int64)
+        prefix = torch.tensor(plan.prefix_lens, dtype=torch.int64)
+        seq_lens = prefix + ext  # (B,)
+        qo_indptr = torch.zeros(len(ext) + 1, dtype=torch.int64)
+        torch.cumsum(ext, 0, out=qo_indptr[1:])
+        kv_indptr = torch.zeros(len(ext) + 1, dtype=torch.int64)
+        torch.cumsum(seq_lens, 0, out=kv_indptr[1:])
+        # Position of every new token: prefix_len of its entry + offset inside the entry.
+        entry = torch.repeat_interleave(torch.arange(len(ext)), ext)  # (T,)
+        positions = prefix[entry] + torch.arange(int(qo_indptr[-1])) - qo_indptr[:-1][entry]
+        rows = torch.tensor(plan.rows, dtype=torch.int64)
+        out_loc = plan.out_slots.to(dev)
+        positions_d = positions.to(dev)
+        # Record the new tokens' slots in the table, then read every entry's whole KV run from it.
+        self.req_table[rows.to(dev)[entry.to(dev)], positions_d] = out_loc
+        kv_indices = torch.cat([self.req_table[r, :n] for r, n in zip(plan.rows, seq_lens.tolist())])
+        return ForwardBatch(
+            input_ids=torch.tensor(plan.input_ids, dtype=torch.int64, device=dev),
+            positions=positions_d,
+            out_cache_loc=out_loc,
+            qo_indptr=qo_indptr.to(dev, torch.int32),
+            kv_indptr=kv_indptr.to(dev, torch.int32),
+            kv_indices=kv_indices,
+            seq_lens=seq_lens.to(dev, torch.int32),
+            logits_indices=(qo_indptr[1:] - 1).to(dev),
+            seq_lens_cpu=seq_lens.tolist(),
+            extend_lens_cpu=plan.extend_lens,
+            prefix_lens_cpu=plan.prefix_lens,
+            attn_backend=self.attn_backend,
+        )

@@ -1,0 +1,183 @@
+"""Public value types of the engine: sampling parameters, outputs, stream chunks, engine info.
+
+These cross module and process boundaries; the gRPC layer converts protos to and from them at its
+edge and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from rollout.errors import InvalidArgumentError
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sample ended."""
+
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_new_tokens reached (or the context filled)
+    ABORT = "abort"  # aborted by the caller, a pause in ABORT mode, or shutdown
+
+
+class PauseMode(str, enum.Enum):
+    """What happens to in-flight requests when generation is paused."""
+
+    ABORT = "abort"  # end them now with their partial output
+    RETRACT = "retract"  # back to the queue, KV freed, recomputed after continue
+    IN_PLACE = "in_place"  # frozen with their KV, continue where they stopped
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one prompt. Defaults match SGLang / vLLM (temperature 1, no filtering)."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus mass, in (0, 1]
+    top_k: int = -1  # -1 or 0: off
+    min_p: float = 0.0  # drop tokens below min_p * p(max), in [0, 1]
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0  # stop tokens are masked until this many were generated
+    stop: tuple[str, ...] = ()  # stop strings, matched on the decoded output
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS ids
+    ignore_eos: bool = False
+    seed: int | None = None  # same seed, same tokens (sample i of n uses seed + i)
+    n: int = 1  # samples of this prompt; they share the prompt's KV
+
+    def __post_init__(self) -> None:
+        # Accept lists from callers but store tuples so the object stays hashable and immutable.
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``InvalidArgumentError`` naming the first bad field."""
+
+        def bad(name: str, why: str) -> InvalidArgumentError:
+            return InvalidArgumentError(f"{why} (got {getattr(self, name)!r})", field=name)
+
+        for name in ("temperature", "top_p", "min_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or math.isinf(v):
+                raise bad(name, "must be a finite number")
+        if self.temperature < 0:
+            raise bad("temperature", "must be >= 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be in [0, 1]")
+        for name in ("top_k", "max_new_tokens", "min_new_tokens", "n"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(name, "must be an integer")
+        if self.top_k < -1:
+            raise bad("top_k", "must be -1 (off), 0 (off) or positive")
+        if self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "must be >= 1")
+        if self.min_new_tokens < 0:
+            raise bad("min_new_tokens", "must be >= 0")
+        if self.min_new_tokens > self.max_new_tokens:
+            raise bad("min_new_tokens", "must be <= max_new_tokens")
+        if not 1 <= self.n <= 1024:
+            raise bad("n", "must be in [1, 1024]")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad("seed", "must be an integer")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                raise bad("stop", "stop strings must be non-empty strings")
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                raise bad("stop_token_ids", "must be non-negative integers")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+        """Build from a plain dict, rejecting unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise InvalidArgumentError(f"unknown sampling option; known: {sorted(known)}", field=key)
+        return cls(**d)
+
+
+@dataclass(slots=True)
+class TopLogprobs:
+    """The top-k alternatives at one position, from the raw (unprocessed) logits."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+
+
+@dataclass(slots=True)
+class GenerateOutput:
+    """The final result of one sample."""
+
+    request_id: str
+    index: int  # which of the n samples of its prompt
+    prompt_tokens: int
+    output_ids: list[int]
+    finish_reason: FinishReason
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    matched_stop: int | str | None = None  # the stop token id or stop string that ended it
+    output_logprobs: list[float] | None = None  # under the distribution actually sampled from
+    output_raw_logprobs: list[float] | None = None  # log-softmax of the raw logits
+    output_top_logprobs: list[TopLogprobs] | None = None
+    weight_versions: list[int] = field(default_factory=list)  # weight version of each token
+    text: str | None = None  # decoded output when the model has a tokenizer
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)
+
+
+@dataclass(slots=True)
+class StreamChunk:
+    """New tokens of one sample since its previous chunk; the last chunk has ``finished`` set."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    raw_logprobs: list[float] | None = None
+    top_logprobs: list[TopLogprobs] | None = None
+    weight_versions: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    matched_stop: int | str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineInfo:
+    """A snapshot of the engine's state (GetInfo)."""
+
+    model_path: str
+    architecture: str
+    context_length: int
+    vocab_size: int
+    weight_version: int
+    weights_valid: bool
+    paused: bool
+    pause_mode: str | None
+    num_waiting: int
+    num_running: int
+    num_paused: int
+    kv_total_tokens: int
+    kv_used_tokens: int  # held by requests
+    kv_cached_tokens: int  # held by the prefix cache only (evictable)
+    page_size: int
+    num_retractions: int  # running requests sent back to the queue for lack of KV, since start
+    device: str
+    dtype: str
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # tag -> {state, bytes}
+    version: str = ""

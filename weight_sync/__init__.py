@@ -1,0 +1,1 @@
+"""Trainer-to-engine weight updates (NCCL / gloo groups, CUDA IPC, disk)."""
