@@ -1,0 +1,58 @@
+"""Request -> token table: the KV slot of every position of every running request.
+
+Row ``r`` belongs to one live sequence; ``table[r, j]`` is the KV slot of its position ``j``. The
+runner gathers a step's ``kv_indices`` from it on the device, so the table lives on the device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rollout.errors import InvalidArgumentError
+
+
+class ReqToTokenTable:
+    """A (max_requests, max_context) int64 table of KV slots with recycled rows."""
+
+    def __init__(self, max_requests: int, max_context: int, device: torch.device | str) -> None:
+        if max_requests < 1:
+            raise InvalidArgumentError(f"must be >= 1, got {max_requests}", field="max_requests")
+        if max_context < 1:
+            raise InvalidArgumentError(f"must be >= 1, got {max_context}", field="max_context")
+        self.max_requests = max_requests
+        self.max_context = max_context
+        self.device = torch.device(device)
+        self.table = torch.zeros((max_requests, max_context), dtype=torch.int64, device=self.device)
+        # Popped from the end: low rows first, so a lightly loaded engine touches few rows.
+        self._free_rows = list(range(max_requests - 1, -1, -1))
+        self._row_free = bytearray(b"\x01" * max_requests)
+
+    @property
+    def num_free_rows(self) -> int:
+        """Rows not held by a live sequence."""
+        return len(self._free_rows)
+
+    def alloc_row(self) -> int | None:
+        """Take a free row, or None when every row is in use."""
+        if not self._free_rows:
+            return None
+        row = self._free_rows.pop()
+        self._row_free[row] = 0
+        return row
+
+    def free_row(self, row: int) -> None:
+        """Give a row back; RuntimeError if it is out of range or already free."""
+        if not 0 <= row < self.max_requests or self._row_free[row]:
+            raise RuntimeError(f"freeing request row {row}, which is not in use")
+        self._row_free[row] = 1
+        self._free_rows.append(row)
+
+    def write(self, row: int, start: int, slots: torch.Tensor) -> None:
+        """Set positions ``[start, start + len(slots))`` of ``row`` to ``slots`` (copied to the device)."""
+        n = slots.numel()
+        if not 0 <= row < self.max_requests or self._row_free[row]:
+            raise RuntimeError(f"writing request row {row}, which is not in use")
+        if start < 0 or start + n > self.max_context:
+            raise RuntimeError(f"positions [{start}, {start + n}) exceed max_context {self.max_context}")
+        if n:
+            self.table[row, start : start + n].copy_(slots.reshape(-1))  # (n,)
