@@ -1,0 +1,173 @@
+"""Batched sampling with logprobs.
+
+Semantics, per row of the ``(B, V)`` logits (upcast to float32):
+
+1. Banned ids (stop tokens before ``min_new_tokens``) are masked to ``-inf`` first; this mask is
+   part of the distribution sampled from. Ids ``>= V`` cannot be produced and are ignored.
+2. Greedy rows (temperature 0): the token is the argmax of the masked logits; its ``logprobs`` entry
+   is the log-softmax of the masked logits at temperature 1, i.e. the model's own log-probability.
+3. Sampling rows: ``p = softmax(logits / T)``. On these temperature-scaled probabilities, sorted in
+   descending order (stable, so ties go to the lower id):
+
+   - top-k keeps the ``k`` first tokens (``k <= 0``: off);
+   - top-p keeps a token iff the mass strictly before it in sorted order is ``< top_p``, the
+     smallest prefix whose mass reaches ``top_p`` (``top_p = 1``: off);
+   - min-p keeps tokens with ``p >= min_p * max(p)``.
+
+   The kept set is the intersection (each filter keeps a prefix of the sorted order, so the most
+   probable token always survives). The kept probabilities are renormalised and one token is drawn;
+   its ``logprobs`` entry is the log of its renormalised probability.
+4. The draw is the exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` i.i.d. per vocab entry, done in
+   log space as ``argmax(log p - log E)``. ``E`` depends only on the row's (seed, step) (see
+   ``noise.py``), so a row's token does not depend on the rest of the batch, and tokens of zero
+   probability (``log p = -inf``) can never win.
+
+``raw_logprobs`` and the top alternatives are taken from the log-softmax of the logits as given,
+before banning, temperature and filtering. Everything except the per-row noise generator is batched
+tensor work; greedy-only batches skip the noise and filtering, and batches without filters skip the
+sort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from rollout.errors import InvalidArgumentError
+from rollout.sampling.noise import exponential_noise
+from rollout.sampling.sampling_batch import SamplingBatch
+
+
+@dataclass(slots=True)
+class SampleResult:
+    """The tokens chosen for one step and the logprobs asked for."""
+
+    token_ids: torch.Tensor  # (B,) int64
+    logprobs: torch.Tensor | None  # (B,) float32: log p(token) under the distribution actually sampled from
+    raw_logprobs: torch.Tensor | None  # (B,) float32: log_softmax(raw logits)[token]
+    top_ids: torch.Tensor | None  # (B, k) int64 top-k alternatives of the raw log-softmax
+    top_logprobs: torch.Tensor | None  # (B, k) float32, descending
+
+
+class Sampler:
+    """Turns a step's logits into tokens and logprobs; stateless, so one instance serves any batch."""
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        *,
+        return_logprob: bool,
+        return_raw_logprob: bool,
+        top_logprobs_num: int,
+    ) -> SampleResult:
+        """Sample one token per row of ``logits`` (B, V) under ``batch``'s parameters.
+
+        ``top_logprobs_num`` alternatives (clamped to V; 0: none) are returned per row.
+        """
+        if top_logprobs_num < 0:
+            raise InvalidArgumentError(f"must be >= 0 (got {top_logprobs_num})", field="top_logprobs_num")
+        assert logits.dim() == 2 and logits.shape[0] == batch.batch_size, "logits must be (B, V)"
+        raw = logits.float()  # (B, V); a no-op view when already float32, so never write into it
+        masked = _apply_banned(raw, batch.banned_token_ids)  # (B, V)
+
+        if batch.all_greedy:
+            token_ids = masked.argmax(dim=-1)  # (B,)
+            logprobs = None
+            if return_logprob:
+                logprobs = _gather(torch.log_softmax(masked, dim=-1), token_ids)
+        else:
+            token_ids, logprobs = _sample_mixed(masked, batch, return_logprob)
+
+        raw_logprobs = top_ids = top_logprobs = None
+        if return_raw_logprob or top_logprobs_num > 0:
+            raw_lsm = torch.log_softmax(raw, dim=-1)  # (B, V)
+            if return_raw_logprob:
+                raw_logprobs = _gather(raw_lsm, token_ids)
+            if top_logprobs_num > 0:
+                k = min(top_logprobs_num, raw_lsm.shape[-1])
+                top_logprobs, top_ids = torch.topk(raw_lsm, k, dim=-1)  # (B, k), sorted descending
+        return SampleResult(
+            token_ids=token_ids,
+            logprobs=logprobs,
+            raw_logprobs=raw_logprobs,
+            top_ids=top_ids,
+            top_logprobs=top_logprobs,
+        )
+
+
+def _gather(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    return values.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # (B,)
+
+
+def _apply_banned(logits: torch.Tensor, banned: list[list[int]] | None) -> torch.Tensor:
+    """Return a copy of ``logits`` with each row's banned ids at -inf (the input itself if none)."""
+    if banned is None:
+        return logits
+    vocab = logits.shape[-1]
+    lens = [len(ids) for ids in banned]
+    cols = torch.tensor(list(chain.from_iterable(banned)), dtype=torch.int64)  # (N,)
+    rows = torch.repeat_interleave(torch.arange(len(banned)), torch.tensor(lens, dtype=torch.int64))  # (N,)
+    keep = cols < vocab  # ids past the vocabulary can never be produced anyway
+    out = logits.clone()
+    out[rows[keep].to(logits.device), cols[keep].to(logits.device)] = float("-inf")
+    return out
+
+
+def _sample_mixed(
+    masked: torch.Tensor, batch: SamplingBatch, return_logprob: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample every row by the exponential race, then put greedy rows' argmax in their place."""
+    greedy = batch.temperatures == 0  # (B,) bool
+    # Greedy rows are divided by 1 so that their log-softmax is the model's own.
+    temps = torch.where(greedy, torch.ones_like(batch.temperatures), batch.temperatures)  # (B,)
+    logp = torch.log_softmax(masked / temps.unsqueeze(1), dim=-1)  # (B, V)
+
+    sample_logp = logp
+    if batch.need_filter:
+        keep = _filter_mask(logp, batch)  # (B, V) bool
+        sample_logp = logp.masked_fill(~keep, float("-inf"))
+        sample_logp = sample_logp - torch.logsumexp(sample_logp, dim=-1, keepdim=True)  # renormalise
+
+    noise = exponential_noise(batch.seeds, batch.steps, masked.shape[-1], masked.device)  # (B, V)
+    scores = noise.log_().neg_().add_(sample_logp)  # (B, V) log p - log E; -inf stays -inf
+    sampled = scores.argmax(dim=-1)  # (B,)
+    token_ids = torch.where(greedy, masked.argmax(dim=-1), sampled)  # (B,)
+
+    logprobs = None
+    if return_logprob:
+        # Greedy rows report the unfiltered temperature-1 log-softmax, sampling rows the renormalised one.
+        logprobs = torch.where(greedy, _gather(logp, token_ids), _gather(sample_logp, token_ids))  # (B,)
+    return token_ids, logprobs
+
+
+def _filter_mask(logp: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Which tokens survive top-k, top-p and min-p, all judged on the temperature-scaled probs.
+
+    Each filter keeps a prefix of the descending sort, so they are combined in sorted order and the
+    result scattered back to vocab order::
+
+        sorted probs  | .40 | .25 | .15 | .10 | .06 | .04 |
+        mass before   |  0  | .40 | .65 | .80 | .90 | .96 |   top_p = .7 keeps mass-before < .7
+        rank          |  0  |  1  |  2  |  3  |  4  |  5  |   top_k = 4 keeps rank < 4
+        kept          |  x  |  x  |  x  |     |     |     |
+    """
+    vocab = logp.shape[-1]
+    probs_sorted, order = torch.sort(logp.exp(), dim=-1, descending=True, stable=True)  # (B, V) each
+    rank = torch.arange(vocab, device=logp.device).unsqueeze(0)  # (1, V)
+
+    k = torch.where(batch.top_ks > 0, batch.top_ks, vocab).clamp(max=vocab)  # (B,)
+    keep_sorted = rank < k.unsqueeze(1)  # (B, V)
+
+    # Exclusive prefix sum: the mass of the tokens strictly before each one.
+    cum = probs_sorted.cumsum(dim=-1)  # (B, V)
+    mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # (B, V)
+    # top_p == 1 is off outright: rounding can bring the running mass to 1 before the tail ends.
+    top_p_off = (batch.top_ps >= 1.0).unsqueeze(1)  # (B, 1)
+    keep_sorted &= top_p_off | (mass_before < batch.top_ps.unsqueeze(1))
+
+    keep_sorted &= probs_sorted >= batch.min_ps.unsqueeze(1) * probs_sorted[:, :1]
+
+    return torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)  # (B, V) in vocab order
