@@ -9,7 +9,7 @@ setup:
 	$(PYTHON) -m pip install -e ".[test]"
 
 quickstart: setup
-	bash examples/run_quickstart.sh
+	PYTHON=$(PYTHON) bash examples/run_quickstart.sh
 
 serve: setup
 	$(PYTHON) -m rollout serve

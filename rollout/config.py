@@ -90,7 +90,7 @@ class ModelConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
 
     @classmethod
-    def from_pretrained(cls, model_path: str) -> "ModelConfig":
+    def from_pretrained(cls, model_path: str) -> ModelConfig:
         """Read ``config.json`` (and ``generation_config.json`` for EOS ids) from a model directory."""
         cfg_path = os.path.join(model_path, "config.json")
         if not os.path.isfile(cfg_path):
@@ -105,7 +105,7 @@ class ModelConfig:
         return cls.from_hf_dict(hf, gen)
 
     @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], gen: dict[str, Any] | None = None) -> "ModelConfig":
+    def from_hf_dict(cls, hf: dict[str, Any], gen: dict[str, Any] | None = None) -> ModelConfig:
         """Build from the parsed config.json (and optional generation_config.json)."""
         gen = gen or {}
         archs = hf.get("architectures") or []
@@ -259,7 +259,7 @@ class EngineConfig:
             object.__setattr__(self, "context_length", self.model.max_position_embeddings)
 
     @classmethod
-    def build(cls, model_path: str, **options: Any) -> "EngineConfig":
+    def build(cls, model_path: str, **options: Any) -> EngineConfig:
         """Build from a model directory and flat keyword options; unknown options are rejected."""
         groups = {"cache": CacheConfig, "scheduler": SchedulerConfig, "parallel": ParallelConfig}
         by_group: dict[str, dict[str, Any]] = {g: {} for g in groups}

@@ -99,7 +99,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SamplingParams":
+    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
         """Build from a plain dict, rejecting unknown keys by name."""
         known = {f.name for f in fields(cls)}
         for key in d:

@@ -38,7 +38,7 @@ class ForwardBatch:
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
-    attn_backend: "AttentionBackend"
+    attn_backend: AttentionBackend
 
     @property
     def batch_size(self) -> int:

@@ -1,0 +1,106 @@
+"""Offline generation throughput and batch-1 latency of the in-process engine.
+
+The standard shape (nano-vllm's bench.py, also used by mini-sglang): 256 requests of random token
+ids, input and output lengths uniform in [100, 1024] (seed 0), temperature 0.6, ignore_eos; output
+tokens over wall time including prefill. Every request streams, so TTFT and ITL come out too.
+
+    python examples/offline_throughput.py                          # embedded default model, CPU-sized
+    python examples/offline_throughput.py --shape qwen3-0.6b --device cuda --dtype bfloat16 \
+        --num-prompts 256 --min-len 100 --max-len 1024             # the ANCHORS workload
+    python examples/offline_throughput.py --batch1 --input-len 128 --output-len 512 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+from rollout import Engine, SamplingParams
+from rollout.benchmark import MODEL_SHAPES, RequestRecord, Workload, format_report, summarize
+
+
+def model_dir(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    if args.shape == "tiny":
+        from rollout.default_model import default_model_path
+
+        return default_model_path()
+    from rollout.models.random_init import write_random_model
+
+    shape = dict(MODEL_SHAPES[args.shape])
+    arch = shape.pop("arch")
+    path = os.path.join(tempfile.gettempdir(), f"rollout-bench-{args.shape}-{args.dtype}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        write_random_model(path, arch, dtype=args.dtype, **shape)
+    return path
+
+
+async def run_workload(engine: Engine, wl: Workload, temperature: float) -> tuple[list[RequestRecord], float]:
+    async def one(i: int) -> RequestRecord:
+        sp = SamplingParams(temperature=temperature, max_new_tokens=wl.output_lens[i], ignore_eos=True, seed=i)
+        rec = RequestRecord(time.perf_counter(), len(wl.prompts[i]))
+        async for chunk in engine.async_stream(wl.prompts[i], sp):
+            rec.chunk_times.append(time.perf_counter())
+            rec.chunk_tokens.append(len(chunk.token_ids))
+        return rec
+
+    t0 = time.perf_counter()
+    records = await asyncio.gather(*(one(i) for i in range(len(wl.prompts))))
+    return list(records), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF model directory (default: a random model of --shape)")
+    ap.add_argument("--shape", default="tiny", choices=sorted(MODEL_SHAPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--num-prompts", type=int, default=None, help="default: 256 on cuda, 16 on cpu")
+    ap.add_argument("--min-len", type=int, default=None, help="default: 100 on cuda, 16 on cpu")
+    ap.add_argument("--max-len", type=int, default=None, help="default: 1024 on cuda, 64 on cpu")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--batch1", action="store_true", help="one request at a time: latency mode")
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=512)
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up requests before timing")
+    ap.add_argument("--max-running-requests", type=int, default=256)
+    ap.add_argument("--json", help="also write the figures to this file")
+    args = ap.parse_args()
+    gpu = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    num = args.num_prompts or (256 if gpu else 16)
+    lo, hi = args.min_len or (100 if gpu else 16), args.max_len or (1024 if gpu else 64)
+
+    path = model_dir(args)
+    engine = Engine(path, device=args.device, dtype=args.dtype, max_running_requests=args.max_running_requests)
+    vocab = engine.limits.vocab_size
+    if args.batch1:
+        wl = Workload.random(1, args.input_len, args.input_len, args.output_len, args.output_len, vocab, seed=0)
+    else:
+        wl = Workload.random(num, lo, hi, lo, hi, vocab, seed=0)
+    warm = Workload.random(args.warmup, 16, 32, 8, 16, vocab, seed=1)
+    asyncio.run(run_workload(engine, warm, args.temperature))
+    records, duration = asyncio.run(run_workload(engine, wl, args.temperature))
+    figures = summarize(records, duration)
+    if args.batch1:
+        figures["ms_per_token"] = figures["mean_itl_ms"]
+    engine.shutdown()
+    title = (f"{'batch-1 latency' if args.batch1 else 'offline throughput'}: {args.shape if not args.model else path}"
+             f", {args.dtype}, {args.device}, temperature {args.temperature}, ignore_eos, warm-up {args.warmup}")
+    print(format_report(title, {"in-process": figures}))
+    if args.batch1:
+        print(f"{'Decode ms per token (mean ITL)':<34}{figures['ms_per_token']:>14.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Benchmark workloads and reporting in the format of SGLang's and vLLM's serving harnesses.
+
+Shared by ``examples/offline_throughput.py`` (in-process) and the gRPC benchmark: a workload of
+random prompts, per-request timing records, and one printer so every figure compares.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import dataclass, field
+
+# Real model shapes for benchmarks with random weights (dicts of write_random_model options).
+MODEL_SHAPES: dict[str, dict] = {
+    "tiny": dict(arch="qwen3", vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=4096),
+    "qwen3-0.6b": dict(arch="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=40960, tie_word_embeddings=True),
+    "llama-8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     max_position_embeddings=131072),
+    "qwen3-30b-a3b": dict(arch="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+                          max_position_embeddings=40960),
+}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Random-token prompts with per-request output lengths (nano-vllm's bench.py shape)."""
+
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @classmethod
+    def random(cls, num: int, min_in: int, max_in: int, min_out: int, max_out: int, vocab: int,
+               seed: int = 0) -> Workload:
+        rng = random.Random(seed)
+        prompts = [[rng.randrange(0, vocab) for _ in range(rng.randint(min_in, max_in))] for _ in range(num)]
+        outs = [rng.randint(min_out, max_out) for _ in range(num)]
+        return cls(prompts, outs)
+
+    @property
+    def input_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+
+@dataclass
+class RequestRecord:
+    """Timing of one request: send time, then the arrival time of each chunk and its token count."""
+
+    start: float
+    prompt_tokens: int
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    ok: bool = True
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.chunk_tokens)
+
+    @property
+    def ttft(self) -> float | None:
+        return self.chunk_times[0] - self.start if self.chunk_times else None
+
+    def itls(self) -> list[float]:
+        """Inter-token latencies: each chunk's gap spread over the tokens it carried."""
+        out = []
+        for i in range(1, len(self.chunk_times)):
+            gap = self.chunk_times[i] - self.chunk_times[i - 1]
+            n = max(self.chunk_tokens[i], 1)
+            out.extend([gap / n] * n)
+        return out
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def summarize(records: list[RequestRecord], duration: float) -> dict[str, float]:
+    """The harness figures: counts, throughputs, TTFT and ITL statistics (ms)."""
+    ok = [r for r in records if r.ok]
+    inp = sum(r.prompt_tokens for r in ok)
+    out = sum(r.output_tokens for r in ok)
+    ttfts = [r.ttft * 1e3 for r in ok if r.ttft is not None]
+    itls = [x * 1e3 for r in ok for x in r.itls()]
+    return {
+        "successful_requests": len(ok),
+        "duration_s": duration,
+        "total_input_tokens": inp,
+        "total_output_tokens": out,
+        "request_throughput": len(ok) / duration,
+        "input_throughput": inp / duration,
+        "output_throughput": out / duration,
+        "total_throughput": (inp + out) / duration,
+        "mean_ttft_ms": statistics.fmean(ttfts) if ttfts else float("nan"),
+        "p50_ttft_ms": _pct(ttfts, 50),
+        "p99_ttft_ms": _pct(ttfts, 99),
+        "mean_itl_ms": statistics.fmean(itls) if itls else float("nan"),
+        "p50_itl_ms": _pct(itls, 50),
+        "p99_itl_ms": _pct(itls, 99),
+    }
+
+
+LABELS = [
+    ("successful_requests", "Successful requests", "{:d}"),
+    ("duration_s", "Benchmark duration (s)", "{:.2f}"),
+    ("total_input_tokens", "Total input tokens", "{:d}"),
+    ("total_output_tokens", "Total generated tokens", "{:d}"),
+    ("request_throughput", "Request throughput (req/s)", "{:.2f}"),
+    ("input_throughput", "Input token throughput (tok/s)", "{:.1f}"),
+    ("output_throughput", "Output token throughput (tok/s)", "{:.1f}"),
+    ("total_throughput", "Total token throughput (tok/s)", "{:.1f}"),
+    ("mean_ttft_ms", "Mean TTFT (ms)", "{:.2f}"),
+    ("p50_ttft_ms", "Median TTFT (ms)", "{:.2f}"),
+    ("p99_ttft_ms", "P99 TTFT (ms)", "{:.2f}"),
+    ("mean_itl_ms", "Mean ITL (ms)", "{:.2f}"),
+    ("p50_itl_ms", "Median ITL (ms)", "{:.2f}"),
+    ("p99_itl_ms", "P99 ITL (ms)", "{:.2f}"),
+]
+
+
+def format_report(title: str, columns: dict[str, dict[str, float]]) -> str:
+    """A side-by-side table of one or more result columns (e.g. in-process vs gRPC)."""
+    names = list(columns)
+    width = max(len(n) for n in names) + 2
+    lines = [f"{'=' * 20} {title} {'=' * 20}", f"{'':<34}" + "".join(f"{n:>{max(width, 14)}}" for n in names)]
+    for key, label, fmt in LABELS:
+        cells = []
+        for n in names:
+            v = columns[n].get(key, float("nan"))
+            cells.append(fmt.format(int(v)) if fmt == "{:d}" else fmt.format(v))
+        lines.append(f"{label:<34}" + "".join(f"{c:>{max(width, 14)}}" for c in cells))
+    return "\n".join(lines)
+
+
+def decode_roofline_tok_s(*, weight_bytes: int, kv_bytes_per_token: int, batch: int, mean_context: float,
+                          bandwidth_bytes_s: float) -> float:
+    """Output tok/s bound of a decode step that reads all weights once and every sequence's KV."""
+    step_bytes = weight_bytes + batch * mean_context * kv_bytes_per_token
+    return batch * bandwidth_bytes_s / step_bytes

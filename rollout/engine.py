@@ -1,0 +1,226 @@
+"""Engine: the in-process API (generate, async_generate, stream, abort, pause, continue_, ...).
+
+The engine loop runs in a background thread; every method here validates its input in the
+caller's thread first, so a bad request raises at once and never reaches the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import uuid
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+from rollout.engine_messages import AddRequest
+from rollout.engine_process import start_engine_thread
+from rollout.errors import InvalidArgumentError, error_from_code
+from rollout.output_assembly import OutputAssembler
+from rollout.request_validation import make_add_request
+from rollout.types import EngineInfo, GenerateOutput, PauseMode, SamplingParams, StreamChunk
+
+Prompts = Sequence[int] | Sequence[Sequence[int]] | None
+Texts = str | Sequence[str] | None
+
+
+class Engine:
+    """An inference engine over one Hugging Face model directory.
+
+    ``Engine("path/to/model", device="cpu", dtype="float32", page_size=1, max_total_tokens=None,
+    max_running_requests=256, chunked_prefill_size=4096, ...)``: options are the fields of the
+    configs in ``rollout.config``; an unknown option raises ``InvalidArgumentError``.
+    """
+
+    def __init__(self, model_path: str, **options: Any) -> None:
+        self._client = start_engine_thread(model_path, **options)
+        self.tokenizer = self._client.tokenizer
+        self.limits = self._client.limits
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ building requests
+    def _requests(
+        self,
+        input_ids: Prompts,
+        text: Texts,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        return_logprob: bool,
+        return_raw_logprob: bool,
+        top_logprobs_num: int,
+        request_id: str | Sequence[str] | None,
+        stream: bool,
+    ) -> list[AddRequest]:
+        if input_ids is not None and text is not None:
+            raise InvalidArgumentError("give input_ids or text, not both", field="input_ids")
+        if text is not None:
+            prompts: list[Any] = [text] if isinstance(text, str) else list(text)
+        elif input_ids is not None:
+            batch = len(input_ids) > 0 and not isinstance(input_ids[0], int)
+            prompts = [list(p) for p in input_ids] if batch else [list(input_ids)]
+        else:
+            raise InvalidArgumentError("a prompt is required", field="input_ids")
+        if not prompts:
+            raise InvalidArgumentError("no prompts given", field="input_ids")
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise InvalidArgumentError(
+                    f"{len(params)} sampling params for {len(prompts)} prompts", field="sampling_params"
+                )
+        if request_id is None:
+            base = uuid.uuid4().hex[:12]
+            ids = [f"{base}-{next(self._ids)}" for _ in prompts]
+        else:
+            ids = [request_id] if isinstance(request_id, str) else list(request_id)
+            if len(ids) != len(prompts):
+                raise InvalidArgumentError("one request id per prompt", field="request_id")
+        return [
+            make_add_request(
+                rid,
+                input_ids=None if isinstance(p, str) else p,
+                text=p if isinstance(p, str) else None,
+                sampling=sp,
+                limits=self.limits,
+                tokenizer=self.tokenizer,
+                return_logprob=return_logprob,
+                return_raw_logprob=return_raw_logprob,
+                top_logprobs_num=top_logprobs_num,
+                stream=stream,
+            )
+            for rid, p, sp in zip(ids, prompts, params)
+        ]
+
+    def _assembler(self, req: AddRequest) -> OutputAssembler:
+        return OutputAssembler(req.request_id, req.sampling.n, logprobs=req.return_logprob,
+                               raw_logprobs=req.return_raw_logprob, top_logprobs=req.top_logprobs_num > 0)
+
+    def _finish(self, outs: list[GenerateOutput]) -> list[GenerateOutput]:
+        if self.tokenizer is not None:
+            for o in outs:
+                o.text = self.tokenizer.decode(o.output_ids)
+        return outs
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        input_ids: Prompts = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        text: Texts = None,
+        return_logprob: bool = False,
+        return_raw_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        request_id: str | Sequence[str] | None = None,
+    ) -> list[GenerateOutput]:
+        """Generate for one prompt or a batch; returns ``n`` outputs per prompt, prompt-major."""
+        reqs = self._requests(input_ids, text, sampling_params, return_logprob, return_raw_logprob,
+                              top_logprobs_num, request_id, stream=False)
+        done: queue.Queue = queue.Queue()
+        assemblers = {r.request_id: self._assembler(r) for r in reqs}
+        submitted: list[str] = []
+        try:
+            for r in reqs:
+                self._client.submit(r, done.put)
+                submitted.append(r.request_id)
+            pending = len(reqs)
+            while pending:
+                ev = done.get()
+                if not isinstance(ev, StreamChunk):
+                    raise error_from_code(ev.error_code, ev.error_message)
+                if assemblers[ev.request_id].add(ev):
+                    pending -= 1
+            submitted.clear()
+        finally:
+            if submitted:  # interrupted or failed: do not leave the rest running
+                self._client.abort(submitted)
+        return self._finish([o for r in reqs for o in assemblers[r.request_id].outputs])
+
+    async def async_generate(
+        self,
+        input_ids: Prompts = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **kwargs: Any,
+    ) -> list[GenerateOutput]:
+        """asyncio version of ``generate``; cancelling it aborts its requests."""
+        reqs = self._requests(input_ids, kwargs.pop("text", None), sampling_params,
+                              kwargs.pop("return_logprob", False), kwargs.pop("return_raw_logprob", False),
+                              kwargs.pop("top_logprobs_num", 0), kwargs.pop("request_id", None), stream=False)
+        if kwargs:
+            raise InvalidArgumentError("unknown argument", field=next(iter(kwargs)))
+
+        async def one(req: AddRequest) -> list[GenerateOutput]:
+            asm = self._assembler(req)
+            async for chunk in self._client.astream(req):
+                asm.add(chunk)
+            return asm.outputs
+
+        results = await asyncio.gather(*(one(r) for r in reqs))
+        return self._finish([o for outs in results for o in outs])
+
+    def stream(
+        self,
+        input_ids: Sequence[int] | None = None,
+        sampling_params: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> Iterator[StreamChunk]:
+        """Chunks of new tokens for one prompt (all its ``n`` samples, told apart by ``index``)."""
+        req = self._one_stream_request(input_ids, sampling_params, kwargs)
+        yield from self._client.stream(req)
+
+    async def async_stream(
+        self,
+        input_ids: Sequence[int] | None = None,
+        sampling_params: SamplingParams | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[StreamChunk]:
+        """asyncio version of ``stream``."""
+        req = self._one_stream_request(input_ids, sampling_params, kwargs)
+        async for chunk in self._client.astream(req):
+            yield chunk
+
+    def _one_stream_request(self, input_ids: Any, sampling_params: Any, kw: dict[str, Any]) -> AddRequest:
+        text = kw.pop("text", None)
+        reqs = self._requests(
+            None if input_ids is None else [list(input_ids)], None if text is None else [text], sampling_params,
+            kw.pop("return_logprob", False), kw.pop("return_raw_logprob", False), kw.pop("top_logprobs_num", 0),
+            kw.pop("request_id", None), stream=True,
+        )
+        if kw:
+            raise InvalidArgumentError("unknown argument", field=next(iter(kw)))
+        return reqs[0]
+
+    # ------------------------------------------------------------------ control
+    def abort(self, request_id: str | Sequence[str] | None = None) -> None:
+        """Abort requests by id, or all when None; they finish with reason abort."""
+        ids = None if request_id is None else ([request_id] if isinstance(request_id, str) else list(request_id))
+        self._client.abort(ids)
+
+    def pause(self, mode: PauseMode | str = PauseMode.ABORT) -> None:
+        """Pause generation (ABORT, RETRACT or IN_PLACE); new requests wait until ``continue_``."""
+        self._client.call("pause", mode=PauseMode(mode).value if isinstance(mode, PauseMode) else mode)
+
+    def continue_(self) -> None:
+        """Resume after ``pause``."""
+        self._client.call("continue")
+
+    def flush_cache(self) -> None:
+        """Drop the prefix cache."""
+        self._client.call("flush_cache")
+
+    def info(self) -> EngineInfo:
+        return self._client.call("info")
+
+    def check_integrity(self) -> None:
+        """Raise if any KV slot leaked or the prefix cache is inconsistent (waits for the loop)."""
+        self._client.call("check_integrity")
+
+    def shutdown(self) -> None:
+        """Stop the engine; running requests end with reason abort."""
+        self._client.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

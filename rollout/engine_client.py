@@ -1,0 +1,206 @@
+"""EngineClient: the front end's handle on an engine loop running in a thread or a child process.
+
+A router thread reads the loop's event lists and hands each event to whoever waits for it: the
+sink of its request (a callback) or the future of a control call. Everything a front end needs
+(sync, streaming, asyncio) is built on ``submit`` and ``call``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from rollout.engine_messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
+from rollout.errors import EngineDeadError, RolloutError, error_from_code
+from rollout.request_validation import RequestLimits
+from rollout.types import EngineInfo, StreamChunk
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[StreamChunk | RequestFailed], None]
+_DONE = object()
+
+
+class EngineClient:
+    """Routes commands to an engine loop and its events back to the callers."""
+
+    def __init__(
+        self,
+        send: Callable[[Command], None],
+        recv: Callable[[float], list[Event] | None],
+        info: EngineInfo,
+        limits: RequestLimits,
+        tokenizer: Any,
+        alive: Callable[[], bool] = lambda: True,
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._send = send
+        self._recv = recv
+        self._alive = alive
+        self._on_close = on_close
+        self.info = info
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self._sinks: dict[str, tuple[Sink, int]] = {}  # request id -> (sink, samples left)
+        self._calls: dict[int, concurrent.futures.Future] = {}
+        self._call_ids = itertools.count(1)
+        self._dead: str | None = None
+        self._closed = False
+        self._router = threading.Thread(target=self._route, name="engine-router", daemon=True)
+        self._router.start()
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, req: AddRequest, sink: Sink) -> None:
+        """Send a request; ``sink`` gets its chunks (and a ``RequestFailed`` if it fails)."""
+        with self._lock:
+            if self._dead:
+                raise EngineDeadError(self._dead)
+            if req.request_id in self._sinks:
+                from rollout.errors import InvalidArgumentError
+
+                raise InvalidArgumentError(f"request id {req.request_id!r} is already in use", field="request_id")
+            self._sinks[req.request_id] = (sink, req.sampling.n)
+        self._send(req)
+
+    def abort(self, request_ids: list[str] | None) -> None:
+        """Abort requests by id (None: all). Their samples end with reason abort."""
+        if not self._dead:
+            self._send(Abort(None if request_ids is None else list(request_ids)))
+
+    def stream(self, req: AddRequest) -> Iterator[StreamChunk]:
+        """Chunks of all samples of ``req`` as they come; aborts the request if not consumed to the end."""
+        q: queue.Queue = queue.Queue()
+        self.submit(req, q.put)
+        done = False
+        try:
+            yield from self._drain_sink(q.get, req)
+            done = True
+        finally:
+            if not done:
+                self.abort([req.request_id])
+
+    async def astream(self, req: AddRequest) -> AsyncIterator[StreamChunk]:
+        """asyncio version of ``stream``; cancelling the consumer aborts the request."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        self.submit(req, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        done = False
+        left = req.sampling.n
+        try:
+            while left:
+                ev = await q.get()
+                if isinstance(ev, RequestFailed):
+                    raise error_from_code(ev.error_code, ev.error_message)
+                if ev.finished:
+                    left -= 1
+                yield ev
+            done = True
+        finally:
+            if not done:
+                self.abort([req.request_id])
+
+    @staticmethod
+    def _drain_sink(get: Callable[[], Any], req: AddRequest) -> Iterator[StreamChunk]:
+        left = req.sampling.n
+        while left:
+            ev = get()
+            if isinstance(ev, RequestFailed):
+                raise error_from_code(ev.error_code, ev.error_message)
+            if ev.finished:
+                left -= 1
+            yield ev
+
+    # ------------------------------------------------------------------ control
+    def _start_call(self, op: str, args: dict[str, Any]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._dead:
+                raise EngineDeadError(self._dead)
+            call_id = next(self._call_ids)
+            self._calls[call_id] = fut
+        self._send(Control(call_id, op, args))
+        return fut
+
+    def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
+        """Run a control operation in the engine loop and return its result (raises its error)."""
+        return self._start_call(op, args).result(timeout)
+
+    async def acall(self, op: str, **args: Any) -> Any:
+        return await asyncio.wrap_future(self._start_call(op, args))
+
+    # ------------------------------------------------------------------ routing
+    def _route(self) -> None:
+        while not self._closed:
+            try:
+                events = self._recv(0.1)
+            except (EOFError, OSError) as e:
+                self._die(f"the engine loop stopped ({type(e).__name__})")
+                return
+            if events is None:
+                if not self._alive():
+                    self._die("the engine process exited")
+                    return
+                continue
+            for ev in events:
+                self._dispatch(ev)
+
+    def _dispatch(self, ev: Event) -> None:
+        if isinstance(ev, ControlReply):
+            with self._lock:
+                fut = self._calls.pop(ev.call_id, None)
+            if fut is None:
+                return
+            if ev.error_code:
+                fut.set_exception(error_from_code(ev.error_code, ev.error_message or ""))
+            else:
+                fut.set_result(ev.result)
+            return
+        with self._lock:
+            entry = self._sinks.get(ev.request_id)
+            if entry is None:
+                return
+            sink, left = entry
+            if isinstance(ev, RequestFailed) or (ev.finished and left == 1):
+                del self._sinks[ev.request_id]
+            elif ev.finished:
+                self._sinks[ev.request_id] = (sink, left - 1)
+        try:
+            sink(ev)
+        except Exception:  # a broken consumer must not stop the router
+            logger.exception("request sink failed")
+
+    def _die(self, why: str) -> None:
+        with self._lock:
+            self._dead = why
+            sinks, self._sinks = self._sinks, {}
+            calls, self._calls = self._calls, {}
+        for rid, (sink, _) in sinks.items():
+            try:
+                sink(RequestFailed(rid, EngineDeadError.code, why))
+            except Exception:
+                logger.exception("request sink failed")
+        for fut in calls.values():
+            fut.set_exception(EngineDeadError(why))
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not self._closed
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the engine loop (running requests end with reason abort) and the router."""
+        if self._closed:
+            return
+        if self._dead is None:
+            try:
+                self.call("shutdown", timeout=timeout)
+            except (RolloutError, concurrent.futures.TimeoutError):
+                pass
+        self._closed = True
+        self._router.join(timeout=5)
+        self._on_close()

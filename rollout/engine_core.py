@@ -1,0 +1,224 @@
+"""EngineCore: the synchronous engine (scheduler + KV cache + model runner) driven step by step.
+
+It is single-threaded by design: the engine loop (``engine_loop.py``) owns it and feeds it
+commands between steps; nothing else touches it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import traceback
+from typing import Any
+
+from rollout import __version__
+from rollout.cache.manager import KVCacheManager
+from rollout.config import EngineConfig
+from rollout.engine_messages import AddRequest, Event, RequestFailed
+from rollout.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
+from rollout.request_validation import RequestLimits
+from rollout.runner.model_runner import ModelRunner
+from rollout.scheduler.scheduler import Scheduler
+from rollout.scheduler.sequence import SeqStatus, Sequence
+from rollout.scheduler.stop import StopChecker
+from rollout.tokenizer import Tokenizer
+from rollout.types import EngineInfo, PauseMode, StreamChunk
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Owns every engine component; ``step()`` runs one batch and returns the events it produced."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = Tokenizer.from_model_dir(config.model_path)
+        self.runner = ModelRunner(config)
+        self.cache = self._build_cache()
+        self.runner.bind_req_table(self.cache.req_table.table)
+        eos = config.model.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else ())
+        self.stop = StopChecker(tuple(eos), config.context_length, self.tokenizer)
+        self.scheduler = Scheduler(config.scheduler, self.cache, self.stop)
+        self.scheduler.on_finish = self._on_finish
+        self.weight_version = 0
+        self.weights_valid = True
+        self._rng = random.Random(config.seed)
+        self._next_uid = 0
+        self._events: list[Event] = []
+        self._live: dict[str, int] = {}  # request id -> samples not yet finished
+
+    def _build_cache(self) -> KVCacheManager:
+        cfg = self.config
+        return KVCacheManager(
+            num_slots=self.runner.num_slots,
+            page_size=cfg.cache.page_size,
+            max_requests=cfg.scheduler.max_running_requests + 1,
+            max_context=cfg.context_length + cfg.cache.page_size,
+            device=self.runner.device,
+            enable_prefix_cache=cfg.cache.enable_prefix_cache,
+        )
+
+    @property
+    def limits(self) -> RequestLimits:
+        m = self.config.model
+        return RequestLimits(vocab_size=m.vocab_size, context_length=self.config.context_length,
+                             max_total_tokens=self.cache.total_slots)
+
+    # ------------------------------------------------------------------ requests
+    def add(self, req: AddRequest) -> None:
+        """Queue the ``n`` samples of one prompt. Raises a typed error if it cannot be taken."""
+        if req.request_id in self._live:
+            raise InvalidArgumentError(f"request id {req.request_id!r} is already in use", field="request_id")
+        if self.scheduler.num_queued + req.sampling.n > self.config.scheduler.max_queued_requests:
+            raise ResourceExhaustedError("the request queue is full; retry later")
+        if not self.weights_valid:
+            raise FailedPreconditionError(
+                "the weights are invalid (a weight update failed midway or they were released); "
+                "push a full set of weights before generating"
+            )
+        key = hash(tuple(req.input_ids))
+        seqs = []
+        for i in range(req.sampling.n):
+            seed = req.sampling.seed + i if req.sampling.seed is not None else self._rng.getrandbits(63)
+            self._next_uid += 1
+            seqs.append(Sequence(
+                uid=self._next_uid, request_id=req.request_id, index=i, prompt_ids=list(req.input_ids),
+                sampling=req.sampling, seed=seed, prompt_key=key, arrival=0,
+                return_logprob=req.return_logprob, return_raw_logprob=req.return_raw_logprob,
+                top_logprobs_num=req.top_logprobs_num, stream=req.stream,
+            ))
+        self._live[req.request_id] = req.sampling.n
+        self.scheduler.add(seqs)
+
+    def abort(self, request_ids: list[str] | None) -> None:
+        self.scheduler.abort(None if request_ids is None else set(request_ids))
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def take_events(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[Event]:
+        """Run one batch (if any) and return every event produced since the last call."""
+        picked = self.scheduler.schedule()
+        if picked is not None:
+            plan, seqs = picked
+            try:
+                result = self.runner.run(plan)
+            except Exception as exc:  # a bug or device failure: fail the batch, keep serving
+                logger.error("forward step failed:\n%s", traceback.format_exc())
+                self._fail_running(f"the engine step failed: {type(exc).__name__}: {exc}")
+            else:
+                for seq in self.scheduler.process(plan, seqs, result):
+                    if seq.stream and seq.status is SeqStatus.RUNNING:
+                        self._events.append(self._chunk(seq))
+        return self.take_events()
+
+    def _fail_running(self, message: str) -> None:
+        failed = {s.request_id for s in self.scheduler.running}
+        for rid in failed:
+            self._live.pop(rid, None)
+            self._events.append(RequestFailed(rid, "INTERNAL", message))
+        for seq in list(self.scheduler.running):
+            self.scheduler.running.remove(seq)
+            self.cache.release(seq.handle, [], cache=False)
+            seq.status = SeqStatus.FINISHED
+        self.scheduler.waiting = type(self.scheduler.waiting)(
+            s for s in self.scheduler.waiting if s.request_id not in failed
+        )
+
+    def _chunk(self, seq: Sequence, final: bool = False) -> StreamChunk:
+        a, b = seq.emitted, len(seq.output_ids)
+        seq.emitted = b
+        chunk = StreamChunk(
+            request_id=seq.request_id,
+            index=seq.index,
+            token_ids=seq.output_ids[a:b],
+            logprobs=seq.logprobs[a:b] if seq.return_logprob else None,
+            raw_logprobs=seq.raw_logprobs[a:b] if seq.return_raw_logprob else None,
+            top_logprobs=seq.top_logprobs[a:b] if seq.top_logprobs_num else None,
+            weight_versions=seq.weight_versions[a:b],
+        )
+        if final:
+            chunk.finished = True
+            chunk.finish_reason = seq.finish_reason
+            chunk.matched_stop = seq.matched_stop
+            chunk.prompt_tokens = len(seq.prompt_ids)
+            chunk.completion_tokens = len(seq.output_ids)
+            chunk.cached_tokens = max(seq.cached_tokens, 0)
+        return chunk
+
+    def _on_finish(self, seq: Sequence) -> None:
+        self._events.append(self._chunk(seq, final=True))
+        left = self._live.get(seq.request_id, 1) - 1
+        if left <= 0:
+            self._live.pop(seq.request_id, None)
+        else:
+            self._live[seq.request_id] = left
+
+    # ------------------------------------------------------------------ control
+    def pause(self, mode: str) -> None:
+        try:
+            pmode = PauseMode(mode)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"unknown pause mode {mode!r}; use one of {[m.value for m in PauseMode]}", field="mode"
+            ) from None
+        self.scheduler.pause(pmode)
+
+    def continue_(self) -> None:
+        self.scheduler.resume()
+
+    def flush_cache(self) -> None:
+        """Drop the prefix cache (entries locked by running requests go when those finish)."""
+        if self.cache.num_live_seqs() == 0:
+            self.cache.flush()
+        else:
+            self.cache.evict_namespaces(keep=-1)
+
+    def info(self) -> EngineInfo:
+        cfg = self.config
+        sch = self.scheduler
+        return EngineInfo(
+            model_path=cfg.model_path,
+            architecture=cfg.model.architecture,
+            context_length=cfg.context_length,
+            vocab_size=cfg.model.vocab_size,
+            weight_version=self.weight_version,
+            weights_valid=self.weights_valid,
+            paused=sch.paused is not None,
+            pause_mode=sch.paused.value if sch.paused is not None else None,
+            num_waiting=len(sch.waiting),
+            num_running=sum(1 for s in sch.running),
+            num_paused=len(sch.running) if sch.paused is not None else 0,
+            kv_total_tokens=self.cache.total_slots,
+            kv_used_tokens=self.cache.used_tokens(),
+            kv_cached_tokens=self.cache.cached_tokens(),
+            page_size=cfg.cache.page_size,
+            num_retractions=sch.num_retractions,
+            device=cfg.device,
+            dtype=cfg.dtype,
+            version=__version__,
+        )
+
+    def control(self, op: str, args: dict[str, Any]) -> Any:
+        """Run a control operation by name (the loop's dispatch point)."""
+        if op == "pause":
+            return self.pause(args.get("mode", "abort"))
+        if op == "continue":
+            return self.continue_()
+        if op == "flush_cache":
+            return self.flush_cache()
+        if op == "info":
+            return self.info()
+        if op == "check_integrity":
+            return self.cache.check_integrity()
+        raise InvalidArgumentError(f"unknown control operation {op!r}", field="op")
+
+    def shutdown(self) -> None:
+        """End every request with reason abort."""
+        self.scheduler.paused = None
+        self.scheduler.abort(None)

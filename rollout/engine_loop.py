@@ -1,0 +1,96 @@
+"""The engine loop: applies commands between steps and runs steps while there is work.
+
+It runs in a thread (in-process ``Engine``) or as the main loop of the engine process (server).
+Commands arrive on ``inbox`` (a ``queue.Queue`` or ``multiprocessing.Queue``); every step's
+events leave through ``send`` as one list, so the front end is never waited on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import traceback
+from typing import Any, Callable, Protocol
+
+from rollout.engine_core import EngineCore
+from rollout.engine_messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
+from rollout.errors import RolloutError
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05  # how long an idle loop blocks on its inbox before looking again
+
+
+class Inbox(Protocol):
+    def get(self, block: bool = True, timeout: float | None = None) -> Any: ...
+
+
+class EngineLoop:
+    """Drives an ``EngineCore`` from a command inbox until a shutdown command."""
+
+    def __init__(self, core: EngineCore, inbox: Inbox, send: Callable[[list[Event]], None]) -> None:
+        self.core = core
+        self.inbox = inbox
+        self.send = send
+        self._stopping = False
+
+    def run(self) -> None:
+        while not self._stopping:
+            self._drain(block=not self.core.has_work())
+            if self._stopping:
+                break
+            events = self.core.step() if self.core.has_work() else self.core.take_events()
+            if events:
+                self.send(events)
+
+    def _drain(self, block: bool) -> None:
+        """Apply every queued command; wait briefly for one when idle."""
+        try:
+            cmd = self.inbox.get(block=block, timeout=IDLE_WAIT_S if block else None)
+        except queue.Empty:
+            return
+        while True:
+            replies = self._apply(cmd)
+            if replies:
+                self.send(replies)
+            if self._stopping:
+                return
+            try:
+                cmd = self.inbox.get(block=False)
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd: Command) -> list[Event]:
+        core = self.core
+        if isinstance(cmd, AddRequest):
+            try:
+                core.add(cmd)
+            except RolloutError as e:
+                return [RequestFailed(cmd.request_id, e.code, e.message)]
+            return []
+        if isinstance(cmd, Abort):
+            core.abort(cmd.request_ids)
+            return core.take_events()
+        if isinstance(cmd, Control):
+            return self._control(cmd)
+        logger.error("ignoring unknown command %r", type(cmd).__name__)
+        return []
+
+    def _control(self, cmd: Control) -> list[Event]:
+        core = self.core
+        try:
+            if cmd.op == "shutdown":
+                core.shutdown()
+                self._stopping = True
+                result = None
+            else:
+                result = core.control(cmd.op, cmd.args)
+        except RolloutError as e:
+            reply = ControlReply(cmd.call_id, error_code=e.code, error_message=e.message)
+        except Exception as e:  # keep serving; the caller gets the cause
+            logger.error("control %s failed:\n%s", cmd.op, traceback.format_exc())
+            reply = ControlReply(cmd.call_id, error_code="INTERNAL", error_message=f"{type(e).__name__}: {e}")
+        else:
+            reply = ControlReply(cmd.call_id, result=result)
+        # Events the control produced (aborted requests' final chunks) go before the reply.
+        return [*core.take_events(), reply]

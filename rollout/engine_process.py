@@ -1,0 +1,101 @@
+"""Starting an engine loop in a thread (in-process ``Engine``) or a child process (the server)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import threading
+from typing import Any, Callable
+
+from rollout.engine_client import EngineClient
+from rollout.engine_messages import ControlReply, Event
+from rollout.errors import EngineDeadError, error_from_code
+
+logger = logging.getLogger(__name__)
+
+def _recv_from(q: Any) -> Callable[[float], list[Event] | None]:
+    def recv(timeout: float) -> list[Event] | None:
+        try:
+            return q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    return recv
+
+
+def _build_core(model_path: str, options: dict[str, Any]):
+    from rollout.config import EngineConfig
+    from rollout.engine_core import EngineCore
+
+    return EngineCore(EngineConfig.build(model_path, **options))
+
+
+def start_engine_thread(model_path: str, **options: Any) -> EngineClient:
+    """Build the engine here (errors raise in the caller) and run its loop in a daemon thread."""
+    from rollout.engine_loop import EngineLoop
+
+    core = _build_core(model_path, options)
+    inbox: queue.Queue = queue.Queue()
+    outbox: queue.Queue = queue.Queue()
+    loop = EngineLoop(core, inbox, outbox.put)
+    thread = threading.Thread(target=loop.run, name="engine-loop", daemon=True)
+    thread.start()
+    return EngineClient(inbox.put, _recv_from(outbox), core.info(), core.limits, core.tokenizer,
+                        alive=thread.is_alive, on_close=lambda: thread.join(timeout=30))
+
+
+def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: Any) -> None:
+    """Entry point of the engine process: build, report readiness (call id 0), loop."""
+    from rollout.engine_loop import EngineLoop
+    from rollout.errors import RolloutError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    try:
+        core = _build_core(model_path, options)
+    except RolloutError as e:
+        outbox.put([ControlReply(0, error_code=e.code, error_message=e.message)])
+        return
+    except Exception as e:
+        logger.exception("engine start failed")
+        outbox.put([ControlReply(0, error_code="INTERNAL", error_message=f"{type(e).__name__}: {e}")])
+        return
+    outbox.put([ControlReply(0, result=(core.info(), core.limits))])
+    EngineLoop(core, inbox, outbox.put).run()
+
+
+def start_engine_process(model_path: str, **options: Any) -> EngineClient:
+    """Run the engine loop in a child process (spawned, so it owns its CUDA context).
+
+    Returns once the model is loaded; raises the loader's typed error otherwise.
+    """
+    ctx = mp.get_context("spawn")
+    inbox, outbox = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=_process_main, args=(model_path, options, inbox, outbox), name="rollout-engine",
+                       daemon=True)
+    proc.start()
+    while True:
+        try:
+            first = outbox.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                raise EngineDeadError(
+                    f"the engine process exited during start (exit code {proc.exitcode})"
+                ) from None
+    reply = first[0]
+    if reply.error_code:
+        proc.join(timeout=10)
+        raise error_from_code(reply.error_code, reply.error_message or "")
+    info, limits = reply.result
+    from rollout.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_model_dir(model_path)
+
+    def close() -> None:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+
+    return EngineClient(inbox.put, _recv_from(outbox), info, limits, tokenizer, alive=proc.is_alive, on_close=close)

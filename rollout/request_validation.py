@@ -1,0 +1,98 @@
+"""Checks a generation request where it enters and turns it into an ``AddRequest``.
+
+Every front end (in-process ``Engine``, gRPC servicer) calls ``make_add_request``; the engine loop
+then only sees requests that can be served. Errors name the offending field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+from rollout.engine_messages import AddRequest
+from rollout.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
+from rollout.types import SamplingParams
+
+if TYPE_CHECKING:
+    from rollout.tokenizer import Tokenizer
+
+MAX_TOP_LOGPROBS = 64
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the engine can serve: token ids below ``vocab_size``, sequences up to
+    ``context_length`` tokens, and at most ``max_total_tokens`` tokens of KV for one sequence."""
+
+    vocab_size: int
+    context_length: int
+    max_total_tokens: int
+
+
+def _check_ids(input_ids: Sequence[int], vocab_size: int) -> list[int]:
+    ids: list[int] = []
+    for i, t in enumerate(input_ids):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise InvalidArgumentError(f"token at index {i} is not an integer ({t!r})", field="input_ids")
+        if not 0 <= t < vocab_size:
+            raise InvalidArgumentError(
+                f"token id {t} at index {i} is outside the vocabulary [0, {vocab_size})", field="input_ids"
+            )
+        ids.append(int(t))
+    return ids
+
+
+def make_add_request(
+    request_id: str,
+    *,
+    input_ids: Sequence[int] | None,
+    text: str | None,
+    sampling: SamplingParams,
+    limits: RequestLimits,
+    tokenizer: Tokenizer | None,
+    return_logprob: bool = False,
+    return_raw_logprob: bool = False,
+    top_logprobs_num: int = 0,
+    stream: bool = True,
+) -> AddRequest:
+    """Validate one prompt and its options; raise a typed error naming the field at fault."""
+    if not isinstance(request_id, str) or not request_id:
+        raise InvalidArgumentError("must be a non-empty string", field="request_id")
+    if input_ids is not None and len(input_ids) > 0 and text:
+        raise InvalidArgumentError("give input_ids or text, not both", field="input_ids")
+    if text:
+        if tokenizer is None:
+            raise InvalidArgumentError("the model has no tokenizer.json; send input_ids", field="text")
+        input_ids = tokenizer.encode(text)
+    if input_ids is None or len(input_ids) == 0:
+        raise InvalidArgumentError("the prompt is empty", field="input_ids")
+    ids = _check_ids(input_ids, limits.vocab_size)
+    for t in sampling.stop_token_ids:
+        if t >= limits.vocab_size:
+            raise InvalidArgumentError(f"token id {t} is outside the vocabulary", field="stop_token_ids")
+    if sampling.stop and tokenizer is None:
+        raise InvalidArgumentError("stop strings need a tokenizer.json", field="stop")
+    if not 0 <= top_logprobs_num <= MAX_TOP_LOGPROBS:
+        raise InvalidArgumentError(f"must be in [0, {MAX_TOP_LOGPROBS}]", field="top_logprobs_num")
+    total = len(ids) + sampling.max_new_tokens
+    if total > limits.context_length:
+        raise OutOfRangeError(
+            f"prompt ({len(ids)} tokens) + max_new_tokens ({sampling.max_new_tokens}) = {total} exceeds the "
+            f"context length {limits.context_length}",
+            field="max_new_tokens",
+        )
+    if total > limits.max_total_tokens:
+        raise ResourceExhaustedError(
+            f"prompt + max_new_tokens = {total} tokens exceeds the KV cache capacity "
+            f"({limits.max_total_tokens} tokens); lower max_new_tokens or give the engine more KV memory",
+            field="max_new_tokens",
+        )
+    return AddRequest(
+        request_id=request_id,
+        input_ids=ids,
+        sampling=sampling,
+        return_logprob=bool(return_logprob),
+        return_raw_logprob=bool(return_raw_logprob),
+        top_logprobs_num=int(top_logprobs_num),
+        stream=stream,
+    )

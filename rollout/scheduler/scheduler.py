@@ -1,0 +1,251 @@
+"""Continuous batching over a waiting queue and a running list.
+
+Each step the scheduler builds one batch under a token budget:
+
+1. every running sequence gets its next tokens (one when decoding, a chunk when its prompt is
+   still being prefilled), oldest first; when KV runs short the newest running sequences are
+   retracted (KV freed, back to the front of the queue, recomputed later) until the rest fit;
+2. waiting sequences are admitted while budget, running slots and KV allow, those whose prompt is
+   cached first, with samples of one prompt held back while a sibling computes that prompt so
+   the prompt is computed once and then shared through the prefix cache.
+
+The scheduler works on ``Sequence`` objects and the ``KVCacheManager``; it never touches tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable, Iterable
+
+from rollout.cache.manager import KVCacheManager
+from rollout.config import SchedulerConfig
+from rollout.scheduler.plan import BatchPlan
+from rollout.scheduler.sequence import SeqStatus, Sequence
+from rollout.scheduler.stop import StopChecker
+from rollout.types import FinishReason, PauseMode, TopLogprobs
+
+# Share of the remaining new tokens of running sequences kept free before admitting more work.
+# Too low thrashes through retractions, too high leaves KV idle; retraction keeps it correct.
+DECODE_RESERVE_RATIO = 0.3
+
+
+class Scheduler:
+    """Waiting queue, running list, pause state and the step-by-step batching policy."""
+
+    def __init__(self, config: SchedulerConfig, cache: KVCacheManager, stop: StopChecker) -> None:
+        self.config = config
+        self.cache = cache
+        self.stop = stop
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.paused: PauseMode | None = None
+        self.weight_version = 0
+        self._arrivals = 0
+        self.num_retractions = 0  # sequences sent back to the queue for lack of KV (a pressure gauge)
+        # Called with every sequence that ends (finished, aborted) after its KV is released.
+        self.on_finish: Callable[[Sequence], None] = lambda seq: None
+
+    # ------------------------------------------------------------------ queue management
+    def add(self, seqs: Iterable[Sequence]) -> None:
+        for seq in seqs:
+            self._arrivals += 1
+            seq.arrival = self._arrivals
+            seq.status = SeqStatus.WAITING
+            self.waiting.append(seq)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        """Whether a step would do anything now."""
+        if self.paused is not None:
+            return False
+        return bool(self.running or self.waiting)
+
+    def abort(self, request_ids: set[str] | None) -> list[Sequence]:
+        """End the matching sequences (all when None) with reason abort; returns them."""
+        hit = [s for s in (*self.running, *self.waiting) if request_ids is None or s.request_id in request_ids]
+        for seq in hit:
+            seq.finish_reason = FinishReason.ABORT
+            self._finish(seq)
+        return hit
+
+    def pause(self, mode: PauseMode) -> None:
+        """Pause: abort, retract or freeze what is in flight; new requests wait until continue."""
+        if mode is PauseMode.ABORT:
+            self.abort(None)
+        elif mode is PauseMode.RETRACT:
+            for seq in reversed(list(self.running)):
+                self._retract(seq)
+        self.paused = mode
+
+    def resume(self) -> None:
+        self.paused = None
+
+    # ------------------------------------------------------------------ batching
+    def schedule(self) -> tuple[BatchPlan, list[Sequence]] | None:
+        """Pick the next batch; None when there is nothing to run (or paused)."""
+        if self.paused is not None:
+            return None
+        budget = self.config.max_num_batched_tokens
+        chunk = self.config.chunked_prefill_size
+        picked: list[tuple[Sequence, int]] = []
+        # 1. Running sequences, oldest first; retract from the newest end when KV is short.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.tokens_to_compute, budget, chunk)
+            while not self.cache.ensure_capacity(seq.handle, seq.num_computed + n):
+                victim = self.running[-1]
+                self._retract(victim)
+                if victim is seq:
+                    break
+            else:
+                picked.append((seq, n))
+                budget -= n
+                i += 1
+                continue
+            break  # seq itself was retracted: it was the newest, nothing after it
+        # 2. Admit waiting sequences.
+        if budget > 0 and self.waiting:
+            budget = self._admit(picked, budget, chunk)
+        if not picked:
+            return None
+        return self._plan(picked), [s for s, _ in picked]
+
+    def _admit(self, picked: list[tuple[Sequence, int]], budget: int, chunk: int) -> int:
+        prefilling = {s.prompt_key for s in self.running if s.in_prompt_prefill}
+        reserve = sum(s.remaining_new_tokens for s in self.running) * DECODE_RESERVE_RATIO
+        deferred: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            seq = self.waiting.popleft()
+            if seq.prompt_key in prefilling and seq.num_computed == 0 and not seq.output_ids:
+                deferred.append(seq)  # a sibling is computing this prompt; share it next step
+                continue
+            handle = self.cache.new_seq(namespace=self.weight_version)
+            if handle is None:
+                self.waiting.appendleft(seq)
+                break
+            ids = seq.all_ids
+            cached = self.cache.match(handle, ids, max_len=len(ids) - 1)
+            n = min(len(ids) - cached, budget, chunk)
+            need_free = n + reserve + seq.remaining_new_tokens * DECODE_RESERVE_RATIO
+            fits = not self.running or self.cache.available_tokens() >= need_free
+            if not fits or not self.cache.ensure_capacity(handle, cached + n):
+                self.cache.release(handle, ids[:cached], cache=False)
+                self.waiting.appendleft(seq)
+                break
+            seq.handle = handle
+            seq.num_computed = cached
+            seq.kv_version = self.weight_version
+            if seq.cached_tokens < 0:
+                seq.cached_tokens = min(cached, len(seq.prompt_ids))
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            prefilling.add(seq.prompt_key)
+            reserve += seq.remaining_new_tokens * DECODE_RESERVE_RATIO
+            picked.append((seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(deferred))
+        return budget
+
+    def _plan(self, picked: list[tuple[Sequence, int]]) -> BatchPlan:
+        import torch  # slot arrays come from the cache manager as CPU tensors
+
+        rows, prefix, ext, ids, slots, sample = [], [], [], [], [], []
+        sampling, seeds, steps, banned = [], [], [], []
+        want_lp = want_raw = False
+        top_n = 0
+        for seq, n in picked:
+            start = seq.num_computed
+            rows.append(seq.handle.row)
+            prefix.append(start)
+            ext.append(n)
+            ids.extend(seq.all_ids[start:start + n])
+            slots.append(self.cache.slots_for(seq.handle, start, start + n))
+            samples = start + n == seq.seq_len
+            sample.append(samples)
+            if samples:
+                sampling.append(seq.sampling)
+                seeds.append(seq.seed)
+                steps.append(len(seq.output_ids))
+                banned.append(self.stop.banned_ids(seq))
+                want_lp |= seq.return_logprob
+                want_raw |= seq.return_raw_logprob
+                top_n = max(top_n, seq.top_logprobs_num)
+        return BatchPlan(
+            rows=rows, prefix_lens=prefix, extend_lens=ext, input_ids=ids,
+            out_slots=torch.cat(slots), sample=sample, sampling=sampling, seeds=seeds, steps=steps,
+            banned=banned, return_logprob=want_lp, return_raw_logprob=want_raw, top_logprobs_num=top_n,
+        )
+
+    # ------------------------------------------------------------------ results
+    def process(self, plan: BatchPlan, seqs: list[Sequence], result: StepResult) -> list[Sequence]:
+        """Record a step's sampled tokens; returns the sequences that got a new token."""
+        out: list[Sequence] = []
+        j = 0
+        for seq, n, sampled in zip(seqs, plan.extend_lens, plan.sample):
+            seq.num_computed += n
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # aborted while the step ran (cannot happen synchronously; kept safe)
+            if not seq.prefix_shared and seq.num_computed >= len(seq.prompt_ids):
+                # Hand the prompt's KV to the prefix cache now, so other samples reuse it.
+                seq.prefix_shared = True
+                if seq.kv_version == self.weight_version:
+                    self.cache.cache_prefix(seq.handle, seq.all_ids[:seq.num_computed])
+            if not sampled:
+                continue
+            seq.output_ids.append(result.token_ids[j])
+            seq.weight_versions.append(self.weight_version)
+            if seq.return_logprob:
+                seq.logprobs.append(result.logprobs[j])
+            if seq.return_raw_logprob:
+                seq.raw_logprobs.append(result.raw_logprobs[j])
+            if seq.top_logprobs_num:
+                top = result.top_logprobs[j]
+                k = seq.top_logprobs_num
+                seq.top_logprobs.append(TopLogprobs(top.token_ids[:k], top.logprobs[:k]))
+            j += 1
+            out.append(seq)
+            if self.stop.check(seq):
+                self._finish(seq)
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _retract(self, seq: Sequence) -> None:
+        """Free a running sequence's KV and queue it first; it is recomputed when readmitted."""
+        self.running.remove(seq)
+        self.cache.release(seq.handle, seq.all_ids[:seq.num_computed], cache=seq.kv_version == self.weight_version)
+        self.num_retractions += 1
+        seq.handle = None
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self.cache.release(
+                seq.handle, seq.all_ids[:seq.num_computed], cache=seq.kv_version == self.weight_version
+            )
+            seq.handle = None
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        if seq.cached_tokens < 0:
+            seq.cached_tokens = 0
+        self.on_finish(seq)
+
+
+class StepResult:
+    """Sampled tokens of one step as Python lists (one entry per sampled sequence)."""
+
+    __slots__ = ("token_ids", "logprobs", "raw_logprobs", "top_logprobs")
+
+    def __init__(self, token_ids: list[int], logprobs: list[float] | None = None,
+                 raw_logprobs: list[float] | None = None, top_logprobs: list | None = None) -> None:
+        self.token_ids = token_ids
+        self.logprobs = logprobs
+        self.raw_logprobs = raw_logprobs
+        self.top_logprobs = top_logprobs

@@ -1,0 +1,74 @@
+"""One sample being generated: its tokens, outputs and progress through the KV cache."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollout.types import FinishReason, SamplingParams, TopLogprobs
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # queued (new or retracted); holds no KV
+    RUNNING = "running"  # holds KV; prefilling or decoding
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Sample ``index`` of request ``request_id``.
+
+    ``num_computed`` counts the leading tokens of ``prompt_ids + output_ids`` whose KV is in the
+    cache. A running sequence always has at least one token left to compute: the last sampled token
+    (decode) or the rest of its prompt (prefill, possibly in chunks).
+    """
+
+    uid: int
+    request_id: str
+    index: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    seed: int
+    prompt_key: int  # hash of the prompt: samples of one prompt share its prefill
+    arrival: int  # admission order; retraction picks the newest
+    return_logprob: bool = False
+    return_raw_logprob: bool = False
+    top_logprobs_num: int = 0
+    stream: bool = False
+    status: SeqStatus = SeqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    raw_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[TopLogprobs] = field(default_factory=list)
+    weight_versions: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    cached_tokens: int = -1  # prompt tokens served from the prefix cache at first admission (-1: not yet)
+    prefix_shared: bool = False  # prompt KV handed to the prefix cache already
+    kv_version: int = 0  # weight version under which this sequence's KV began
+    handle: Any = None  # cache.manager.SeqHandle while RUNNING
+    emitted: int = 0  # output tokens already sent out in chunks
+    finish_reason: FinishReason | None = None
+    matched_stop: int | str | None = None
+    stop_text_len: int = 0  # decoded-text length already scanned for stop strings
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def tokens_to_compute(self) -> int:
+        return self.seq_len - self.num_computed
+
+    @property
+    def in_prompt_prefill(self) -> bool:
+        """Still computing its prompt (other samples of the same prompt wait to share it)."""
+        return self.num_computed < len(self.prompt_ids)
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return self.sampling.max_new_tokens - len(self.output_ids)

@@ -1,0 +1,62 @@
+"""Decides when a sample is finished: stop tokens, stop strings, length limits."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from rollout.scheduler.sequence import Sequence
+from rollout.types import FinishReason
+
+if TYPE_CHECKING:
+    from rollout.tokenizer import Tokenizer
+
+
+class StopChecker:
+    """Checks a sequence after each new token. Stop strings are matched on the decoded output."""
+
+    def __init__(self, eos_token_ids: tuple[int, ...], context_length: int, tokenizer: Tokenizer | None) -> None:
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.context_length = context_length
+        self.tokenizer = tokenizer
+
+    def banned_ids(self, seq: Sequence) -> list[int] | None:
+        """Token ids masked out of the next draw: stop ids until ``min_new_tokens`` are produced."""
+        if len(seq.output_ids) >= seq.sampling.min_new_tokens:
+            return None
+        ids = set(seq.sampling.stop_token_ids)
+        if not seq.sampling.ignore_eos:
+            ids |= self.eos_token_ids
+        return sorted(ids) or None
+
+    def check(self, seq: Sequence) -> bool:
+        """Set ``finish_reason`` / ``matched_stop`` on ``seq`` if its last token ends it."""
+        token = seq.output_ids[-1]
+        n_out = len(seq.output_ids)
+        if n_out >= seq.sampling.min_new_tokens:
+            if token in seq.sampling.stop_token_ids or (
+                not seq.sampling.ignore_eos and token in self.eos_token_ids
+            ):
+                seq.finish_reason, seq.matched_stop = FinishReason.STOP, token
+                return True
+            if seq.sampling.stop and self.tokenizer is not None:
+                matched = self._match_stop_string(seq)
+                if matched is not None:
+                    seq.finish_reason, seq.matched_stop = FinishReason.STOP, matched
+                    return True
+        if n_out >= seq.sampling.max_new_tokens or seq.seq_len >= self.context_length:
+            seq.finish_reason = FinishReason.LENGTH
+            return True
+        return False
+
+    def _match_stop_string(self, seq: Sequence) -> str | None:
+        assert self.tokenizer is not None
+        text = self.tokenizer.decode(seq.output_ids)
+        # Only text that appeared since the last check (plus room for a stop string that straddles
+        # the boundary) can hold a new match.
+        longest = max(len(s) for s in seq.sampling.stop)
+        window = text[max(0, seq.stop_text_len - longest + 1):]
+        seq.stop_text_len = len(text)
+        for s in seq.sampling.stop:
+            if s in window:
+                return s
+        return None

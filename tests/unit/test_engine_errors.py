@@ -1,0 +1,83 @@
+"""Bad input raises a clear error naming the field, and the engine keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rollout import Engine, SamplingParams
+from rollout.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    with Engine(tiny_model_dir("qwen3"), max_total_tokens=1024) as eng:
+        yield eng
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -5}, "top_k"),
+        ({"min_p": 2.0}, "min_p"),
+        ({"n": 0}, "n"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"min_new_tokens": 5, "max_new_tokens": 2}, "min_new_tokens"),
+    ],
+)
+def test_bad_sampling_params(kwargs, field) -> None:
+    with pytest.raises(InvalidArgumentError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.field == field and field in str(e.value)
+
+
+def test_unknown_sampling_option() -> None:
+    with pytest.raises(InvalidArgumentError, match="tempreature"):
+        SamplingParams.from_dict({"tempreature": 1.0})
+
+
+def test_unknown_engine_option(tiny_model_dir) -> None:
+    with pytest.raises(InvalidArgumentError, match="max_runing_requests"):
+        Engine(tiny_model_dir("qwen3"), max_runing_requests=3)
+
+
+def test_bad_prompts_rejected_and_engine_keeps_serving(engine) -> None:
+    good = [3, 4, 5]
+    sp = SamplingParams(temperature=0.0, max_new_tokens=4)
+    with pytest.raises(InvalidArgumentError, match="input_ids.*empty"):
+        engine.generate([], sp)
+    with pytest.raises(InvalidArgumentError, match="input_ids.*outside the vocabulary"):
+        engine.generate([1, 2, 10**6], sp)
+    with pytest.raises(InvalidArgumentError, match="input_ids.*outside the vocabulary"):
+        engine.generate([1, -2], sp)
+    with pytest.raises(OutOfRangeError, match="max_new_tokens.*context length"):
+        engine.generate(good, SamplingParams(max_new_tokens=10**6))
+    with pytest.raises(ResourceExhaustedError, match="KV cache capacity"):
+        engine.generate(good, SamplingParams(max_new_tokens=2040))
+    with pytest.raises(InvalidArgumentError, match="stop_token_ids"):
+        engine.generate(good, SamplingParams(stop_token_ids=[10**7]))
+    with pytest.raises(InvalidArgumentError, match="top_logprobs_num"):
+        engine.generate(good, sp, top_logprobs_num=1000)
+    # A batch with one bad prompt is refused whole, before anything runs.
+    with pytest.raises(InvalidArgumentError, match="index 1"):
+        engine.generate([good, [1, 99999]], sp)
+    assert engine.info().num_running == 0
+    out = engine.generate(good, sp)[0]
+    assert len(out.output_ids) >= 1
+    engine.check_integrity()
+
+
+def test_async_generate(engine) -> None:
+    sp = SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)
+    sync = engine.generate([[7, 8, 9], [10, 11]], sp)
+
+    async def main():
+        return await engine.async_generate([[7, 8, 9], [10, 11]], sp)
+
+    outs = asyncio.run(main())
+    assert [o.output_ids for o in outs] == [o.output_ids for o in sync]

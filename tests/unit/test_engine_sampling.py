@@ -1,0 +1,85 @@
+"""Sampling options through the engine: seeds, stop conditions, n, top logprobs."""
+
+from __future__ import annotations
+
+import math
+
+from rollout import Engine, SamplingParams
+from rollout.types import FinishReason
+
+PROMPT = [5, 17, 42, 99, 100, 7]
+
+
+def test_seed_reproduces_across_batches(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3")
+    sp = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=16, seed=1234, ignore_eos=True)
+    with Engine(path) as engine:
+        alone = engine.generate(PROMPT, sp, return_logprob=True)[0]
+        other = SamplingParams(temperature=0.7, max_new_tokens=20, ignore_eos=True)
+        mixed = engine.generate([[1, 2, 3], PROMPT, [9] * 30], [other, sp, other], return_logprob=True)[1]
+        unseeded = engine.generate([PROMPT] * 2, SamplingParams(temperature=1.0, max_new_tokens=16, ignore_eos=True))
+    assert alone.output_ids == mixed.output_ids
+    assert all(abs(a - b) < 1e-5 for a, b in zip(alone.output_logprobs, mixed.output_logprobs))
+    assert all(lp <= 0 for lp in alone.output_logprobs)
+    assert unseeded[0].output_ids != unseeded[1].output_ids
+
+
+def test_stop_token_ids_min_new_tokens_and_max(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3")
+    with Engine(path) as engine:
+        base = engine.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True))[0]
+        stop_tok = base.output_ids[3]
+        first = base.output_ids.index(stop_tok)
+        out = engine.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=[stop_tok]))[0]
+        assert out.output_ids == base.output_ids[: first + 1]
+        assert out.finish_reason is FinishReason.STOP and out.matched_stop == stop_tok
+        # min_new_tokens masks the stop token until enough tokens exist.
+        out = engine.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=10, min_new_tokens=first + 2,
+                                                     stop_token_ids=[stop_tok]))[0]
+        assert len(out.output_ids) >= first + 2
+        assert stop_tok not in out.output_ids[: first + 2]
+        assert engine.generate(PROMPT, SamplingParams(max_new_tokens=3, ignore_eos=True))[0].finish_reason \
+            is FinishReason.LENGTH
+
+
+def test_stop_strings(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3")
+    with Engine(path) as engine:
+        base = engine.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))[0]
+        text = base.text
+        assert text
+        # Stop on a piece of text the greedy output is known to produce.
+        stop = text[len(text) // 2: len(text) // 2 + 2] or text[-1]
+        out = engine.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=12, stop=[stop],
+                                                     ignore_eos=True))[0]
+        assert out.finish_reason is FinishReason.STOP and out.matched_stop == stop
+        assert stop in out.text
+        assert out.output_ids == base.output_ids[: len(out.output_ids)]
+        assert stop not in engine._client.tokenizer.decode(out.output_ids[:-1])
+
+
+def test_top_and_raw_logprobs(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3")
+    with Engine(path) as engine:
+        out = engine.generate(PROMPT, SamplingParams(temperature=0.8, top_k=5, max_new_tokens=5, seed=7),
+                              return_logprob=True, return_raw_logprob=True, top_logprobs_num=3)[0]
+    assert len(out.output_top_logprobs) == len(out.output_ids) == len(out.output_raw_logprobs)
+    for lp, raw, top in zip(out.output_logprobs, out.output_raw_logprobs, out.output_top_logprobs):
+        assert len(top.token_ids) == 3 and top.logprobs == sorted(top.logprobs, reverse=True)
+        assert raw <= top.logprobs[0] + 1e-6
+        assert lp >= raw - 1e-6  # top-k renormalised mass is >= the raw probability
+        assert math.isfinite(lp)
+
+
+def test_stream_matches_generate(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3")
+    sp = SamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True, n=2)
+    with Engine(path) as engine:
+        full = engine.generate(PROMPT, sp, return_logprob=True)
+        got = {0: [], 1: []}
+        finished = 0
+        for chunk in engine.stream(PROMPT, sp, return_logprob=True):
+            got[chunk.index].extend(chunk.token_ids)
+            finished += chunk.finished
+        assert finished == 2
+        assert got[0] == full[0].output_ids and got[1] == full[1].output_ids
