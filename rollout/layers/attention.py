@@ -1,0 +1,29 @@
+"""The attention layer: reshapes q/k/v into heads and hands them to the step's attention backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rollout.runner.forward_batch import ForwardBatch
+
+
+class Attention(nn.Module):
+    """Causal paged attention of one layer; the backend owns the KV cache and the kernels."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, layer_id: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.num_kv_heads = num_kv_heads
+        self.layer_id = layer_id
+        self.scale = scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """q (T, Hq*D) or (T, Hq, D); k, v (T, Hkv*D) or (T, Hkv, D) -> (T, Hq*D)."""
+        t = q.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = batch.attn_backend.forward(q, k, v, self.layer_id, self.scale, batch)  # (T, Hq, D)
+        return out.reshape(t, self.num_heads * self.head_dim)

@@ -1,0 +1,163 @@
+"""Routed mixture-of-experts: top-k router and stacked expert weights.
+
+Expert weights are stacked so one fused kernel can serve all experts::
+
+    w13  (E, 2*I, H)   rows [0, I) = w1 (gate_proj), rows [I, 2I) = w3 (up_proj)
+    w2   (E, H, I)     down_proj
+
+``fused_experts`` is the one entry point for the expert computation; the torch loop below is its
+reference and CPU path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rollout.errors import InvalidArgumentError
+from rollout.layers.linear import ReplicatedLinear, copy_checked, new_param
+
+
+def select_experts(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (float32) over all experts, keep the top ``top_k``, optionally renormalise.
+
+    Returns ``(topk_weights (T, k) float32, topk_ids (T, k) int64)``. Renormalised softmax-then-top-k
+    equals a softmax over the top-k logits (Mixtral's formulation).
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)  # (T, E)
+    topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)  # (T, k)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights, topk_ids
+
+
+def fused_experts_reference(
+    hidden: torch.Tensor,  # (T, H)
+    w13: torch.Tensor,  # (E, 2I, H)
+    w2: torch.Tensor,  # (E, H, I)
+    topk_weights: torch.Tensor,  # (T, k)
+    topk_ids: torch.Tensor,  # (T, k)
+) -> torch.Tensor:  # (T, H)
+    """Weighted sum over each token's experts, looping over the experts that received tokens."""
+    out = torch.zeros_like(hidden)
+    inter = w2.shape[2]
+    for e in torch.unique(topk_ids).tolist():
+        token_idx, slot = torch.nonzero(topk_ids == e, as_tuple=True)  # (n,), (n,)
+        x = hidden[token_idx]  # (n, H)
+        gate_up = F.linear(x, w13[e])  # (n, 2I)
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # (n, I)
+        y = F.linear(act, w2[e])  # (n, H)
+        y = y * topk_weights[token_idx, slot, None].to(y.dtype)
+        out.index_add_(0, token_idx, y)
+    return out
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Expert MLPs of every token, combined with its routing weights: (T, H) -> (T, H)."""
+    return fused_experts_reference(hidden, w13, w2, topk_weights, topk_ids)
+
+
+class FusedMoE(nn.Module):
+    """Stacked expert weights with expert-aware loaders.
+
+    ``weight_loader(param, loaded, shard_id=None, expert_id=None)``: ``shard_id`` "w1" / "w3" fill the
+    gate / up half of ``w13[expert_id]``, "w2" fills ``w2[expert_id]``; with both None the whole
+    stacked tensor is copied (HF's fused ``experts.gate_up_proj`` / ``experts.down_proj`` layout).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.w13 = new_param(
+            (num_experts, 2 * intermediate_size, hidden_size), dtype, device, self.weight_loader
+        )
+        self.w2 = new_param((num_experts, hidden_size, intermediate_size), dtype, device, self.weight_loader)
+
+    def weight_loader(
+        self,
+        param: nn.Parameter,
+        loaded: torch.Tensor,
+        shard_id: str | None = None,
+        expert_id: int | None = None,
+    ) -> None:
+        leaf = "w13" if param is self.w13 else "w2"
+        name = f"{self.prefix}.{leaf}" if self.prefix else leaf
+        if shard_id is None and expert_id is None:
+            copy_checked(param.data, loaded, name)
+            return
+        if expert_id is None or not 0 <= expert_id < self.num_experts:
+            raise InvalidArgumentError(
+                f"expert id {expert_id} out of range [0, {self.num_experts})", field=name
+            )
+        name = f"{name}[{expert_id}, {shard_id}]"
+        inter = self.intermediate_size
+        if shard_id == "w1" and param is self.w13:
+            dst = param.data[expert_id, :inter]
+        elif shard_id == "w3" and param is self.w13:
+            dst = param.data[expert_id, inter:]
+        elif shard_id == "w2" and param is self.w2:
+            dst = param.data[expert_id]
+        else:
+            raise InvalidArgumentError(f"shard {shard_id!r} does not belong to {leaf}", field=name)
+        copy_checked(dst, loaded, name)
+
+    def forward(
+        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router (``gate``) plus experts: the MLP of a sparse decoder layer."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        renormalize: bool,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.gate = ReplicatedLinear(
+            hidden_size, num_experts, bias=False, dtype=dtype, device=device, prefix=f"{prefix}.gate"
+        )
+        self.experts = FusedMoE(
+            num_experts,
+            hidden_size,
+            intermediate_size,
+            dtype=dtype,
+            device=device,
+            prefix=f"{prefix}.experts",
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        router_logits = self.gate(hidden)  # (T, E)
+        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
+        return self.experts(hidden, topk_weights, topk_ids)  # (T, H)

@@ -1,0 +1,247 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3), driven by ``ModelConfig`` flags.
+
+Qwen2 adds a bias to q/k/v (``attention_bias``); Qwen3 RMS-normalises each head of q and k before
+the rotary embedding (``qk_norm``). The MLP of each layer is built by a factory so the MoE models
+reuse this decoder with routed experts in place of the dense MLP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from rollout.config import ModelConfig
+from rollout.layers.activation import SiluAndMul
+from rollout.layers.attention import Attention
+from rollout.layers.embedding import LMHead, VocabEmbedding
+from rollout.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from rollout.layers.norm import RMSNorm
+from rollout.layers.rotary import RotaryEmbedding, apply_rotary
+from rollout.models.weights import CheckpointNameMap, load_named_weights
+from rollout.runner.forward_batch import ForwardBatch
+
+# cos and sin (T, 1, head_dim) of the step's positions, shared by every layer.
+CosSin = tuple[torch.Tensor, torch.Tensor]
+# (layer_id, prefix) -> the layer's MLP module, mapping (T, H) -> (T, H).
+MlpFactory = Callable[[int, str], nn.Module]
+
+
+class LlamaMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with gate and up fused into one matmul."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, dtype=dtype, device=device, prefix=f"{prefix}.gate_up_proj"
+        )
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, dtype=dtype, device=device, prefix=f"{prefix}.down_proj"
+        )
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))  # (T, H)
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention: fused qkv projection, optional per-head q/k norm, rotary, paged attention."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            self.num_heads,
+            self.num_kv_heads,
+            bias=config.attention_bias,
+            dtype=dtype,
+            device=device,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            self.q_size, config.hidden_size, dtype=dtype, device=device, prefix=f"{prefix}.o_proj"
+        )
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(
+                self.head_dim, config.rms_norm_eps, dtype=dtype, device=device, prefix=f"{prefix}.q_norm"
+            )
+            self.k_norm = RMSNorm(
+                self.head_dim, config.rms_norm_eps, dtype=dtype, device=device, prefix=f"{prefix}.k_norm"
+            )
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_id, self.head_dim**-0.5)
+
+    def forward(self, rope: CosSin, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        t = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)  # (T, q_size + 2 * kv_size)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = apply_rotary(q, k, *rope)
+        out = self.attn(q, k, v, batch)  # (T, Hq * D)
+        return self.o_proj(out)  # (T, H)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``, with fused residual adds."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        mlp: nn.Module,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        prefix: str,
+    ) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.self_attn = LlamaAttention(
+            config, layer_id, dtype=dtype, device=device, prefix=f"{prefix}.self_attn"
+        )
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(
+            config.hidden_size, eps, dtype=dtype, device=device, prefix=f"{prefix}.input_layernorm"
+        )
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, eps, dtype=dtype, device=device, prefix=f"{prefix}.post_attention_layernorm"
+        )
+
+    def forward(
+        self,
+        rope: CosSin,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(mlp output, residual stream before it)``; their sum is the layer's output."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(rope, hidden, batch)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm."""
+
+    def __init__(
+        self, config: ModelConfig, mlp_factory: MlpFactory, *, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(
+            config.vocab_size, config.hidden_size, dtype=dtype, device=device, prefix="model.embed_tokens"
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(
+                config,
+                i,
+                mlp_factory(i, f"model.layers.{i}.mlp"),
+                dtype=dtype,
+                device=device,
+                prefix=f"model.layers.{i}",
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device, prefix="model.norm"
+        )
+        # One cos/sin table for all layers (it is max_position x head_dim floats).
+        self.rotary_emb = RotaryEmbedding(
+            config.head_dim, config.max_position_embeddings, config.rope, device=device
+        )
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        hidden = self.embed_tokens(batch.input_ids)  # (T, H)
+        rope = self.rotary_emb.cos_sin(batch.positions, hidden.dtype)  # 2 x (T, 1, D)
+        residual: torch.Tensor | None = None
+        for layer in self.layers:
+            hidden, residual = layer(rope, hidden, residual, batch)
+        if residual is None:  # a model without layers
+            return self.norm(hidden)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden  # (T, H)
+
+
+class LlamaForCausalLM(nn.Module):
+    """A dense (or, with another ``mlp_factory``, MoE) causal LM with the engine's model interface."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        mlp_factory: MlpFactory | None = None,
+        expert_style: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        if mlp_factory is None:
+
+            def mlp_factory(layer_id: int, prefix: str) -> nn.Module:
+                return LlamaMLP(
+                    config.hidden_size, config.intermediate_size, dtype=dtype, device=device, prefix=prefix
+                )
+
+        self.model = LlamaModel(config, mlp_factory, dtype=dtype, device=device)
+        tie = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(
+            config.vocab_size, config.hidden_size, dtype=dtype, device=device, prefix="lm_head", tie_to=tie
+        )
+        self.name_map = CheckpointNameMap(
+            (n for n, _ in self.named_parameters()), config.tie_word_embeddings, expert_style
+        )
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Final-normed hidden states (T, hidden) of ``batch.input_ids`` at ``batch.positions``."""
+        return self.model(batch)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) float32 logits."""
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors into our parameters in place; returns our names fully written.
+
+        Raises ``InvalidArgumentError`` naming unknown checkpoint keys or a key of the wrong shape.
+        """
+        return load_named_weights(self, self.name_map, weights, self.config.num_experts)
+
+    def param_names_for_checkpoint(self) -> dict[str, list[str]]:
+        """Our parameter name -> the checkpoint keys (per-expert layout for MoE) that fill it."""
+        return {
+            name: self.name_map.checkpoint_names(name, self.config.num_experts)
+            for name, _ in self.named_parameters()
+        }

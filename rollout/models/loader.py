@@ -1,0 +1,73 @@
+"""Loading a Hugging Face safetensors checkpoint (single file or sharded) into a model in place."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from rollout.config import ModelConfig
+from rollout.errors import InvalidArgumentError
+from rollout.models.registry import build_model
+
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def checkpoint_files(model_path: str) -> list[str]:
+    """The safetensors files of a model directory, in the order the index (or the names) give."""
+    index_path = os.path.join(model_path, _INDEX_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted(set(weight_map.values()))
+        paths = [os.path.join(model_path, name) for name in files]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise InvalidArgumentError(
+                f"shards listed in {_INDEX_FILE} are missing: {missing}", field="model_path"
+            )
+        return paths
+    paths = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not paths:
+        raise InvalidArgumentError(f"no *.safetensors files in {model_path!r}", field="model_path")
+    return paths
+
+
+def iter_checkpoint(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of the checkpoint, one shard open at a time."""
+    for path in checkpoint_files(model_path):
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(
+    config: ModelConfig, model_path: str, dtype: torch.dtype, device: torch.device | str
+) -> nn.Module:
+    """Build the model for ``config`` and fill every parameter from the checkpoint at ``model_path``.
+
+    Raises ``InvalidArgumentError`` naming unexpected keys, keys of the wrong shape, or the
+    checkpoint keys of parameters the checkpoint does not provide.
+    """
+    model = build_model(config, dtype, device)
+    seen: set[str] = set()
+
+    def recorded() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in iter_checkpoint(model_path):
+            seen.add(name)
+            yield name, tensor
+
+    written = model.load_weights(recorded())
+    expected = model.param_names_for_checkpoint()
+    unwritten = [name for name in expected if name not in written]
+    # Name the absent checkpoint keys; fall back to our names if the checkpoint used another layout.
+    missing = [key for name in unwritten for key in expected[name] if key not in seen] or unwritten
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+        raise InvalidArgumentError(f"checkpoint is missing: {shown}", field="model_path")
+    return model.eval()
