@@ -64,6 +64,8 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
     mlp_only_layers: tuple[int, ...] = ()  # Qwen3-MoE layers that use a dense MLP
     decoder_sparse_step: int = 1
+    # Attention window (Mistral); we attend fully, so the context is capped at the window.
+    sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: str = "float32"
@@ -162,7 +164,10 @@ class ModelConfig:
             num_experts=num_experts,
             num_experts_per_tok=int(hf.get("num_experts_per_tok", 0) or 0),
             moe_intermediate_size=moe_inter,
-            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            # HF's Qwen3-MoE defaults to False when the key is absent; Mixtral always renormalises.
+            norm_topk_prob=bool(hf.get("norm_topk_prob", arch != "Qwen3MoeForCausalLM")),
+            sliding_window=int(hf["sliding_window"]) if hf.get("sliding_window") and hf.get(
+                "use_sliding_window", True) else None,
             mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
             decoder_sparse_step=int(hf.get("decoder_sparse_step", 1) or 1),
             eos_token_ids=eos_ids,
@@ -256,7 +261,10 @@ class EngineConfig:
         if self.context_length < 0:
             raise InvalidArgumentError("must be >= 0", field="context_length")
         if self.context_length == 0:
-            object.__setattr__(self, "context_length", self.model.max_position_embeddings)
+            limit = self.model.max_position_embeddings
+            if self.model.sliding_window:
+                limit = min(limit, self.model.sliding_window)
+            object.__setattr__(self, "context_length", limit)
 
     @classmethod
     def build(cls, model_path: str, **options: Any) -> EngineConfig:

@@ -211,6 +211,34 @@ class Engine:
     def info(self) -> EngineInfo:
         return self._client.call("info")
 
+    # ------------------------------------------------------------------ weights and memory
+    def init_weight_update_group(self, **args: Any) -> Any:
+        """Join a trainer's weight-update group (see ``weight_sync``); blocks until it forms."""
+        return self._client.call("init_weight_update_group", **args)
+
+    def destroy_weight_update_group(self, group_name: str) -> Any:
+        return self._client.call("destroy_weight_update_group", group_name=group_name)
+
+    def update_weights_from_distributed(self, **args: Any) -> Any:
+        """Receive weights broadcast by the trainer over a formed group and load them in place."""
+        return self._client.call("update_weights_from_distributed", **args)
+
+    def update_weights_from_tensor(self, **args: Any) -> Any:
+        """Load weights shared by a colocated trainer (CUDA IPC handles / shared memory)."""
+        return self._client.call("update_weights_from_tensor", **args)
+
+    def update_weights_from_disk(self, model_path: str, version: int | None = None) -> Any:
+        """Reload the weights from a checkpoint directory."""
+        return self._client.call("update_weights_from_disk", model_path=model_path, version=version)
+
+    def release_memory(self, tags: Sequence[str] | None = None) -> Any:
+        """Free the GPU memory of these tags (weights, kv_cache, cuda_graph; None: all)."""
+        return self._client.call("release_memory", tags=None if tags is None else list(tags))
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> Any:
+        """Map released memory back (same addresses); weights return only if they were backed up."""
+        return self._client.call("resume_memory", tags=None if tags is None else list(tags))
+
     def check_integrity(self) -> None:
         """Raise if any KV slot leaked or the prefix cache is inconsistent (waits for the loop)."""
         self._client.call("check_integrity")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from rollout import __version__
 from rollout.cache.manager import KVCacheManager
@@ -41,11 +41,40 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.cache, self.stop)
         self.scheduler.on_finish = self._on_finish
         self.weight_version = 0
-        self.weights_valid = True
+        # Why generation is refused right now (e.g. weights invalid, memory released): key -> message.
+        self.generation_blockers: dict[str, str] = {}
         self._rng = random.Random(config.seed)
         self._next_uid = 0
         self._events: list[Event] = []
         self._live: dict[str, int] = {}  # request id -> samples not yet finished
+        self.controls: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "pause": lambda a: self.pause(a.get("mode", "abort")),
+            "continue": lambda a: self.continue_(),
+            "flush_cache": lambda a: self.flush_cache(),
+            "info": lambda a: self.info(),
+            "check_integrity": lambda a: self.cache.check_integrity(),
+        }
+        # Extra GetInfo fields contributed by subsystems (memory state per tag, weight groups).
+        self.info_providers: list[Callable[[EngineInfo], None]] = []
+        self._attach_subsystems()
+
+    def _attach_subsystems(self) -> None:
+        """Let the weight-update and memory subsystems register their control operations."""
+        from rollout.memory_control import attach_memory_control
+        from rollout.weight_updates import attach_weight_updates
+
+        attach_weight_updates(self)
+        attach_memory_control(self)
+
+    @property
+    def weights_valid(self) -> bool:
+        return "weights" not in self.generation_blockers
+
+    def set_weight_version(self, version: int) -> None:
+        """Make ``version`` current: new tokens carry it, prefixes of other versions are dropped."""
+        self.weight_version = version
+        self.scheduler.weight_version = version
+        self.cache.evict_namespaces(keep=version)
 
     def _build_cache(self) -> KVCacheManager:
         cfg = self.config
@@ -71,11 +100,8 @@ class EngineCore:
             raise InvalidArgumentError(f"request id {req.request_id!r} is already in use", field="request_id")
         if self.scheduler.num_queued + req.sampling.n > self.config.scheduler.max_queued_requests:
             raise ResourceExhaustedError("the request queue is full; retry later")
-        if not self.weights_valid:
-            raise FailedPreconditionError(
-                "the weights are invalid (a weight update failed midway or they were released); "
-                "push a full set of weights before generating"
-            )
+        if self.generation_blockers:
+            raise FailedPreconditionError("generation is refused: " + "; ".join(self.generation_blockers.values()))
         key = hash(tuple(req.input_ids))
         seqs = []
         for i in range(req.sampling.n):
@@ -94,7 +120,7 @@ class EngineCore:
         self.scheduler.abort(None if request_ids is None else set(request_ids))
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return not self.generation_blockers and self.scheduler.has_work()
 
     def take_events(self) -> list[Event]:
         events, self._events = self._events, []
@@ -182,7 +208,7 @@ class EngineCore:
     def info(self) -> EngineInfo:
         cfg = self.config
         sch = self.scheduler
-        return EngineInfo(
+        info = EngineInfo(
             model_path=cfg.model_path,
             architecture=cfg.model.architecture,
             context_length=cfg.context_length,
@@ -203,20 +229,16 @@ class EngineCore:
             dtype=cfg.dtype,
             version=__version__,
         )
+        for provide in self.info_providers:
+            provide(info)
+        return info
 
     def control(self, op: str, args: dict[str, Any]) -> Any:
         """Run a control operation by name (the loop's dispatch point)."""
-        if op == "pause":
-            return self.pause(args.get("mode", "abort"))
-        if op == "continue":
-            return self.continue_()
-        if op == "flush_cache":
-            return self.flush_cache()
-        if op == "info":
-            return self.info()
-        if op == "check_integrity":
-            return self.cache.check_integrity()
-        raise InvalidArgumentError(f"unknown control operation {op!r}", field="op")
+        handler = self.controls.get(op)
+        if handler is None:
+            raise InvalidArgumentError(f"unknown control operation {op!r}", field="op")
+        return handler(args)
 
     def shutdown(self) -> None:
         """End every request with reason abort."""
