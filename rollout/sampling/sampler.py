@@ -17,15 +17,14 @@ Semantics, per row of the ``(B, V)`` logits (upcast to float32):
    The kept set is the intersection (each filter keeps a prefix of the sorted order, so the most
    probable token always survives). The kept probabilities are renormalised and one token is drawn;
    its ``logprobs`` entry is the log of its renormalised probability.
-4. The draw is the exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` i.i.d. per vocab entry, done in
-   log space as ``argmax(log p - log E)``. ``E`` depends only on the row's (seed, step) (see
-   ``noise.py``), so a row's token does not depend on the rest of the batch, and tokens of zero
-   probability (``log p = -inf``) can never win.
+4. The draw is inverse-CDF sampling: the first token whose cumulative probability (float64, in
+   vocab order) exceeds ``u * total``, with one uniform ``u`` per row that depends only on the row's
+   (seed, step) (see ``noise.py``). A row's token therefore does not depend on the rest of the
+   batch, and a token of zero probability never starts a bin, so it is never drawn.
 
 ``raw_logprobs`` and the top alternatives are taken from the log-softmax of the logits as given,
-before banning, temperature and filtering. Everything except the per-row noise generator is batched
-tensor work; greedy-only batches skip the noise and filtering, and batches without filters skip the
-sort.
+before banning, temperature and filtering. Everything is batched tensor work; greedy-only batches
+skip the draw and filtering, and batches without filters skip the sort.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ from itertools import chain
 import torch
 
 from rollout.errors import InvalidArgumentError
-from rollout.sampling.noise import exponential_noise
 from rollout.sampling.sampling_batch import SamplingBatch
 
 
@@ -131,9 +129,7 @@ def _sample_mixed(
         sample_logp = logp.masked_fill(~keep, float("-inf"))
         sample_logp = sample_logp - torch.logsumexp(sample_logp, dim=-1, keepdim=True)  # renormalise
 
-    noise = exponential_noise(batch.seeds, batch.steps, masked.shape[-1], masked.device)  # (B, V)
-    scores = noise.log_().neg_().add_(sample_logp)  # (B, V) log p - log E; -inf stays -inf
-    sampled = scores.argmax(dim=-1)  # (B,)
+    sampled = _inverse_cdf(sample_logp, batch.uniforms)  # (B,)
     token_ids = torch.where(greedy, masked.argmax(dim=-1), sampled)  # (B,)
 
     logprobs = None
@@ -141,6 +137,19 @@ def _sample_mixed(
         # Greedy rows report the unfiltered temperature-1 log-softmax, sampling rows the renormalised one.
         logprobs = torch.where(greedy, _gather(logp, token_ids), _gather(sample_logp, token_ids))  # (B,)
     return token_ids, logprobs
+
+
+def _inverse_cdf(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row of ``logp`` (B, V) with the row's uniform (B,) float64.
+
+    The CDF is summed in float64 so that even tail tokens get bins of the right width; ``right=True``
+    picks the first token whose CDF exceeds the target, so empty bins (zero probability) are skipped.
+    """
+    cdf = logp.exp().double().cumsum_(dim=-1)  # (B, V)
+    total = cdf[:, -1:]  # (B, 1)
+    # Keep the target strictly below the total so rounding can never fall past the last bin.
+    target = torch.minimum(uniforms.unsqueeze(1) * total, total * (1.0 - 2.0**-52))  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logp.shape[-1] - 1)  # (B,)
 
 
 def _filter_mask(logp: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -8,20 +8,12 @@ from dataclasses import dataclass
 import torch
 
 from rollout.errors import InvalidArgumentError
+from rollout.sampling.noise import uniform_draws
 from rollout.types import SamplingParams
 
 # Temperatures below this are sampled greedily: dividing logits by them risks float32 overflow and
 # the distribution they describe is the argmax anyway.
 GREEDY_TEMPERATURE_EPS = 1e-6
-
-_MASK64 = (1 << 64) - 1
-
-
-def _to_int64(value: int) -> int:
-    """Wrap any Python int to a signed 64-bit value so that every seed fits an int64 tensor."""
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
 
 @dataclass(slots=True)
 class SamplingBatch:
@@ -31,8 +23,7 @@ class SamplingBatch:
     top_ks: torch.Tensor  # (B,) int64; <= 0 = off
     top_ps: torch.Tensor  # (B,) float32 in (0, 1]
     min_ps: torch.Tensor  # (B,) float32 in [0, 1]
-    seeds: torch.Tensor  # (B,) int64, every row has a seed (the engine assigns one to requests without)
-    steps: torch.Tensor  # (B,) int64, index of the output token being sampled (0 for the first)
+    uniforms: torch.Tensor  # (B,) float64 in [0, 1): the row's draw, a function of (seed, step) only
     banned_token_ids: list[list[int]] | None  # per row ids masked to -inf (stop ids before min_new_tokens)
     all_greedy: bool
     need_filter: bool  # any sampling row uses top_k / top_p / min_p
@@ -53,7 +44,8 @@ class SamplingBatch:
         """Gather one row per entry of ``params``.
 
         ``seeds[i]`` and ``steps[i]`` fix row ``i``'s random draw; seeds of any size are wrapped to 64
-        bits. ``banned[i]`` lists token ids row ``i`` must not produce (empty or ``None``: none).
+        bits (they only feed the row's uniform draw).
+        ``banned[i]`` lists token ids row ``i`` must not produce (empty or ``None``: none).
         Temperatures below ``GREEDY_TEMPERATURE_EPS`` are stored as 0 (greedy).
         """
         n = len(params)
@@ -82,8 +74,7 @@ class SamplingBatch:
             top_ks=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
             top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
             min_ps=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
-            seeds=torch.tensor([_to_int64(int(s)) for s in seeds], dtype=torch.int64, device=device),
-            steps=torch.tensor([int(s) for s in steps], dtype=torch.int64, device=device),
+            uniforms=torch.tensor(uniform_draws(seeds, steps), dtype=torch.float64, device=device),
             banned_token_ids=banned_rows,
             all_greedy=all(greedy),
             need_filter=need_filter,

@@ -10,7 +10,7 @@ import torch
 from scipy.stats import chisquare
 
 from rollout.errors import InvalidArgumentError
-from rollout.sampling.noise import exponential_noise, mix_seed
+from rollout.sampling.noise import mix_seed, uniform_draws
 from rollout.sampling.sampler import Sampler
 from rollout.sampling.sampling_batch import SamplingBatch
 from rollout.types import SamplingParams
@@ -262,8 +262,8 @@ def test_build_flags_and_validation() -> None:
     )
     b = SamplingBatch.build([greedy, plain], [2**70, -1], [0, 5], [[], []], "cpu")
     assert not b.all_greedy and not b.need_filter and b.banned_token_ids is None
-    assert b.seeds.dtype == torch.int64 and b.seeds.tolist() == [0, -1]
-    assert b.temperatures.tolist() == [0.0, 1.0] and b.steps.tolist() == [0, 5]
+    assert b.uniforms.dtype == torch.float64 and b.uniforms.tolist() == uniform_draws([2**70, -1], [0, 5])
+    assert b.temperatures.tolist() == [0.0, 1.0]
     assert SamplingBatch.build([greedy], [0], [0], None, "cpu").all_greedy
     assert SamplingBatch.build([greedy, filt], [0, 0], [0, 0], [[2], []], "cpu").need_filter
     assert SamplingBatch.build([SamplingParams(temperature=1e-9)], [0], [0], None, "cpu").all_greedy
@@ -278,17 +278,14 @@ def test_build_flags_and_validation() -> None:
         assert err.value.field == name
 
 
-def test_exponential_noise_is_per_row_and_exp1() -> None:
-    seeds = torch.tensor([3, 3, 4, 3])
-    steps = torch.tensor([0, 0, 0, 1])
-    e = exponential_noise(seeds, steps, 5000, "cpu")  # (4, 5000)
-    assert e.shape == (4, 5000) and e.dtype == torch.float32 and torch.all(e > 0)
-    assert torch.equal(e[0], e[1])
-    assert not torch.equal(e[0], e[2]) and not torch.equal(e[0], e[3])
-    assert abs(float(e.mean()) - 1.0) < 0.03 and abs(float(e.var()) - 1.0) < 0.08
-    alone = exponential_noise(seeds[3:], steps[3:], 5000, "cpu")
-    assert torch.equal(alone[0], e[3])
-    # Neighbouring (seed, step) pairs must not share a stream.
+def test_uniform_draws_are_per_row_and_uniform() -> None:
+    u = uniform_draws([3, 3, 4, 3], [0, 0, 0, 1])
+    assert u[0] == u[1] and u[0] != u[2] and u[0] != u[3]
+    many = uniform_draws(range(20_000), [7] * 20_000)
+    assert all(0.0 <= x < 1.0 for x in many)
+    counts = np.histogram(many, bins=20, range=(0.0, 1.0))[0]
+    assert chisquare(counts).pvalue > 1e-3
+    # Neighbouring (seed, step) pairs must not share a draw.
     assert len({mix_seed(s, t) for s in range(50) for t in range(50)}) == 2500
     assert 0 <= mix_seed(-5, 2**80) < 2**64
 
