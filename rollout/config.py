@@ -249,6 +249,7 @@ class EngineConfig:
     dtype: str = "float32"  # compute and KV dtype: float32 | bfloat16 | float16
     attention_backend: str = "torch"
     seed: int = 0  # seeds sampling of requests that carry no seed of their own
+    cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (0: off)
     context_length: int = 0  # 0: the model's max_position_embeddings
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -258,6 +259,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidArgumentError("must be float32, bfloat16 or float16", field="dtype")
+        if self.cuda_graph_max_bs < 0:
+            raise InvalidArgumentError("must be >= 0", field="cuda_graph_max_bs")
         if self.context_length < 0:
             raise InvalidArgumentError("must be >= 0", field="context_length")
         if self.context_length == 0:

@@ -36,6 +36,7 @@ class EngineCore:
         self.runner = ModelRunner(config)
         self.cache = self._build_cache()
         self.runner.bind_req_table(self.cache.req_table.table)
+        self.runner.capture_cuda_graphs()
         eos = config.model.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.stop = StopChecker(tuple(eos), config.context_length, self.tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.cache, self.stop)

@@ -16,10 +16,22 @@ from rollout.runner.forward_batch import ForwardBatch
 
 
 class AttentionBackend(ABC):
-    """Paged causal attention over a ``KVPool``."""
+    """Paged causal attention over a ``KVPool``.
+
+    A backend that sets ``supports_cuda_graph`` can have its decode forward captured: its
+    ``prepare()`` then runs eagerly before each replay and must write its metadata into buffers
+    allocated once in ``init_cuda_graph()`` (the captured kernels read those addresses), and its
+    ``forward()`` must not sync with the host or allocate by data-dependent sizes.
+    """
+
+    supports_cuda_graph: bool = False
 
     def __init__(self, kv_pool: KVPool) -> None:
         self.kv_pool = kv_pool
+
+    def init_cuda_graph(self, max_bs: int, max_kv_tokens: int) -> None:
+        """Allocate fixed metadata buffers for decode batches of up to ``max_bs`` requests."""
+        raise NotImplementedError(f"{type(self).__name__} does not support CUDA graphs")
 
     @abstractmethod
     def prepare(self, batch: ForwardBatch) -> None:

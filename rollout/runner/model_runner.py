@@ -10,6 +10,7 @@ from rollout.attention.registry import create_attention_backend
 from rollout.cache.kv_pool import KVPool
 from rollout.config import EngineConfig
 from rollout.models.loader import load_model
+from rollout.runner.cuda_graph import DecodeGraphRunner
 from rollout.runner.forward_batch import ForwardBatch
 from rollout.sampling.sampler import Sampler
 from rollout.sampling.sampling_batch import SamplingBatch
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 # KV budget on a CPU device when the caller gives none.
 CPU_DEFAULT_KV_BYTES = 1 << 30
 CPU_MAX_DEFAULT_SLOTS = 1 << 18
+# Cap of the KV index buffer that decode graphs read (entries of all requests in one step).
+MAX_GRAPH_KV_ENTRIES = 1 << 24
 
 
 class ModelRunner:
@@ -39,6 +42,17 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(config.attention_backend, self.kv_pool)
         self.sampler = Sampler()
         self.req_table: torch.Tensor | None = None  # (max_requests, max_context) int64, bound later
+        self.graphs: DecodeGraphRunner | None = None
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode graphs when the device and the attention backend allow it."""
+        cfg = self.config
+        if self.device.type != "cuda" or not cfg.cuda_graph_max_bs or not self.attn_backend.supports_cuda_graph:
+            return
+        max_bs = min(cfg.cuda_graph_max_bs, cfg.scheduler.max_running_requests)
+        max_kv = min(max_bs * cfg.context_length, MAX_GRAPH_KV_ENTRIES)
+        self.graphs = DecodeGraphRunner(self.model, self.attn_backend, max_bs, max_kv, self.device)
+        self.graphs.capture()
 
     def _load_model(self) -> torch.nn.Module:
         model = load_model(self.config.model, self.config.model_path, self.dtype, self.device)
@@ -72,8 +86,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, plan: BatchPlan) -> StepResult:
         batch = self._build_batch(plan)
-        self.attn_backend.prepare(batch)
-        hidden = self.model(batch)  # (T, hidden)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)  # (B, hidden)
+        else:
+            self.attn_backend.prepare(batch)
+            hidden = self.model(batch)  # (T, hidden)
         sample_idx = [i for i, s in enumerate(plan.sample) if s]
         if not sample_idx:
             return StepResult([])
@@ -109,20 +126,28 @@ class ModelRunner:
         # Position of every new token: prefix_len of its entry + offset inside the entry.
         entry = torch.repeat_interleave(torch.arange(len(ext)), ext)  # (T,)
         positions = prefix[entry] + torch.arange(int(qo_indptr[-1])) - qo_indptr[:-1][entry]
-        rows = torch.tensor(plan.rows, dtype=torch.int64)
-        out_loc = plan.out_slots.to(dev)
-        positions_d = positions.to(dev)
-        # Record the new tokens' slots in the table, then read every entry's whole KV run from it.
-        self.req_table[rows.to(dev)[entry.to(dev)], positions_d] = out_loc
-        kv_indices = torch.cat([self.req_table[r, :n] for r, n in zip(plan.rows, seq_lens.tolist())])
+        rows = torch.tensor(plan.rows, dtype=torch.int64, device=dev)
+        out_loc = plan.out_slots.to(dev, non_blocking=True)
+        positions_d = positions.to(dev, non_blocking=True)
+        entry_d = entry.to(dev, non_blocking=True)
+        # Record the new tokens' slots in the table, then read every entry's whole KV run from it
+        # with one gather: kv position j of entry i is table[rows[i], j - kv_indptr[i]].
+        self.req_table[rows[entry_d], positions_d] = out_loc
+        total_kv = int(kv_indptr[-1])
+        seq_lens_d = seq_lens.to(dev, non_blocking=True)
+        kv_indptr_d = kv_indptr.to(dev, non_blocking=True)
+        # output_size is known on the host, so this stays free of device->host syncs.
+        kv_entry = torch.repeat_interleave(torch.arange(len(ext), device=dev), seq_lens_d, output_size=total_kv)
+        kv_pos = torch.arange(total_kv, device=dev) - kv_indptr_d[:-1][kv_entry]  # (K,)
+        kv_indices = self.req_table[rows[kv_entry], kv_pos]  # (K,)
         return ForwardBatch(
             input_ids=torch.tensor(plan.input_ids, dtype=torch.int64, device=dev),
             positions=positions_d,
             out_cache_loc=out_loc,
             qo_indptr=qo_indptr.to(dev, torch.int32),
-            kv_indptr=kv_indptr.to(dev, torch.int32),
+            kv_indptr=kv_indptr_d.to(torch.int32),
             kv_indices=kv_indices,
-            seq_lens=seq_lens.to(dev, torch.int32),
+            seq_lens=seq_lens_d.to(torch.int32),
             logits_indices=(qo_indptr[1:] - 1).to(dev),
             seq_lens_cpu=seq_lens.tolist(),
             extend_lens_cpu=plan.extend_lens,
