@@ -1,1 +1,1 @@
-"""server."""
+"""The gRPC service: proto conversion (convert), servicer, token auth, server launch (app)."""

@@ -1,0 +1,1 @@
+"""The rollout.v1 protocol: ``rollout.proto`` and its generated modules (see ``generate.py``)."""

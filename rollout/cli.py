@@ -1,0 +1,86 @@
+"""Command line: ``rollout serve [--model DIR] [--port N] ...`` (also ``python -m rollout serve``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+# CLI flag -> engine option, for the flags that are passed through only when given.
+_ENGINE_FLAGS = (
+    "device",
+    "dtype",
+    "page_size",
+    "max_total_tokens",
+    "max_running_requests",
+    "chunked_prefill_size",
+    "max_num_batched_tokens",
+    "context_length",
+    "seed",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``rollout`` command."""
+    parser = argparse.ArgumentParser(prog="rollout", description="RL rollout engine served over gRPC")
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model over gRPC (rollout.v1.Rollout)")
+    s.add_argument(
+        "--model", default=None, help="HF model directory (default: the embedded tiny Qwen3 model)"
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one")
+    s.add_argument("--auth-token", default=None, help="require 'authorization: Bearer <token>' on every call")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key) to serve TLS")
+    s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    s.add_argument(
+        "--disable-control",
+        action="store_true",
+        help="answer PERMISSION_DENIED to pause/continue/flush and weight/memory RPCs",
+    )
+    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
+    s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
+    s.add_argument("--page-size", type=int, default=None, help="KV token slots per page")
+    s.add_argument("--max-total-tokens", type=int, default=None, help="KV cache capacity in tokens")
+    s.add_argument("--max-running-requests", type=int, default=None)
+    s.add_argument("--chunked-prefill-size", type=int, default=None)
+    s.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    s.add_argument("--context-length", type=int, default=None, help="default: the model's")
+    s.add_argument("--seed", type=int, default=None, help="seed for requests that carry none")
+    s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options given on the command line (unset flags keep the engine defaults)."""
+    return {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``rollout`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command == "serve":
+        from rollout.errors import RolloutError
+        from rollout.server.app import serve
+
+        try:
+            serve(
+                args.model,
+                host=args.host,
+                port=args.port,
+                auth_token=args.auth_token,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                enable_control=not args.disable_control,
+                **engine_options(args),
+            )
+        except (RolloutError, OSError, RuntimeError, ValueError) as e:
+            print(f"rollout serve: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Python clients of the rollout service: ``RolloutClient`` (blocking) and ``AsyncRolloutClient`` (asyncio).
+
+Both cover every RPC of ``rollout.v1.Rollout`` and speak ``rollout.types``: ``generate`` returns
+``GenerateOutput`` objects (``n`` per prompt, in sample order), ``generate_batch`` many prompts'
+outputs prompt-major like ``Engine.generate``, ``stream`` yields ``StreamChunk`` objects. A failed
+call raises the ``RolloutError`` subclass of its status (``err.code`` is the status name, e.g.
+"INVALID_ARGUMENT" or "UNAUTHENTICATED") carrying the server's message.
+
+    with RolloutClient("127.0.0.1:50051") as client:
+        client.wait_ready()
+        outs = client.generate("The answer is", {"n": 8, "max_new_tokens": 32}, return_logprob=True)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+import uuid
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import rollout_pb2 as pb
+from protos import rollout_pb2_grpc
+from rollout.errors import EngineDeadError, InvalidArgumentError
+from rollout.server import client_calls as calls
+from rollout.server import convert
+from rollout.server.auth import bearer_metadata
+from rollout.server.client_calls import Prompt, Sampling
+from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk
+
+__all__ = ["RolloutClient", "AsyncRolloutClient"]
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+DEFAULT_GROUP = "weight_update"
+
+
+class RolloutClient:
+    """Blocking client; thread-safe (one channel shared by all calls).
+
+    ``target`` is "host:port"; ``token`` the server's shared auth token; ``tls_ca`` a CA certificate
+    file to connect with TLS; ``timeout`` the default deadline of unary calls in seconds.
+    """
+
+    def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str | None = None,
+                 *, timeout: float | None = None) -> None:
+        creds = calls.channel_credentials(tls_ca)
+        self._channel = (grpc.secure_channel(target, creds, calls.CHANNEL_OPTIONS) if creds
+                         else grpc.insecure_channel(target, calls.CHANNEL_OPTIONS))
+        self._stub = rollout_pb2_grpc.RolloutStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = bearer_metadata(token) if token else ()
+        self.timeout = timeout
+
+    def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
+        self._channel.close()
+
+    def __enter__(self) -> RolloutClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise calls.rpc_error(e) from None
+
+    # ------------------------------------------------------------------ health
+    def health(self, service: str = "") -> bool:
+        """True when the server reports SERVING (the model is loaded)."""
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError:
+            return False
+        return reply.status == _SERVING
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Block until health is SERVING; raise ``EngineDeadError`` (UNAVAILABLE) after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while not self.health():
+            if time.monotonic() > deadline:
+                raise EngineDeadError(f"the server was not SERVING within {timeout:.0f} s")
+            time.sleep(0.2)
+
+    # ------------------------------------------------------------------ generation
+    def stream(self, prompt: Prompt | None = None, sampling_params: Sampling = None, *,
+               input_ids: Sequence[int] | None = None, text: str | None = None, request_id: str | None = None,
+               return_logprob: bool = False, return_raw_logprob: bool = False, top_logprobs_num: int = 0,
+               timeout: float | None = None) -> Iterator[StreamChunk]:
+        """Chunks of all samples as they are generated; closing the iterator early aborts the request.
+
+        The call starts at once (before the first ``next``), so many streams can be in flight together.
+        """
+        prompt = calls.resolve_prompt(prompt, input_ids, text)
+        call = calls.GenerateCall(prompt, sampling_params, request_id=request_id,
+                                  return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
+                                  top_logprobs_num=top_logprobs_num)
+        responses = self._stub.Generate(call.request, metadata=self._metadata, timeout=timeout)
+        return self._read_stream(call, responses)
+
+    @staticmethod
+    def _read_stream(call: calls.GenerateCall, responses: Any) -> Iterator[StreamChunk]:
+        try:
+            for msg in responses:
+                yield call.chunk(msg)
+        except grpc.RpcError as e:
+            raise calls.rpc_error(e) from None
+        finally:
+            responses.cancel()  # no-op when finished; otherwise the server aborts the request
+
+    def generate(self, prompt: Prompt | None = None, sampling_params: Sampling = None, *,
+                 input_ids: Sequence[int] | None = None, text: str | None = None,
+                 request_id: str | None = None, return_logprob: bool = False,
+                 return_raw_logprob: bool = False, top_logprobs_num: int = 0, return_text: bool = False,
+                 timeout: float | None = None) -> list[GenerateOutput]:
+        """Generate the ``n`` samples of one prompt; returns them in sample order.
+
+        The prompt is token ids or text, positionally or as ``input_ids=`` / ``text=``. Each output's
+        ``text`` is set when the prompt is text or ``return_text`` is given.
+        """
+        prompt = calls.resolve_prompt(prompt, input_ids, text)
+        call = calls.GenerateCall(prompt, sampling_params, request_id=request_id,
+                                  return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
+                                  top_logprobs_num=top_logprobs_num, return_text=return_text, stream=False)
+        responses = self._stub.Generate(call.request, metadata=self._metadata, timeout=timeout)
+        try:
+            for msg in responses:
+                call.add(msg)
+        except grpc.RpcError as e:
+            raise calls.rpc_error(e) from None
+        finally:
+            responses.cancel()
+        return call.outputs()
+
+    def generate_batch(self, prompts: Sequence[Prompt], sampling_params: Sampling | Sequence[Sampling] = None,
+                       *, max_concurrency: int = 64, **kwargs: Any) -> list[GenerateOutput]:
+        """Generate for many prompts concurrently (a thread pool); ``n`` outputs per prompt, prompt-major.
+
+        ``sampling_params`` is one for all prompts or one per prompt; ``kwargs`` are those of
+        ``generate``. If one prompt fails, the others are aborted and its error is raised.
+        """
+        params = calls.per_prompt(prompts, sampling_params)
+        if "request_id" in kwargs:
+            raise InvalidArgumentError("ids are assigned per prompt in a batch", field="request_id")
+        ids = [uuid.uuid4().hex for _ in prompts]
+        workers = max(1, min(max_concurrency, len(prompts)))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="rollout-client") as pool:
+            futures = [pool.submit(self.generate, p, sp, request_id=rid, **kwargs)
+                       for p, sp, rid in zip(prompts, params, ids)]
+            try:
+                return [o for f in futures for o in f.result()]
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                if ids:
+                    self.abort(ids)
+                raise
+
+    # ------------------------------------------------------------------ control
+    def abort(self, request_ids: Sequence[str] | str | None = None) -> None:
+        """Abort requests by id, or every request when ``request_ids`` is None."""
+        self._unary(self._stub.Abort, calls.abort_request(request_ids))
+
+    def pause(self, mode: PauseMode | str = PauseMode.ABORT) -> None:
+        """Pause generation: ABORT, RETRACT or IN_PLACE (see ``PauseMode``)."""
+        request = pb.PauseGenerationRequest(mode=convert.pause_mode_to_proto(mode))
+        self._unary(self._stub.PauseGeneration, request)
+
+    def continue_(self) -> None:
+        """Resume after ``pause``."""
+        self._unary(self._stub.ContinueGeneration, pb.ContinueGenerationRequest())
+
+    def flush_cache(self) -> None:
+        """Drop the prefix cache."""
+        self._unary(self._stub.FlushCache, pb.FlushCacheRequest())
+
+    def get_info(self) -> EngineInfo:
+        """A snapshot of the engine's state."""
+        return convert.info_from_proto(self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
+
+    # ------------------------------------------------------------------ weights and memory
+    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                 world_size: int, group_name: str = DEFAULT_GROUP,
+                                 backend: str = "nccl") -> None:
+        """Join the engine to a process group with the trainer (trainer = rank 0)."""
+        self._unary(self._stub.InitWeightUpdateGroup, calls.init_group_request(
+            master_address, master_port, rank_offset, world_size, group_name, backend))
+
+    def destroy_weight_update_group(self, group_name: str = DEFAULT_GROUP) -> None:
+        """Leave and destroy a weight update group."""
+        request = pb.DestroyWeightUpdateGroupRequest(group_name=group_name)
+        self._unary(self._stub.DestroyWeightUpdateGroup, request)
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]], *, version: int,
+                                        group_name: str = DEFAULT_GROUP, flat_bucket: bool = False) -> int:
+        """Receive these tensors by broadcast from the trainer; returns the new weight version."""
+        request = calls.from_distributed_request(names, dtypes, shapes, group_name, version, flat_bucket)
+        return self._unary(self._stub.UpdateWeightsFromDistributed, request).weight_version
+
+    def update_weights_from_tensor(self, names: Sequence[str], dtypes: Sequence[str],
+                                   shapes: Sequence[Sequence[int]], sources: Sequence[pb.TensorSource], *,
+                                   version: int, flat_bucket: bool = False) -> int:
+        """Load colocated tensors shared by handle; returns the new weight version."""
+        request = calls.from_tensor_request(names, dtypes, shapes, sources, version, flat_bucket)
+        return self._unary(self._stub.UpdateWeightsFromTensor, request).weight_version
+
+    def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        """Reload weights from a checkpoint directory; returns the new weight version."""
+        request = calls.from_disk_request(model_path, version)
+        return self._unary(self._stub.UpdateWeightsFromDisk, request).weight_version
+
+    def release_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Release GPU memory of these tags (None: all); returns the memory state per tag."""
+        reply = self._unary(self._stub.ReleaseMemory, pb.ReleaseMemoryRequest(tags=list(tags or ())))
+        return calls.memory_state(reply)
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Map released memory back (None: all); returns the memory state per tag."""
+        reply = self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=list(tags or ())))
+        return calls.memory_state(reply)
+
+
+class AsyncRolloutClient:
+    """asyncio client with the methods of ``RolloutClient``, as coroutines (``stream``: an async iterator)."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str | None = None,
+                 *, timeout: float | None = None) -> None:
+        creds = calls.channel_credentials(tls_ca)
+        self._channel = (grpc.aio.secure_channel(target, creds, calls.CHANNEL_OPTIONS) if creds
+                         else grpc.aio.insecure_channel(target, calls.CHANNEL_OPTIONS))
+        self._stub = rollout_pb2_grpc.RolloutStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = bearer_metadata(token) if token else ()
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncRolloutClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise calls.rpc_error(e) from None
+
+    async def health(self, service: str = "") -> bool:
+        """True when the server reports SERVING."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError:
+            return False
+        return reply.status == _SERVING
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until health is SERVING; raise ``EngineDeadError`` after ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while not await self.health():
+            if time.monotonic() > deadline:
+                raise EngineDeadError(f"the server was not SERVING within {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+
+    async def stream(self, prompt: Prompt | None = None, sampling_params: Sampling = None, *,
+                     input_ids: Sequence[int] | None = None, text: str | None = None,
+                     request_id: str | None = None, return_logprob: bool = False,
+                     return_raw_logprob: bool = False, top_logprobs_num: int = 0,
+                     timeout: float | None = None) -> AsyncIterator[StreamChunk]:
+        """Chunks of all samples as they are generated; stopping early or cancelling aborts the request."""
+        prompt = calls.resolve_prompt(prompt, input_ids, text)
+        call = calls.GenerateCall(prompt, sampling_params, request_id=request_id,
+                                  return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
+                                  top_logprobs_num=top_logprobs_num)
+        responses = self._stub.Generate(call.request, metadata=self._metadata, timeout=timeout)
+        try:
+            async for msg in responses:
+                yield call.chunk(msg)
+        except grpc.RpcError as e:
+            raise calls.rpc_error(e) from None
+        finally:
+            responses.cancel()
+
+    async def generate(self, prompt: Prompt | None = None, sampling_params: Sampling = None, *,
+                       input_ids: Sequence[int] | None = None, text: str | None = None,
+                       request_id: str | None = None, return_logprob: bool = False,
+                       return_raw_logprob: bool = False, top_logprobs_num: int = 0, return_text: bool = False,
+                       timeout: float | None = None) -> list[GenerateOutput]:
+        """Generate the ``n`` samples of one prompt; see ``RolloutClient.generate``."""
+        prompt = calls.resolve_prompt(prompt, input_ids, text)
+        call = calls.GenerateCall(prompt, sampling_params, request_id=request_id,
+                                  return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
+                                  top_logprobs_num=top_logprobs_num, return_text=return_text, stream=False)
+        responses = self._stub.Generate(call.request, metadata=self._metadata, timeout=timeout)
+        try:
+            async for msg in responses:
+                call.add(msg)
+        except grpc.RpcError as e:
+            raise calls.rpc_error(e) from None
+        finally:
+            responses.cancel()
+        return call.outputs()
+
+    async def generate_batch(self, prompts: Sequence[Prompt],
+                             sampling_params: Sampling | Sequence[Sampling] = None, *,
+                             max_concurrency: int = 256, **kwargs: Any) -> list[GenerateOutput]:
+        """Generate for many prompts concurrently; ``n`` outputs per prompt, prompt-major.
+
+        If one prompt fails the others are cancelled (which aborts them on the server).
+        """
+        params = calls.per_prompt(prompts, sampling_params)
+        gate = asyncio.Semaphore(max(1, max_concurrency))
+
+        async def one(p: Prompt, sp: Sampling) -> list[GenerateOutput]:
+            async with gate:
+                return await self.generate(p, sp, **kwargs)
+
+        tasks = [asyncio.ensure_future(one(p, sp)) for p, sp in zip(prompts, params)]
+        try:
+            results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()  # a cancelled call aborts its request on the server
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return [o for outs in results for o in outs]
+
+    async def abort(self, request_ids: Sequence[str] | str | None = None) -> None:
+        """Abort requests by id, or every request when ``request_ids`` is None."""
+        await self._unary(self._stub.Abort, calls.abort_request(request_ids))
+
+    async def pause(self, mode: PauseMode | str = PauseMode.ABORT) -> None:
+        """Pause generation: ABORT, RETRACT or IN_PLACE."""
+        request = pb.PauseGenerationRequest(mode=convert.pause_mode_to_proto(mode))
+        await self._unary(self._stub.PauseGeneration, request)
+
+    async def continue_(self) -> None:
+        """Resume after ``pause``."""
+        await self._unary(self._stub.ContinueGeneration, pb.ContinueGenerationRequest())
+
+    async def flush_cache(self) -> None:
+        """Drop the prefix cache."""
+        await self._unary(self._stub.FlushCache, pb.FlushCacheRequest())
+
+    async def get_info(self) -> EngineInfo:
+        """A snapshot of the engine's state."""
+        return convert.info_from_proto(await self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
+
+    async def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                       world_size: int, group_name: str = DEFAULT_GROUP,
+                                       backend: str = "nccl") -> None:
+        """Join the engine to a process group with the trainer (trainer = rank 0)."""
+        await self._unary(self._stub.InitWeightUpdateGroup, calls.init_group_request(
+            master_address, master_port, rank_offset, world_size, group_name, backend))
+
+    async def destroy_weight_update_group(self, group_name: str = DEFAULT_GROUP) -> None:
+        """Leave and destroy a weight update group."""
+        request = pb.DestroyWeightUpdateGroupRequest(group_name=group_name)
+        await self._unary(self._stub.DestroyWeightUpdateGroup, request)
+
+    async def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
+                                              shapes: Sequence[Sequence[int]], *, version: int,
+                                              group_name: str = DEFAULT_GROUP,
+                                              flat_bucket: bool = False) -> int:
+        """Receive these tensors by broadcast from the trainer; returns the new weight version."""
+        request = calls.from_distributed_request(names, dtypes, shapes, group_name, version, flat_bucket)
+        return (await self._unary(self._stub.UpdateWeightsFromDistributed, request)).weight_version
+
+    async def update_weights_from_tensor(self, names: Sequence[str], dtypes: Sequence[str],
+                                         shapes: Sequence[Sequence[int]],
+                                         sources: Sequence[pb.TensorSource], *, version: int,
+                                         flat_bucket: bool = False) -> int:
+        """Load colocated tensors shared by handle; returns the new weight version."""
+        request = calls.from_tensor_request(names, dtypes, shapes, sources, version, flat_bucket)
+        return (await self._unary(self._stub.UpdateWeightsFromTensor, request)).weight_version
+
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
+        """Reload weights from a checkpoint directory; returns the new weight version."""
+        request = calls.from_disk_request(model_path, version)
+        return (await self._unary(self._stub.UpdateWeightsFromDisk, request)).weight_version
+
+    async def release_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Release GPU memory of these tags (None: all)."""
+        reply = await self._unary(self._stub.ReleaseMemory, pb.ReleaseMemoryRequest(tags=list(tags or ())))
+        return calls.memory_state(reply)
+
+    async def resume_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Map released memory back (None: all)."""
+        reply = await self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=list(tags or ())))
+        return calls.memory_state(reply)

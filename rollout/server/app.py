@@ -1,0 +1,180 @@
+"""Launching the gRPC server: engine process, servicer, health, reflection, graceful shutdown.
+
+The server binds its port first and answers health NOT_SERVING while the engine process loads
+the model, then SERVING. On SIGTERM or SIGINT it stops taking new work, aborts running requests
+(their streams end with reason abort and their partial tokens), lets those streams finish, and
+stops the engine process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from protos import rollout_pb2
+from rollout.errors import EngineDeadError
+from rollout.server.auth import TokenAuthInterceptor
+from rollout.server.servicer import RolloutServicer, add_to_server
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["Rollout"].full_name  # "rollout.v1.Rollout"
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+SHUTDOWN_GRACE_S = 10.0  # how long aborted streams get to deliver their last chunks
+ENGINE_WATCH_S = 0.5  # how often the server checks that its engine process is alive
+
+
+def _server_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # Without this a second server could silently share the port with a running one.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def _credentials(tls_cert: str | None, tls_key: str | None) -> grpc.ServerCredentials | None:
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
+    if tls_cert is None or tls_key is None:
+        return None
+    with open(tls_cert, "rb") as f:
+        cert = f.read()
+    with open(tls_key, "rb") as f:
+        key = f.read()
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+async def _watch(engine: Any) -> None:
+    """Return when the engine process has died."""
+    while engine.alive:
+        await asyncio.sleep(ENGINE_WATCH_S)
+
+
+async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
+    for name in ("", SERVICE_NAME):
+        await health.set(name, status)
+
+
+async def serve_async(
+    model_path: str | None,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    auth_token: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    enable_control: bool = True,
+    stop_event: asyncio.Event | None = None,
+    **engine_options: Any,
+) -> None:
+    """Run the server until ``stop_event`` is set (or SIGTERM / SIGINT when none is given)."""
+    from rollout.engine_process import start_engine_process
+
+    if model_path is None:
+        from rollout.default_model import default_model_path
+
+        model_path = default_model_path()
+        logger.info("no --model given: using the embedded default model at %s", model_path)
+    creds = _credentials(tls_cert, tls_key)
+    loop = asyncio.get_running_loop()
+    if stop_event is None:
+        stop_event = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_event.set)
+
+    interceptors = [TokenAuthInterceptor(auth_token)] if auth_token else []
+    server = grpc.aio.server(interceptors=interceptors, options=_server_options())
+    servicer = RolloutServicer(enable_control=enable_control)
+    add_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    await _set_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    await server.start()
+    # The exact form of this line is what scripts wait for (port 0 picks a free port).
+    print(
+        f"rollout server listening on {host}:{bound} ({'TLS' if creds else 'plaintext'}"
+        f"{', token auth' if auth_token else ''}{'' if enable_control else ', control disabled'})",
+        flush=True,
+    )
+
+    engine = None
+    died = False
+    try:
+        load = loop.run_in_executor(
+            None, functools.partial(start_engine_process, model_path, **engine_options)
+        )
+        stop_wait = asyncio.ensure_future(stop_event.wait())
+        await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not load.done():
+            logger.info("stop requested while loading; stopping once the model has loaded")
+        engine = await load
+        if stop_event.is_set():
+            return
+        servicer.attach(engine)
+        await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        logger.info(
+            "serving %s (context %d, %d KV tokens)",
+            model_path,
+            engine.info.context_length,
+            engine.info.kv_total_tokens,
+        )
+        watch = asyncio.ensure_future(_watch(engine))
+        await asyncio.wait({stop_wait, watch}, return_when=asyncio.FIRST_COMPLETED)
+        died = watch.done()
+        watch.cancel()
+        if died:
+            logger.error("the engine process died; stopping the server")
+        else:
+            logger.info("shutting down: aborting running requests")
+    finally:
+        servicer.begin_shutdown()
+        await health.enter_graceful_shutdown()
+        stopping = asyncio.ensure_future(server.stop(SHUTDOWN_GRACE_S))
+        if engine is not None:
+            # Aborted requests send their final chunks; the streams end before the grace runs out.
+            engine.abort(None)
+        await stopping
+        if engine is not None:
+            await loop.run_in_executor(None, engine.shutdown)
+        logger.info("server stopped")
+    if died:
+        raise EngineDeadError("the engine process died while serving; see the log above for its error")
+
+
+def serve(
+    model_path: str | None,
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    auth_token: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    enable_control: bool = True,
+    **engine_options: Any,
+) -> None:
+    """Serve ``rollout.v1.Rollout`` for the model at ``model_path`` (None: the embedded default model).
+
+    Blocks until SIGTERM or SIGINT. ``engine_options`` go to the engine (device, dtype, page_size,
+    max_total_tokens, max_running_requests, chunked_prefill_size, ...). Raises the engine's error
+    if the model cannot be loaded, and ``EngineDeadError`` if the engine process dies while serving.
+    """
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(
+            serve_async(
+                model_path, host, port, auth_token, tls_cert, tls_key, enable_control, **engine_options
+            )
+        )

@@ -1,0 +1,138 @@
+"""Wire-level pieces shared by the sync and asyncio clients (``rollout/client.py``): channel
+credentials, building requests, reading Generate responses back into ``rollout.types``."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Mapping, Sequence
+
+import grpc
+
+from protos import rollout_pb2 as pb
+from rollout.errors import EngineDeadError, InvalidArgumentError, RolloutError
+from rollout.output_assembly import OutputAssembler
+from rollout.server import convert
+from rollout.types import GenerateOutput, SamplingParams, StreamChunk
+
+Prompt = Sequence[int] | str
+Sampling = SamplingParams | Mapping[str, Any] | None
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+
+class GenerateCall:
+    """One prepared Generate call: the request (with a client-chosen id) and how to read it back."""
+
+    def __init__(self, prompt: Prompt, sampling_params: Sampling, *, request_id: str | None = None,
+                 return_logprob: bool = False, return_raw_logprob: bool = False, top_logprobs_num: int = 0,
+                 return_text: bool = False, stream: bool = True) -> None:
+        if isinstance(sampling_params, Mapping):
+            sampling_params = SamplingParams.from_dict(dict(sampling_params))
+        self.request_id = request_id or uuid.uuid4().hex  # known up front, so the caller can abort it
+        self.want_text = return_text or isinstance(prompt, str)
+        self.flags = dict(logprobs=return_logprob, raw_logprobs=return_raw_logprob,
+                          top_logprobs=top_logprobs_num > 0)
+        self.request = convert.generate_request_to_proto(
+            prompt, sampling_params, request_id=self.request_id, return_logprob=return_logprob,
+            return_raw_logprob=return_raw_logprob, top_logprobs_num=top_logprobs_num, stream=stream,
+            return_text=return_text)
+        n = (sampling_params or SamplingParams()).n
+        self.assembler = OutputAssembler(self.request_id, n, **self.flags)
+
+    def chunk(self, msg: pb.GenerateResponse) -> StreamChunk:
+        """One response as a ``StreamChunk``."""
+        return convert.chunk_from_proto(msg, **self.flags)
+
+    def add(self, msg: pb.GenerateResponse) -> None:
+        """Fold one response into the final outputs."""
+        self.assembler.add(self.chunk(msg))
+        if msg.finished and self.want_text:
+            self.assembler.outputs[msg.index].text = msg.text
+
+    def outputs(self) -> list[GenerateOutput]:
+        """The finished outputs, in sample order (raises if the stream ended early)."""
+        if self.assembler.left:
+            raise EngineDeadError(f"the stream of {self.request_id} ended before all samples finished")
+        return self.assembler.outputs
+
+
+def resolve_prompt(prompt: Prompt | None, input_ids: Sequence[int] | None, text: str | None) -> Prompt:
+    """The one prompt given positionally or as ``input_ids=`` / ``text=`` (like ``Engine.generate``)."""
+    given = [p for p in (prompt, input_ids, text) if p is not None]
+    if len(given) != 1:
+        raise InvalidArgumentError("give exactly one prompt: token ids or text", field="prompt")
+    return given[0]
+
+
+def rpc_error(e: grpc.RpcError) -> RolloutError:
+    """The typed error of a failed call."""
+    return convert.error_from_status(e.code(), e.details())
+
+
+def channel_credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials trusting the CA certificate at ``tls_ca`` (None: plaintext)."""
+    if tls_ca is None:
+        return None
+    with open(tls_ca, "rb") as f:
+        return grpc.ssl_channel_credentials(root_certificates=f.read())
+
+
+def per_prompt(prompts: Sequence[Prompt], sampling_params: Sampling | Sequence[Sampling]) -> list[Sampling]:
+    """One sampling setting per prompt, from one shared setting or a list."""
+    if sampling_params is None or isinstance(sampling_params, (SamplingParams, Mapping)):
+        return [sampling_params] * len(prompts)
+    params = list(sampling_params)
+    if len(params) != len(prompts):
+        raise InvalidArgumentError(f"{len(params)} sampling params for {len(prompts)} prompts",
+                                   field="sampling_params")
+    return params
+
+
+def abort_request(request_ids: Sequence[str] | str | None) -> pb.AbortRequest:
+    """Abort these ids, or all requests when None."""
+    if request_ids is None:
+        return pb.AbortRequest(all=True)
+    return pb.AbortRequest(request_ids=[request_ids] if isinstance(request_ids, str) else list(request_ids))
+
+
+def _shapes(shapes: Sequence[Sequence[int]]) -> list[pb.TensorShape]:
+    return [pb.TensorShape(dims=list(s)) for s in shapes]
+
+
+def init_group_request(master_address: str, master_port: int, rank_offset: int, world_size: int,
+                       group_name: str, backend: str) -> pb.InitWeightUpdateGroupRequest:
+    """Join a weight update group with the trainer."""
+    return pb.InitWeightUpdateGroupRequest(master_address=master_address, master_port=master_port,
+                                           rank_offset=rank_offset, world_size=world_size,
+                                           group_name=group_name, backend=backend)
+
+
+def from_distributed_request(names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
+                             group_name: str, version: int,
+                             flat_bucket: bool) -> pb.UpdateWeightsFromDistributedRequest:
+    """Receive these tensors by broadcast."""
+    return pb.UpdateWeightsFromDistributedRequest(group_name=group_name, names=list(names),
+                                                  dtypes=list(dtypes), shapes=_shapes(shapes),
+                                                  version=version, flat_bucket=flat_bucket)
+
+
+def from_tensor_request(names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
+                        sources: Sequence[pb.TensorSource], version: int,
+                        flat_bucket: bool) -> pb.UpdateWeightsFromTensorRequest:
+    """Load tensors shared by handle."""
+    return pb.UpdateWeightsFromTensorRequest(names=list(names), dtypes=list(dtypes), shapes=_shapes(shapes),
+                                             sources=list(sources), version=version, flat_bucket=flat_bucket)
+
+
+def from_disk_request(model_path: str, version: int | None) -> pb.UpdateWeightsFromDiskRequest:
+    """Reload from a checkpoint directory (version None: the server picks current + 1)."""
+    msg = pb.UpdateWeightsFromDiskRequest(model_path=model_path)
+    if version is not None:
+        msg.version = version
+    return msg
+
+
+def memory_state(msg: pb.MemoryResponse) -> dict[str, dict[str, Any]]:
+    """Tag -> {state, bytes}."""
+    return {tag: {"state": m.state, "bytes": m.bytes} for tag, m in msg.memory.items()}

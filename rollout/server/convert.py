@@ -1,0 +1,328 @@
+"""Conversion between ``rollout.v1`` protos and ``rollout.types``: the only place the two meet.
+
+Incoming protos are checked here (unset optional fields mean engine defaults, unknown enum values
+are rejected by name); outgoing values are packed here. Errors map to gRPC status codes both ways.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import grpc
+
+from protos import rollout_pb2 as pb
+from rollout.engine_messages import AddRequest
+from rollout.errors import InvalidArgumentError, RolloutError, error_from_code
+from rollout.types import EngineInfo, FinishReason, PauseMode, SamplingParams, StreamChunk, TopLogprobs
+
+if TYPE_CHECKING:
+    from rollout.request_validation import RequestLimits
+    from rollout.tokenizer import Tokenizer
+
+# Optional scalar fields of the SamplingParams proto, by name; they equal the dataclass field names.
+_SCALAR_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_new_tokens",
+    "min_new_tokens",
+    "ignore_eos",
+    "seed",
+    "n",
+)
+_SAMPLING_DEFAULTS = {f.name: f.default for f in fields(SamplingParams)}
+
+_FINISH_TO_PROTO = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
+}
+_FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
+_PAUSE_TO_PROTO = {
+    PauseMode.ABORT: pb.PAUSE_MODE_ABORT,
+    PauseMode.RETRACT: pb.PAUSE_MODE_RETRACT,
+    PauseMode.IN_PLACE: pb.PAUSE_MODE_IN_PLACE,
+}
+_PAUSE_FROM_PROTO = {v: k for k, v in _PAUSE_TO_PROTO.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling parameters and requests
+
+
+def sampling_from_proto(msg: pb.SamplingParams | None) -> SamplingParams:
+    """Build validated ``SamplingParams``; fields the sender left unset take the engine defaults."""
+    if msg is None:
+        return SamplingParams()
+    kwargs: dict[str, Any] = {
+        name: getattr(msg, name) for name in _SCALAR_SAMPLING_FIELDS if msg.HasField(name)
+    }
+    if msg.stop:
+        kwargs["stop"] = tuple(msg.stop)
+    if msg.stop_token_ids:
+        kwargs["stop_token_ids"] = tuple(msg.stop_token_ids)
+    return SamplingParams(**kwargs)
+
+
+def sampling_to_proto(params: SamplingParams | Mapping[str, Any] | None) -> pb.SamplingParams:
+    """Pack sampling parameters, setting only the fields that differ from the defaults.
+
+    A dict is validated through ``SamplingParams.from_dict`` first, so a typo fails on the client.
+    """
+    if params is None:
+        return pb.SamplingParams()
+    if not isinstance(params, SamplingParams):
+        params = SamplingParams.from_dict(dict(params))
+    msg = pb.SamplingParams()
+    for name in _SCALAR_SAMPLING_FIELDS:
+        value = getattr(params, name)
+        if value is not None and value != _SAMPLING_DEFAULTS[name]:
+            setattr(msg, name, value)
+    msg.stop.extend(params.stop)
+    msg.stop_token_ids.extend(params.stop_token_ids)
+    return msg
+
+
+def add_request_from_proto(
+    msg: pb.GenerateRequest, request_id: str, limits: RequestLimits, tokenizer: Tokenizer | None
+) -> AddRequest:
+    """Turn a ``GenerateRequest`` into a validated engine ``AddRequest``."""
+    from rollout.request_validation import make_add_request
+
+    sampling = sampling_from_proto(msg.sampling_params if msg.HasField("sampling_params") else None)
+    return make_add_request(
+        request_id,
+        input_ids=list(msg.input_ids) or None,
+        text=msg.text or None,
+        sampling=sampling,
+        limits=limits,
+        tokenizer=tokenizer,
+        return_logprob=msg.return_logprob,
+        return_raw_logprob=msg.return_raw_logprob,
+        top_logprobs_num=msg.top_logprobs_num,
+        stream=msg.stream if msg.HasField("stream") else True,
+    )
+
+
+def generate_request_to_proto(
+    prompt: Sequence[int] | str,
+    sampling_params: SamplingParams | Mapping[str, Any] | None = None,
+    *,
+    request_id: str = "",
+    return_logprob: bool = False,
+    return_raw_logprob: bool = False,
+    top_logprobs_num: int = 0,
+    stream: bool = True,
+    return_text: bool = False,
+) -> pb.GenerateRequest:
+    """Build a ``GenerateRequest`` from token ids or a text prompt."""
+    msg = pb.GenerateRequest(
+        request_id=request_id,
+        sampling_params=sampling_to_proto(sampling_params),
+        return_logprob=return_logprob,
+        return_raw_logprob=return_raw_logprob,
+        top_logprobs_num=top_logprobs_num,
+        stream=stream,
+        return_text=return_text,
+    )
+    if isinstance(prompt, str):
+        msg.text = prompt
+    else:
+        try:
+            msg.input_ids.extend(prompt)
+        except (TypeError, ValueError) as e:  # non-integers or ids beyond int32
+            raise InvalidArgumentError(
+                f"must be a string or a list of int32 token ids ({e})", field="prompt"
+            ) from None
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream chunks
+
+
+def finish_reason_to_proto(reason: FinishReason | None) -> int:
+    """``FinishReason`` (or None) to the proto enum value."""
+    return pb.FINISH_REASON_UNSPECIFIED if reason is None else _FINISH_TO_PROTO[FinishReason(reason)]
+
+
+def finish_reason_from_proto(value: int) -> FinishReason | None:
+    """Proto enum value to ``FinishReason``; UNSPECIFIED is None; unknown values are rejected."""
+    if value == pb.FINISH_REASON_UNSPECIFIED:
+        return None
+    try:
+        return _FINISH_FROM_PROTO[value]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown value {value}", field="finish_reason") from None
+
+
+def chunk_to_proto(chunk: StreamChunk, text: str | None = None) -> pb.GenerateResponse:
+    """Pack one ``StreamChunk`` (``text``: the sample's decoded output, on its last chunk)."""
+    msg = pb.GenerateResponse(
+        request_id=chunk.request_id,
+        index=chunk.index,
+        token_ids=chunk.token_ids,
+        logprobs=chunk.logprobs or (),
+        raw_logprobs=chunk.raw_logprobs or (),
+        top_logprobs=[
+            pb.TopLogprobs(token_ids=t.token_ids, logprobs=t.logprobs) for t in chunk.top_logprobs or ()
+        ],
+        weight_versions=chunk.weight_versions,
+        finished=chunk.finished,
+        finish_reason=finish_reason_to_proto(chunk.finish_reason),
+        prompt_tokens=chunk.prompt_tokens,
+        completion_tokens=chunk.completion_tokens,
+        cached_tokens=chunk.cached_tokens,
+    )
+    # bool is an int subclass; a stop "token" is never a bool, but guard the oneof choice anyway.
+    if isinstance(chunk.matched_stop, str):
+        msg.matched_stop_str = chunk.matched_stop
+    elif isinstance(chunk.matched_stop, int) and not isinstance(chunk.matched_stop, bool):
+        msg.matched_stop_token_id = chunk.matched_stop
+    if text is not None:
+        msg.text = text
+    return msg
+
+
+def chunk_from_proto(
+    msg: pb.GenerateResponse,
+    *,
+    logprobs: bool = False,
+    raw_logprobs: bool = False,
+    top_logprobs: bool = False,
+) -> StreamChunk:
+    """Unpack one response; the flags say which optional lists the request asked for (else None)."""
+    kind = msg.WhichOneof("matched_stop")
+    matched: int | str | None = None if kind is None else getattr(msg, kind)
+    return StreamChunk(
+        request_id=msg.request_id,
+        index=msg.index,
+        token_ids=list(msg.token_ids),
+        logprobs=list(msg.logprobs) if logprobs else None,
+        raw_logprobs=list(msg.raw_logprobs) if raw_logprobs else None,
+        top_logprobs=[TopLogprobs(list(t.token_ids), list(t.logprobs)) for t in msg.top_logprobs]
+        if top_logprobs
+        else None,
+        weight_versions=list(msg.weight_versions),
+        finished=msg.finished,
+        finish_reason=finish_reason_from_proto(msg.finish_reason),
+        matched_stop=matched,
+        prompt_tokens=msg.prompt_tokens,
+        completion_tokens=msg.completion_tokens,
+        cached_tokens=msg.cached_tokens,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Control
+
+
+def pause_mode_from_proto(value: int) -> PauseMode:
+    """Proto enum value to ``PauseMode``; UNSPECIFIED and unknown values are rejected."""
+    try:
+        return _PAUSE_FROM_PROTO[value]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"must be ABORT, RETRACT or IN_PLACE (got {value})", field="mode"
+        ) from None
+
+
+def pause_mode_to_proto(mode: PauseMode | str | None) -> int:
+    """``PauseMode`` (or its string value; None = UNSPECIFIED) to the proto enum value."""
+    if mode is None:
+        return pb.PAUSE_MODE_UNSPECIFIED
+    try:
+        return _PAUSE_TO_PROTO[PauseMode(mode)]
+    except ValueError:
+        raise InvalidArgumentError(
+            f"must be abort, retract or in_place (got {mode!r})", field="mode"
+        ) from None
+
+
+def abort_ids_from_proto(msg: pb.AbortRequest) -> list[str] | None:
+    """The ids to abort, or None for all; exactly one of ``request_ids`` and ``all`` must be given."""
+    if msg.all and msg.request_ids:
+        raise InvalidArgumentError("give request_ids or all, not both", field="all")
+    if msg.all:
+        return None
+    if not msg.request_ids:
+        raise InvalidArgumentError("give request ids to abort, or set all", field="request_ids")
+    return list(msg.request_ids)
+
+
+def info_to_proto(info: EngineInfo) -> pb.GetInfoResponse:
+    """Pack an ``EngineInfo`` snapshot."""
+    msg = pb.GetInfoResponse(
+        model_path=info.model_path,
+        architecture=info.architecture,
+        context_length=info.context_length,
+        vocab_size=info.vocab_size,
+        weight_version=info.weight_version,
+        weights_valid=info.weights_valid,
+        paused=info.paused,
+        pause_mode=pause_mode_to_proto(info.pause_mode),
+        num_waiting=info.num_waiting,
+        num_running=info.num_running,
+        num_paused=info.num_paused,
+        kv_total_tokens=info.kv_total_tokens,
+        kv_used_tokens=info.kv_used_tokens,
+        kv_cached_tokens=info.kv_cached_tokens,
+        page_size=info.page_size,
+        num_retractions=info.num_retractions,
+        device=info.device,
+        dtype=info.dtype,
+        version=info.version,
+    )
+    for tag, state in info.memory.items():
+        msg.memory[tag].state = str(state.get("state", ""))
+        msg.memory[tag].bytes = int(state.get("bytes", 0))
+    return msg
+
+
+def info_from_proto(msg: pb.GetInfoResponse) -> EngineInfo:
+    """Unpack a ``GetInfoResponse``."""
+    mode = (
+        None if msg.pause_mode == pb.PAUSE_MODE_UNSPECIFIED else pause_mode_from_proto(msg.pause_mode).value
+    )
+    return EngineInfo(
+        model_path=msg.model_path,
+        architecture=msg.architecture,
+        context_length=msg.context_length,
+        vocab_size=msg.vocab_size,
+        weight_version=msg.weight_version,
+        weights_valid=msg.weights_valid,
+        paused=msg.paused,
+        pause_mode=mode,
+        num_waiting=msg.num_waiting,
+        num_running=msg.num_running,
+        num_paused=msg.num_paused,
+        kv_total_tokens=msg.kv_total_tokens,
+        kv_used_tokens=msg.kv_used_tokens,
+        kv_cached_tokens=msg.kv_cached_tokens,
+        page_size=msg.page_size,
+        num_retractions=msg.num_retractions,
+        device=msg.device,
+        dtype=msg.dtype,
+        memory={tag: {"state": m.state, "bytes": m.bytes} for tag, m in msg.memory.items()},
+        version=msg.version,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def status_code(err: RolloutError) -> grpc.StatusCode:
+    """The gRPC status a typed error maps to (INTERNAL when its code is not a status name)."""
+    return getattr(grpc.StatusCode, str(err.code), grpc.StatusCode.INTERNAL)
+
+
+def error_from_status(code: grpc.StatusCode | None, details: str | None) -> RolloutError:
+    """Rebuild a typed error from a gRPC status; ``code`` keeps the status name even without a subclass."""
+    name = code.name if code is not None else "UNKNOWN"
+    err = error_from_code(name, details or name)
+    if err.code != name:
+        err.code = name  # instance attribute: statuses such as UNAUTHENTICATED have no subclass
+    return err

@@ -1,0 +1,253 @@
+"""The ``rollout.v1.Rollout`` servicer (grpc.aio) over an ``EngineClient``.
+
+Every handler converts its request at the edge (``convert``), talks to the engine loop through the
+client, and maps errors to statuses: a ``RolloutError`` to its own code, anything unexpected to
+INTERNAL with its message; the server keeps serving either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from protos import rollout_pb2 as pb
+from protos import rollout_pb2_grpc
+from rollout.engine_messages import pause_args
+from rollout.errors import EngineDeadError, InvalidArgumentError, RolloutError, UnimplementedError
+from rollout.server import convert
+
+if TYPE_CHECKING:
+    from rollout.engine_client import EngineClient
+
+logger = logging.getLogger(__name__)
+
+
+class PermissionDeniedError(RolloutError):
+    """A control RPC reached a server started with control RPCs turned off."""
+
+    code = "PERMISSION_DENIED"
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the handler can answer INVALID_ARGUMENT
+    (gRPC itself would report a parse failure as UNKNOWN)."""
+
+    __slots__ = ("type_name", "error")
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.type_name = type_name
+        self.error = error
+
+    def raise_error(self) -> None:
+        raise InvalidArgumentError(f"the request is not a valid {self.type_name} message ({self.error})")
+
+
+def _lenient_parser(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the client's
+            return MalformedRequest(message_type.DESCRIPTOR.full_name, e)
+
+    return parse
+
+
+def add_to_server(servicer: RolloutServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` like the generated ``add_RolloutServicer_to_server``, but with request
+    parsers that turn undecodable bytes into INVALID_ARGUMENT."""
+    service = pb.DESCRIPTOR.services_by_name["Rollout"]
+    handlers = {}
+    for method in service.methods:
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _status_of(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(err, RolloutError):
+        return convert.status_code(err), err.message
+    logger.exception("%s failed", method)
+    return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
+
+
+def _unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Map errors of a unary handler to statuses."""
+
+    @functools.wraps(fn)
+    async def handler(self: RolloutServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if isinstance(request, MalformedRequest):
+                request.raise_error()
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a status, the server lives on
+            code, message = _status_of(e, fn.__name__)
+        await context.abort(code, message)
+
+    return handler
+
+
+def _streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """Map errors of a server-streaming handler to statuses."""
+
+    @functools.wraps(fn)
+    async def handler(
+        self: RolloutServicer, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        responses = fn(self, request, context)
+        try:
+            if isinstance(request, MalformedRequest):
+                request.raise_error()
+            async for response in responses:
+                yield response
+            return
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            code, message = _status_of(e, fn.__name__)
+        finally:
+            # Runs on cancellation too: closing the inner generator aborts its engine request.
+            await responses.aclose()
+        await context.abort(code, message)
+
+    return handler
+
+
+class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
+    """Serves ``rollout.v1.Rollout`` once ``attach`` gives it a loaded engine.
+
+    Before that (model still loading) and after ``begin_shutdown`` the RPCs answer UNAVAILABLE.
+    With ``enable_control=False`` pause/continue/flush and the weight and memory RPCs answer
+    PERMISSION_DENIED; Generate, Abort and GetInfo stay available.
+    """
+
+    def __init__(self, *, enable_control: bool = True) -> None:
+        self._engine: EngineClient | None = None
+        self._enable_control = enable_control
+        self._shutting_down = False
+
+    def attach(self, engine: EngineClient) -> None:
+        """Start serving with this engine."""
+        self._engine = engine
+
+    def begin_shutdown(self) -> None:
+        """Refuse new generations from now on (running ones continue until aborted)."""
+        self._shutting_down = True
+
+    def _engine_or_raise(self) -> EngineClient:
+        if self._engine is None:
+            raise EngineDeadError("the engine is still loading; retry when health is SERVING")
+        return self._engine
+
+    def _control_engine(self, rpc: str) -> EngineClient:
+        if not self._enable_control:
+            raise PermissionDeniedError(f"{rpc} is disabled on this server (started with --disable-control)")
+        return self._engine_or_raise()
+
+    # ------------------------------------------------------------------ generation
+    @_streaming
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        engine = self._engine_or_raise()
+        if self._shutting_down:
+            raise EngineDeadError("the server is shutting down")
+        rid = request.request_id or uuid.uuid4().hex
+        add = convert.add_request_from_proto(request, rid, engine.limits, engine.tokenizer)
+        want_text = request.return_text or bool(request.text)
+        if want_text and engine.tokenizer is None:
+            raise InvalidArgumentError("the model has no tokenizer.json to decode with", field="return_text")
+        # Decoded text goes on each sample's last chunk, so keep its ids until then.
+        outputs: dict[int, list[int]] = {}
+        async for chunk in engine.astream(add):
+            text = None
+            if want_text:
+                ids = outputs.setdefault(chunk.index, [])
+                ids.extend(chunk.token_ids)
+                if chunk.finished:
+                    text = engine.tokenizer.decode(outputs.pop(chunk.index))
+            yield convert.chunk_to_proto(chunk, text)
+
+    @_unary
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        engine = self._engine_or_raise()
+        engine.abort(convert.abort_ids_from_proto(request))
+        return pb.AbortResponse()
+
+    # ------------------------------------------------------------------ control
+    @_unary
+    async def PauseGeneration(
+        self, request: pb.PauseGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PauseGenerationResponse:
+        engine = self._control_engine("PauseGeneration")
+        mode = convert.pause_mode_from_proto(request.mode)
+        await engine.acall("pause", **pause_args(mode))
+        return pb.PauseGenerationResponse()
+
+    @_unary
+    async def ContinueGeneration(
+        self, request: pb.ContinueGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ContinueGenerationResponse:
+        await self._control_engine("ContinueGeneration").acall("continue")
+        return pb.ContinueGenerationResponse()
+
+    @_unary
+    async def FlushCache(
+        self, request: pb.FlushCacheRequest, context: grpc.aio.ServicerContext
+    ) -> pb.FlushCacheResponse:
+        await self._control_engine("FlushCache").acall("flush_cache")
+        return pb.FlushCacheResponse()
+
+    @_unary
+    async def GetInfo(
+        self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetInfoResponse:
+        info = await self._engine_or_raise().acall("info")
+        return convert.info_to_proto(info)
+
+    # ------------------------------------------------------------------ weights and memory
+    def _not_in_this_build(self, rpc: str) -> None:
+        self._control_engine(rpc)
+        raise UnimplementedError(f"{rpc} is not available in this build")
+
+    @_unary
+    async def InitWeightUpdateGroup(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._not_in_this_build("InitWeightUpdateGroup")
+
+    @_unary
+    async def DestroyWeightUpdateGroup(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._not_in_this_build("DestroyWeightUpdateGroup")
+
+    @_unary
+    async def UpdateWeightsFromDistributed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._not_in_this_build("UpdateWeightsFromDistributed")
+
+    @_unary
+    async def UpdateWeightsFromTensor(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._not_in_this_build("UpdateWeightsFromTensor")
+
+    @_unary
+    async def UpdateWeightsFromDisk(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._not_in_this_build("UpdateWeightsFromDisk")
+
+    @_unary
+    async def ReleaseMemory(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._not_in_this_build("ReleaseMemory")
+
+    @_unary
+    async def ResumeMemory(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._not_in_this_build("ResumeMemory")

@@ -1,0 +1,88 @@
+"""A server started with --disable-control, then stopped with SIGTERM while streams run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from rollout.client import RolloutClient
+from rollout.errors import RolloutError
+from rollout.types import FinishReason, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def locked_server(start_server, tiny_model):
+    return start_server("--model", tiny_model, "--disable-control")
+
+
+def test_control_rpcs_are_denied_when_disabled(locked_server):
+    with RolloutClient(locked_server.address, timeout=30) as c:
+        for call in (
+            lambda: c.pause("in_place"),
+            c.continue_,
+            c.flush_cache,
+            lambda: c.update_weights_from_disk("/tmp/x"),
+            c.release_memory,
+            c.resume_memory,
+            lambda: c.init_weight_update_group("127.0.0.1", 29500, 1, 2),
+        ):
+            with pytest.raises(RolloutError) as info:
+                call()
+            assert info.value.code == "PERMISSION_DENIED" and "--disable-control" in str(info.value)
+        # Generation, info and abort stay available.
+        [out] = c.generate([1, 2, 3], SamplingParams(temperature=0.0, max_new_tokens=3, ignore_eos=True))
+        assert len(out.output_ids) == 3
+        assert not c.get_info().paused
+        c.abort()
+
+
+def test_sigterm_aborts_running_streams_and_exits(locked_server):
+    children = locked_server.children()
+    assert locked_server.engine_pid() in children
+    sp = SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True)
+    with RolloutClient(locked_server.address) as c:
+        streams = [c.stream([i + 1, i + 2, i + 3], sp) for i in range(3)]
+        received = [list(next(s).token_ids) for s in streams]
+        locked_server.proc.send_signal(signal.SIGTERM)
+        for ids, stream in zip(received, streams):
+            last = None
+            for ch in stream:
+                ids += ch.token_ids
+                last = ch if ch.finished else last
+            assert last is not None and last.finish_reason == FinishReason.ABORT
+            assert 0 < len(ids) < sp.max_new_tokens and last.completion_tokens == len(ids)
+    assert locked_server.proc.wait(30) == 0
+    assert "server stopped" in locked_server.log()
+    deadline = time.monotonic() + 10
+    for pid in children:
+        while os.path.exists(f"/proc/{pid}") and _state(pid) != "Z":
+            assert time.monotonic() < deadline, f"engine process {pid} outlived the server"
+            time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_engine_death_fails_streams_and_stops_the_server(start_server, tiny_model):
+    server = start_server("--model", tiny_model)
+    engine_pid = server.engine_pid()
+    sp = SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True)
+    with RolloutClient(server.address) as c:
+        stream = c.stream([5, 6, 7], sp)
+        next(stream)
+        os.kill(engine_pid, signal.SIGKILL)
+        with pytest.raises(RolloutError) as info:
+            for _ in stream:
+                pass
+        assert info.value.code == "UNAVAILABLE"
+    # The server does not linger without its engine: it exits non-zero, saying why.
+    assert server.proc.wait(30) == 1
+    assert "engine process died" in server.log()
