@@ -1,12 +1,137 @@
-"""Engine side of memory release / resume: registers the memory control operations on an EngineCore."""
+"""Engine side of memory release / resume: the ``release_memory`` / ``resume_memory`` control operations.
+
+Rules (see ``docs/architecture.md``, "Releasable memory"):
+
+- allowed while paused or idle (no running requests), else FAILED_PRECONDITION saying to pause first;
+- releasing ``kv_cache`` retracts the running (paused in place) requests back to the queue, so they are
+  recomputed after resume, and drops the prefix cache;
+- releasing ``weights`` without a host backup leaves them invalid: ``generation_blockers["weights"]``
+  stays set until a weight update completes (the weight-update subsystem clears it);
+- while any tag is released, ``generation_blockers["memory"]`` names the released tags, so new
+  requests fail with FAILED_PRECONDITION instead of waiting;
+- weight updates are refused while the weights' memory is released (they would write to unmapped
+  memory); release and resume of a tag already in that state do nothing.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from memory_saver import MemoryState, UnknownTagError
+from rollout.errors import FailedPreconditionError, InvalidArgumentError
+from rollout.types import EngineInfo, PauseMode
 
 if TYPE_CHECKING:
     from rollout.engine_core import EngineCore
+    from rollout.memory import EngineMemory
+
+MEMORY_BLOCKER = "memory"
+WEIGHTS_BLOCKER = "weights"
+WEIGHTS_INVALID_MESSAGE = (
+    "the weights were released without a host backup; load new weights (update_weights_*) before generating"
+)
+
+
+class MemoryControl:
+    """``release`` / ``resume`` of the engine's tagged memory, and the memory part of ``GetInfo``."""
+
+    def __init__(self, core: EngineCore, memory: EngineMemory) -> None:
+        self.core = core
+        self.memory = memory
+
+    def release(self, tags: Any) -> dict[str, dict[str, object]]:
+        """Release ``tags`` (None or empty: all); returns the state of every tag."""
+        wanted = self._tags(tags)
+        core = self.core
+        sched = core.scheduler
+        if sched.paused is None and sched.running:
+            raise FailedPreconditionError(
+                f"cannot release memory while {len(sched.running)} requests are generating; pause first "
+                "(pause mode abort, retract or in_place), then release"
+            )
+        saver = self.memory.saver
+        if "kv_cache" in wanted and saver.region("kv_cache").state is MemoryState.ACTIVE:
+            self._drop_kv()
+        weights = saver.region("weights")
+        drop_weights = "weights" in wanted and weights.state is MemoryState.ACTIVE and not weights.backup
+        try:
+            saver.release(wanted)
+        finally:
+            if drop_weights and weights.state is MemoryState.RELEASED:
+                core.generation_blockers[WEIGHTS_BLOCKER] = WEIGHTS_INVALID_MESSAGE
+            self._update_blocker()
+        if self.memory.device.type == "cuda":
+            torch.cuda.empty_cache()  # cached activation blocks go back to the driver too
+        return saver.states()
+
+    def resume(self, tags: Any) -> dict[str, dict[str, object]]:
+        """Resume ``tags`` (None or empty: all); returns the state of every tag."""
+        wanted = self._tags(tags)
+        try:
+            self.memory.saver.resume(wanted)
+        finally:
+            self._update_blocker()
+        return self.memory.saver.states()
+
+    def fill_info(self, info: EngineInfo) -> None:
+        """GetInfo: ``{tag: {"state": "active" | "released", "bytes": int, "backup": bool}}``."""
+        info.memory = self.memory.saver.states()
+
+    def guard(self, op: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+        """Wrap a weight-update operation so that it is refused while the weights' memory is released."""
+
+        def guarded(args: dict[str, Any]) -> Any:
+            if self.memory.saver.region("weights").state is not MemoryState.ACTIVE:
+                raise FailedPreconditionError(
+                    "the weights' memory is released; call resume_memory(['weights']) before updating weights"
+                )
+            return op(args)
+
+        return guarded
+
+    def _drop_kv(self) -> None:
+        """Retract every running request (KV freed, recomputed later) and drop the prefix cache."""
+        sched = self.core.scheduler
+        if sched.running:
+            mode = sched.paused
+            sched.pause(PauseMode.RETRACT)  # the scheduler's retract path: back to the queue, first in line
+            sched.paused = mode  # keep the caller's pause mode: continue_() behaves as it would have
+        self.core.cache.flush()
+
+    def _update_blocker(self) -> None:
+        released = self.memory.saver.released_tags()
+        if released:
+            self.core.generation_blockers[MEMORY_BLOCKER] = (
+                f"memory of {', '.join(released)} is released; call resume_memory first"
+            )
+        else:
+            self.core.generation_blockers.pop(MEMORY_BLOCKER, None)
+
+    def _tags(self, tags: Any) -> tuple[str, ...]:
+        """Validated tags; None or empty means every tag (as in the protocol)."""
+        if isinstance(tags, str):
+            tags = [tags]
+        tags = list(tags or ())
+        if not tags:
+            return self.memory.saver.tags
+        for tag in tags:
+            if not isinstance(tag, str):
+                raise InvalidArgumentError(f"tags must be strings, got {tag!r}", field="tags")
+        try:
+            return self.memory.saver.check_tags(tags)
+        except UnknownTagError as e:
+            raise InvalidArgumentError(
+                f"unknown memory tag {e.tag!r}; use one of {list(self.memory.saver.tags)}", field="tags"
+            ) from None
 
 
 def attach_memory_control(core: EngineCore) -> None:
-    """Register the memory operations (none yet: release / resume are added separately)."""
+    """Register ``release_memory`` / ``resume_memory``, the GetInfo provider, and guard weight updates."""
+    ctl = MemoryControl(core, core.runner.memory)
+    for name in [n for n in core.controls if n.startswith("update_weights")]:
+        core.controls[name] = ctl.guard(core.controls[name])
+    core.controls["release_memory"] = lambda a: ctl.release(a.get("tags"))
+    core.controls["resume_memory"] = lambda a: ctl.resume(a.get("tags"))
+    core.info_providers.append(ctl.fill_info)

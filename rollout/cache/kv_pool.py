@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+# (shape, dtype, count) -> ``count`` zero-filled tensors of that shape: where the K/V buffers live.
+KVAllocator = Callable[[tuple[int, ...], torch.dtype, int], list[torch.Tensor]]
 
 
 class KVPool:
@@ -20,6 +25,7 @@ class KVPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        allocate: KVAllocator | None = None,
     ) -> None:
         self.num_layers = num_layers
         self.num_slots = num_slots
@@ -28,8 +34,12 @@ class KVPool:
         self.dtype = dtype
         self.device = torch.device(device)
         shape = (num_slots, num_kv_heads, head_dim)
-        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        if allocate is None:
+            buffers = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(2 * num_layers)]
+        else:  # e.g. from a releasable memory region
+            buffers = allocate(shape, dtype, 2 * num_layers)
+        self.k_buffers = buffers[:num_layers]
+        self.v_buffers = buffers[num_layers:]
 
     def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write ``k``, ``v`` (T, num_kv_heads, head_dim) at ``slots`` (T,) of one layer."""
