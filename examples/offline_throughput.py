@@ -38,7 +38,8 @@ def model_dir(args: argparse.Namespace) -> str:
     arch = shape.pop("arch")
     path = os.path.join(tempfile.gettempdir(), f"rollout-bench-{args.shape}-{args.dtype}")
     if not os.path.exists(os.path.join(path, "config.json")):
-        write_random_model(path, arch, dtype=args.dtype, **shape)
+        # Config and tokenizer only: the engine fills random weights in place (load_format="dummy").
+        write_random_model(path, arch, dtype=args.dtype, write_weights=False, **shape)
     return path
 
 
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=512)
     ap.add_argument("--warmup", type=int, default=2, help="warm-up requests before timing")
     ap.add_argument("--max-running-requests", type=int, default=256)
+    ap.add_argument("--attention-backend", default=None, help="torch | triton | flashinfer (default: engine's)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
@@ -79,7 +81,12 @@ def main() -> None:
     lo, hi = args.min_len or (100 if gpu else 16), args.max_len or (1024 if gpu else 64)
 
     path = model_dir(args)
-    engine = Engine(path, device=args.device, dtype=args.dtype, max_running_requests=args.max_running_requests)
+    options = dict(device=args.device, dtype=args.dtype, max_running_requests=args.max_running_requests)
+    if args.attention_backend:
+        options["attention_backend"] = args.attention_backend
+    if not args.model and args.shape != "tiny":
+        options["load_format"] = "dummy"
+    engine = Engine(path, **options)
     vocab = engine.limits.vocab_size
     if args.batch1:
         wl = Workload.random(1, args.input_len, args.input_len, args.output_len, args.output_len, vocab, seed=0)

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from memory_saver.state import TAGS as MEMORY_TAGS
 from rollout.errors import InvalidArgumentError
 
 # Architectures whose checkpoints we can load, mapped to the model family that implements them.
@@ -185,8 +186,16 @@ class CacheConfig:
     max_total_tokens: int | None = None
     kv_memory_fraction: float = 0.85  # share of free GPU memory given to KV after weights load
     enable_prefix_cache: bool = True
+    # Memory tags (weights, kv_cache, cuda_graph) copied to host memory on release_memory, restored on resume.
+    memory_backup_tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        tags = self.memory_backup_tags
+        object.__setattr__(self, "memory_backup_tags", (tags,) if isinstance(tags, str) else tuple(tags))
+        for tag in self.memory_backup_tags:
+            if tag not in MEMORY_TAGS:
+                raise InvalidArgumentError(f"unknown memory tag {tag!r}; use {list(MEMORY_TAGS)}",
+                                           field="memory_backup_tags")
         if self.page_size < 1:
             raise InvalidArgumentError("must be >= 1", field="page_size")
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
@@ -250,6 +259,7 @@ class EngineConfig:
     attention_backend: str = "torch"
     seed: int = 0  # seeds sampling of requests that carry no seed of their own
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (0: off)
+    load_format: str = "auto"  # "auto": the checkpoint; "dummy": random weights (benchmarks of large shapes)
     context_length: int = 0  # 0: the model's max_position_embeddings
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -259,6 +269,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidArgumentError("must be float32, bfloat16 or float16", field="dtype")
+        if self.load_format not in ("auto", "dummy"):
+            raise InvalidArgumentError("must be 'auto' or 'dummy'", field="load_format")
         if self.cuda_graph_max_bs < 0:
             raise InvalidArgumentError("must be >= 0", field="cuda_graph_max_bs")
         if self.context_length < 0:

@@ -46,15 +46,33 @@ def iter_checkpoint(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Fill every parameter in place with random values (norm weights near 1), on its device.
+
+    For benchmarks of large shapes, where writing and reading a checkpoint would dominate.
+    """
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std, generator=gen)
+
+
 def load_model(
-    config: ModelConfig, model_path: str, dtype: torch.dtype, device: torch.device | str
+    config: ModelConfig, model_path: str, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto"
 ) -> nn.Module:
     """Build the model for ``config`` and fill every parameter from the checkpoint at ``model_path``.
 
     Raises ``InvalidArgumentError`` naming unexpected keys, keys of the wrong shape, or the
-    checkpoint keys of parameters the checkpoint does not provide.
+    checkpoint keys of parameters the checkpoint does not provide. ``load_format="dummy"`` skips
+    the checkpoint and fills random weights instead.
     """
     model = build_model(config, dtype, device)
+    if load_format == "dummy":
+        init_dummy_weights(model)
+        return model.eval()
     seen: set[str] = set()
 
     def recorded() -> Iterator[tuple[str, torch.Tensor]]:

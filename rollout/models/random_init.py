@@ -207,13 +207,15 @@ def write_random_model(
     dtype: str = "float32",
     max_shard_bytes: int | None = None,
     init_std: float = 0.05,
+    write_weights: bool = True,
     **extra_config: Any,
 ) -> str:
     """Write a random ``arch`` model (llama, qwen2, qwen3, qwen3_moe, mixtral) to ``path``; returns ``path``.
 
     ``extra_config`` entries are merged into config.json last (e.g. ``rope_parameters``,
     ``mlp_only_layers``, ``norm_topk_prob``). Mixtral's per-expert width is ``intermediate_size``
-    (its HF meaning); Qwen3-MoE's is ``moe_intermediate_size``.
+    (its HF meaning); Qwen3-MoE's is ``moe_intermediate_size``. ``write_weights=False`` writes only
+    the config and tokenizer, for engines started with ``load_format="dummy"`` (large benchmark shapes).
     """
     if arch not in ARCHITECTURES:
         raise InvalidArgumentError(f"unknown {arch!r}; known: {sorted(ARCHITECTURES)}", field="arch")
@@ -238,10 +240,11 @@ def write_random_model(
         init_std=init_std,
     )
     cfg = _hf_config(arch, sizes, eos_id, dtype, extra_config)
-    gen = torch.Generator().manual_seed(seed)
-    weights = _random_weights(arch, cfg, gen, init_std)
-    weights = {name: t.to(_DTYPES[dtype]).contiguous() for name, t in weights.items()}
-    _save_weights(path, weights, max_shard_bytes)
+    if write_weights:
+        gen = torch.Generator().manual_seed(seed)
+        weights = _random_weights(arch, cfg, gen, init_std)
+        weights = {name: t.to(_DTYPES[dtype]).contiguous() for name, t in weights.items()}
+        _save_weights(path, weights, max_shard_bytes)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     with open(os.path.join(path, "generation_config.json"), "w") as f:

@@ -9,6 +9,7 @@ import torch
 from rollout.attention.registry import create_attention_backend
 from rollout.cache.kv_pool import KVPool
 from rollout.config import EngineConfig
+from rollout.memory import EngineMemory
 from rollout.models.loader import load_model
 from rollout.runner.cuda_graph import DecodeGraphRunner
 from rollout.runner.forward_batch import ForwardBatch
@@ -34,11 +35,14 @@ class ModelRunner:
         self.config = config
         self.device = torch.device(config.device)
         self.dtype: torch.dtype = getattr(torch, config.dtype)
+        # Weights and KV live in releasable regions (release_memory / resume_memory).
+        self.memory = EngineMemory(self.device, config.cache.memory_backup_tags)
         self.model = self._load_model()
+        self.memory.place_weights(self.model)
         self.num_slots = self._num_kv_slots()
         m = config.model
         self.kv_pool = KVPool(m.num_hidden_layers, self.num_slots, m.num_key_value_heads, m.head_dim,
-                              self.dtype, self.device)
+                              self.dtype, self.device, allocate=self.memory.allocate_kv)
         self.attn_backend = create_attention_backend(config.attention_backend, self.kv_pool)
         self.sampler = Sampler()
         self.req_table: torch.Tensor | None = None  # (max_requests, max_context) int64, bound later
@@ -55,7 +59,8 @@ class ModelRunner:
         self.graphs.capture()
 
     def _load_model(self) -> torch.nn.Module:
-        model = load_model(self.config.model, self.config.model_path, self.dtype, self.device)
+        model = load_model(self.config.model, self.config.model_path, self.dtype, self.device,
+                           load_format=self.config.load_format)
         model.eval()
         return model
 
@@ -69,6 +74,7 @@ class ModelRunner:
             m = cfg.model
             per_slot = KVPool.bytes_per_slot(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, self.dtype)
             if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # weights moved into their region: return the old blocks first
                 free, _ = torch.cuda.mem_get_info(self.device)
                 budget = int(free * cfg.cache.kv_memory_fraction)
                 tokens = budget // per_slot
