@@ -55,6 +55,24 @@ class UnimplementedError(RolloutError):
     code = "UNIMPLEMENTED"
 
 
+class UnauthenticatedError(RolloutError):
+    """The call carried no valid token."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(RolloutError):
+    """The call is turned off on this server (control RPCs disabled)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class InternalError(RolloutError):
+    """An unexpected failure inside the engine; the message carries the cause."""
+
+    code = "INTERNAL"
+
+
 class EngineDeadError(RolloutError):
     """The engine loop died; the message carries the cause."""
 
@@ -70,6 +88,9 @@ ERROR_TYPES: dict[str, type[RolloutError]] = {
         FailedPreconditionError,
         NotFoundError,
         UnimplementedError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+        InternalError,
         EngineDeadError,
     )
 }
@@ -77,6 +98,9 @@ ERROR_TYPES: dict[str, type[RolloutError]] = {
 
 def error_from_code(code: str, message: str) -> RolloutError:
     """Rebuild a typed error from its code and message (used across the process boundary)."""
-    cls = ERROR_TYPES.get(code, RolloutError)
-    err = cls(message)
+    cls = ERROR_TYPES.get(code)
+    if cls is not None:
+        return cls(message)
+    err = RolloutError(message)
+    err.code = code  # a status without a class of its own keeps its name
     return err

@@ -322,7 +322,4 @@ def status_code(err: RolloutError) -> grpc.StatusCode:
 def error_from_status(code: grpc.StatusCode | None, details: str | None) -> RolloutError:
     """Rebuild a typed error from a gRPC status; ``code`` keeps the status name even without a subclass."""
     name = code.name if code is not None else "UNKNOWN"
-    err = error_from_code(name, details or name)
-    if err.code != name:
-        err.code = name  # instance attribute: statuses such as UNAUTHENTICATED have no subclass
-    return err
+    return error_from_code(name, details or name)

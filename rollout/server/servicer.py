@@ -17,19 +17,19 @@ import grpc
 from protos import rollout_pb2 as pb
 from protos import rollout_pb2_grpc
 from rollout.engine_messages import pause_args
-from rollout.errors import EngineDeadError, InvalidArgumentError, RolloutError, UnimplementedError
+from rollout.errors import (
+    EngineDeadError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    RolloutError,
+    UnimplementedError,
+)
 from rollout.server import convert
 
 if TYPE_CHECKING:
     from rollout.engine_client import EngineClient
 
 logger = logging.getLogger(__name__)
-
-
-class PermissionDeniedError(RolloutError):
-    """A control RPC reached a server started with control RPCs turned off."""
-
-    code = "PERMISSION_DENIED"
 
 
 class MalformedRequest:

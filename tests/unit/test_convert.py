@@ -218,13 +218,15 @@ def test_error_codes_map_both_ways():
         (errors.NotFoundError("x"), grpc.StatusCode.NOT_FOUND),
         (errors.UnimplementedError("x"), grpc.StatusCode.UNIMPLEMENTED),
         (errors.EngineDeadError("x"), grpc.StatusCode.UNAVAILABLE),
-        (errors.RolloutError("x"), grpc.StatusCode.INTERNAL),
+        (errors.InternalError("x"), grpc.StatusCode.INTERNAL),
+        (errors.UnauthenticatedError("x"), grpc.StatusCode.UNAUTHENTICATED),
+        (errors.PermissionDeniedError("x"), grpc.StatusCode.PERMISSION_DENIED),
     ]
     for err, status in cases:
         assert convert.status_code(err) is status
         back = convert.error_from_status(status, "the message")
         assert type(back) is type(err) and back.message == "the message" and back.code == status.name
     # Statuses without a subclass keep their name.
-    err = convert.error_from_status(grpc.StatusCode.UNAUTHENTICATED, "missing auth token")
-    assert isinstance(err, errors.RolloutError) and err.code == "UNAUTHENTICATED"
-    assert convert.status_code(err) is grpc.StatusCode.UNAUTHENTICATED
+    err = convert.error_from_status(grpc.StatusCode.DATA_LOSS, "lost")
+    assert type(err) is errors.RolloutError and err.code == "DATA_LOSS"
+    assert convert.status_code(err) is grpc.StatusCode.DATA_LOSS
