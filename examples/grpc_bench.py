@@ -16,131 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import re
 import signal
 import subprocess
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
-import numpy as np
-
+from rollout.benchmark import StreamFn, Workload, format_report, run_streams, summarize
 from rollout.client import AsyncRolloutClient
-from rollout.types import SamplingParams, StreamChunk
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@dataclass
-class Workload:
-    prompts: list[list[int]]
-    params: list[SamplingParams]
-
-
-@dataclass
-class RequestStats:
-    ok: bool
-    input_len: int
-    output_len: int = 0
-    ttft: float = 0.0
-    itl: list[float] = field(default_factory=list)
-
-
-@dataclass
-class RunResult:
-    duration: float
-    stats: list[RequestStats]
-
-
-def make_workload(
-    n: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab: int, seed: int, temperature: float
-) -> Workload:
-    rng = random.Random(seed)
-    prompts, params = [], []
-    for i in range(n):
-        prompts.append([rng.randrange(vocab) for _ in range(rng.randint(*input_len))])
-        params.append(
-            SamplingParams(
-                temperature=temperature,
-                max_new_tokens=rng.randint(*output_len),
-                ignore_eos=True,
-                seed=seed + i,
-            )
-        )
-    return Workload(prompts, params)
-
-
-StreamFn = Callable[[list[int], SamplingParams], AsyncIterator[StreamChunk]]
-
-
-async def run_workload(stream: StreamFn, work: Workload, concurrency: int) -> RunResult:
-    """Send every request (at most ``concurrency`` in flight) and time their chunks."""
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one(prompt: list[int], sp: SamplingParams) -> RequestStats:
-        st = RequestStats(ok=False, input_len=len(prompt))
-        async with gate:
-            start = last = time.perf_counter()
-            try:
-                async for chunk in stream(prompt, sp):
-                    now = time.perf_counter()
-                    k = len(chunk.token_ids)
-                    if k and st.output_len == 0:
-                        st.ttft = now - start
-                    elif k:
-                        st.itl += [(now - last) / k] * k
-                    if k:
-                        last = now
-                    st.output_len += k
-                st.ok = st.output_len == sp.max_new_tokens
-            except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
-                print(f"request failed: {e}", file=sys.stderr)
-        return st
-
-    t0 = time.perf_counter()
-    stats = await asyncio.gather(*(one(p, sp) for p, sp in zip(work.prompts, work.params)))
-    return RunResult(time.perf_counter() - t0, list(stats))
-
-
-def summarize(r: RunResult) -> dict[str, float]:
-    ok = [s for s in r.stats if s.ok]
-    ttft = np.array([s.ttft for s in ok]) * 1e3 if ok else np.zeros(1)
-    itl = np.array([x for s in ok for x in s.itl]) * 1e3 if any(s.itl for s in ok) else np.zeros(1)
-    inp, out = sum(s.input_len for s in ok), sum(s.output_len for s in ok)
-    return {
-        "Successful requests:": len(ok),
-        "Benchmark duration (s):": r.duration,
-        "Total input tokens:": inp,
-        "Total generated tokens:": out,
-        "Request throughput (req/s):": len(ok) / r.duration,
-        "Input token throughput (tok/s):": inp / r.duration,
-        "Output token throughput (tok/s):": out / r.duration,
-        "Total token throughput (tok/s):": (inp + out) / r.duration,
-        "Mean TTFT (ms):": float(ttft.mean()),
-        "Median TTFT (ms):": float(np.percentile(ttft, 50)),
-        "P99 TTFT (ms):": float(np.percentile(ttft, 99)),
-        "Mean ITL (ms):": float(itl.mean()),
-        "Median ITL (ms):": float(np.percentile(itl, 50)),
-        "P99 ITL (ms):": float(np.percentile(itl, 99)),
-    }
-
-
-def print_table(columns: dict[str, dict[str, float]]) -> None:
-    names = list(columns)
-    print("\n{s:=^{w}}".format(s=" Serving Benchmark Result ", w=40 + 16 * len(names)))
-    print(f"{'':<40}" + "".join(f"{n:>16}" for n in names))
-    for i, key in enumerate(next(iter(columns.values()))):
-        if i == 8:
-            print("{s:-^{w}}".format(s="Time to First Token", w=40 + 16 * len(names)))
-        if i == 11:
-            print("{s:-^{w}}".format(s="Inter-token Latency", w=40 + 16 * len(names)))
-        cells = [columns[n][key] for n in names]
-        fmt = "{:>16d}" if all(isinstance(c, int) for c in cells) else "{:>16.2f}"
-        print(f"{key:<40}" + "".join(fmt.format(c) for c in cells))
-    print("=" * (40 + 16 * len(names)))
 
 
 def _drain(stream: Any) -> None:
@@ -178,26 +64,27 @@ def start_server(model: str, args: argparse.Namespace) -> tuple[subprocess.Popen
     raise RuntimeError(f"the server exited with code {proc.wait()}")
 
 
-async def bench_grpc(address: str, work: Workload, args: argparse.Namespace) -> RunResult:
+async def bench(stream: StreamFn, work: Workload, args: argparse.Namespace) -> dict[str, float]:
+    """Warm up, then run the workload; returns the harness figures."""
+    warm = Workload.random(args.warmup, 8, 16, 4, 8, args.vocab, seed=1)
+    await run_streams(stream, warm.prompts, warm.sampling_params(args.temperature), args.concurrency)
+    records, duration = await run_streams(stream, work.prompts, work.sampling_params(args.temperature, args.seed),
+                                          args.concurrency)
+    return summarize(records, duration)
+
+
+async def bench_grpc(address: str, work: Workload, args: argparse.Namespace) -> dict[str, float]:
     async with AsyncRolloutClient(address, token=args.token) as client:
         await client.wait_ready(600)
-        warm = make_workload(args.warmup, (8, 16), (4, 8), args.vocab, 1, args.temperature)
-        await run_workload(client.stream, warm, args.concurrency)
-        return await run_workload(client.stream, work, args.concurrency)
+        return await bench(client.stream, work, args)
 
 
-async def bench_engine(model: str, work: Workload, args: argparse.Namespace) -> RunResult:
+async def bench_engine(model: str, work: Workload, args: argparse.Namespace) -> dict[str, float]:
     from rollout.engine import Engine
 
     engine = Engine(model, device=args.device, dtype=args.dtype)
     try:
-
-        def stream(prompt: list[int], sp: SamplingParams) -> AsyncIterator[StreamChunk]:
-            return engine.async_stream(prompt, sp)
-
-        warm = make_workload(args.warmup, (8, 16), (4, 8), args.vocab, 1, args.temperature)
-        await run_workload(stream, warm, args.concurrency)
-        return await run_workload(stream, work, args.concurrency)
+        return await bench(engine.async_stream, work, args)
     finally:
         engine.shutdown()
 
@@ -209,14 +96,7 @@ async def main_async(args: argparse.Namespace) -> int:
     model = args.model or default_model_path()
     cfg = ModelConfig.from_pretrained(model)
     args.vocab = cfg.vocab_size - 8  # leave the special tokens at the top of the vocabulary alone
-    work = make_workload(
-        args.num_requests,
-        tuple(args.input_len),
-        tuple(args.output_len),
-        args.vocab,
-        args.seed,
-        args.temperature,
-    )
+    work = Workload.random(args.num_requests, *args.input_len, *args.output_len, args.vocab, seed=args.seed)
     print(
         f"model {model}: {cfg.architecture}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
         f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}"
@@ -233,15 +113,15 @@ async def main_async(args: argparse.Namespace) -> int:
         if address is None:
             proc, address = start_server(model, args)
         try:
-            columns["gRPC"] = summarize(await bench_grpc(address, work, args))
+            columns["gRPC"] = await bench_grpc(address, work, args)
         finally:
             if proc is not None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(60)
     if not args.skip_engine:
-        columns["in-process"] = summarize(await bench_engine(model, work, args))
-    print_table(columns)
-    return 0 if all(c["Successful requests:"] == args.num_requests for c in columns.values()) else 1
+        columns["in-process"] = await bench_engine(model, work, args)
+    print(format_report("gRPC vs in-process, same workload", columns))
+    return 0 if all(c["successful_requests"] == args.num_requests for c in columns.values()) else 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -17,12 +17,11 @@ import asyncio
 import json
 import os
 import tempfile
-import time
 
 import torch
 
-from rollout import Engine, SamplingParams
-from rollout.benchmark import MODEL_SHAPES, RequestRecord, Workload, format_report, summarize
+from rollout import Engine
+from rollout.benchmark import MODEL_SHAPES, RequestRecord, Workload, format_report, run_streams, summarize
 
 
 def model_dir(args: argparse.Namespace) -> str:
@@ -44,17 +43,7 @@ def model_dir(args: argparse.Namespace) -> str:
 
 
 async def run_workload(engine: Engine, wl: Workload, temperature: float) -> tuple[list[RequestRecord], float]:
-    async def one(i: int) -> RequestRecord:
-        sp = SamplingParams(temperature=temperature, max_new_tokens=wl.output_lens[i], ignore_eos=True, seed=i)
-        rec = RequestRecord(time.perf_counter(), len(wl.prompts[i]))
-        async for chunk in engine.async_stream(wl.prompts[i], sp):
-            rec.chunk_times.append(time.perf_counter())
-            rec.chunk_tokens.append(len(chunk.token_ids))
-        return rec
-
-    t0 = time.perf_counter()
-    records = await asyncio.gather(*(one(i) for i in range(len(wl.prompts))))
-    return list(records), time.perf_counter() - t0
+    return await run_streams(engine.async_stream, wl.prompts, wl.sampling_params(temperature))
 
 
 def main() -> None:

@@ -6,9 +6,14 @@ random prompts, per-request timing records, and one printer so every figure comp
 
 from __future__ import annotations
 
+import asyncio
 import random
 import statistics
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+from rollout.types import SamplingParams, StreamChunk
 
 # Real model shapes for benchmarks with random weights (dicts of write_random_model options).
 MODEL_SHAPES: dict[str, dict] = {
@@ -46,6 +51,11 @@ class Workload:
     def input_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
 
+    def sampling_params(self, temperature: float, seed: int = 0) -> list[SamplingParams]:
+        """One SamplingParams per request: its output length, ignore_eos, a seed of its own."""
+        return [SamplingParams(temperature=temperature, max_new_tokens=n, ignore_eos=True, seed=seed + i)
+                for i, n in enumerate(self.output_lens)]
+
 
 @dataclass
 class RequestRecord:
@@ -73,6 +83,34 @@ class RequestRecord:
             n = max(self.chunk_tokens[i], 1)
             out.extend([gap / n] * n)
         return out
+
+
+StreamFn = Callable[[list[int], SamplingParams], AsyncIterator[StreamChunk]]
+
+
+async def run_streams(stream: StreamFn, prompts: list[list[int]], params: list[SamplingParams],
+                      concurrency: int | None = None) -> tuple[list[RequestRecord], float]:
+    """Stream every request (at most ``concurrency`` in flight) and time its chunks; returns records
+    and the wall time. A request fails (``ok`` false) if it raises or ends short of max_new_tokens."""
+    gate = asyncio.Semaphore(concurrency or len(prompts) or 1)
+
+    async def one(prompt: list[int], sp: SamplingParams) -> RequestRecord:
+        async with gate:
+            rec = RequestRecord(time.perf_counter(), len(prompt))
+            try:
+                async for chunk in stream(prompt, sp):
+                    if chunk.token_ids:
+                        rec.chunk_times.append(time.perf_counter())
+                        rec.chunk_tokens.append(len(chunk.token_ids))
+                rec.ok = rec.output_tokens == sp.max_new_tokens
+            except Exception as e:  # a failed request is counted, not fatal
+                print(f"request failed: {type(e).__name__}: {e}")
+                rec.ok = False
+            return rec
+
+    t0 = time.perf_counter()
+    records = await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)))
+    return list(records), time.perf_counter() - t0
 
 
 def _pct(xs: list[float], q: float) -> float:
