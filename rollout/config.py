@@ -256,7 +256,7 @@ class EngineConfig:
     model: ModelConfig
     device: str = "cpu"
     dtype: str = "float32"  # compute and KV dtype: float32 | bfloat16 | float16
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto (flashinfer > triton on CUDA, torch on CPU) | torch | triton | flashinfer
     seed: int = 0  # seeds sampling of requests that carry no seed of their own
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (0: off)
     load_format: str = "auto"  # "auto": the checkpoint; "dummy": random weights (benchmarks of large shapes)

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from rollout.attention.registry import create_attention_backend
+from rollout.attention.registry import create_attention_backend, default_attention_backend
 from rollout.cache.kv_pool import KVPool
 from rollout.config import EngineConfig
 from rollout.memory import EngineMemory
@@ -43,7 +43,10 @@ class ModelRunner:
         m = config.model
         self.kv_pool = KVPool(m.num_hidden_layers, self.num_slots, m.num_key_value_heads, m.head_dim,
                               self.dtype, self.device, allocate=self.memory.allocate_kv)
-        self.attn_backend = create_attention_backend(config.attention_backend, self.kv_pool)
+        backend = config.attention_backend
+        if backend == "auto":
+            backend = default_attention_backend(self.device)
+        self.attn_backend = create_attention_backend(backend, self.kv_pool)
         self.sampler = Sampler()
         self.req_table: torch.Tensor | None = None  # (max_requests, max_context) int64, bound later
         self.graphs: DecodeGraphRunner | None = None
