@@ -6,7 +6,7 @@ Expert weights are stacked so one fused kernel can serve all experts::
     w2   (E, H, I)     down_proj
 
 ``fused_experts`` is the one entry point for the expert computation; the torch loop below is its
-reference and CPU path.
+reference and CPU path, and ``kernels.moe`` holds the Triton path used on CUDA.
 """
 
 from __future__ import annotations
@@ -62,7 +62,17 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
 ) -> torch.Tensor:
-    """Expert MLPs of every token, combined with its routing weights: (T, H) -> (T, H)."""
+    """Expert MLPs of every token, combined with its routing weights: (T, H) -> (T, H).
+
+    CUDA tensors go to the Triton grouped-GEMM kernels when triton is installed; everything else
+    takes the reference loop."""
+    if hidden.is_cuda:
+        try:
+            from kernels.moe import fused_experts_triton
+        except ImportError:  # no triton on this machine
+            pass
+        else:
+            return fused_experts_triton(hidden, w13, w2, topk_weights, topk_ids)
     return fused_experts_reference(hidden, w13, w2, topk_weights, topk_ids)
 
 

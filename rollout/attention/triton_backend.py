@@ -1,0 +1,133 @@
+"""Triton attention backend: the paged kernels of ``kernels.attention`` behind the backend ABC.
+
+Decode steps (one new token per request) use the split-KV decode kernel; anything else uses the
+extend kernel. The decode path is CUDA-graph safe: ``forward`` performs no host sync and allocates
+nothing whose size depends on tensor values. Each request's split count lives in a buffer of
+``max_batch_size`` rows (written in ``prepare``, read by the kernels at a fixed address), and the
+partial results go to a workspace sized for every batch up to ``max_batch_size`` on the first
+decode step (the graph warm-up, before any capture). Neither buffer is ever replaced: a batch
+larger than ``max_batch_size`` (never graphed) gets buffers of its own for that step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.attention import choose_max_splits, decode_attention, extend_attention, plan_kv_splits
+from kernels.triton_utils import interpreting, num_sms
+from rollout.attention.base import AttentionBackend
+from rollout.cache.kv_pool import KVPool
+from rollout.errors import InvalidArgumentError
+from rollout.runner.forward_batch import ForwardBatch
+
+
+@dataclass(frozen=True, slots=True)
+class _StepPlan:
+    """Host-side launch facts of one step, fixed in ``prepare``."""
+
+    is_decode: bool
+    batch_size: int
+    max_splits: int  # decode grid depth
+    max_extend_len: int  # extend grid rows
+    num_splits: torch.Tensor | None  # (B,) int32 pieces per request (decode only)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention with Triton kernels (decode: split-KV, extend: causal tiled)."""
+
+    supports_cuda_graph = True
+
+    def __init__(
+        self,
+        kv_pool: KVPool,
+        *,
+        max_batch_size: int = 256,
+        max_kv_splits: int = 16,
+        min_split_tokens: int = 128,
+    ) -> None:
+        super().__init__(kv_pool)
+        if kv_pool.device.type != "cuda" and not interpreting():
+            raise InvalidArgumentError(
+                f"the triton backend needs a CUDA device, got {kv_pool.device} "
+                "(CPU runs only in Triton's interpreter, TRITON_INTERPRET=1)",
+                field="attention_backend",
+            )
+        self.max_kv_splits = max_kv_splits
+        self.min_split_tokens = min_split_tokens
+        self._sm_count = num_sms(kv_pool.device)
+        self._size_buffers(max_batch_size)
+        self._plan: _StepPlan | None = None
+
+    def _size_buffers(self, max_batch_size: int) -> None:
+        self.max_batch_size = max_batch_size
+        self._num_splits = torch.ones(max_batch_size, dtype=torch.int32, device=self.kv_pool.device)  # (B_max,)
+        self._workspace: torch.Tensor | None = None  # flat fp32: partial outputs, then their lse
+
+    def init_cuda_graph(self, max_bs: int, max_kv_tokens: int) -> None:
+        """Size the split-count buffer for ``max_bs`` requests (the KV index buffers are the batch's own)."""
+        if max_bs > self.max_batch_size:  # before any capture, so no graph holds the old buffers
+            self._size_buffers(max_bs)
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        """Fix the grid of this step; for decode, write each request's split count (device math only)."""
+        bs = batch.batch_size
+        if not batch.is_decode:
+            self._plan = _StepPlan(False, bs, 0, max(batch.extend_lens_cpu, default=0), None)
+            return
+        max_splits = self._max_splits(bs)
+        fixed = bs <= self.max_batch_size
+        out = self._num_splits[:bs] if fixed else None
+        num_splits = plan_kv_splits(batch.seq_lens, max_splits, self.min_split_tokens, out=out)
+        self._plan = _StepPlan(True, bs, max_splits, 1, num_splits)
+
+    def _max_splits(self, batch_size: int) -> int:
+        return choose_max_splits(batch_size, self.kv_pool.num_kv_heads, self._sm_count, self.max_kv_splits)
+
+    def forward(
+        self,
+        q: torch.Tensor,  # (T, Hq, D)
+        k: torch.Tensor,  # (T, Hkv, D)
+        v: torch.Tensor,  # (T, Hkv, D)
+        layer_id: int,
+        scale: float,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:  # (T, Hq, D)
+        plan = self._plan
+        assert plan is not None and plan.batch_size == batch.batch_size, "prepare() the batch first"
+        self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
+        k_buf = self.kv_pool.k_buffers[layer_id]  # (slots, Hkv, D)
+        v_buf = self.kv_pool.v_buffers[layer_id]
+        if not plan.is_decode:
+            return extend_attention(
+                q, k_buf, v_buf, batch.qo_indptr, batch.kv_indptr, batch.kv_indices, scale, plan.max_extend_len
+            ).to(q.dtype)
+        assert plan.num_splits is not None
+        mid_o, mid_lse = self._decode_workspace(plan, q.shape[1], q.shape[2])
+        out = decode_attention(
+            q, k_buf, v_buf, batch.kv_indptr, batch.kv_indices, scale,
+            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse,
+        )
+        return out.to(q.dtype)
+
+    def _decode_workspace(
+        self, plan: _StepPlan, num_q_heads: int, head_dim: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``(mid_o (B, Hq, S, D), mid_lse (B, Hq, S))`` of the workspace."""
+        bs, splits = plan.batch_size, plan.max_splits
+        per_split = num_q_heads * (head_dim + 1)
+        need = bs * splits * per_split
+        workspace = self._workspace
+        if workspace is None and bs <= self.max_batch_size:
+            largest = max(b * self._max_splits(b) for b in range(1, self.max_batch_size + 1))
+            workspace = self._workspace = torch.empty(
+                largest * per_split, dtype=torch.float32, device=self.kv_pool.device
+            )
+        if workspace is None or workspace.numel() < need:
+            # Oversized batch, or a head shape the workspace was not sized for: this step only.
+            workspace = torch.empty(need, dtype=torch.float32, device=self.kv_pool.device)
+        n_o = bs * num_q_heads * splits * head_dim
+        mid_o = workspace[:n_o].view(bs, num_q_heads, splits, head_dim)
+        mid_lse = workspace[n_o:need].view(bs, num_q_heads, splits)
+        return mid_o, mid_lse

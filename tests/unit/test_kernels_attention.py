@@ -1,0 +1,240 @@
+"""Triton paged attention kernels and backend against the torch references, on random inputs.
+
+Without CUDA the kernels run in Triton's interpreter (shapes are kept small for it); with CUDA the
+same tests compile them for the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: before import
+pytest.importorskip("triton")
+
+from kernels.attention import (  # noqa: E402
+    choose_max_splits,
+    decode_attention,
+    decode_attention_reference,
+    extend_attention,
+    paged_attention_reference,
+    plan_kv_splits,
+)
+from rollout.attention.registry import create_attention_backend  # noqa: E402
+from rollout.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from rollout.cache.kv_pool import KVPool  # noqa: E402
+from rollout.errors import InvalidArgumentError  # noqa: E402
+from rollout.runner.forward_batch import ForwardBatch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Max abs error allowed, relative to the largest reference value. The interpreter truncates
+    fp32 -> bf16 (the GPU rounds to nearest), hence the wider bf16 bound on CPU."""
+    if dtype == torch.float32:
+        return 1e-4
+    return 1e-2 if DEVICE == "cuda" else 2e-2
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= tolerance(dtype) * max(1.0, ref.float().abs().max().item()), err
+
+
+def paged_slots(
+    requests: list[tuple[int, int]], page_size: int, num_pages: int, share: int, gen: torch.Generator
+) -> list[list[int]]:
+    """KV slots of each (prefix_len, new_len) request on shuffled pages (page 0 reserved). Request 1
+    reuses request 0's first ``share`` slots (a shared prefix; page-aligned by construction)."""
+    pages = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
+    out: list[list[int]] = []
+    for i, (prefix, new) in enumerate(requests):
+        shared = out[0][:share] if i == 1 and share else []
+        need = prefix + new - len(shared)
+        own: list[int] = []
+        while len(own) < need:
+            page = pages.pop()
+            own += range(page * page_size, (page + 1) * page_size)
+        out.append(shared + own[:need])
+    return out
+
+
+def make_case(requests, page_size, group, head_dim, dtype, share, seed=0):
+    """Pool buffers filled with random K/V, random queries, and the flashinfer-style index tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    num_kv_heads = 2
+    num_pages = 2 + sum(p + n for p, n in requests) // page_size + len(requests)
+    slots = paged_slots(requests, page_size, num_pages, share, gen)
+    num_slots = num_pages * page_size
+    k_buf = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    v_buf = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+    new_lens = [n for _, n in requests]
+    q = torch.randn(sum(new_lens), num_kv_heads * group, head_dim, generator=gen).to(DEVICE, dtype)
+
+    def indptr(lens: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+    kv_indices = torch.tensor(sum(slots, []), dtype=torch.int64, device=DEVICE)
+    kv_lens = [len(s) for s in slots]
+    return q, k_buf, v_buf, indptr(new_lens), indptr(kv_lens), kv_indices, kv_lens
+
+
+# (page_size, q heads per kv head, head_dim, dtype): every value of each axis appears.
+CASES = [
+    (1, 1, 64, torch.float32),
+    (16, 2, 32, torch.float32),
+    (16, 4, 128, torch.float32),
+    (1, 4, 64, torch.bfloat16),
+    (16, 1, 128, torch.bfloat16),
+    (1, 2, 16, torch.bfloat16),
+    (16, 4, 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("page_size,group,head_dim,dtype", CASES)
+def test_decode_matches_reference(page_size, group, head_dim, dtype):
+    requests = [(0, 1), (40, 1), (99, 1), (16, 1), (150, 1)]
+    share = 16 if page_size == 16 else 23
+    q, k_buf, v_buf, _, kv_indptr, kv_indices, kv_lens = make_case(requests, page_size, group, head_dim, dtype, share)
+    scale = head_dim**-0.5
+    num_splits = plan_kv_splits(torch.tensor(kv_lens, device=DEVICE), 4, 32)
+    assert num_splits.tolist() == [1, 2, 4, 1, 4]
+    out = decode_attention(q, k_buf, v_buf, kv_indptr, kv_indices, scale, num_splits, 4)
+    assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, scale), dtype)
+
+
+@pytest.mark.parametrize("splits", [1, 3, 4, 8])
+def test_decode_any_split_count_gives_the_same_result(splits):
+    """Includes pieces left empty (length 5 in 4 pieces of 2) and more pieces than tokens."""
+    requests = [(4, 1), (2, 1), (70, 1)]
+    q, k_buf, v_buf, _, kv_indptr, kv_indices, _ = make_case(requests, 1, 2, 32, torch.float32, 0, seed=1)
+    num_splits = torch.full((3,), splits, dtype=torch.int32, device=DEVICE)
+    out = decode_attention(q, k_buf, v_buf, kv_indptr, kv_indices, 0.2, num_splits, 8, block_n=16)
+    assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, 0.2), torch.float32)
+
+
+def test_decode_empty_request_gives_zeros():
+    """A padded batch row with no KV (as CUDA-graph padding may produce) stays finite: zeros."""
+    q, k_buf, v_buf, _, _, kv_indices, _ = make_case([(9, 1)], 1, 1, 16, torch.float32, 0)
+    q = torch.cat([q, q])  # (2, Hq, D): request 1 has no KV
+    kv_indptr = torch.tensor([0, 10, 10], dtype=torch.int32, device=DEVICE)
+    num_splits = torch.tensor([2, 1], dtype=torch.int32, device=DEVICE)
+    out = decode_attention(q, k_buf, v_buf, kv_indptr, kv_indices, 0.25, num_splits, 2)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = decode_attention_reference(q[:1], k_buf, v_buf, kv_indptr[:2], kv_indices, 0.25)
+    assert_close(out[:1], ref, torch.float32)
+
+
+def test_registry_builds_triton_backend():
+    backend = create_attention_backend("triton", KVPool(1, 16, 2, 16, torch.float32, DEVICE))
+    assert isinstance(backend, TritonAttentionBackend) and backend.supports_cuda_graph
+
+
+def test_backend_refuses_a_cpu_pool_outside_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(InvalidArgumentError, match="CUDA device"):
+        TritonAttentionBackend(KVPool(1, 16, 2, 16, torch.float32, "cpu"))
+
+
+def test_split_planning():
+    assert choose_max_splits(256, 8, 132, 16) == 1
+    assert choose_max_splits(1, 8, 132, 16) == 16
+    assert choose_max_splits(4, 2, 8, 16) == 4
+    lens = torch.tensor([0, 1, 128, 129, 5000], device=DEVICE)
+    assert plan_kv_splits(lens, 8, 128).tolist() == [1, 1, 1, 2, 8]
+    buf = torch.zeros(5, dtype=torch.int32, device=DEVICE)
+    assert plan_kv_splits(lens, 4, 64, out=buf) is buf and buf.tolist() == [1, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("page_size,group,head_dim,dtype", CASES)
+def test_extend_matches_reference(page_size, group, head_dim, dtype):
+    # Ragged: a decode row, prefills without prefix, extends after a (shared) prefix.
+    requests = [(32, 9), (32, 70), (0, 1), (0, 23), (5, 1)] if page_size == 16 else [(7, 9), (7, 70), (0, 1), (0, 23)]
+    share = 32 if page_size == 16 else 7
+    q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, _ = make_case(requests, page_size, group, head_dim, dtype, share)
+    scale = head_dim**-0.5
+    out = extend_attention(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, scale, 70)
+    ref = paged_attention_reference(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, scale)
+    assert_close(out, ref, dtype)
+
+
+def test_extend_small_tiles_cover_unmasked_and_diagonal_loops():
+    """Tiles of 16 make several query tiles per request and whole unmasked KV tiles before the diagonal."""
+    requests = [(50, 40), (3, 17), (0, 33)]
+    q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, _ = make_case(requests, 1, 2, 32, torch.float32, 0, seed=2)
+    out = extend_attention(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, 0.3, 40, block_m=16, block_n=16)
+    ref = paged_attention_reference(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, 0.3)
+    assert_close(out, ref, torch.float32)
+
+
+# ------------------------------------------------------------------ the backend
+
+
+def forward_batch(backend, requests: list[tuple[int, int, int]], slots: list[list[int]]) -> ForwardBatch:
+    """A step of ``(request, prefix, new)`` entries; request ``r`` keeps its KV at ``slots[r]``."""
+    positions, out_loc, kv_indices = [], [], []
+    for r, prefix, new in requests:
+        s = slots[r]
+        positions += range(prefix, prefix + new)
+        out_loc += s[prefix : prefix + new]
+        kv_indices += s[: prefix + new]
+    new_lens = [n for _, _, n in requests]
+    seq_lens = [p + n for _, p, n in requests]
+
+    def indptr(lens: list[int]) -> torch.Tensor:
+        return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+
+    batch = ForwardBatch(
+        input_ids=torch.zeros(sum(new_lens), dtype=torch.int64, device=DEVICE),
+        positions=torch.tensor(positions, device=DEVICE),
+        out_cache_loc=torch.tensor(out_loc, device=DEVICE),
+        qo_indptr=indptr(new_lens),
+        kv_indptr=indptr(seq_lens),
+        kv_indices=torch.tensor(kv_indices, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        logits_indices=indptr(new_lens)[1:].long() - 1,
+        seq_lens_cpu=seq_lens,
+        extend_lens_cpu=new_lens,
+        prefix_lens_cpu=[p for _, p, _ in requests],
+        attn_backend=backend,
+    )
+    backend.prepare(batch)
+    return batch
+
+
+@pytest.mark.parametrize("dtype,max_batch_size", [(torch.float32, 256), (torch.bfloat16, 256), (torch.float32, 2)])
+def test_backend_matches_torch_reference(dtype, max_batch_size):
+    """Prefill, then a mixed extend step, then decode steps: outputs and written KV equal the reference.
+    ``max_batch_size`` 2 sends the 3-request decode steps through the oversized-batch buffers."""
+    gen = torch.Generator().manual_seed(3)
+    layers, num_kv_heads, group, head_dim = 1, 2, 2, 32
+    pools = [KVPool(layers, 512, num_kv_heads, head_dim, dtype, DEVICE) for _ in range(2)]
+    triton_backend = TritonAttentionBackend(pools[0], max_batch_size=max_batch_size, min_split_tokens=64)
+    ref_backend = create_attention_backend("torch", pools[1])
+    # Request 1 starts from request 0's first page, cached in step 1 (a shared prefix).
+    slots = paged_slots([(0, 50), (0, 30), (0, 140)], 16, 32, 16, gen)
+    steps = [
+        [(0, 0, 20), (2, 0, 130)],  # prefill
+        [(0, 20, 28), (1, 16, 1), (2, 130, 1)],  # extend, one-token extend, decode row
+        [(0, 48, 1), (1, 17, 1), (2, 131, 1)],  # decode
+        [(0, 49, 1), (1, 18, 1), (2, 132, 1)],
+    ]
+    for step in steps:
+        outs = []
+        t = sum(n for _, _, n in step)
+        q = torch.randn(t, num_kv_heads * group, head_dim, generator=gen).to(DEVICE, dtype)
+        k = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+        v = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
+        for backend in (triton_backend, ref_backend):
+            batch = forward_batch(backend, step, slots)
+            outs.append(torch.stack([backend.forward(q, k, v, layer, 0.2, batch) for layer in range(layers)]))
+        assert_close(outs[0], outs[1], dtype)
+    for layer in range(layers):
+        assert torch.equal(pools[0].k_buffers[layer], pools[1].k_buffers[layer])
+        assert torch.equal(pools[0].v_buffers[layer], pools[1].v_buffers[layer])
