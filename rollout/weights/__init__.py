@@ -1,0 +1,1 @@
+"""Engine side of weight updates: checking an update against the model, reading its bytes, applying it."""

@@ -1,0 +1,236 @@
+"""WeightUpdater: the engine's weight-update operations, run by the engine loop between steps.
+
+Every update follows one path: parse the layout, check every tensor against the model (meta-device
+dry run) before reading or writing anything, stream ``(name, tensor)`` pairs into the model's
+in-place ``load_weights``, then make the new version current. Because the loop runs control
+operations between forward steps, no forward pass ever sees a mix of two versions.
+
+If an update breaks after some tensors were written, the weights are marked invalid (generation is
+refused with FAILED_PRECONDITION) until an update covering every parameter succeeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError
+from rollout.weights.checker import UpdateChecker
+from rollout.weights.disk import checkpoint_specs
+from rollout.weights.opened import OpenedSources, check_sources
+from weight_sync.buckets import BucketLayout, bucket_views, layouts_from_args
+from weight_sync.group import CommGroup, GroupConfig, GroupFailedError
+from weight_sync.receiver import receive_buckets
+from weight_sync.sources import source_from_dict
+
+if TYPE_CHECKING:
+    from rollout.engine_core import EngineCore
+
+logger = logging.getLogger(__name__)
+
+BLOCKER = "weights"  # key of core.generation_blockers while the weights are invalid
+DEFAULT_TIMEOUT_S = 300.0
+# A received bucket may carry alignment padding, but not enough to make the engine allocate much
+# more than the tensors themselves.
+MAX_PADDING_PER_TENSOR = 4096
+
+_LAYOUT_KEYS = {"names", "dtypes", "shapes", "offsets", "bucket_sizes", "flat_bucket", "version"}
+_ALLOWED = {
+    "init_weight_update_group": {"master_address", "master_port", "rank_offset", "world_size", "group_name",
+                                 "backend", "timeout_s"},
+    "destroy_weight_update_group": {"group_name"},
+    "update_weights_from_distributed": _LAYOUT_KEYS | {"group_name"},
+    "update_weights_from_tensor": _LAYOUT_KEYS | {"sources"},
+    "update_weights_from_disk": {"model_path", "version"},
+}
+
+
+def check_keys(op: str, args: dict[str, Any]) -> None:
+    """Reject arguments the operation does not know (a misspelt key must not be silently ignored)."""
+    unknown = sorted(set(args) - _ALLOWED[op])
+    if unknown:
+        raise InvalidArgumentError(f"unknown argument of {op}", field=unknown[0])
+
+
+class WeightUpdater:
+    """Owns the weight-update groups of one engine and applies updates to its model."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self._core = core
+        self._checker = UpdateChecker(core.config.model, core.runner.dtype)
+        self._groups: dict[str, CommGroup] = {}
+
+    @property
+    def group_names(self) -> list[str]:
+        """Names of the groups this engine belongs to."""
+        return sorted(self._groups)
+
+    # ------------------------------------------------------------------ groups
+    def init_group(self, args: dict[str, Any]) -> str:
+        """Join a trainer's group as rank ``rank_offset``; blocks until the group has formed."""
+        check_keys("init_weight_update_group", args)
+        name = args.get("group_name")
+        if name in self._groups:
+            raise FailedPreconditionError(f"group {name!r} exists already; destroy it first")
+        missing = [k for k in ("master_address", "master_port", "rank_offset", "world_size") if k not in args]
+        if missing:
+            raise InvalidArgumentError("is required", field=missing[0])
+        cfg = GroupConfig(
+            master_address=args["master_address"], master_port=args["master_port"], rank=args["rank_offset"],
+            world_size=args["world_size"], group_name=name or "", backend=args.get("backend", "nccl"),
+            timeout_s=args.get("timeout_s") or DEFAULT_TIMEOUT_S,
+        )
+        if cfg.rank == 0:
+            raise InvalidArgumentError("rank 0 is the trainer's; engine ranks start at 1", field="rank_offset")
+        runner_device = self._core.runner.device
+        device = runner_device if cfg.backend == "nccl" else torch.device("cpu")
+        self._groups[cfg.group_name] = CommGroup.join(cfg, device, survive_peer_failure=True)
+        logger.info("joined weight group %s as rank %d of %d (%s)", cfg.group_name, cfg.rank, cfg.world_size,
+                    cfg.backend)
+        return cfg.group_name
+
+    def destroy_group(self, args: dict[str, Any]) -> str:
+        """Leave and destroy the group ``group_name`` (NOT_FOUND if there is none)."""
+        check_keys("destroy_weight_update_group", args)
+        name = args.get("group_name")
+        group = self._groups.pop(name, None)
+        if group is None:
+            raise NotFoundError(f"no weight group {name!r}; groups: {self.group_names}", field="group_name")
+        group.close()
+        return name
+
+    def _drop_group(self, name: str) -> None:
+        group = self._groups.pop(name, None)
+        if group is not None:
+            group.close()
+
+    # ------------------------------------------------------------------ updates
+    def from_distributed(self, args: dict[str, Any]) -> int:
+        """Receive the trainer's broadcast buckets over a group and load them in place."""
+        check_keys("update_weights_from_distributed", args)
+        name = args.get("group_name")
+        group = self._groups.get(name)
+        if group is None:
+            raise NotFoundError(f"no weight group {name!r}; groups: {self.group_names}", field="group_name")
+        problem: RolloutError | None = None
+        try:
+            layouts = self._layouts(args)
+            version = self._version(args)
+            for i, layout in enumerate(layouts):
+                if layout.nbytes - layout.payload_bytes > MAX_PADDING_PER_TENSOR * max(len(layout.tensors), 1):
+                    raise InvalidArgumentError(f"bucket {i} is mostly padding ({layout.nbytes} bytes)", field="offsets")
+            total = self._check(layouts)
+        except RolloutError as e:
+            problem = e
+        # Every member votes before any bucket moves, so a rejected update leaves the group usable.
+        try:
+            verdict = group.vote(1 if problem else 0)
+        except GroupFailedError as e:
+            self._drop_group(name)
+            raise FailedPreconditionError(f"{e.message}; the group was destroyed, form a new one") from None
+        if problem is not None:
+            raise problem
+        if verdict:
+            raise FailedPreconditionError(
+                f"the update was cancelled: another member of group {name!r} rejected it; nothing was written"
+            )
+        try:
+            return self._apply(f"receiving over group {name!r}", receive_buckets(group, layouts), total, version)
+        except BaseException as e:
+            # Whatever broke, this member's collectives are out of step with the others now.
+            group.abort(f"an engine failed to take the update: {type(e).__name__}: {e}")
+            self._drop_group(name)
+            raise
+
+    def from_tensor(self, args: dict[str, Any]) -> int:
+        """Load tensors a colocated trainer shares by CUDA IPC handle or shared-memory segment."""
+        check_keys("update_weights_from_tensor", args)
+        layouts = self._layouts(args)
+        version = self._version(args)
+        raw = args.get("sources")
+        if not isinstance(raw, (list, tuple)):
+            raise InvalidArgumentError("must be a list with one source per bucket", field="sources")
+        sources = [source_from_dict(s, f"sources[{i}]") for i, s in enumerate(raw)]
+        device = self._core.runner.device
+        check_sources(sources, layouts, device)
+        total = self._check(layouts)
+        with OpenedSources(sources, layouts, device) as buffers:
+            named = itertools.chain.from_iterable(bucket_views(lay, buf) for lay, buf in zip(layouts, buffers))
+            return self._apply("reading shared tensors", named, total, version)
+
+    def from_disk(self, args: dict[str, Any]) -> int:
+        """Reload weights from a safetensors checkpoint directory."""
+        check_keys("update_weights_from_disk", args)
+        path = args.get("model_path")
+        if not isinstance(path, str) or not os.path.isdir(path):
+            raise InvalidArgumentError(f"not a directory: {path!r}", field="model_path")
+        version = self._version(args)
+        from rollout.models.loader import iter_checkpoint
+
+        specs = checkpoint_specs(path)
+        self._checker.check(specs)
+        return self._apply(f"loading {path}", iter_checkpoint(path), len(specs), version)
+
+    # ------------------------------------------------------------------ shared steps
+    def _version(self, args: dict[str, Any]) -> int:
+        version = args.get("version")
+        if version is None:
+            return self._core.weight_version + 1
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise InvalidArgumentError(f"must be an integer >= 0, got {version!r}", field="version")
+        return version
+
+    @staticmethod
+    def _layouts(args: dict[str, Any]) -> list[BucketLayout]:
+        for key in ("names", "dtypes", "shapes"):
+            if key not in args:
+                raise InvalidArgumentError("is required", field=key)
+        return layouts_from_args(args["names"], args["dtypes"], args["shapes"], args.get("offsets"),
+                                 args.get("bucket_sizes"), bool(args.get("flat_bucket", False)))
+
+    def _check(self, layouts: list[BucketLayout]) -> int:
+        """Validate every tensor against the model; returns how many tensors the update has."""
+        specs = [(t.name, t.torch_dtype, t.shape) for lay in layouts for t in lay.tensors]
+        self._checker.check(specs)
+        return len(specs)
+
+    def _apply(self, what: str, named: Iterable[tuple[str, torch.Tensor]], total: int, version: int) -> int:
+        """Stream ``named`` into the model in place; on success make ``version`` current.
+
+        Raises ``FailedPreconditionError`` (and marks the weights invalid) if it fails after a tensor
+        was handed to the loader; earlier failures leave the weights as they were.
+        """
+        core = self._core
+        handed = 0
+
+        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal handed
+            for item in named:
+                handed += 1
+                yield item
+
+        try:
+            written = core.runner.model.load_weights(counted())
+            if core.runner.device.type == "cuda":
+                torch.cuda.synchronize(core.runner.device)  # device-side failures surface here
+        except Exception as e:
+            cause = e.message if isinstance(e, RolloutError) else f"{type(e).__name__}: {e}"
+            if handed == 0:
+                if isinstance(e, RolloutError):
+                    raise
+                raise FailedPreconditionError(f"{what} failed before any weight was written: {cause}") from e
+            msg = (f"the weights are invalid after a failed update ({what}: {cause}; {handed} of {total} tensors "
+                   "were written); push a full set of weights")
+            core.generation_blockers[BLOCKER] = msg
+            logger.error(msg)
+            raise FailedPreconditionError(msg) from e
+        if written >= self._checker.param_names:
+            core.generation_blockers.pop(BLOCKER, None)
+        core.set_weight_version(version)
+        logger.info("weights updated to version %d (%s, %d tensors)", version, what, total)
+        return version

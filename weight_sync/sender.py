@@ -1,0 +1,215 @@
+"""Trainer side of a weight-update group: form it with every engine rank, push buckets, close.
+
+A push is one control call per engine (sent concurrently, in threads) plus collectives:
+
+    trainer (rank 0)                       engine ranks 1..N
+    update_weights_from_distributed(...) -> validate names / dtypes / shapes, nothing written yet
+    vote(0) ------------------- allreduce MAX ------------------- vote(0 ok / 1 rejected)
+    pack bucket 0, broadcast 0 ------------------------------->  receive 0
+    pack bucket 1, broadcast 1 (packing overlaps broadcast 0) ->  receive 1, load 0 in place
+    ...                                                          load the last; set the version
+    <------------------------------- call returns the new version
+
+A rejected push (unknown name, wrong shape or dtype) ends after the vote, with nothing written
+anywhere and the group still usable.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError
+from weight_sync.buckets import DEFAULT_BUCKET_BYTES, BucketLayout, layouts_to_args, pack_bucket, plan_buckets
+from weight_sync.group import CommGroup, GroupConfig, GroupFailedError, master_store
+from weight_sync.targets import as_target
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_DEPTH = 2  # buckets in flight: one broadcasting while the next is packed
+
+
+def named_tensor_list(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+    """Materialise ``(name, tensor)`` pairs (references, no copies), checking names are unique."""
+    items, seen = [], set()
+    for name, tensor in named_tensors:
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise InvalidArgumentError("expected (str, torch.Tensor) pairs", field="named_tensors")
+        if name in seen:
+            raise InvalidArgumentError("a tensor name appears twice", field=name)
+        seen.add(name)
+        items.append((name, tensor.detach()))
+    return items
+
+
+def first_error(futures: Sequence[concurrent.futures.Future]) -> BaseException | None:
+    """The exception of the first finished future that failed, if any."""
+    for fut in futures:
+        if fut.done() and fut.exception() is not None:
+            return fut.exception()
+    return None
+
+
+def root_cause_first(errors: Sequence[BaseException]) -> list[BaseException]:
+    """Engine errors ordered so the likely cause comes first.
+
+    A rejection names the tensor; an unknown group or another refusal says why an engine did not
+    take part; FAILED_PRECONDITION errors are mostly engines reporting that the group failed
+    because of another member, so they come last (in the order given).
+    """
+    def rank(e: BaseException) -> int:
+        if isinstance(e, InvalidArgumentError):
+            return 0
+        if isinstance(e, NotFoundError):
+            return 1
+        return 3 if isinstance(e, FailedPreconditionError) else 2
+
+    return sorted(errors, key=rank)
+
+
+class WeightSyncGroup:
+    """A formed group of the trainer (rank 0) and every engine rank behind ``targets``."""
+
+    def __init__(self, comm: CommGroup, targets: list[Any], bucket_bytes: int) -> None:
+        self.comm = comm
+        self.targets = targets
+        self.bucket_bytes = bucket_bytes
+        self.group_name = comm.cfg.group_name
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(len(targets), 1),
+                                                           thread_name_prefix="weight-sync")
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int | None:
+        """Send these tensors (Hugging Face names) to every engine; returns the engines' new version.
+
+        The engines switch to the new weights and ``version`` atomically (None: their version + 1).
+        Raises ``InvalidArgumentError`` from an engine that rejected a name, shape or dtype (nothing
+        was written and the group stays usable), or ``GroupFailedError`` if the transfer broke (the
+        group is closed; engines that had written part of the weights refuse to generate until a
+        full push over a new group).
+        """
+        items = named_tensor_list(named_tensors)
+        layouts = plan_buckets(((n, t.dtype, t.shape) for n, t in items), self.bucket_bytes)
+        args = {**layouts_to_args(layouts), "group_name": self.group_name, "version": version}
+        futures = [self._pool.submit(t.update_weights_from_distributed, **args) for t in self.targets]
+        failed: list[BaseException] = []  # in the order the engines answered
+        for fut in futures:
+            fut.add_done_callback(lambda f: failed.append(f.exception()) if f.exception() is not None else None)
+
+        def engine_failed() -> str | None:
+            return f"an engine failed: {type(failed[0]).__name__}: {failed[0]}" if failed else None
+
+        try:
+            verdict = self.comm.vote(0, engine_failed)
+        except GroupFailedError:
+            # An engine failed before taking part (unknown group, memory released, ...): its error says why.
+            self.close()
+            concurrent.futures.wait(futures, timeout=5.0)
+            err = root_cause_first(failed)
+            raise (err[0] if err else GroupFailedError(self.comm.broken or "the status vote failed")) from None
+        if verdict != 0:
+            concurrent.futures.wait(futures, timeout=self.comm.cfg.timeout_s)
+            err = root_cause_first(failed)
+            raise err[0] if err else RolloutError("an engine rejected the update")
+        try:
+            self._broadcast(layouts, [t for _, t in items], engine_failed)
+        except BaseException as e:
+            if not self.comm.broken:
+                self.comm.abort(f"the trainer stopped pushing: {type(e).__name__}: {e}")
+            self.close()
+            concurrent.futures.wait(futures, timeout=5.0)
+            answers = "; ".join(str(x) for x in root_cause_first(failed))
+            raise GroupFailedError(
+                f"group {self.group_name!r}: {self.comm.broken}" + (f"; engines: {answers}" if answers else "")
+            ) from e
+        results = [f.result(timeout=self.comm.cfg.timeout_s) for f in futures]
+        return results[0] if results else version
+
+    def _broadcast(self, layouts: list[BucketLayout], tensors: list[torch.Tensor], engine_failed) -> None:
+        """Pack and broadcast every bucket, packing bucket k+1 while bucket k is on the wire."""
+        inflight: collections.deque = collections.deque()
+        start = 0
+        for k, layout in enumerate(layouts):
+            if len(inflight) >= PIPELINE_DEPTH:
+                self.comm.wait(inflight.popleft()[0], f"broadcast of bucket {k - PIPELINE_DEPTH}", engine_failed)
+            chunk = tensors[start:start + len(layout.tensors)]
+            start += len(layout.tensors)
+            buf = pack_bucket(layout, chunk, device=self.comm.device)  # (nbytes,) uint8
+            inflight.append((self.comm.broadcast(buf), buf, k))
+        while inflight:
+            work, _, k = inflight.popleft()
+            self.comm.wait(work, f"broadcast of bucket {k}", engine_failed)
+
+    def close(self) -> None:
+        """Destroy the group on every engine and here. Idempotent; engine errors are logged."""
+        if self.comm.closed:
+            return
+        broken = self.comm.broken
+        self.comm.close()
+        if not broken:
+            futures = [self._pool.submit(t.destroy_weight_update_group, self.group_name) for t in self.targets]
+            for fut in concurrent.futures.as_completed(futures):
+                if fut.exception() is not None:
+                    logger.warning("destroying group %s on an engine failed: %s", self.group_name, fut.exception())
+        self._pool.shutdown(wait=False)
+
+    def __enter__(self) -> WeightSyncGroup:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect(
+    clients: Iterable[Any],
+    backend: str = "nccl",
+    master_address: str = "127.0.0.1",
+    master_port: int | None = None,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    timeout_s: float = 300.0,
+    group_name: str | None = None,
+    device: torch.device | str | None = None,
+) -> WeightSyncGroup:
+    """Form one group of this trainer (rank 0) and every engine rank behind ``clients``.
+
+    Each client's ``init_weight_update_group`` runs concurrently (threads) with this process's own
+    join; ``master_port`` None picks a free port. ``device`` holds the trainer's bucket buffers
+    (default: the current CUDA device for nccl, CPU for gloo). Neither side's default process
+    group is used.
+    """
+    targets = [as_target(c) for c in clients]
+    if not targets:
+        raise InvalidArgumentError("at least one engine is needed", field="clients")
+    if bucket_bytes <= 0:
+        raise InvalidArgumentError("must be > 0", field="bucket_bytes")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    ranks = [int(t.engine_ranks()) for t in targets]
+    world_size = 1 + sum(ranks)
+    name = group_name or f"weight_sync_{uuid.uuid4().hex[:12]}"
+    store = master_store(master_address, master_port, world_size, timeout_s)
+    cfg = GroupConfig(master_address, store.port, 0, world_size, name, backend, timeout_s)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(targets) + 1, thread_name_prefix="weight-sync-init")
+    offsets = [1 + sum(ranks[:i]) for i in range(len(targets))]
+    futures = [
+        pool.submit(t.init_weight_update_group, master_address=master_address, master_port=store.port,
+                    rank_offset=off, world_size=world_size, group_name=name, backend=backend, timeout_s=timeout_s)
+        for t, off in zip(targets, offsets)
+    ]
+    own = pool.submit(CommGroup.join, cfg, device, store)
+    try:
+        done, _ = concurrent.futures.wait([own, *futures], timeout=timeout_s + 5,
+                                          return_when=concurrent.futures.FIRST_EXCEPTION)
+        err = first_error([own, *futures])
+        if err is not None:
+            raise err
+        if len(done) != len(futures) + 1:
+            raise GroupFailedError(f"group {name!r} did not form within {timeout_s:g} s")
+    finally:
+        pool.shutdown(wait=False)
+    return WeightSyncGroup(own.result(), targets, bucket_bytes)
