@@ -245,3 +245,7 @@ class EngineCore:
         """End every request with reason abort."""
         self.scheduler.paused = None
         self.scheduler.abort(None)
+
+    def close(self) -> None:
+        """Free the device memory of weights, KV and graphs (after ``shutdown``; the core is dead after)."""
+        self.runner.close()

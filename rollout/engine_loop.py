@@ -35,13 +35,17 @@ class EngineLoop:
         self._stopping = False
 
     def run(self) -> None:
-        while not self._stopping:
-            self._drain(block=not self.core.has_work())
+        try:
+            while not self._stopping:
+                self._drain(block=not self.core.has_work())
+                if self._stopping:
+                    break
+                events = self.core.step() if self.core.has_work() else self.core.take_events()
+                if events:
+                    self.send(events)
+        finally:
             if self._stopping:
-                break
-            events = self.core.step() if self.core.has_work() else self.core.take_events()
-            if events:
-                self.send(events)
+                self.core.close()
 
     def _drain(self, block: bool) -> None:
         """Apply every queued command; wait briefly for one when idle."""

@@ -87,6 +87,15 @@ class ModelRunner:
         # +1 page: page 0 is the padding page, never handed out.
         return (pages + 1) * page
 
+    def close(self) -> None:
+        """Drop graphs, KV and weights and return their memory to the device."""
+        self.graphs = None
+        self.req_table = None
+        del self.attn_backend, self.kv_pool, self.model
+        self.memory.saver.close()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def bind_req_table(self, table: torch.Tensor) -> None:
         """Use the cache manager's request->slot table to find each request's KV."""
         self.req_table = table

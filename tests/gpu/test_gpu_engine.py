@@ -30,9 +30,10 @@ def qwen3_dir(tiny_model_dir):
 def test_cuda_graph_replay_equals_eager(qwen3_dir) -> None:
     ps = prompts(13)
     sp = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
-    with Engine(qwen3_dir, device="cuda", attention_backend="triton", cuda_graph_max_bs=0) as eager:
+    with Engine(qwen3_dir, device="cuda", attention_backend="triton", cuda_graph_max_bs=0,
+                max_total_tokens=1 << 15) as eager:
         ref = eager.generate(ps, sp, return_logprob=True)
-    with Engine(qwen3_dir, device="cuda", attention_backend="triton") as graphed:
+    with Engine(qwen3_dir, device="cuda", attention_backend="triton", max_total_tokens=1 << 15) as graphed:
         assert graphed._client.call("info").device == "cuda"
         outs = graphed.generate(ps, sp, return_logprob=True)
         graphed.check_integrity()
@@ -44,9 +45,11 @@ def test_cuda_graph_replay_equals_eager(qwen3_dir) -> None:
 def test_triton_backend_matches_torch_reference_fp32(qwen3_dir) -> None:
     ps = prompts(9, seed=1)
     sp = SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True)
-    with Engine(qwen3_dir, device="cuda", attention_backend="torch", cuda_graph_max_bs=0) as ref_engine:
+    with Engine(qwen3_dir, device="cuda", attention_backend="torch", cuda_graph_max_bs=0,
+                max_total_tokens=1 << 15) as ref_engine:
         ref = ref_engine.generate(ps, sp, return_logprob=True)
-    with Engine(qwen3_dir, device="cuda", attention_backend="triton", page_size=16) as engine:
+    with Engine(qwen3_dir, device="cuda", attention_backend="triton", page_size=16,
+                max_total_tokens=1 << 15) as engine:
         outs = engine.generate(ps, sp, return_logprob=True)
     for o, r in zip(outs, ref):
         assert o.output_ids == r.output_ids
@@ -59,7 +62,8 @@ def test_bf16_greedy_matches_transformers(qwen3_dir) -> None:
     hf = AutoModelForCausalLM.from_pretrained(qwen3_dir, torch_dtype=torch.bfloat16).cuda().eval()
     ps = prompts(4, seed=2)
     n_new = 32
-    with Engine(qwen3_dir, device="cuda", dtype="bfloat16", attention_backend="triton") as engine:
+    with Engine(qwen3_dir, device="cuda", dtype="bfloat16", attention_backend="triton",
+                max_total_tokens=1 << 15) as engine:
         outs = engine.generate(ps, SamplingParams(temperature=0.0, max_new_tokens=n_new, ignore_eos=True))
     for p, o in zip(ps, outs):
         with torch.inference_mode():

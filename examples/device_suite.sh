@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks in one go on a GPU machine, run from the checkout (PYTHONPATH=.).
+#
+#   examples/device_suite.sh tests      # tests/gpu (and tests/multi_gpu when 2+ GPUs)
+#   examples/device_suite.sh bench      # kernel, engine, memory and weight-sync benchmarks (1 GPU)
+#   examples/device_suite.sh multi      # multi-GPU tests and the NCCL weight-sync benchmark
+#
+# Wheels the machine lacks can be put in .whl/ (see ../shared/tools/device-wheels.sh); they are
+# installed into /tmp/site first. Logs go to $OUT (default /tmp/rollout-device); a summary table
+# of every step (exit code, seconds) is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/rollout-device}"
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+: > "$OUT/summary.txt"
+
+# step NAME TIMEOUT_S COMMAND...: run, log to $OUT/NAME.log, record exit code and time.
+step() {
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  printf '%-28s rc=%-4s %5ss\n' "$name" "$rc" "$((SECONDS - t0))" | tee -a "$OUT/summary.txt"
+  tail -n "${TAIL:-25}" "$OUT/$name.log"
+}
+
+case "${1:-tests}" in
+  tests)
+    step gpu_tests 420 python3 -m pytest -q -x -p no:cacheprovider tests/gpu -k "not flashinfer and not weight_sync"
+    step flashinfer_tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_flashinfer_backend_gpu.py
+    ;;
+  bench)
+    step bench_attention 120 python3 -m kernels.bench_attention
+    step bench_moe 120 python3 -m kernels.bench_moe
+    step offline_qwen3_0.6b 240 python3 examples/offline_throughput.py --shape qwen3-0.6b --attention-backend triton
+    step batch1_qwen3_0.6b 120 python3 examples/offline_throughput.py --shape qwen3-0.6b --batch1 \
+      --attention-backend triton
+    step memory_bench 180 python3 examples/memory_bench.py --kv-gib 40 --cycles 2
+    step ipc_bench 180 python3 examples/weight_sync_bench.py --shape llama-8b --ipc
+    ;;
+  multi)
+    step multi_gpu_tests 300 python3 -m pytest -q -x -p no:cacheprovider tests/multi_gpu
+    step nccl_bench 240 python3 examples/weight_sync_bench.py --shape llama-8b --backend nccl
+    ;;
+esac
+echo "==== summary"
+cat "$OUT/summary.txt"
