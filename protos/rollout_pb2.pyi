@@ -162,12 +162,14 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class MemoryState(_message.Message):
-    __slots__ = ("state", "bytes")
+    __slots__ = ("state", "bytes", "backup")
     STATE_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
     state: str
     bytes: int
-    def __init__(self, state: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+    backup: bool
+    def __init__(self, state: _Optional[str] = ..., bytes: _Optional[int] = ..., backup: _Optional[bool] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
     __slots__ = ("model_path", "architecture", "context_length", "vocab_size", "weight_version", "weights_valid", "paused", "pause_mode", "num_waiting", "num_running", "num_paused", "kv_total_tokens", "kv_used_tokens", "kv_cached_tokens", "page_size", "device", "dtype", "memory", "version", "num_retractions")
@@ -227,20 +229,22 @@ class TensorShape(_message.Message):
     def __init__(self, dims: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class InitWeightUpdateGroupRequest(_message.Message):
-    __slots__ = ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend")
+    __slots__ = ("master_address", "master_port", "rank_offset", "world_size", "group_name", "backend", "timeout_s")
     MASTER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
     RANK_OFFSET_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     master_address: str
     master_port: int
     rank_offset: int
     world_size: int
     group_name: str
     backend: str
-    def __init__(self, master_address: _Optional[str] = ..., master_port: _Optional[int] = ..., rank_offset: _Optional[int] = ..., world_size: _Optional[int] = ..., group_name: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    timeout_s: float
+    def __init__(self, master_address: _Optional[str] = ..., master_port: _Optional[int] = ..., rank_offset: _Optional[int] = ..., world_size: _Optional[int] = ..., group_name: _Optional[str] = ..., backend: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class DestroyWeightUpdateGroupRequest(_message.Message):
     __slots__ = ("group_name",)
@@ -255,20 +259,24 @@ class WeightGroupResponse(_message.Message):
     def __init__(self, group_name: _Optional[str] = ...) -> None: ...
 
 class UpdateWeightsFromDistributedRequest(_message.Message):
-    __slots__ = ("group_name", "names", "dtypes", "shapes", "version", "flat_bucket")
+    __slots__ = ("group_name", "names", "dtypes", "shapes", "version", "flat_bucket", "offsets", "bucket_sizes")
     GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     SHAPES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FLAT_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_SIZES_FIELD_NUMBER: _ClassVar[int]
     group_name: str
     names: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[str]
     shapes: _containers.RepeatedCompositeFieldContainer[TensorShape]
     version: int
     flat_bucket: bool
-    def __init__(self, group_name: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., version: _Optional[int] = ..., flat_bucket: _Optional[bool] = ...) -> None: ...
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    bucket_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, group_name: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., version: _Optional[int] = ..., flat_bucket: _Optional[bool] = ..., offsets: _Optional[_Iterable[int]] = ..., bucket_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CudaIpcHandle(_message.Message):
     __slots__ = ("device_index", "handle", "offset", "size")
@@ -301,20 +309,24 @@ class TensorSource(_message.Message):
     def __init__(self, cuda_ipc: _Optional[_Union[CudaIpcHandle, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class UpdateWeightsFromTensorRequest(_message.Message):
-    __slots__ = ("names", "dtypes", "shapes", "sources", "version", "flat_bucket")
+    __slots__ = ("names", "dtypes", "shapes", "sources", "version", "flat_bucket", "offsets", "bucket_sizes")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     SHAPES_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FLAT_BUCKET_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_SIZES_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[str]
     shapes: _containers.RepeatedCompositeFieldContainer[TensorShape]
     sources: _containers.RepeatedCompositeFieldContainer[TensorSource]
     version: int
     flat_bucket: bool
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[TensorSource, _Mapping]]] = ..., version: _Optional[int] = ..., flat_bucket: _Optional[bool] = ...) -> None: ...
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    bucket_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[TensorSource, _Mapping]]] = ..., version: _Optional[int] = ..., flat_bucket: _Optional[bool] = ..., offsets: _Optional[_Iterable[int]] = ..., bucket_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UpdateWeightsFromDiskRequest(_message.Message):
     __slots__ = ("model_path", "version")

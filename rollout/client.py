@@ -27,6 +27,7 @@ from protos import rollout_pb2_grpc
 from rollout.errors import EngineDeadError, InvalidArgumentError
 from rollout.server import client_calls as calls
 from rollout.server import convert
+from rollout.server import convert_weights as cw
 from rollout.server.auth import bearer_metadata
 from rollout.server.client_calls import Prompt, Sampling
 from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk
@@ -184,30 +185,32 @@ class RolloutClient:
         return convert.info_from_proto(self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
 
     # ------------------------------------------------------------------ weights and memory
-    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
-                                 world_size: int, group_name: str = DEFAULT_GROUP,
-                                 backend: str = "nccl") -> None:
-        """Join the engine to a process group with the trainer (trainer = rank 0)."""
-        self._unary(self._stub.InitWeightUpdateGroup, calls.init_group_request(
-            master_address, master_port, rank_offset, world_size, group_name, backend))
+    def engine_ranks(self) -> int:
+        """Engine ranks behind this server that join a weight-update group (one per GPU rank)."""
+        return 1
 
-    def destroy_weight_update_group(self, group_name: str = DEFAULT_GROUP) -> None:
+    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                 world_size: int, group_name: str = DEFAULT_GROUP, backend: str = "nccl",
+                                 timeout_s: float = 0.0) -> str:
+        """Join the engine to a process group with the trainer (trainer = rank 0); blocks until it forms."""
+        request = cw.init_group_to_proto(master_address, master_port, rank_offset, world_size, group_name,
+                                         backend, timeout_s)
+        return self._unary(self._stub.InitWeightUpdateGroup, request).group_name
+
+    def destroy_weight_update_group(self, group_name: str = DEFAULT_GROUP) -> str:
         """Leave and destroy a weight update group."""
         request = pb.DestroyWeightUpdateGroupRequest(group_name=group_name)
-        self._unary(self._stub.DestroyWeightUpdateGroup, request)
+        return self._unary(self._stub.DestroyWeightUpdateGroup, request).group_name
 
-    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
-                                        shapes: Sequence[Sequence[int]], *, version: int,
-                                        group_name: str = DEFAULT_GROUP, flat_bucket: bool = False) -> int:
-        """Receive these tensors by broadcast from the trainer; returns the new weight version."""
-        request = calls.from_distributed_request(names, dtypes, shapes, group_name, version, flat_bucket)
+    def update_weights_from_distributed(self, **layout: Any) -> int:
+        """Receive tensors broadcast by the trainer (names, dtypes, shapes, offsets, bucket_sizes,
+        group_name, version); returns the new weight version."""
+        request = cw.distributed_to_proto(**layout)
         return self._unary(self._stub.UpdateWeightsFromDistributed, request).weight_version
 
-    def update_weights_from_tensor(self, names: Sequence[str], dtypes: Sequence[str],
-                                   shapes: Sequence[Sequence[int]], sources: Sequence[pb.TensorSource], *,
-                                   version: int, flat_bucket: bool = False) -> int:
-        """Load colocated tensors shared by handle; returns the new weight version."""
-        request = calls.from_tensor_request(names, dtypes, shapes, sources, version, flat_bucket)
+    def update_weights_from_tensor(self, **layout: Any) -> int:
+        """Load colocated tensors shared by handle (layout keywords plus ``sources``); returns the version."""
+        request = cw.tensor_to_proto(**layout)
         return self._unary(self._stub.UpdateWeightsFromTensor, request).weight_version
 
     def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
@@ -218,12 +221,12 @@ class RolloutClient:
     def release_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Release GPU memory of these tags (None: all); returns the memory state per tag."""
         reply = self._unary(self._stub.ReleaseMemory, pb.ReleaseMemoryRequest(tags=list(tags or ())))
-        return calls.memory_state(reply)
+        return cw.memory_from_proto(reply)
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Map released memory back (None: all); returns the memory state per tag."""
         reply = self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=list(tags or ())))
-        return calls.memory_state(reply)
+        return cw.memory_from_proto(reply)
 
 
 class AsyncRolloutClient:
@@ -355,32 +358,31 @@ class AsyncRolloutClient:
         """A snapshot of the engine's state."""
         return convert.info_from_proto(await self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
 
-    async def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
-                                       world_size: int, group_name: str = DEFAULT_GROUP,
-                                       backend: str = "nccl") -> None:
-        """Join the engine to a process group with the trainer (trainer = rank 0)."""
-        await self._unary(self._stub.InitWeightUpdateGroup, calls.init_group_request(
-            master_address, master_port, rank_offset, world_size, group_name, backend))
+    def engine_ranks(self) -> int:
+        """Engine ranks behind this server that join a weight-update group (one per GPU rank)."""
+        return 1
 
-    async def destroy_weight_update_group(self, group_name: str = DEFAULT_GROUP) -> None:
+    async def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                       world_size: int, group_name: str = DEFAULT_GROUP, backend: str = "nccl",
+                                       timeout_s: float = 0.0) -> str:
+        """Join the engine to a process group with the trainer (trainer = rank 0); blocks until it forms."""
+        request = cw.init_group_to_proto(master_address, master_port, rank_offset, world_size, group_name,
+                                         backend, timeout_s)
+        return (await self._unary(self._stub.InitWeightUpdateGroup, request)).group_name
+
+    async def destroy_weight_update_group(self, group_name: str = DEFAULT_GROUP) -> str:
         """Leave and destroy a weight update group."""
         request = pb.DestroyWeightUpdateGroupRequest(group_name=group_name)
-        await self._unary(self._stub.DestroyWeightUpdateGroup, request)
+        return (await self._unary(self._stub.DestroyWeightUpdateGroup, request)).group_name
 
-    async def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence[str],
-                                              shapes: Sequence[Sequence[int]], *, version: int,
-                                              group_name: str = DEFAULT_GROUP,
-                                              flat_bucket: bool = False) -> int:
-        """Receive these tensors by broadcast from the trainer; returns the new weight version."""
-        request = calls.from_distributed_request(names, dtypes, shapes, group_name, version, flat_bucket)
+    async def update_weights_from_distributed(self, **layout: Any) -> int:
+        """Receive tensors broadcast by the trainer; returns the new weight version."""
+        request = cw.distributed_to_proto(**layout)
         return (await self._unary(self._stub.UpdateWeightsFromDistributed, request)).weight_version
 
-    async def update_weights_from_tensor(self, names: Sequence[str], dtypes: Sequence[str],
-                                         shapes: Sequence[Sequence[int]],
-                                         sources: Sequence[pb.TensorSource], *, version: int,
-                                         flat_bucket: bool = False) -> int:
+    async def update_weights_from_tensor(self, **layout: Any) -> int:
         """Load colocated tensors shared by handle; returns the new weight version."""
-        request = calls.from_tensor_request(names, dtypes, shapes, sources, version, flat_bucket)
+        request = cw.tensor_to_proto(**layout)
         return (await self._unary(self._stub.UpdateWeightsFromTensor, request)).weight_version
 
     async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
@@ -391,9 +393,9 @@ class AsyncRolloutClient:
     async def release_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Release GPU memory of these tags (None: all)."""
         reply = await self._unary(self._stub.ReleaseMemory, pb.ReleaseMemoryRequest(tags=list(tags or ())))
-        return calls.memory_state(reply)
+        return cw.memory_from_proto(reply)
 
     async def resume_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Map released memory back (None: all)."""
         reply = await self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=list(tags or ())))
-        return calls.memory_state(reply)
+        return cw.memory_from_proto(reply)

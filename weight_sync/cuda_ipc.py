@@ -27,6 +27,12 @@ class _Handle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_char * HANDLE_BYTES)]
 
 
+def handle_bytes(handle: _Handle) -> bytes:
+    """All 64 bytes of a handle. (``handle.reserved`` is a C string to ctypes and stops at the first
+    zero byte, which real handles contain.)"""
+    return ctypes.string_at(ctypes.addressof(handle), HANDLE_BYTES)
+
+
 class _Driver:
     """The few driver entry points IPC needs, with their argument types declared."""
 
@@ -95,7 +101,7 @@ def export_range(ptr: int, nbytes: int, device: torch.device) -> ExportedRange:
         result = drv.get_handle(ctypes.byref(handle), base)
     if result != 0:
         drv.check(result, "cuIpcGetMemHandle (memory from expandable segments or cuMemCreate cannot be shared)")
-    return ExportedRange(device.index or 0, bytes(handle.reserved), ptr - base, nbytes)
+    return ExportedRange(device.index or 0, handle_bytes(handle), ptr - base, nbytes)
 
 
 class _DeviceBytes:

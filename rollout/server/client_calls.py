@@ -100,31 +100,6 @@ def _shapes(shapes: Sequence[Sequence[int]]) -> list[pb.TensorShape]:
     return [pb.TensorShape(dims=list(s)) for s in shapes]
 
 
-def init_group_request(master_address: str, master_port: int, rank_offset: int, world_size: int,
-                       group_name: str, backend: str) -> pb.InitWeightUpdateGroupRequest:
-    """Join a weight update group with the trainer."""
-    return pb.InitWeightUpdateGroupRequest(master_address=master_address, master_port=master_port,
-                                           rank_offset=rank_offset, world_size=world_size,
-                                           group_name=group_name, backend=backend)
-
-
-def from_distributed_request(names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
-                             group_name: str, version: int,
-                             flat_bucket: bool) -> pb.UpdateWeightsFromDistributedRequest:
-    """Receive these tensors by broadcast."""
-    return pb.UpdateWeightsFromDistributedRequest(group_name=group_name, names=list(names),
-                                                  dtypes=list(dtypes), shapes=_shapes(shapes),
-                                                  version=version, flat_bucket=flat_bucket)
-
-
-def from_tensor_request(names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
-                        sources: Sequence[pb.TensorSource], version: int,
-                        flat_bucket: bool) -> pb.UpdateWeightsFromTensorRequest:
-    """Load tensors shared by handle."""
-    return pb.UpdateWeightsFromTensorRequest(names=list(names), dtypes=list(dtypes), shapes=_shapes(shapes),
-                                             sources=list(sources), version=version, flat_bucket=flat_bucket)
-
-
 def from_disk_request(model_path: str, version: int | None) -> pb.UpdateWeightsFromDiskRequest:
     """Reload from a checkpoint directory (version None: the server picks current + 1)."""
     msg = pb.UpdateWeightsFromDiskRequest(model_path=model_path)
@@ -133,6 +108,3 @@ def from_disk_request(model_path: str, version: int | None) -> pb.UpdateWeightsF
     return msg
 
 
-def memory_state(msg: pb.MemoryResponse) -> dict[str, dict[str, Any]]:
-    """Tag -> {state, bytes}."""
-    return {tag: {"state": m.state, "bytes": m.bytes} for tag, m in msg.memory.items()}

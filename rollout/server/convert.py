@@ -278,6 +278,7 @@ def info_to_proto(info: EngineInfo) -> pb.GetInfoResponse:
     for tag, state in info.memory.items():
         msg.memory[tag].state = str(state.get("state", ""))
         msg.memory[tag].bytes = int(state.get("bytes", 0))
+        msg.memory[tag].backup = bool(state.get("backup", False))
     return msg
 
 
@@ -305,7 +306,7 @@ def info_from_proto(msg: pb.GetInfoResponse) -> EngineInfo:
         num_retractions=msg.num_retractions,
         device=msg.device,
         dtype=msg.dtype,
-        memory={tag: {"state": m.state, "bytes": m.bytes} for tag, m in msg.memory.items()},
+        memory={tag: {"state": m.state, "bytes": m.bytes, "backup": m.backup} for tag, m in msg.memory.items()},
         version=msg.version,
     )
 

@@ -22,9 +22,8 @@ from rollout.errors import (
     InvalidArgumentError,
     PermissionDeniedError,
     RolloutError,
-    UnimplementedError,
 )
-from rollout.server import convert
+from rollout.server import convert, convert_weights
 
 if TYPE_CHECKING:
     from rollout.engine_client import EngineClient
@@ -220,34 +219,57 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
         return convert.info_to_proto(info)
 
     # ------------------------------------------------------------------ weights and memory
-    def _not_in_this_build(self, rpc: str) -> None:
-        self._control_engine(rpc)
-        raise UnimplementedError(f"{rpc} is not available in this build")
+    async def _weights_call(self, rpc: str, op: str, args: dict[str, Any]) -> pb.UpdateWeightsResponse:
+        version = await self._control_engine(rpc).acall(op, **args)
+        return pb.UpdateWeightsResponse(weight_version=int(version))
 
     @_unary
-    async def InitWeightUpdateGroup(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._not_in_this_build("InitWeightUpdateGroup")
+    async def InitWeightUpdateGroup(
+        self, request: pb.InitWeightUpdateGroupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WeightGroupResponse:
+        args = convert_weights.init_group_from_proto(request)
+        name = await self._control_engine("InitWeightUpdateGroup").acall("init_weight_update_group", **args)
+        return pb.WeightGroupResponse(group_name=str(name))
 
     @_unary
-    async def DestroyWeightUpdateGroup(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._not_in_this_build("DestroyWeightUpdateGroup")
+    async def DestroyWeightUpdateGroup(
+        self, request: pb.DestroyWeightUpdateGroupRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WeightGroupResponse:
+        name = await self._control_engine("DestroyWeightUpdateGroup").acall(
+            "destroy_weight_update_group", group_name=request.group_name or "default")
+        return pb.WeightGroupResponse(group_name=str(name))
 
     @_unary
-    async def UpdateWeightsFromDistributed(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._not_in_this_build("UpdateWeightsFromDistributed")
+    async def UpdateWeightsFromDistributed(
+        self, request: pb.UpdateWeightsFromDistributedRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateWeightsResponse:
+        return await self._weights_call("UpdateWeightsFromDistributed", "update_weights_from_distributed",
+                                        convert_weights.distributed_from_proto(request))
 
     @_unary
-    async def UpdateWeightsFromTensor(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._not_in_this_build("UpdateWeightsFromTensor")
+    async def UpdateWeightsFromTensor(
+        self, request: pb.UpdateWeightsFromTensorRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateWeightsResponse:
+        return await self._weights_call("UpdateWeightsFromTensor", "update_weights_from_tensor",
+                                        convert_weights.tensor_from_proto(request))
 
     @_unary
-    async def UpdateWeightsFromDisk(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._not_in_this_build("UpdateWeightsFromDisk")
+    async def UpdateWeightsFromDisk(
+        self, request: pb.UpdateWeightsFromDiskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateWeightsResponse:
+        return await self._weights_call("UpdateWeightsFromDisk", "update_weights_from_disk",
+                                        convert_weights.disk_from_proto(request))
 
     @_unary
-    async def ReleaseMemory(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._not_in_this_build("ReleaseMemory")
+    async def ReleaseMemory(
+        self, request: pb.ReleaseMemoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MemoryResponse:
+        states = await self._control_engine("ReleaseMemory").acall("release_memory", tags=list(request.tags))
+        return convert_weights.memory_to_proto(states)
 
     @_unary
-    async def ResumeMemory(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        self._not_in_this_build("ResumeMemory")
+    async def ResumeMemory(
+        self, request: pb.ResumeMemoryRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MemoryResponse:
+        states = await self._control_engine("ResumeMemory").acall("resume_memory", tags=list(request.tags))
+        return convert_weights.memory_to_proto(states)

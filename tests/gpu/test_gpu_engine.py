@@ -57,15 +57,33 @@ def test_triton_backend_matches_torch_reference_fp32(qwen3_dir) -> None:
 
 
 def test_bf16_greedy_matches_transformers(qwen3_dir) -> None:
+    """bf16 greedy output equals transformers' bf16 greedy output for 32 tokens.
+
+    A random model has many near-ties between its top two logits, where bf16 rounding of either
+    implementation decides the token. The prompts compared are those whose float32 greedy path
+    keeps a top-2 gap above bf16 noise at every one of the 32 steps, so the reference itself is
+    well determined there; at least three such prompts must exist.
+    """
     from transformers import AutoModelForCausalLM
 
+    n_new, min_gap = 32, 0.25
+    hf32 = AutoModelForCausalLM.from_pretrained(qwen3_dir, torch_dtype=torch.float32).cuda().eval()
+    determined = []
+    for p in prompts(24, seed=2):
+        with torch.inference_mode():
+            out = hf32.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=n_new,
+                                min_new_tokens=n_new, output_logits=True, return_dict_in_generate=True,
+                                attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"))
+        gaps = [float(t[0] - t[1]) for t in (lg[0].float().topk(2).values for lg in out.logits)]
+        if min(gaps) > min_gap:
+            determined.append(p)
+    del hf32
+    assert len(determined) >= 3, f"only {len(determined)} well-determined prompts"
     hf = AutoModelForCausalLM.from_pretrained(qwen3_dir, torch_dtype=torch.bfloat16).cuda().eval()
-    ps = prompts(4, seed=2)
-    n_new = 32
     with Engine(qwen3_dir, device="cuda", dtype="bfloat16", attention_backend="triton",
                 max_total_tokens=1 << 15) as engine:
-        outs = engine.generate(ps, SamplingParams(temperature=0.0, max_new_tokens=n_new, ignore_eos=True))
-    for p, o in zip(ps, outs):
+        outs = engine.generate(determined, SamplingParams(temperature=0.0, max_new_tokens=n_new, ignore_eos=True))
+    for p, o in zip(determined, outs):
         with torch.inference_mode():
             ref = hf.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=n_new,
                               min_new_tokens=n_new, attention_mask=torch.ones(1, len(p), dtype=torch.long,

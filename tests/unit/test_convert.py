@@ -200,7 +200,7 @@ def test_info_round_trip():
         num_retractions=5,
         device="cpu",
         dtype="float32",
-        memory={"weights": {"state": "resident", "bytes": 123}},
+        memory={"weights": {"state": "active", "bytes": 123, "backup": True}},
         version="0.1.0",
     )
     msg = pb.GetInfoResponse.FromString(convert.info_to_proto(info).SerializeToString())

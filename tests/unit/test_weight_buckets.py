@@ -133,3 +133,15 @@ def test_wire_form_rejects_bad_fields(kwargs: dict, field: str) -> None:
     with pytest.raises(InvalidArgumentError) as info:
         layouts_from_args(**kwargs)
     assert info.value.field == field
+
+
+def test_cuda_ipc_handle_keeps_all_64_bytes() -> None:
+    """A driver handle holds zero bytes; all 64 must travel (they were cut at the first zero)."""
+    import ctypes
+
+    from weight_sync.cuda_ipc import HANDLE_BYTES, _Handle, handle_bytes
+
+    raw = bytes([7, 0, 0, 3] * (HANDLE_BYTES // 4))
+    handle = _Handle()
+    ctypes.memmove(ctypes.addressof(handle), raw, HANDLE_BYTES)
+    assert handle_bytes(handle) == raw

@@ -1,0 +1,138 @@
+"""Weight-update and memory protos <-> the engine's control-operation arguments (plain dicts).
+
+The engine's weight and memory operations take keyword arguments (see ``rollout/weights`` and
+``rollout/memory_control.py``); ``weight_sync`` produces the same keywords on the trainer side.
+These functions are the only place they meet the protos, in both directions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from protos import rollout_pb2 as pb
+from rollout.errors import InvalidArgumentError
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def _shapes(shapes: Sequence[Sequence[int]]) -> list[pb.TensorShape]:
+    return [pb.TensorShape(dims=[int(d) for d in s]) for s in shapes]
+
+
+def _layout_from_proto(msg: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "names": list(msg.names),
+        "dtypes": list(msg.dtypes),
+        "shapes": [list(s.dims) for s in msg.shapes],
+        "flat_bucket": bool(msg.flat_bucket),
+        "version": msg.version if msg.HasField("version") else None,
+    }
+    if msg.offsets:
+        args["offsets"] = list(msg.offsets)
+    if msg.bucket_sizes:
+        args["bucket_sizes"] = list(msg.bucket_sizes)
+    return args
+
+
+def _layout_to_proto(msg: Any, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
+                     offsets: Sequence[int] | None, bucket_sizes: Sequence[int] | None, flat_bucket: bool,
+                     version: int | None) -> Any:
+    msg.names.extend(names)
+    msg.dtypes.extend(str(d).removeprefix("torch.") for d in dtypes)
+    msg.shapes.extend(_shapes(shapes))
+    msg.offsets.extend(int(o) for o in offsets or ())
+    msg.bucket_sizes.extend(int(b) for b in bucket_sizes or ())
+    msg.flat_bucket = bool(flat_bucket)
+    if version is not None:
+        msg.version = int(version)
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------- groups
+def init_group_from_proto(msg: pb.InitWeightUpdateGroupRequest) -> dict[str, Any]:
+    if not msg.master_address:
+        raise InvalidArgumentError("the trainer's address is required", field="master_address")
+    return {
+        "master_address": msg.master_address,
+        "master_port": int(msg.master_port),
+        "rank_offset": int(msg.rank_offset),
+        "world_size": int(msg.world_size),
+        "group_name": msg.group_name or "default",
+        "backend": msg.backend or "nccl",
+        "timeout_s": msg.timeout_s if msg.timeout_s > 0 else DEFAULT_TIMEOUT_S,
+    }
+
+
+def init_group_to_proto(master_address: str, master_port: int, rank_offset: int, world_size: int,
+                        group_name: str = "default", backend: str = "nccl",
+                        timeout_s: float = 0.0) -> pb.InitWeightUpdateGroupRequest:
+    return pb.InitWeightUpdateGroupRequest(master_address=master_address, master_port=int(master_port),
+                                           rank_offset=int(rank_offset), world_size=int(world_size),
+                                           group_name=group_name, backend=backend, timeout_s=float(timeout_s or 0))
+
+
+# ---------------------------------------------------------------------------------------------- updates
+def distributed_from_proto(msg: pb.UpdateWeightsFromDistributedRequest) -> dict[str, Any]:
+    return {"group_name": msg.group_name or "default", **_layout_from_proto(msg)}
+
+
+def distributed_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
+                         group_name: str = "default", offsets: Sequence[int] | None = None,
+                         bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
+                         version: int | None = None) -> pb.UpdateWeightsFromDistributedRequest:
+    msg = pb.UpdateWeightsFromDistributedRequest(group_name=group_name)
+    return _layout_to_proto(msg, names, dtypes, shapes, offsets, bucket_sizes, flat_bucket, version)
+
+
+def _source_from_proto(src: pb.TensorSource) -> dict[str, Any]:
+    kind = src.WhichOneof("source")
+    if kind == "cuda_ipc":
+        m = src.cuda_ipc
+        return {"cuda_ipc": {"device_index": m.device_index, "handle": bytes(m.handle), "offset": m.offset,
+                             "size": m.size}}
+    if kind == "shared_memory":
+        m = src.shared_memory
+        return {"shared_memory": {"name": m.name, "offset": m.offset, "size": m.size}}
+    raise InvalidArgumentError("each source needs cuda_ipc or shared_memory", field="sources")
+
+
+def _source_to_proto(src: dict[str, Any] | pb.TensorSource) -> pb.TensorSource:
+    if isinstance(src, pb.TensorSource):
+        return src
+    if "cuda_ipc" in src:
+        return pb.TensorSource(cuda_ipc=pb.CudaIpcHandle(**src["cuda_ipc"]))
+    if "shared_memory" in src:
+        return pb.TensorSource(shared_memory=pb.SharedMemoryRef(**src["shared_memory"]))
+    raise InvalidArgumentError("each source needs cuda_ipc or shared_memory", field="sources")
+
+
+def tensor_from_proto(msg: pb.UpdateWeightsFromTensorRequest) -> dict[str, Any]:
+    return {"sources": [_source_from_proto(s) for s in msg.sources], **_layout_from_proto(msg)}
+
+
+def tensor_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
+                    sources: Sequence[dict[str, Any] | pb.TensorSource], offsets: Sequence[int] | None = None,
+                    bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
+                    version: int | None = None) -> pb.UpdateWeightsFromTensorRequest:
+    msg = pb.UpdateWeightsFromTensorRequest(sources=[_source_to_proto(s) for s in sources])
+    return _layout_to_proto(msg, names, dtypes, shapes, offsets, bucket_sizes, flat_bucket, version)
+
+
+def disk_from_proto(msg: pb.UpdateWeightsFromDiskRequest) -> dict[str, Any]:
+    if not msg.model_path:
+        raise InvalidArgumentError("a checkpoint directory is required", field="model_path")
+    return {"model_path": msg.model_path, "version": msg.version if msg.HasField("version") else None}
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def memory_to_proto(states: dict[str, dict[str, Any]]) -> pb.MemoryResponse:
+    """``{tag: {"state", "bytes", "backup"}}`` -> MemoryResponse."""
+    return pb.MemoryResponse(memory={
+        tag: pb.MemoryState(state=str(s["state"]), bytes=int(s["bytes"]), backup=bool(s.get("backup", False)))
+        for tag, s in states.items()
+    })
+
+
+def memory_from_proto(msg: pb.MemoryResponse) -> dict[str, dict[str, Any]]:
+    return {tag: {"state": m.state, "bytes": m.bytes, "backup": m.backup} for tag, m in msg.memory.items()}
