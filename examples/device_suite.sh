@@ -2,7 +2,8 @@
 # GPU tests and benchmarks in one go on a GPU machine, run from the checkout (PYTHONPATH=.).
 #
 #   examples/device_suite.sh tests      # tests/gpu (and tests/multi_gpu when 2+ GPUs)
-#   examples/device_suite.sh bench      # kernel, engine, memory and weight-sync benchmarks (1 GPU)
+#   examples/device_suite.sh bench      # kernel and engine benchmarks (1 GPU)
+#   examples/device_suite.sh sync       # memory release/resume and colocated weight-sync benchmarks (1 GPU)
 #   examples/device_suite.sh multi      # multi-GPU tests and the NCCL weight-sync benchmark
 #
 # Wheels the machine lacks can be put in .whl/ (see ../shared/tools/device-wheels.sh); they are
@@ -33,21 +34,25 @@ step() {
 
 case "${1:-tests}" in
   tests)
-    step gpu_tests 420 python3 -m pytest -q -x -p no:cacheprovider tests/gpu -k "not flashinfer and not weight_sync"
+    step gpu_tests 420 python3 -m pytest -q -p no:cacheprovider tests/gpu -k "not flashinfer"
     step flashinfer_tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_flashinfer_backend_gpu.py
     ;;
   bench)
+    step bf16_vs_hf 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_engine.py -k bf16
     step bench_attention 120 python3 -m kernels.bench_attention
     step bench_moe 120 python3 -m kernels.bench_moe
     step offline_qwen3_0.6b 240 python3 examples/offline_throughput.py --shape qwen3-0.6b --attention-backend triton
     step batch1_qwen3_0.6b 120 python3 examples/offline_throughput.py --shape qwen3-0.6b --batch1 \
       --attention-backend triton
+    ;;
+  sync)
     step memory_bench 180 python3 examples/memory_bench.py --kv-gib 40 --cycles 2
     step ipc_bench 180 python3 examples/weight_sync_bench.py --shape llama-8b --ipc
     ;;
   multi)
-    step multi_gpu_tests 300 python3 -m pytest -q -x -p no:cacheprovider tests/multi_gpu
-    step nccl_bench 240 python3 examples/weight_sync_bench.py --shape llama-8b --backend nccl
+    step nccl_bench_1g 120 python3 examples/weight_sync_bench.py --shape llama-8b --bucket-mb 1024
+    step nccl_bench_2g 120 python3 examples/weight_sync_bench.py --shape llama-8b --bucket-mb 2048
+    step multi_gpu_tests 200 python3 -m pytest -v -x -p no:cacheprovider tests/multi_gpu
     ;;
 esac
 echo "==== summary"

@@ -142,6 +142,10 @@ def _receiver_main(cmds: Any, replies: Any, shape: str, device: str, raw_init: s
     while True:
         op, kw = cmds.get()
         if op == "stop":
+            import torch.distributed as dist
+
+            if dist.is_initialized():  # leaves together with the trainer (NCCL teardown waits for peers)
+                dist.destroy_process_group()
             return
         try:
             replies.put(("ok", receiver.handle(op, kw)))
@@ -188,8 +192,11 @@ class ReceiverTarget:
     def destroy_weight_update_group(self, group_name: str) -> Any:
         return self.call("destroy", group_name=group_name)
 
-    def stop(self) -> None:
+    def begin_stop(self) -> None:
         self._cmds.put(("stop", {}))
+
+    def stop(self) -> None:
+        self.begin_stop()
         self._proc.join(timeout=60)
 
 
@@ -306,6 +313,7 @@ def main() -> None:
         print(_line("end to end: pause + push + continue", _timed(end_to_end, args.iters, trainer_dev), nbytes,
                     min(base)))
         group.close()
+        receiver.begin_stop()  # both sides tear the default group down at the same time
         dist.destroy_process_group()
     receiver.stop()
 

@@ -219,6 +219,11 @@ class CommGroup:
             return f"the group's store at {self.cfg.master_address}:{self.cfg.master_port} is unreachable ({e})"
         return None
 
+    @property
+    def store(self) -> Store | None:
+        """The group's store (rank 0 serves it for everyone while a reference to it lives)."""
+        return self._store
+
     def abort(self, reason: str) -> None:
         """Mark the group broken and tell the other members (best effort), so none waits for its timeout."""
         if self.broken is None:

@@ -150,12 +150,17 @@ class WeightSyncGroup:
         if self.comm.closed:
             return
         broken = self.comm.broken
+        # The engines leave while this side leaves: tearing down an NCCL communicator can wait for
+        # every rank to do the same, so closing here first and asking the engines after deadlocks.
+        # The trainer's store (rank 0 serves it) stays up until the engines are done.
+        store = self.comm.store
+        futures = [] if broken else [
+            self._pool.submit(t.destroy_weight_update_group, self.group_name) for t in self.targets]
         self.comm.close()
-        if not broken:
-            futures = [self._pool.submit(t.destroy_weight_update_group, self.group_name) for t in self.targets]
-            for fut in concurrent.futures.as_completed(futures):
-                if fut.exception() is not None:
-                    logger.warning("destroying group %s on an engine failed: %s", self.group_name, fut.exception())
+        for fut in concurrent.futures.as_completed(futures):
+            if fut.exception() is not None:
+                logger.warning("destroying group %s on an engine failed: %s", self.group_name, fut.exception())
+        del store
         self._pool.shutdown(wait=False)
 
     def __enter__(self) -> WeightSyncGroup:

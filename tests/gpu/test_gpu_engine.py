@@ -56,34 +56,51 @@ def test_triton_backend_matches_torch_reference_fp32(qwen3_dir) -> None:
         assert max(abs(a - b) for a, b in zip(o.output_logprobs, r.output_logprobs)) < 1e-3
 
 
-def test_bf16_greedy_matches_transformers(qwen3_dir) -> None:
-    """bf16 greedy output equals transformers' bf16 greedy output for 32 tokens.
+@pytest.fixture(scope="module")
+def trained_dir(qwen3_dir, tmp_path_factory) -> str:
+    """The Qwen3-shaped model trained briefly on a fixed next-token map (a random permutation).
 
-    A random model has many near-ties between its top two logits, where bf16 rounding of either
-    implementation decides the token. The prompts compared are those whose float32 greedy path
-    keeps a top-2 gap above bf16 noise at every one of the 32 steps, so the reference itself is
-    well determined there; at least three such prompts must exist.
+    Random weights leave the top two logits close at many steps, where bf16 rounding of either
+    implementation picks the token; a trained model is confident like a real checkpoint, so equal
+    greedy output is a fair requirement for it.
     """
+    import shutil
+
     from transformers import AutoModelForCausalLM
 
-    n_new, min_gap = 32, 0.25
-    hf32 = AutoModelForCausalLM.from_pretrained(qwen3_dir, torch_dtype=torch.float32).cuda().eval()
-    determined = []
-    for p in prompts(24, seed=2):
-        with torch.inference_mode():
-            out = hf32.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=n_new,
-                                min_new_tokens=n_new, output_logits=True, return_dict_in_generate=True,
-                                attention_mask=torch.ones(1, len(p), dtype=torch.long, device="cuda"))
-        gaps = [float(t[0] - t[1]) for t in (lg[0].float().topk(2).values for lg in out.logits)]
-        if min(gaps) > min_gap:
-            determined.append(p)
-    del hf32
-    assert len(determined) >= 3, f"only {len(determined)} well-determined prompts"
-    hf = AutoModelForCausalLM.from_pretrained(qwen3_dir, torch_dtype=torch.bfloat16).cuda().eval()
-    with Engine(qwen3_dir, device="cuda", dtype="bfloat16", attention_backend="triton",
+    model = AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32).cuda().train()
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    perm = torch.randperm(vocab, generator=gen, device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(300):
+        seq = [torch.randint(0, vocab, (64,), generator=gen, device="cuda")]
+        for _ in range(63):
+            seq.append(perm[seq[-1]])
+        ids = torch.stack(seq, 1)  # (64, 64)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(loss) < 0.05, f"training did not converge (loss {float(loss):.3f})"
+    path = str(tmp_path_factory.mktemp("trained"))
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(f"{qwen3_dir}/{f}", path)
+    return path
+
+
+def test_bf16_greedy_matches_transformers(trained_dir) -> None:
+    """bf16 greedy output (Triton attention, CUDA graphs) equals transformers' bf16 greedy output."""
+    from transformers import AutoModelForCausalLM
+
+    n_new = 32
+    hf = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=torch.bfloat16).cuda().eval()
+    ps = prompts(6, seed=2)
+    with Engine(trained_dir, device="cuda", dtype="bfloat16", attention_backend="triton",
                 max_total_tokens=1 << 15) as engine:
-        outs = engine.generate(determined, SamplingParams(temperature=0.0, max_new_tokens=n_new, ignore_eos=True))
-    for p, o in zip(determined, outs):
+        outs = engine.generate(ps, SamplingParams(temperature=0.0, max_new_tokens=n_new, min_new_tokens=n_new))
+    for p, o in zip(ps, outs):
         with torch.inference_mode():
             ref = hf.generate(torch.tensor([p], device="cuda"), do_sample=False, max_new_tokens=n_new,
                               min_new_tokens=n_new, attention_mask=torch.ones(1, len(p), dtype=torch.long,
