@@ -80,3 +80,60 @@ def test_ipc_update_equals_engine_loaded_from_disk(model_dir, perturbed) -> None
         assert client_outputs(engine) == want
     finally:
         engine.shutdown()
+
+
+def training_step_in_another_process(fraction: float) -> float:
+    """A separate process takes ``fraction`` of the free GPU memory and runs bf16 matmuls on it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "free, total = torch.cuda.mem_get_info()\n"
+        f"n = int(free * {fraction})\n"
+        "blob = torch.empty(n, dtype=torch.uint8, device='cuda')\n"
+        "blob.fill_(1)\n"
+        "a = torch.randn(8192, 8192, device='cuda', dtype=torch.bfloat16)\n"
+        "for _ in range(20):\n"
+        "    a = torch.nn.functional.normalize(a @ a, dim=-1)\n"
+        "torch.cuda.synchronize()\n"
+        "print(n / total)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_colocated_cycle_release_train_push_resume(model_dir, perturbed) -> None:
+    """generate, pause, release(kv_cache, weights), a training step taking most of the GPU in another
+    process, resume(weights), push new weights over CUDA IPC, resume(kv_cache), generate correctly."""
+    weights, path = perturbed
+    reference = start_engine_process(path, **OPTS)
+    try:
+        want = client_outputs(reference)
+    finally:
+        reference.shutdown()
+    # The KV pool is sized from free memory, as in a real deployment.
+    engine = start_engine_process(model_dir, device="cuda", dtype="bfloat16", kv_memory_fraction=0.6)
+    try:
+        before = client_outputs(engine)
+        assert before != want
+        engine.call("pause", mode="retract")
+        free0 = torch.cuda.mem_get_info()[0]
+        states = engine.call("release_memory", tags=["kv_cache", "weights"])
+        assert states["kv_cache"]["state"] == "released" and states["weights"]["state"] == "released"
+        freed = torch.cuda.mem_get_info()[0] - free0
+        share = training_step_in_another_process(0.9)
+        print(f"released {freed / 2**30:.2f} GiB; the training step held {share:.0%} of the GPU")
+        assert share > 0.5
+        engine.call("resume_memory", tags=["weights"])
+        trainer = {n: t.to("cuda", torch.bfloat16) for n, t in weights.items()}
+        assert weight_sync.push_tensors_ipc([engine], trainer.items(), version=11) == 11
+        engine.call("resume_memory", tags=["kv_cache"])
+        engine.call("continue")
+        assert client_outputs(engine) == want
+        info = engine.call("info")
+        assert info.weight_version == 11 and info.weights_valid
+        assert all(m["state"] == "active" for m in info.memory.values())
+    finally:
+        engine.shutdown()
