@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when a kernel is decorated, i.e. at the first import of a kernel module; any
+    # test may trigger that import, so it is set before all of them. The CPU runs kernels only in
+    # Triton's interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
