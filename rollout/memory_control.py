@@ -56,6 +56,8 @@ class MemoryControl:
             self._drop_kv()
         weights = saver.region("weights")
         drop_weights = "weights" in wanted and weights.state is MemoryState.ACTIVE and not weights.backup
+        if "cuda_graph" in wanted:
+            core.runner.drop_cuda_graphs()
         try:
             saver.release(wanted)
         finally:
@@ -64,7 +66,7 @@ class MemoryControl:
             self._update_blocker()
         if self.memory.device.type == "cuda":
             torch.cuda.empty_cache()  # cached activation blocks go back to the driver too
-        return saver.states()
+        return self.states()
 
     def resume(self, tags: Any) -> dict[str, dict[str, object]]:
         """Resume ``tags`` (None or empty: all); returns the state of every tag."""
@@ -73,11 +75,23 @@ class MemoryControl:
             self.memory.saver.resume(wanted)
         finally:
             self._update_blocker()
-        return self.memory.saver.states()
+        if not self.memory.saver.released_tags():
+            # Capturing runs the model over the weights and the KV pool: only once both are mapped.
+            self.core.runner.restore_cuda_graphs()
+        return self.states()
+
+    def states(self) -> dict[str, dict[str, object]]:
+        """The saver's tag states; ``cuda_graph`` counts the decode graphs' memory (torch-allocated)."""
+        states = self.memory.saver.states()
+        if "cuda_graph" in states:
+            runner = self.core.runner
+            states["cuda_graph"]["bytes"] = int(states["cuda_graph"]["bytes"]) + (
+                runner.graph_bytes if runner.graphs is not None else 0)
+        return states
 
     def fill_info(self, info: EngineInfo) -> None:
         """GetInfo: ``{tag: {"state": "active" | "released", "bytes": int, "backup": bool}}``."""
-        info.memory = self.memory.saver.states()
+        info.memory = self.states()
 
     def guard(self, op: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
         """Wrap a weight-update operation so that it is refused while the weights' memory is released."""

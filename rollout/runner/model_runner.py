@@ -50,6 +50,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.req_table: torch.Tensor | None = None  # (max_requests, max_context) int64, bound later
         self.graphs: DecodeGraphRunner | None = None
+        self.graph_bytes = 0  # device memory the decode graphs hold (static buffers + private pool)
+        self._graphs_dropped = False
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode graphs when the device and the attention backend allow it."""
@@ -58,8 +60,31 @@ class ModelRunner:
             return
         max_bs = min(cfg.cuda_graph_max_bs, cfg.scheduler.max_running_requests)
         max_kv = min(max_bs * cfg.context_length, MAX_GRAPH_KV_ENTRIES)
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_reserved(self.device)
         self.graphs = DecodeGraphRunner(self.model, self.attn_backend, max_bs, max_kv, self.device)
         self.graphs.capture()
+        torch.cuda.synchronize(self.device)
+        self.graph_bytes = max(torch.cuda.memory_reserved(self.device) - before, 0)
+
+    def drop_cuda_graphs(self) -> None:
+        """Free the decode graphs and their memory (release of the ``cuda_graph`` tag).
+
+        Their private pool belongs to torch's allocator, not to a releasable region, so the graphs
+        are dropped and captured again by ``restore_cuda_graphs`` rather than unmapped in place.
+        """
+        if self.graphs is None:
+            return
+        self.graphs = None
+        self._graphs_dropped = True
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    def restore_cuda_graphs(self) -> None:
+        """Capture the graphs dropped by ``drop_cuda_graphs`` again (weights and KV must be mapped)."""
+        if self._graphs_dropped:
+            self._graphs_dropped = False
+            self.capture_cuda_graphs()
 
     def _load_model(self) -> torch.nn.Module:
         model = load_model(self.config.model, self.config.model_path, self.dtype, self.device,

@@ -124,9 +124,11 @@ def test_engine_release_all_frees_95_percent_and_resumes_identically(model_dir, 
         weight_ptrs = [p.data_ptr() for p in runner.model.parameters()]
         kv_ptrs = [t.data_ptr() for t in runner.kv_pool.k_buffers + runner.kv_pool.v_buffers]
 
+        assert runner.graphs is not None and engine.info().memory["cuda_graph"]["bytes"] > 0
         engine.pause("retract")
         before = free_bytes()
         states = engine.release_memory()
+        assert runner.graphs is None and states["cuda_graph"]["state"] == "released"
         freed_total = free_bytes() - before
         engine_left = held - freed_total
         print(f"engine held {held} bytes ({held / GIB:.2f} GiB); release freed {freed_total} bytes "
@@ -135,7 +137,9 @@ def test_engine_release_all_frees_95_percent_and_resumes_identically(model_dir, 
         other_process_allocates(int(freed_total * 0.9))
 
         engine.resume_memory(["weights"])
+        assert runner.graphs is None  # captured again only once weights and KV are both back
         engine.resume_memory(["kv_cache", "cuda_graph"])
+        assert runner.graphs is not None
         assert [p.data_ptr() for p in runner.model.parameters()] == weight_ptrs
         assert [t.data_ptr() for t in runner.kv_pool.k_buffers + runner.kv_pool.v_buffers] == kv_ptrs
         engine.continue_()
