@@ -56,14 +56,23 @@ class PageAllocator:
 
     def alloc(self, n_pages: int) -> torch.Tensor | None:
         """Take ``n_pages`` pages; int64 ids (n_pages,), or None (and nothing taken) if too few are free."""
+        out = self.alloc_list(n_pages)
+        return None if out is None else torch.tensor(out, dtype=torch.int64)
+
+    def alloc_list(self, n_pages: int) -> list[int] | None:
+        """``alloc`` returning a Python list: the decode path takes one page per sequence per step,
+        and a list costs a fraction of the tensor ops."""
         if n_pages < 0:
             raise InvalidArgumentError(f"must be >= 0, got {n_pages}", field="n_pages")
         if n_pages > self._top:
             return None
-        # Flipped: pops come off the top of the stack, and a fresh pool then yields 1, 2, 3, ...
-        out = self._stack[self._top - n_pages : self._top].flip(0)  # (n_pages,) a copy
+        # Reversed: pops come off the top of the stack, and a fresh pool then yields 1, 2, 3, ...
+        out = self._stack[self._top - n_pages : self._top].tolist()[::-1]
         self._top -= n_pages
-        self._is_free[out] = False
+        if n_pages == 1:
+            self._is_free[out[0]] = False
+        elif out:
+            self._is_free[out] = False
         return out
 
     def free(self, page_ids: torch.Tensor) -> None:

@@ -130,14 +130,12 @@ class KVCacheManager:
             if short * ps > self.tree.evictable_size:
                 return False
             self.tree.evict(short * ps)
-        pages = self.allocator.alloc(need)
+        pages = self.allocator.alloc_list(need)
         assert pages is not None, "eviction freed less than the evictable size promised"
-        seq.pages.extend(pages.tolist())
+        seq.pages.extend(pages)
         self._own_pages += need
-        start = have * ps
-        end = min(len(seq.pages) * ps, self.max_context)  # the last page may overhang the table
-        slots = (pages[:, None] * ps + self._page_offsets).reshape(-1)  # (need * page_size,)
-        self.req_table.write(seq.row, start, slots[: end - start])
+        # The table rows of new positions are written by the model runner when it computes them
+        # (one vectorised write per step), not here: a per-sequence device copy per step is costly.
         return True
 
     def cache_prefix(self, seq: SeqHandle, tokens: Sequence[int]) -> None:
@@ -196,6 +194,16 @@ class KVCacheManager:
         self.req_table.write(seq.row, first * ps, res.slots[first * ps :])
 
     # ---- queries -------------------------------------------------------------------------------
+
+    def slot_list(self, seq: SeqHandle, start: int, end: int) -> list[int]:
+        """``slots_for`` as a Python list (cheap for the one or few positions of a decode step)."""
+        ps = self.page_size
+        if not 0 <= start <= end <= len(seq.pages) * ps:
+            raise RuntimeError(f"positions [{start}, {end}) are not backed ({len(seq.pages)} pages)")
+        pages = seq.pages
+        if ps == 1:
+            return pages[start:end]
+        return [pages[p // ps] * ps + p % ps for p in range(start, end)]
 
     def slots_for(self, seq: SeqHandle, start: int, end: int) -> torch.Tensor:
         """KV slots of positions ``[start, end)``, (end - start,) int64 on the CPU."""
@@ -272,9 +280,11 @@ class KVCacheManager:
                 raise RuntimeError(f"{where}: holds page 0 or a page outside the pool")
             owners.index_add_(0, own, torch.ones_like(own, dtype=torch.int32))
             own_total += own.numel()
-            end = min(len(seq.pages) * ps, self.max_context)
+            # The cached prefix is written to the row here (match / cache_prefix); later positions
+            # are written by the model runner as it computes them, so only the prefix is checked.
+            end = min(n_tree, self.max_context)
             if not torch.equal(self.req_table.table[row, :end].cpu(), self.slots_for(seq, 0, end)):
-                raise RuntimeError(f"{where}: req table row differs from its pages")
+                raise RuntimeError(f"{where}: req table row differs from its cached prefix")
         if own_total != self._own_pages:
             raise RuntimeError(f"own-page counter {self._own_pages} but live sequences hold {own_total}")
         if int(owners[0]) != 0:

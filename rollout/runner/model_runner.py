@@ -170,7 +170,7 @@ class ModelRunner:
         entry = torch.repeat_interleave(torch.arange(len(ext)), ext)  # (T,)
         positions = prefix[entry] + torch.arange(int(qo_indptr[-1])) - qo_indptr[:-1][entry]
         rows = torch.tensor(plan.rows, dtype=torch.int64, device=dev)
-        out_loc = plan.out_slots.to(dev, non_blocking=True)
+        out_loc = torch.tensor(plan.out_slots, dtype=torch.int64).to(dev, non_blocking=True)
         positions_d = positions.to(dev, non_blocking=True)
         entry_d = entry.to(dev, non_blocking=True)
         # Record the new tokens' slots in the table, then read every entry's whole KV run from it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from rollout.types import SamplingParams
 
@@ -21,7 +20,7 @@ class BatchPlan:
     prefix_lens: list[int]
     extend_lens: list[int]
     input_ids: list[int]  # the new tokens of all entries, entry-major
-    out_slots: Any  # (T,) int64 CPU tensor: the KV slot of every new token
+    out_slots: list[int]  # the KV slot of every new token
     sample: list[bool]
     # Per sampled entry, in entry order:
     sampling: list[SamplingParams]

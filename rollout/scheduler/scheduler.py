@@ -151,8 +151,6 @@ class Scheduler:
         return budget
 
     def _plan(self, picked: list[tuple[Sequence, int]]) -> BatchPlan:
-        import torch  # slot arrays come from the cache manager as CPU tensors
-
         rows, prefix, ext, ids, slots, sample = [], [], [], [], [], []
         sampling, seeds, steps, banned = [], [], [], []
         want_lp = want_raw = False
@@ -162,8 +160,8 @@ class Scheduler:
             rows.append(seq.handle.row)
             prefix.append(start)
             ext.append(n)
-            ids.extend(seq.all_ids[start:start + n])
-            slots.append(self.cache.slots_for(seq.handle, start, start + n))
+            ids.extend(seq.token_slice(start, start + n))
+            slots.extend(self.cache.slot_list(seq.handle, start, start + n))
             samples = start + n == seq.seq_len
             sample.append(samples)
             if samples:
@@ -176,7 +174,7 @@ class Scheduler:
                 top_n = max(top_n, seq.top_logprobs_num)
         return BatchPlan(
             rows=rows, prefix_lens=prefix, extend_lens=ext, input_ids=ids,
-            out_slots=torch.cat(slots), sample=sample, sampling=sampling, seeds=seeds, steps=steps,
+            out_slots=slots, sample=sample, sampling=sampling, seeds=seeds, steps=steps,
             banned=banned, return_logprob=want_lp, return_raw_logprob=want_raw, top_logprobs_num=top_n,
         )
 
