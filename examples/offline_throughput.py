@@ -46,6 +46,29 @@ async def run_workload(engine: Engine, wl: Workload, temperature: float) -> tupl
     return await run_streams(engine.async_stream, wl.prompts, wl.sampling_params(temperature))
 
 
+def print_roofline(path: str, args: argparse.Namespace, wl: Workload, figures: dict) -> None:
+    """The memory roofline of decode for this model shape and workload, and the fraction reached.
+
+    A decode step reads every weight once and the KV of every running sequence; with the whole
+    workload running at once, the mean context of a step is the mean of input + output / 2.
+    """
+    from rollout.benchmark import decode_roofline_tok_s, measure_copy_bandwidth, model_weight_bytes
+    from rollout.config import ModelConfig
+
+    cfg = ModelConfig.from_pretrained(path)
+    itemsize = 2 if args.dtype in ("bfloat16", "float16") else 4
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    batch = min(len(wl.prompts), args.max_running_requests)
+    ctx = sum(len(p) + o / 2 for p, o in zip(wl.prompts, wl.output_lens)) / len(wl.prompts)
+    bw = measure_copy_bandwidth(args.device)
+    roof = decode_roofline_tok_s(weight_bytes=model_weight_bytes(cfg, itemsize), kv_bytes_per_token=kv_per_token,
+                                 batch=batch, mean_context=ctx, bandwidth_bytes_s=bw)
+    print(f"{'Measured copy bandwidth (TB/s)':<34}{bw / 1e12:>14.2f}")
+    print(f"{'Decode memory roofline (tok/s)':<34}{roof:>14.1f}   batch {batch}, mean context {ctx:.0f}, "
+          f"KV {kv_per_token / 1024:.0f} KiB/token")
+    print(f"{'Fraction of roofline reached':<34}{figures['output_throughput'] / roof:>14.1%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF model directory (default: a random model of --shape)")
@@ -93,6 +116,8 @@ def main() -> None:
     print(format_report(title, {"in-process": figures}))
     if args.batch1:
         print(f"{'Decode ms per token (mean ITL)':<34}{figures['ms_per_token']:>14.3f}")
+    if gpu:
+        print_roofline(path, args, wl, figures)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=1)

@@ -177,6 +177,36 @@ def format_report(title: str, columns: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def model_weight_bytes(cfg, itemsize: int) -> int:
+    """Bytes of the weights a decode step reads, from a ``ModelConfig`` (all experts counted for MoE
+    would overstate a step: only the routed experts' share is read, at most all of them)."""
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    attn = h * cfg.head_dim * (cfg.num_attention_heads * 2 + cfg.num_key_value_heads * 2)
+    if cfg.is_moe:
+        mlp = 3 * h * cfg.moe_intermediate_size * cfg.num_experts_per_tok  # experts touched by one token
+    else:
+        mlp = 3 * h * cfg.intermediate_size
+    lm_head = cfg.vocab_size * h
+    return (layers * (attn + mlp) + lm_head) * itemsize
+
+
+def measure_copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, read + write counted (median of 10 copies)."""
+    import torch
+
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times[2:])
+
+
 def decode_roofline_tok_s(*, weight_bytes: int, kv_bytes_per_token: int, batch: int, mean_context: float,
                           bandwidth_bytes_s: float) -> float:
     """Output tok/s bound of a decode step that reads all weights once and every sequence's KV."""
