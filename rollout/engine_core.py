@@ -145,17 +145,10 @@ class EngineCore:
         return self.take_events()
 
     def _fail_running(self, message: str) -> None:
-        failed = {s.request_id for s in self.scheduler.running}
-        for rid in failed:
+        """Fail every request with a running sample (their KV state is unknown after a failed step)."""
+        for rid in self.scheduler.drop_running():
             self._live.pop(rid, None)
             self._events.append(RequestFailed(rid, "INTERNAL", message))
-        for seq in list(self.scheduler.running):
-            self.scheduler.running.remove(seq)
-            self.cache.release(seq.handle, [], cache=False)
-            seq.status = SeqStatus.FINISHED
-        self.scheduler.waiting = type(self.scheduler.waiting)(
-            s for s in self.scheduler.waiting if s.request_id not in failed
-        )
 
     def _chunk(self, seq: Sequence, final: bool = False) -> StreamChunk:
         a, b = seq.emitted, len(seq.output_ids)

@@ -71,6 +71,22 @@ class Scheduler:
             self._finish(seq)
         return hit
 
+    def drop_running(self) -> set[str]:
+        """Remove every request that has a running sample, all its samples with it, without caching
+        their KV (a failed step left it unknown); returns their ids. No finish events are made."""
+        failed = {s.request_id for s in self.running}
+        for seq in self.running:
+            self.cache.release(seq.handle, [], cache=False)
+            seq.handle = None
+            seq.status = SeqStatus.FINISHED
+        self.running = []
+        kept = [s for s in self.waiting if s.request_id not in failed]
+        for seq in self.waiting:
+            if seq.request_id in failed:
+                seq.status = SeqStatus.FINISHED
+        self.waiting = deque(kept)
+        return failed
+
     def pause(self, mode: PauseMode) -> None:
         """Pause: abort, retract or freeze what is in flight; new requests wait until continue."""
         if mode is PauseMode.ABORT:
