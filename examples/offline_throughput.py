@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--attention-backend", default=None, help="torch | triton | flashinfer (default: engine's)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--separate-process", action="store_true",
+                    help="engine loop in its own process (no GIL shared with the streams' consumer)")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
@@ -93,7 +95,8 @@ def main() -> None:
     lo, hi = args.min_len or (100 if gpu else 16), args.max_len or (1024 if gpu else 64)
 
     path = model_dir(args)
-    options = dict(device=args.device, dtype=args.dtype, max_running_requests=args.max_running_requests)
+    options = dict(device=args.device, dtype=args.dtype, max_running_requests=args.max_running_requests,
+                   separate_process=args.separate_process)
     if args.attention_backend:
         options["attention_backend"] = args.attention_backend
     if not args.model and args.shape != "tiny":

@@ -13,7 +13,7 @@ import uuid
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 from rollout.engine_messages import AddRequest
-from rollout.engine_process import start_engine_thread
+from rollout.engine_process import start_engine_process, start_engine_thread
 from rollout.errors import InvalidArgumentError, error_from_code
 from rollout.output_assembly import OutputAssembler
 from rollout.request_validation import make_add_request
@@ -29,10 +29,15 @@ class Engine:
     ``Engine("path/to/model", device="cpu", dtype="float32", page_size=1, max_total_tokens=None,
     max_running_requests=256, chunked_prefill_size=4096, ...)``: options are the fields of the
     configs in ``rollout.config``; an unknown option raises ``InvalidArgumentError``.
+    ``separate_process=True`` runs the engine loop in its own process rather than a thread.
     """
 
-    def __init__(self, model_path: str, **options: Any) -> None:
-        self._client = start_engine_thread(model_path, **options)
+    def __init__(self, model_path: str, *, separate_process: bool = False, **options: Any) -> None:
+        # separate_process: run the engine loop in a spawned process (as the server does) instead of
+        # a thread, so the caller's Python work (e.g. asyncio consumers of many streams) does not
+        # compete with the engine loop for the GIL.
+        start = start_engine_process if separate_process else start_engine_thread
+        self._client = start(model_path, **options)
         self.tokenizer = self._client.tokenizer
         self.limits = self._client.limits
         self._ids = itertools.count()

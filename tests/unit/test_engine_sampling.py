@@ -83,3 +83,18 @@ def test_stream_matches_generate(tiny_model_dir) -> None:
             finished += chunk.finished
         assert finished == 2
         assert got[0] == full[0].output_ids and got[1] == full[1].output_ids
+
+
+def test_engine_in_a_separate_process_matches_the_thread(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3")
+    sp = SamplingParams(temperature=0.8, max_new_tokens=8, seed=5, ignore_eos=True, n=2)
+    with Engine(path) as engine:
+        want = engine.generate([PROMPT, [9, 8, 7]], sp, return_logprob=True)
+    with Engine(path, separate_process=True) as engine:
+        got = engine.generate([PROMPT, [9, 8, 7]], sp, return_logprob=True)
+        streamed = [t for c in engine.stream(PROMPT, sp) if c.index == 0 for t in c.token_ids]
+        engine.check_integrity()
+    assert [o.output_ids for o in got] == [o.output_ids for o in want]
+    assert streamed == want[0].output_ids
+    for a, b in zip(got, want):
+        assert max(abs(x - y) for x, y in zip(a.output_logprobs, b.output_logprobs)) < 1e-5
