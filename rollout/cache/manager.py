@@ -138,6 +138,32 @@ class KVCacheManager:
         # (one vectorised write per step), not here: a per-sequence device copy per step is costly.
         return True
 
+    def ensure_capacity_all(self, seqs: Sequence[SeqHandle], num_tokens: Sequence[int]) -> bool:
+        """``ensure_capacity`` for many sequences at once, all or nothing, from free pages only.
+
+        One allocation for the whole batch (a decode step needs a page for most sequences). False,
+        with nothing changed, when the free pages do not cover every sequence: the caller then goes
+        sequence by sequence, evicting or retracting as needed.
+        """
+        ps = self.page_size
+        needs = [max(-(-n // ps) - len(s.pages), 0) for s, n in zip(seqs, num_tokens, strict=True)]
+        total = sum(needs)
+        if total == 0:
+            return True
+        if total > self.allocator.num_free_pages or max(num_tokens) > self.max_context:
+            return False
+        for s in seqs:
+            self._check_live(s)
+        pages = self.allocator.alloc_list(total)
+        assert pages is not None
+        i = 0
+        for s, k in zip(seqs, needs):
+            if k:
+                s.pages.extend(pages[i:i + k])
+                i += k
+        self._own_pages += total
+        return True
+
     def cache_prefix(self, seq: SeqHandle, tokens: Sequence[int]) -> None:
         """Put the full pages of ``tokens`` (all tokens whose KV is computed) into the tree.
 

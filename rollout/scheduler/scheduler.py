@@ -107,8 +107,20 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunk = self.config.chunked_prefill_size
         picked: list[tuple[Sequence, int]] = []
-        # 1. Running sequences, oldest first; retract from the newest end when KV is short.
-        i = 0
+        # 1. Running sequences, oldest first; retract from the newest end when KV is short. When
+        # the free pages cover them all (the usual decode step), one allocation serves every one.
+        work = []
+        left = budget
+        for seq in self.running:
+            if left <= 0:
+                break
+            n = min(seq.tokens_to_compute, left, chunk)
+            work.append((seq, n))
+            left -= n
+        if work and self.cache.ensure_capacity_all([s.handle for s, _ in work],
+                                                   [s.num_computed + n for s, n in work]):
+            picked, budget = work, left
+        i = len(picked)
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.tokens_to_compute, budget, chunk)
