@@ -4,6 +4,7 @@
 #   examples/device_suite.sh tests      # tests/gpu (and tests/multi_gpu when 2+ GPUs)
 #   examples/device_suite.sh bench      # kernel and engine benchmarks (1 GPU)
 #   examples/device_suite.sh sync       # memory release/resume and colocated weight-sync benchmarks (1 GPU)
+#   examples/device_suite.sh moe        # Qwen3-30B-A3B throughput (one H200)
 #   examples/device_suite.sh multi      # multi-GPU tests and the NCCL weight-sync benchmark
 #
 # Wheels the machine lacks can be put in .whl/ (see ../shared/tools/device-wheels.sh); they are
@@ -44,6 +45,13 @@ case "${1:-tests}" in
     step offline_qwen3_0.6b 240 python3 examples/offline_throughput.py --shape qwen3-0.6b --attention-backend triton
     step batch1_qwen3_0.6b 120 python3 examples/offline_throughput.py --shape qwen3-0.6b --batch1 \
       --attention-backend triton
+    step offline_qwen3_0.6b_proc 240 python3 examples/offline_throughput.py --shape qwen3-0.6b \
+      --attention-backend triton --separate-process
+    step batch1_llama_8b 180 python3 examples/offline_throughput.py --shape llama-8b --batch1 --attention-backend triton
+    ;;
+  moe)  # one H200: the Qwen3-30B-A3B anchor (1,000 in / 2,000 out)
+    step offline_qwen3_30b_a3b 540 python3 examples/offline_throughput.py --shape qwen3-30b-a3b --num-prompts 256 \
+      --input-len 1000 --output-len 2000 --attention-backend triton --separate-process
     ;;
   sync)
     step memory_bench 180 python3 examples/memory_bench.py --kv-gib 40 --cycles 2

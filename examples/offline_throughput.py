@@ -8,6 +8,8 @@ tokens over wall time including prefill. Every request streams, so TTFT and ITL 
     python examples/offline_throughput.py --shape qwen3-0.6b --device cuda --dtype bfloat16 \
         --num-prompts 256 --min-len 100 --max-len 1024             # the ANCHORS workload
     python examples/offline_throughput.py --batch1 --input-len 128 --output-len 512 ...
+    python examples/offline_throughput.py --shape qwen3-30b-a3b --num-prompts 256 --input-len 1000 \
+        --output-len 2000                                          # the MoE anchor (one H200)
 """
 
 from __future__ import annotations
@@ -80,8 +82,10 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=None, help="default: 1024 on cuda, 64 on cpu")
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--batch1", action="store_true", help="one request at a time: latency mode")
-    ap.add_argument("--input-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=512)
+    ap.add_argument("--input-len", type=int, default=None,
+                    help="fixed input length (batch-1 default 128; throughput default: --min-len..--max-len)")
+    ap.add_argument("--output-len", type=int, default=None,
+                    help="fixed output length (batch-1 default 512; throughput default: --min-len..--max-len)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up requests before timing")
     ap.add_argument("--max-running-requests", type=int, default=256)
     ap.add_argument("--attention-backend", default=None, help="torch | triton | flashinfer (default: engine's)")
@@ -104,9 +108,12 @@ def main() -> None:
     engine = Engine(path, **options)
     vocab = engine.limits.vocab_size
     if args.batch1:
-        wl = Workload.random(1, args.input_len, args.input_len, args.output_len, args.output_len, vocab, seed=0)
+        n_in, n_out = args.input_len or 128, args.output_len or 512
+        wl = Workload.random(1, n_in, n_in, n_out, n_out, vocab, seed=0)
     else:
-        wl = Workload.random(num, lo, hi, lo, hi, vocab, seed=0)
+        in_lo, in_hi = (args.input_len, args.input_len) if args.input_len else (lo, hi)
+        out_lo, out_hi = (args.output_len, args.output_len) if args.output_len else (lo, hi)
+        wl = Workload.random(num, in_lo, in_hi, out_lo, out_hi, vocab, seed=0)
     warm = Workload.random(args.warmup, 16, 32, 8, 16, vocab, seed=1)
     asyncio.run(run_workload(engine, warm, args.temperature))
     records, duration = asyncio.run(run_workload(engine, wl, args.temperature))
