@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import weight_sync
 from rollout import SamplingParams
 from rollout.engine_process import start_engine_process
 from rollout.errors import InvalidArgumentError
-from rollout.models.loader import iter_checkpoint
-from rollout.request_validation import make_add_request
+from tests.weight_helpers import client_outputs as engine_outputs
+from tests.weight_helpers import perturb_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -31,23 +26,13 @@ def model_dir(tiny_model_dir) -> str:
 
 @pytest.fixture(scope="module")
 def perturbed(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], str]:
-    gen = torch.Generator().manual_seed(7)
-    weights = {n: t * (1 + 0.1 * torch.randn(t.shape, generator=gen)) for n, t in iter_checkpoint(model_dir)}
-    path = str(tmp_path_factory.mktemp("perturbed-gpu"))
-    for f in os.listdir(model_dir):
-        if not f.endswith(".safetensors"):
-            shutil.copy(os.path.join(model_dir, f), path)
-    save_file({n: t.contiguous() for n, t in weights.items()}, os.path.join(path, "model.safetensors"))
-    return weights, path
+    """Every weight changed by a few percent, and an HF directory holding them (for the oracle)."""
+    return perturb_checkpoint(model_dir, str(tmp_path_factory.mktemp("perturbed-gpu")), seed=7)
 
 
 def client_outputs(client) -> list[list[int]]:
-    out = []
-    for p in PROMPTS:
-        req = make_add_request(uuid.uuid4().hex, input_ids=p, text=None, sampling=GREEDY, limits=client.limits,
-                               tokenizer=None, stream=False)
-        out.append([t for chunk in client.stream(req) for t in chunk.token_ids])
-    return out
+    """Greedy outputs of an engine process, through its EngineClient."""
+    return engine_outputs(client, PROMPTS, GREEDY)
 
 
 def test_ipc_update_equals_engine_loaded_from_disk(model_dir, perturbed) -> None:

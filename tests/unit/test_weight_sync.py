@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
 import threading
 import time
-import uuid
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import weight_sync
 from rollout import Engine, SamplingParams
@@ -23,8 +20,9 @@ from rollout.config import ModelConfig
 from rollout.engine_process import start_engine_process
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from rollout.models.loader import iter_checkpoint
-from rollout.request_validation import make_add_request
 from tests.hf_oracle import hf_greedy
+from tests.weight_helpers import client_outputs as engine_outputs
+from tests.weight_helpers import perturb_checkpoint
 from weight_sync.buckets import layouts_to_args, plan_buckets
 
 MAX_NEW = 8
@@ -42,14 +40,7 @@ def model_dir(tiny_model_dir) -> str:
 @pytest.fixture(scope="module")
 def perturbed(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], str]:
     """Every weight changed by a few percent, and an HF directory holding them (for the oracle)."""
-    gen = torch.Generator().manual_seed(123)
-    weights = {n: t * (1 + 0.1 * torch.randn(t.shape, generator=gen)) for n, t in iter_checkpoint(model_dir)}
-    path = str(tmp_path_factory.mktemp("perturbed"))
-    for f in os.listdir(model_dir):
-        if not f.endswith(".safetensors"):
-            shutil.copy(os.path.join(model_dir, f), path)
-    save_file({n: t.contiguous() for n, t in weights.items()}, os.path.join(path, "model.safetensors"))
-    return weights, path
+    return perturb_checkpoint(model_dir, str(tmp_path_factory.mktemp("perturbed")), seed=123)
 
 
 def oracle(path: str) -> list[list[int]]:
@@ -70,12 +61,7 @@ def outputs(engine: Engine) -> list[list[int]]:
 
 def client_outputs(client) -> list[list[int]]:
     """Greedy outputs of an engine process, through its EngineClient."""
-    out = []
-    for p in PROMPTS:
-        req = make_add_request(uuid.uuid4().hex, input_ids=p, text=None, sampling=GREEDY, limits=client.limits,
-                               tokenizer=None, stream=False)
-        out.append([t for chunk in client.stream(req) for t in chunk.token_ids])
-    return out
+    return engine_outputs(client, PROMPTS, GREEDY)
 
 
 def test_gloo_push_to_two_engines_matches_transformers(model_dir, perturbed, expected) -> None:

@@ -1,0 +1,35 @@
+"""Shared pieces of the weight-update tests: a perturbed copy of a checkpoint, engine outputs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+import torch
+from safetensors.torch import save_file
+
+from rollout.models.loader import iter_checkpoint
+from rollout.request_validation import make_add_request
+from rollout.types import SamplingParams
+
+
+def perturb_checkpoint(model_dir: str, out_dir: str, seed: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Every weight of ``model_dir`` changed by a few percent, and an HF directory holding them."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {n: t * (1 + 0.1 * torch.randn(t.shape, generator=gen)) for n, t in iter_checkpoint(model_dir)}
+    for f in os.listdir(model_dir):
+        if not f.endswith(".safetensors"):
+            shutil.copy(os.path.join(model_dir, f), out_dir)
+    save_file({n: t.contiguous() for n, t in weights.items()}, os.path.join(out_dir, "model.safetensors"))
+    return weights, out_dir
+
+
+def client_outputs(client, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
+    """Greedy outputs of an engine process for ``prompts``, through its EngineClient."""
+    out = []
+    for p in prompts:
+        req = make_add_request(uuid.uuid4().hex, input_ids=p, text=None, sampling=sampling, limits=client.limits,
+                               tokenizer=None, stream=False)
+        out.append([t for chunk in client.stream(req) for t in chunk.token_ids])
+    return out
