@@ -99,24 +99,38 @@ class BucketLayout:
 
 
 def plan_buckets(
-    specs: Iterable[tuple[str, torch.dtype | str, Sequence[int]]], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    specs: Iterable[tuple[str, torch.dtype | str, Sequence[int]]],
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    edge_bytes: int | None = None,
 ) -> list[BucketLayout]:
     """Greedy packing in the given order: a bucket closes when the next tensor would overflow it.
 
     Every bucket holds at most ``bucket_bytes`` bytes, except that a tensor larger than that gets a
-    bucket of its own.
+    bucket of its own. With ``edge_bytes`` the first bucket closes once it holds that much (a
+    larger first tensor travels alone), and the trailing tensors that fit in ``edge_bytes`` get the
+    last bucket to themselves: the pipeline's fill and drain stay short (see ``pipeline_order``).
     """
     if bucket_bytes <= 0:
         raise InvalidArgumentError("must be > 0", field="bucket_bytes")
-    buckets: list[BucketLayout] = []
-    current: list[TensorSpec] = []
-    end = 0
+    parsed = []
     for name, dtype, shape in specs:
         dname = dtype if isinstance(dtype, str) else dtype_name(dtype)
         parse_dtype(dname)
-        spec = TensorSpec(name, dname.removeprefix("torch."), tuple(int(d) for d in shape))
+        parsed.append(TensorSpec(name, dname.removeprefix("torch."), tuple(int(d) for d in shape)))
+    tail_start = len(parsed)
+    if edge_bytes is not None:
+        edge_bytes = min(edge_bytes, bucket_bytes)
+        room = edge_bytes
+        while tail_start > 1 and align_up(parsed[tail_start - 1].nbytes) <= room:
+            tail_start -= 1
+            room -= align_up(parsed[tail_start].nbytes)
+    buckets: list[BucketLayout] = []
+    current: list[TensorSpec] = []
+    end = 0
+    for i, spec in enumerate(parsed):
+        limit = edge_bytes if edge_bytes is not None and not buckets else bucket_bytes
         offset = align_up(end)
-        if current and offset + spec.nbytes > bucket_bytes:
+        if current and (offset + spec.nbytes > limit or i == tail_start):
             buckets.append(BucketLayout.of(current))
             current, offset = [], 0
         current.append(TensorSpec(spec.name, spec.dtype, spec.shape, offset))
@@ -124,6 +138,25 @@ def plan_buckets(
     if current:
         buckets.append(BucketLayout.of(current))
     return buckets
+
+
+def pipeline_order(sizes: Sequence[int], edge_bytes: int) -> list[int]:
+    """An order of tensors (by their byte ``sizes``) that keeps the pipeline's last stage short.
+
+    A pipelined push cannot hide the first bucket's packing nor the last bucket's loading on the
+    receiver; both scale with those buckets' sizes. This order moves the last tensors of at most
+    ``edge_bytes`` each, up to ``edge_bytes`` in all, to the end (so a big tensor such as an output
+    embedding is not last); everything else keeps its order. ``plan_buckets(..., edge_bytes=)``
+    then closes the first and the last buckets early.
+    """
+    tail: list[int] = []
+    room = edge_bytes
+    for i in range(len(sizes) - 1, -1, -1):
+        if align_up(sizes[i]) <= room:
+            tail.append(i)
+            room -= align_up(sizes[i])
+    moved = set(tail)
+    return [i for i in range(len(sizes)) if i not in moved] + sorted(tail)
 
 
 def bucket_views(layout: BucketLayout, buffer: torch.Tensor) -> list[tuple[str, torch.Tensor]]:

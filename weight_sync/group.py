@@ -36,7 +36,7 @@ from rollout.errors import FailedPreconditionError, InvalidArgumentError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("nccl", "gloo")
-_POLL_S = 0.0005  # how often a waiting collective looks at its deadline and at the peers' calls
+_POLL_S = 0.0002  # how often a waiting collective looks at its deadline and at the peers' calls
 _STORE_POLL_S = 0.01  # how often it asks the store whether a member gave up
 _ABORT_KEY = "abort"
 _RETIRE_POLL_S = 0.1  # how often a failed group's leftover collectives are looked at
@@ -99,6 +99,9 @@ def _make_backend(cfg: GroupConfig, store: Store, survive_peer_failure: bool):
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     opts = ProcessGroupNCCL.Options()
     opts._timeout = cfg.timeout
+    # Packing and loading kernels run beside the broadcasts; a high-priority stream lets each next
+    # broadcast's blocks start before the rest of a big copy's blocks instead of after them.
+    opts.is_high_priority_stream = True
     return ProcessGroupNCCL(prefixed, cfg.rank, cfg.world_size, opts)
 
 

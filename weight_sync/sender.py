@@ -26,13 +26,23 @@ from typing import Any
 import torch
 
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError
-from weight_sync.buckets import DEFAULT_BUCKET_BYTES, BucketLayout, layouts_to_args, pack_bucket, plan_buckets
+from weight_sync.buckets import (
+    DEFAULT_BUCKET_BYTES,
+    BucketLayout,
+    layouts_to_args,
+    pack_bucket,
+    pipeline_order,
+    plan_buckets,
+)
 from weight_sync.group import CommGroup, GroupConfig, GroupFailedError, master_store
 from weight_sync.targets import as_target
 
 logger = logging.getLogger(__name__)
 
 PIPELINE_DEPTH = 2  # buckets in flight: one broadcasting while the next is packed
+# Size of the first and the last bucket: the first one's packing and the last one's loading on the
+# engines are the parts of a push that no broadcast hides.
+EDGE_BUCKET_BYTES = 64 << 20
 
 
 def named_tensor_list(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
@@ -73,6 +83,16 @@ def root_cause_first(errors: Sequence[BaseException]) -> list[BaseException]:
     return sorted(errors, key=rank)
 
 
+def _as_bucket(layout: BucketLayout, tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The bytes of one bucket: a lone contiguous tensor already on ``device`` is sent as it is
+    (no packing copy); otherwise the tensors are packed into a new buffer."""
+    if len(tensors) == 1 and layout.tensors[0].offset == 0:
+        t = tensors[0]
+        if t.device == device and t.is_contiguous() and t.dtype == layout.tensors[0].torch_dtype:
+            return t.reshape(-1).view(torch.uint8)
+    return pack_bucket(layout, tensors, device=device)
+
+
 class WeightSyncGroup:
     """A formed group of the trainer (rank 0) and every engine rank behind ``targets``."""
 
@@ -94,7 +114,9 @@ class WeightSyncGroup:
         full push over a new group).
         """
         items = named_tensor_list(named_tensors)
-        layouts = plan_buckets(((n, t.dtype, t.shape) for n, t in items), self.bucket_bytes)
+        edge = min(EDGE_BUCKET_BYTES, self.bucket_bytes)
+        items = [items[i] for i in pipeline_order([t.numel() * t.element_size() for _, t in items], edge)]
+        layouts = plan_buckets(((n, t.dtype, t.shape) for n, t in items), self.bucket_bytes, edge_bytes=edge)
         args = {**layouts_to_args(layouts), "group_name": self.group_name, "version": version}
         futures = [self._pool.submit(t.update_weights_from_distributed, **args) for t in self.targets]
         failed: list[BaseException] = []  # in the order the engines answered
@@ -139,7 +161,7 @@ class WeightSyncGroup:
                 self.comm.wait(inflight.popleft()[0], f"broadcast of bucket {k - PIPELINE_DEPTH}", engine_failed)
             chunk = tensors[start:start + len(layout.tensors)]
             start += len(layout.tensors)
-            buf = pack_bucket(layout, chunk, device=self.comm.device)  # (nbytes,) uint8
+            buf = _as_bucket(layout, chunk, self.comm.device)  # (nbytes,) uint8
             inflight.append((self.comm.broadcast(buf), buf, k))
         while inflight:
             work, _, k = inflight.popleft()

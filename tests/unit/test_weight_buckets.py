@@ -12,6 +12,7 @@ from weight_sync.buckets import (
     layouts_from_args,
     layouts_to_args,
     pack_bucket,
+    pipeline_order,
     plan_buckets,
     unpack_bucket,
 )
@@ -145,3 +146,33 @@ def test_cuda_ipc_handle_keeps_all_64_bytes() -> None:
     handle = _Handle()
     ctypes.memmove(ctypes.addressof(handle), raw, HANDLE_BYTES)
     assert handle_bytes(handle) == raw
+
+
+def test_edge_buckets_keep_the_first_and_last_small() -> None:
+    # An 8B-like order: a big embedding first, layers, a big output embedding last.
+    specs = [("embed", torch.bfloat16, (1000, 64))]  # 128000 bytes
+    for i in range(6):
+        specs += [(f"l{i}.w", torch.bfloat16, (200, 64)), (f"l{i}.norm", torch.float32, (64,))]
+    specs += [("norm", torch.float32, (64,)), ("lm_head", torch.bfloat16, (1000, 64))]
+    sizes = [torch.empty(0, dtype=d).element_size() * int(torch.Size(s).numel()) for _, d, s in specs]
+    edge, bucket = 8192, 65536
+    order = pipeline_order(sizes, edge)
+    assert sorted(order) == list(range(len(specs)))
+    ordered = [specs[i] for i in order]
+    assert ordered[-1][0] != "lm_head"  # a big tensor is never last
+    # Only small tensors moved; the rest kept their order.
+    rest = [n for n, _, _ in ordered if not n.endswith("norm")]
+    assert rest == [n for n, _, _ in specs if not n.endswith("norm")]
+    layouts = plan_buckets(ordered, bucket, edge_bytes=edge)
+    assert [t.name for t in layouts[0].tensors] == ["embed"]  # bigger than the edge: alone
+    assert layouts[-1].nbytes <= edge and all(t.name.endswith("norm") for t in layouts[-1].tensors)
+    assert all(lay.nbytes <= bucket or len(lay.tensors) == 1 for lay in layouts)
+    assert [t.name for lay in layouts for t in lay.tensors] == [n for n, _, _ in ordered]
+
+
+def test_edge_first_bucket_closes_early_when_tensors_are_small() -> None:
+    specs = [(f"t{i}", torch.float32, (256,)) for i in range(40)]  # 1 KiB each
+    layouts = plan_buckets(specs, bucket_bytes=16384, edge_bytes=4096)
+    assert layouts[0].nbytes <= 4096 and layouts[-1].nbytes <= 4096
+    assert max(lay.nbytes for lay in layouts) > 4096  # middle buckets are full size
+    assert [t.name for lay in layouts for t in lay.tensors] == [n for n, _, _ in specs]
