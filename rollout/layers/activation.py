@@ -6,10 +6,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rollout.layers.fused_ops import use_fused
+
 
 class SiluAndMul(nn.Module):
     """``silu(gate) * up`` for an input laid out as ``[gate | up]`` on the last dimension."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and use_fused(x) and x.stride(-1) == 1:
+            from kernels.fused import silu_and_mul
+
+            return silu_and_mul(x)
         half = x.shape[-1] // 2
         return F.silu(x[..., :half]) * x[..., half:]  # (..., half)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rollout.layers.fused_ops import use_fused
 from rollout.layers.linear import ShardId, copy_checked, new_param
 
 
@@ -41,6 +42,10 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: the normed ``x``. With it: ``(norm(x + residual), x + residual)``."""
+        if x.dim() == 2 and use_fused(x) and x.stride(-1) == 1:
+            from kernels.fused import rmsnorm
+
+            return rmsnorm(x, self.weight, self.eps, residual.contiguous() if residual is not None else None)
         if residual is None:
             return self._norm(x)
         summed = x + residual  # in the model dtype, as HF adds its residual

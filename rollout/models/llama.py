@@ -8,6 +8,7 @@ reuse this decoder with routed experts in place of the dense MLP.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -16,14 +17,25 @@ from rollout.config import ModelConfig
 from rollout.layers.activation import SiluAndMul
 from rollout.layers.attention import Attention
 from rollout.layers.embedding import LMHead, VocabEmbedding
+from rollout.layers.fused_ops import use_fused
 from rollout.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from rollout.layers.norm import RMSNorm
 from rollout.layers.rotary import RotaryEmbedding, apply_rotary
 from rollout.models.weights import CheckpointNameMap, load_named_weights
 from rollout.runner.forward_batch import ForwardBatch
 
-# cos and sin (T, 1, head_dim) of the step's positions, shared by every layer.
-CosSin = tuple[torch.Tensor, torch.Tensor]
+
+
+class StepRope(NamedTuple):
+    """The rotary inputs of one step, shared by every layer: the fused kernel reads the tables at
+    ``positions``; the torch path uses ``cos`` and ``sin`` (T, 1, head_dim), gathered once a step."""
+
+    positions: torch.Tensor  # (T,) int64
+    cos_cache: torch.Tensor  # (P, head_dim) float32
+    sin_cache: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+
 # (layer_id, prefix) -> the layer's MLP module, mapping (T, H) -> (T, H).
 MlpFactory = Callable[[int, str], nn.Module]
 
@@ -95,9 +107,21 @@ class LlamaAttention(nn.Module):
             )
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_id, self.head_dim**-0.5)
 
-    def forward(self, rope: CosSin, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, rope: StepRope, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         t = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # (T, q_size + 2 * kv_size)
+        if rope.cos is None:  # fused: q/k norm and rotary in one kernel, in place
+            from kernels.fused import qk_norm_rope_
+
+            qk_norm_rope_(
+                qkv, rope.positions, rope.cos_cache, rope.sin_cache, self.num_heads, self.num_kv_heads,
+                self.head_dim,
+                self.q_norm.weight if self.q_norm is not None else None,
+                self.k_norm.weight if self.k_norm is not None else None,
+                self.q_norm.eps if self.q_norm is not None else 1e-6,
+            )
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            return self.o_proj(self.attn(q, k, v, batch))  # (T, H)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
@@ -105,7 +129,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+        q, k = apply_rotary(q, k, rope.cos, rope.sin)
         out = self.attn(q, k, v, batch)  # (T, Hq * D)
         return self.o_proj(out)  # (T, H)
 
@@ -138,7 +162,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        rope: CosSin,
+        rope: StepRope,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         batch: ForwardBatch,
@@ -185,7 +209,13 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.embed_tokens(batch.input_ids)  # (T, H)
-        rope = self.rotary_emb.cos_sin(batch.positions, hidden.dtype)  # 2 x (T, 1, D)
+        table = self.rotary_emb
+        head_dim = table.head_dim
+        if use_fused(hidden) and head_dim % 2 == 0 and head_dim & (head_dim - 1) == 0:
+            rope = StepRope(batch.positions, table.cos_cache, table.sin_cache, None, None)
+        else:
+            rope = StepRope(batch.positions, table.cos_cache, table.sin_cache,
+                            *table.cos_sin(batch.positions, hidden.dtype))  # 2 x (T, 1, D)
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(rope, hidden, residual, batch)

@@ -291,3 +291,19 @@ def test_expert_loader_rejects_bad_shard_and_expert():
         moe.w2.weight_loader(moe.w2, torch.ones(4, 3), "w2", 2)
     with pytest.raises(InvalidArgumentError, match=r"\(4, 3\).*\(3, 4\)"):
         moe.w2.weight_loader(moe.w2, torch.ones(3, 4), "w2", 0)
+
+
+@pytest.mark.parametrize("variant", ["llama-rope-llama3", "qwen2", "qwen3", "qwen3_moe"])
+def test_fused_kernel_path_matches_hf(models, variant, monkeypatch):
+    """The decoder with its fused kernels (RMSNorm, SiLU-and-mul, q/k norm + rotary); on CPU they run
+    in Triton's interpreter."""
+    pytest.importorskip("triton")
+    from rollout.layers import fused_ops
+
+    monkeypatch.setattr(fused_ops, "MODE", "all")
+    _, config, model, hf = models(variant)
+    seqs = prompts(config.vocab_size, (7, 3), seed=4)
+    slots = [list(range(1, 8)), list(range(8, 11))]
+    logits = ours_logits(model, make_batch(new_backend(config), [(s, 0, sl) for s, sl in zip(seqs, slots)]))
+    expected = torch.cat([hf_logits(hf, s) for s in seqs])
+    assert (logits - expected).abs().max().item() < TOL
