@@ -212,6 +212,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # token budget of one forward step (decode + prefill chunks)
     chunked_prefill_size: int = 4096  # longest prefill chunk of one request in one step
     max_queued_requests: int = 100_000  # beyond this new requests get RESOURCE_EXHAUSTED
+    # Prepare step k+1 on the host while the device runs step k (inputs that are step k's samples
+    # are read on the device); tokens are the same either way.
+    overlap_schedule: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_running_requests", "max_num_batched_tokens", "chunked_prefill_size",

@@ -17,7 +17,8 @@ from rollout.config import EngineConfig
 from rollout.engine_messages import AddRequest, Event, RequestFailed
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from rollout.request_validation import RequestLimits
-from rollout.runner.model_runner import ModelRunner
+from rollout.runner.model_runner import ModelRunner, QueuedStep
+from rollout.scheduler.plan import BatchPlan
 from rollout.scheduler.scheduler import Scheduler
 from rollout.scheduler.sequence import SeqStatus, Sequence
 from rollout.scheduler.stop import StopChecker
@@ -48,6 +49,8 @@ class EngineCore:
         self._next_uid = 0
         self._events: list[Event] = []
         self._live: dict[str, int] = {}  # request id -> samples not yet finished
+        # The launched step whose tokens are not collected yet (overlap scheduling).
+        self._queued: tuple[BatchPlan, list[Sequence], QueuedStep] | None = None
         self.controls: dict[str, Callable[[dict[str, Any]], Any]] = {
             "pause": lambda a: self.pause(a.get("mode", "abort")),
             "continue": lambda a: self.continue_(),
@@ -121,7 +124,7 @@ class EngineCore:
         self.scheduler.abort(None if request_ids is None else set(request_ids))
 
     def has_work(self) -> bool:
-        return not self.generation_blockers and self.scheduler.has_work()
+        return self._queued is not None or (not self.generation_blockers and self.scheduler.has_work())
 
     def take_events(self) -> list[Event]:
         events, self._events = self._events, []
@@ -129,20 +132,46 @@ class EngineCore:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[Event]:
-        """Run one batch (if any) and return every event produced since the last call."""
-        picked = self.scheduler.schedule()
-        if picked is not None:
-            plan, seqs = picked
-            try:
-                result = self.runner.run(plan)
-            except Exception as exc:  # a bug or device failure: fail the batch, keep serving
-                logger.error("forward step failed:\n%s", traceback.format_exc())
-                self._fail_running(f"the engine step failed: {type(exc).__name__}: {exc}")
-            else:
-                for seq in self.scheduler.process(plan, seqs, result):
-                    if seq.stream and seq.status is SeqStatus.RUNNING:
-                        self._events.append(self._chunk(seq))
+        """Run one batch (if any) and return every event produced since the last call.
+
+        With overlap scheduling the batch is launched and the previous one's tokens are collected
+        while it runs; otherwise the batch runs to completion here.
+        """
+        picked = self.scheduler.schedule() if not self.generation_blockers else None
+        try:
+            queued = None
+            if picked is not None:
+                plan, seqs = picked
+                queued = (plan, seqs, self.runner.launch(plan))
+                self.scheduler.launched(plan, seqs)
+            previous, self._queued = self._queued, queued
+            if previous is not None:
+                self._collect(previous)
+            if not self.config.scheduler.overlap_schedule:
+                self.drain()
+        except Exception as exc:  # a bug or device failure: fail the batch, keep serving
+            logger.error("forward step failed:\n%s", traceback.format_exc())
+            self._queued = None
+            self._fail_running(f"the engine step failed: {type(exc).__name__}: {exc}")
         return self.take_events()
+
+    def drain(self) -> None:
+        """Collect the step still running, if any (before anything that needs a quiet engine)."""
+        queued, self._queued = self._queued, None
+        if queued is None:
+            return
+        try:
+            self._collect(queued)
+        except Exception as exc:
+            logger.error("forward step failed:\n%s", traceback.format_exc())
+            self._fail_running(f"the engine step failed: {type(exc).__name__}: {exc}")
+
+    def _collect(self, queued: tuple[BatchPlan, list[Sequence], QueuedStep]) -> None:
+        plan, seqs, step = queued
+        result = self.runner.collect(step)
+        for seq in self.scheduler.collect(plan, seqs, result):
+            if seq.stream and seq.status is SeqStatus.RUNNING:
+                self._events.append(self._chunk(seq))
 
     def _fail_running(self, message: str) -> None:
         """Fail every request with a running sample (their KV state is unknown after a failed step)."""

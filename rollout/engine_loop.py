@@ -66,6 +66,8 @@ class EngineLoop:
 
     def _apply(self, cmd: Command) -> list[Event]:
         core = self.core
+        if not isinstance(cmd, AddRequest):
+            core.drain()  # aborts and control operations see no step in flight
         if isinstance(cmd, AddRequest):
             try:
                 core.add(cmd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -26,6 +27,18 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 CPU_MAX_DEFAULT_SLOTS = 1 << 18
 # Cap of the KV index buffer that decode graphs read (entries of all requests in one step).
 MAX_GRAPH_KV_ENTRIES = 1 << 24
+
+
+@dataclass(slots=True)
+class QueuedStep:
+    """A launched step's outputs on their way to the host (``done`` marks the copies complete)."""
+
+    token_ids: torch.Tensor | None
+    logprobs: torch.Tensor | None
+    raw_logprobs: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    top_logprobs: torch.Tensor | None
+    done: torch.cuda.Event | None
 
 
 class ModelRunner:
@@ -52,6 +65,7 @@ class ModelRunner:
         self.graphs: DecodeGraphRunner | None = None
         self.graph_bytes = 0  # device memory the decode graphs hold (static buffers + private pool)
         self._graphs_dropped = False
+        self._last_tokens: torch.Tensor | None = None  # the last launched step's samples (B,), on the device
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode graphs when the device and the attention backend allow it."""
@@ -126,8 +140,17 @@ class ModelRunner:
         self.req_table = table
 
     # ------------------------------------------------------------------ one step
-    @torch.inference_mode()
     def run(self, plan: BatchPlan) -> StepResult:
+        """Run one step and wait for its tokens."""
+        return self.collect(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: BatchPlan) -> QueuedStep:
+        """Queue one step's forward and sampling on the device; returns without waiting for them.
+
+        The sampled tokens stay on the device for the next step's inputs (``plan.future_inputs``)
+        and are copied to the host in the background; ``collect`` waits for that copy.
+        """
         batch = self._build_batch(plan)
         if self.graphs is not None and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)  # (B, hidden)
@@ -136,8 +159,12 @@ class ModelRunner:
             hidden = self.model(batch)  # (T, hidden)
         sample_idx = [i for i, s in enumerate(plan.sample) if s]
         if not sample_idx:
-            return StepResult([])
-        rows = batch.logits_indices[torch.tensor(sample_idx, device=self.device)]
+            self._last_tokens = None
+            return QueuedStep(None, None, None, None, None, None)
+        if len(sample_idx) == len(plan.sample):
+            rows = batch.logits_indices  # every entry samples (decode steps)
+        else:
+            rows = batch.logits_indices[torch.tensor(sample_idx, device=self.device)]
         logits = self.model.compute_logits(hidden[rows])  # (B_sample, vocab) float32
         banned = [b or [] for b in plan.banned] if any(plan.banned) else None
         sb = SamplingBatch.build(plan.sampling, plan.seeds, plan.steps, banned, self.device)
@@ -145,53 +172,82 @@ class ModelRunner:
             logits, sb, return_logprob=plan.return_logprob, return_raw_logprob=plan.return_raw_logprob,
             top_logprobs_num=plan.top_logprobs_num,
         )
+        self._last_tokens = res.token_ids
+
+        def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to("cpu", non_blocking=True)
+
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return QueuedStep(to_host(res.token_ids), to_host(res.logprobs), to_host(res.raw_logprobs),
+                          to_host(res.top_ids), to_host(res.top_logprobs), done)
+
+    def collect(self, step: QueuedStep) -> StepResult:
+        """Wait for a launched step's tokens and return them as lists."""
+        if step.token_ids is None:
+            return StepResult([])
+        if step.done is not None:
+            step.done.synchronize()
         top = None
-        if res.top_ids is not None:
-            ids, lps = res.top_ids.tolist(), res.top_logprobs.tolist()
-            top = [TopLogprobs(i, lp) for i, lp in zip(ids, lps)]
+        if step.top_ids is not None:
+            top = [TopLogprobs(i, lp) for i, lp in zip(step.top_ids.tolist(), step.top_logprobs.tolist())]
         return StepResult(
-            res.token_ids.tolist(),
-            res.logprobs.tolist() if res.logprobs is not None else None,
-            res.raw_logprobs.tolist() if res.raw_logprobs is not None else None,
+            step.token_ids.tolist(),
+            step.logprobs.tolist() if step.logprobs is not None else None,
+            step.raw_logprobs.tolist() if step.raw_logprobs is not None else None,
             top,
         )
 
     def _build_batch(self, plan: BatchPlan) -> ForwardBatch:
         assert self.req_table is not None, "bind_req_table() first"
         dev = self.device
+        b = len(plan.extend_lens)
         ext = torch.tensor(plan.extend_lens, dtype=torch.int64)
         prefix = torch.tensor(plan.prefix_lens, dtype=torch.int64)
         seq_lens = prefix + ext  # (B,)
-        qo_indptr = torch.zeros(len(ext) + 1, dtype=torch.int64)
+        qo_indptr = torch.zeros(b + 1, dtype=torch.int64)
         torch.cumsum(ext, 0, out=qo_indptr[1:])
-        kv_indptr = torch.zeros(len(ext) + 1, dtype=torch.int64)
+        kv_indptr = torch.zeros(b + 1, dtype=torch.int64)
         torch.cumsum(seq_lens, 0, out=kv_indptr[1:])
+        t = int(qo_indptr[-1])
         # Position of every new token: prefix_len of its entry + offset inside the entry.
-        entry = torch.repeat_interleave(torch.arange(len(ext)), ext)  # (T,)
-        positions = prefix[entry] + torch.arange(int(qo_indptr[-1])) - qo_indptr[:-1][entry]
-        rows = torch.tensor(plan.rows, dtype=torch.int64, device=dev)
-        out_loc = torch.tensor(plan.out_slots, dtype=torch.int64).to(dev, non_blocking=True)
-        positions_d = positions.to(dev, non_blocking=True)
-        entry_d = entry.to(dev, non_blocking=True)
+        entry = torch.repeat_interleave(torch.arange(b), ext)  # (T,)
+        positions = prefix[entry] + torch.arange(t) - qo_indptr[:-1][entry]
+        # Every host-made index travels in one copy from pinned memory (it does not wait for the
+        # device, so a step can be prepared while the previous one runs).
+        host = torch.cat([
+            torch.tensor(plan.rows, dtype=torch.int64), torch.tensor(plan.out_slots, dtype=torch.int64),
+            positions, entry, seq_lens, kv_indptr, qo_indptr, torch.tensor(plan.input_ids, dtype=torch.int64),
+        ])
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(dev, non_blocking=True)
+        rows, out_loc, positions_d, entry_d, seq_lens_d, kv_indptr_d, qo_indptr_d, input_ids = flat.split(
+            [b, t, t, t, b, b + 1, b + 1, t])
         # Record the new tokens' slots in the table, then read every entry's whole KV run from it
         # with one gather: kv position j of entry i is table[rows[i], j - kv_indptr[i]].
         self.req_table[rows[entry_d], positions_d] = out_loc
         total_kv = int(kv_indptr[-1])
-        seq_lens_d = seq_lens.to(dev, non_blocking=True)
-        kv_indptr_d = kv_indptr.to(dev, non_blocking=True)
         # output_size is known on the host, so this stays free of device->host syncs.
-        kv_entry = torch.repeat_interleave(torch.arange(len(ext), device=dev), seq_lens_d, output_size=total_kv)
+        kv_entry = torch.repeat_interleave(torch.arange(b, device=dev), seq_lens_d, output_size=total_kv)
         kv_pos = torch.arange(total_kv, device=dev) - kv_indptr_d[:-1][kv_entry]  # (K,)
         kv_indices = self.req_table[rows[kv_entry], kv_pos]  # (K,)
+        if plan.future_inputs:
+            # -1 - j: the previous step's j-th sampled token, still on the device.
+            assert self._last_tokens is not None, "a step refers to samples of a step that sampled nothing"
+            prev = self._last_tokens
+            input_ids = torch.where(input_ids < 0, prev[(-1 - input_ids).clamp(0, prev.numel() - 1)], input_ids)
         return ForwardBatch(
-            input_ids=torch.tensor(plan.input_ids, dtype=torch.int64, device=dev),
+            input_ids=input_ids,
             positions=positions_d,
             out_cache_loc=out_loc,
-            qo_indptr=qo_indptr.to(dev, torch.int32),
+            qo_indptr=qo_indptr_d.to(torch.int32),
             kv_indptr=kv_indptr_d.to(torch.int32),
             kv_indices=kv_indices,
             seq_lens=seq_lens_d.to(torch.int32),
-            logits_indices=(qo_indptr[1:] - 1).to(dev),
+            logits_indices=qo_indptr_d[1:] - 1,
             seq_lens_cpu=seq_lens.tolist(),
             extend_lens_cpu=plan.extend_lens,
             prefix_lens_cpu=plan.prefix_lens,

@@ -69,12 +69,22 @@ class SamplingBatch:
             not g and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
             for p, g in zip(params, greedy, strict=True)
         )
+        # One float64 host tensor (top-k values are exact in it) and one copy to the device, from
+        # pinned memory on CUDA so that it does not wait for the device's queue.
+        host = torch.tensor(
+            [temps, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params],
+             uniform_draws(seeds, steps)], dtype=torch.float64,
+        ).reshape(5, n)
+        device = torch.device(device)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        rows = host.to(device, non_blocking=True)
         return cls(
-            temperatures=torch.tensor(temps, dtype=torch.float32, device=device),
-            top_ks=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-            top_ps=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-            min_ps=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device),
-            uniforms=torch.tensor(uniform_draws(seeds, steps), dtype=torch.float64, device=device),
+            temperatures=rows[0].to(torch.float32),
+            top_ks=rows[1].to(torch.int64),
+            top_ps=rows[2].to(torch.float32),
+            min_ps=rows[3].to(torch.float32),
+            uniforms=rows[4],
             banned_token_ids=banned_rows,
             all_greedy=all(greedy),
             need_filter=need_filter,

@@ -19,7 +19,9 @@ class BatchPlan:
     rows: list[int]
     prefix_lens: list[int]
     extend_lens: list[int]
-    input_ids: list[int]  # the new tokens of all entries, entry-major
+    # The new tokens of all entries, entry-major. -1 - j stands for row j of the previous step's
+    # sampled tokens (overlap scheduling: the host does not know them yet).
+    input_ids: list[int]
     out_slots: list[int]  # the KV slot of every new token
     sample: list[bool]
     # Per sampled entry, in entry order:
@@ -30,6 +32,7 @@ class BatchPlan:
     return_logprob: bool
     return_raw_logprob: bool
     top_logprobs_num: int
+    future_inputs: bool = False  # some input_ids refer to the previous step's samples
 
     @property
     def num_tokens(self) -> int:

@@ -109,9 +109,13 @@ class Scheduler:
         picked: list[tuple[Sequence, int]] = []
         # 1. Running sequences, oldest first; retract from the newest end when KV is short. When
         # the free pages cover them all (the usual decode step), one allocation serves every one.
+        # A sequence whose pending token ends it by length gets no further step.
+        cands = self.running
+        if any(s.pending for s in cands):
+            cands = [s for s in cands if not self.stop.will_finish(s)]
         work = []
         left = budget
-        for seq in self.running:
+        for seq in cands:
             if left <= 0:
                 break
             n = min(seq.tokens_to_compute, left, chunk)
@@ -121,12 +125,16 @@ class Scheduler:
                                                    [s.num_computed + n for s, n in work]):
             picked, budget = work, left
         i = len(picked)
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        if cands is self.running:
+            cands = list(cands)  # retraction shrinks self.running; keep cands in step with it
+        while i < len(cands) and budget > 0:
+            seq = cands[i]
             n = min(seq.tokens_to_compute, budget, chunk)
             while not self.cache.ensure_capacity(seq.handle, seq.num_computed + n):
                 victim = self.running[-1]
                 self._retract(victim)
+                if cands and cands[-1] is victim:
+                    cands.pop()
                 if victim is seq:
                     break
             else:
@@ -148,6 +156,9 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             seq = self.waiting.popleft()
+            if seq.pending:
+                deferred.append(seq)  # retracted with a token in flight: admit it once the token is known
+                continue
             if seq.prompt_key in prefilling and seq.num_computed == 0 and not seq.output_ids:
                 deferred.append(seq)  # a sibling is computing this prompt; share it next step
                 continue
@@ -182,20 +193,28 @@ class Scheduler:
         rows, prefix, ext, ids, slots, sample = [], [], [], [], [], []
         sampling, seeds, steps, banned = [], [], [], []
         want_lp = want_raw = False
+        future = False
         top_n = 0
         for seq, n in picked:
             start = seq.num_computed
             rows.append(seq.handle.row)
             prefix.append(start)
             ext.append(n)
-            ids.extend(seq.token_slice(start, start + n))
+            known = seq.seq_len
+            if start + n > known:
+                # The last input is the pending token: a reference to its row of the last step's samples.
+                ids.extend(seq.token_slice(start, known))
+                ids.append(-1 - seq.pending_row)
+                future = True
+            else:
+                ids.extend(seq.token_slice(start, start + n))
             slots.extend(self.cache.slot_list(seq.handle, start, start + n))
-            samples = start + n == seq.seq_len
+            samples = start + n == seq.total_len
             sample.append(samples)
             if samples:
                 sampling.append(seq.sampling)
                 seeds.append(seq.seed)
-                steps.append(len(seq.output_ids))
+                steps.append(seq.num_outputs)
                 banned.append(self.stop.banned_ids(seq))
                 want_lp |= seq.return_logprob
                 want_raw |= seq.return_raw_logprob
@@ -204,23 +223,47 @@ class Scheduler:
             rows=rows, prefix_lens=prefix, extend_lens=ext, input_ids=ids,
             out_slots=slots, sample=sample, sampling=sampling, seeds=seeds, steps=steps,
             banned=banned, return_logprob=want_lp, return_raw_logprob=want_raw, top_logprobs_num=top_n,
+            future_inputs=future,
         )
 
     # ------------------------------------------------------------------ results
     def process(self, plan: BatchPlan, seqs: list[Sequence], result: StepResult) -> list[Sequence]:
-        """Record a step's sampled tokens; returns the sequences that got a new token."""
-        out: list[Sequence] = []
-        j = 0
+        """Record a step that ran synchronously: ``launched`` then ``collect``."""
+        self.launched(plan, seqs)
+        return self.collect(plan, seqs, result)
+
+    def launched(self, plan: BatchPlan, seqs: list[Sequence]) -> None:
+        """Account for a step now queued on the device: its KV positions count as computed (later
+        steps are ordered after it) and each of its samples is pending until ``collect``."""
+        row = 0
         for seq, n, sampled in zip(seqs, plan.extend_lens, plan.sample):
             seq.num_computed += n
+            if sampled:
+                seq.pending += 1
+                seq.pending_row = row
+                row += 1
             if seq.status is not SeqStatus.RUNNING:
-                continue  # aborted while the step ran (cannot happen synchronously; kept safe)
+                continue
             if not seq.prefix_shared and seq.num_computed >= len(seq.prompt_ids):
                 # Hand the prompt's KV to the prefix cache now, so other samples reuse it.
                 seq.prefix_shared = True
                 if seq.kv_version == self.weight_version:
                     self.cache.cache_prefix(seq.handle, seq.all_ids[:seq.num_computed])
+
+    def collect(self, plan: BatchPlan, seqs: list[Sequence], result: StepResult) -> list[Sequence]:
+        """Record a finished step's sampled tokens; returns the sequences that got a new token.
+
+        A sequence that finished or was aborted while the step ran drops its token; one retracted
+        meanwhile keeps it (it was sampled from complete KV) and is readmitted with it.
+        """
+        out: list[Sequence] = []
+        j = -1
+        for seq, sampled in zip(seqs, plan.sample):
             if not sampled:
+                continue
+            j += 1
+            seq.pending -= 1
+            if seq.status is SeqStatus.FINISHED:
                 continue
             seq.output_ids.append(result.token_ids[j])
             seq.weight_versions.append(self.weight_version)
@@ -232,7 +275,6 @@ class Scheduler:
                 top = result.top_logprobs[j]
                 k = seq.top_logprobs_num
                 seq.top_logprobs.append(TopLogprobs(top.token_ids[:k], top.logprobs[:k]))
-            j += 1
             out.append(seq)
             if self.stop.check(seq):
                 self._finish(seq)

@@ -20,8 +20,14 @@ class Sequence:
     """Sample ``index`` of request ``request_id``.
 
     ``num_computed`` counts the leading tokens of ``prompt_ids + output_ids`` whose KV is in the
-    cache. A running sequence always has at least one token left to compute: the last sampled token
-    (decode) or the rest of its prompt (prefill, possibly in chunks).
+    cache (or is being written by a queued step). A running sequence always has at least one token
+    left to compute: the last sampled token (decode) or the rest of its prompt (prefill, possibly in
+    chunks).
+
+    With overlap scheduling a step is queued before the previous one's tokens reach the host:
+    ``pending`` counts sampled tokens not yet in ``output_ids`` (0 or 1), and ``pending_row`` is the
+    row of the last queued step's sampled tokens that holds it. The next step takes that token as
+    input on the device, so ``total_len`` (known + pending) is what scheduling counts.
     """
 
     uid: int
@@ -51,6 +57,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     matched_stop: int | str | None = None
     stop_text_len: int = 0  # decoded-text length already scanned for stop strings
+    pending: int = 0  # sampled tokens of queued steps not yet in output_ids
+    pending_row: int = -1  # row of the pending token among the last queued step's samples
 
     @property
     def all_ids(self) -> list[int]:
@@ -70,8 +78,18 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def total_len(self) -> int:
+        """Tokens including the pending one(s) whose values only the device knows yet."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def num_outputs(self) -> int:
+        """Output tokens sampled so far, pending ones included."""
+        return len(self.output_ids) + self.pending
+
+    @property
     def tokens_to_compute(self) -> int:
-        return self.seq_len - self.num_computed
+        return self.total_len - self.num_computed
 
     @property
     def in_prompt_prefill(self) -> bool:

@@ -21,12 +21,17 @@ class StopChecker:
 
     def banned_ids(self, seq: Sequence) -> list[int] | None:
         """Token ids masked out of the next draw: stop ids until ``min_new_tokens`` are produced."""
-        if len(seq.output_ids) >= seq.sampling.min_new_tokens:
+        if seq.num_outputs >= seq.sampling.min_new_tokens:
             return None
         ids = set(seq.sampling.stop_token_ids)
         if not seq.sampling.ignore_eos:
             ids |= self.eos_token_ids
         return sorted(ids) or None
+
+    def will_finish(self, seq: Sequence) -> bool:
+        """Whether a pending token is certain to end ``seq`` by length (so nothing follows it)."""
+        return seq.pending > 0 and (seq.num_outputs >= seq.sampling.max_new_tokens
+                                    or seq.total_len >= self.context_length)
 
     def check(self, seq: Sequence) -> bool:
         """Set ``finish_reason`` / ``matched_stop`` on ``seq`` if its last token ends it."""

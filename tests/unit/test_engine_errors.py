@@ -83,31 +83,33 @@ def test_async_generate(engine) -> None:
     assert [o.output_ids for o in outs] == [o.output_ids for o in sync]
 
 
-def test_failed_step_fails_its_requests_frees_kv_and_keeps_serving(tiny_model_dir) -> None:
-    """A forward step that raises fails the requests it held (INTERNAL), leaks no KV, and the
-    engine serves the next request."""
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("stage", ["launch", "collect"])
+def test_failed_step_fails_its_requests_frees_kv_and_keeps_serving(tiny_model_dir, stage, overlap) -> None:
+    """A forward step that raises (when queued, or when its tokens are collected) fails the requests
+    it held (INTERNAL), leaks no KV, and the engine serves the next request."""
     import rollout.runner.model_runner as mr
     from rollout.errors import RolloutError
 
-    with Engine(tiny_model_dir("qwen3"), max_total_tokens=1024) as eng:
+    with Engine(tiny_model_dir("qwen3"), max_total_tokens=1024, overlap_schedule=overlap) as eng:
         sp = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
         ref = eng.generate([3, 4, 5], sp)[0].output_ids
         calls = {"n": 0}
-        original = mr.ModelRunner.run
+        original = getattr(mr.ModelRunner, stage)
 
-        def run_once_broken(self, plan):
-            if calls["n"] == 0:
-                calls["n"] += 1
+        def once_broken(self, arg):
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second step: the first one's tokens are out already
                 raise RuntimeError("device fell over")
-            return original(self, plan)
+            return original(self, arg)
 
-        mr.ModelRunner.run = run_once_broken
+        setattr(mr.ModelRunner, stage, once_broken)
         try:
             with pytest.raises(RolloutError, match="device fell over") as err:
                 eng.generate([[3, 4, 5], [6, 7]], SamplingParams(max_new_tokens=4, n=2))
             assert err.value.code == "INTERNAL"
         finally:
-            mr.ModelRunner.run = original
+            setattr(mr.ModelRunner, stage, original)
         eng.check_integrity()
         info = eng.info()
         assert info.kv_used_tokens == 0 and info.num_running == 0 and info.num_waiting == 0
