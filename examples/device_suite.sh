@@ -2,6 +2,7 @@
 # GPU tests and benchmarks in one go on a GPU machine, run from the checkout (PYTHONPATH=.).
 #
 #   examples/device_suite.sh tests      # tests/gpu (and tests/multi_gpu when 2+ GPUs)
+#   examples/device_suite.sh fast       # fused kernels, bf16 vs HF, 0.6B throughput / batch 1, step profiles
 #   examples/device_suite.sh bench      # kernel and engine benchmarks (1 GPU)
 #   examples/device_suite.sh sync       # memory release/resume and colocated weight-sync benchmarks (1 GPU)
 #   examples/device_suite.sh moe        # Qwen3-30B-A3B throughput (one H200)
@@ -37,6 +38,16 @@ case "${1:-tests}" in
   tests)
     step gpu_tests 420 python3 -m pytest -q -p no:cacheprovider tests/gpu -k "not flashinfer"
     step flashinfer_tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_flashinfer_backend_gpu.py
+    ;;
+  fast)  # the fast path's checks and figures first: fused kernels, HF equality, throughput, latency, profiles
+    step fused_kernels 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kernels_fused.py \
+      tests/unit/test_kernels_attention.py
+    step bf16_vs_hf 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_engine.py
+    step offline_qwen3_0.6b 200 python3 examples/offline_throughput.py --shape qwen3-0.6b --attention-backend triton
+    step batch1_qwen3_0.6b 100 python3 examples/offline_throughput.py --shape qwen3-0.6b --batch1 \
+      --attention-backend triton
+    TAIL=70 step profile_b256 100 python3 examples/profile_decode.py --shape qwen3-0.6b --batch 256 --context 600
+    TAIL=70 step profile_b1 100 python3 examples/profile_decode.py --shape qwen3-0.6b --batch 1 --context 128
     ;;
   bench)
     step bf16_vs_hf 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_engine.py -k bf16
