@@ -2,8 +2,9 @@
 
 A decode step of a small model is dominated by kernel count, not bytes: an unfused RMSNorm is
 about nine kernels, rotary embedding with Qwen3's per-head q/k norm about twenty-five. Each kernel
-here rounds to the model dtype exactly where the torch (and Hugging Face) formulation does, so the
-results match the reference op for op; ``reference.py`` holds those formulations for the tests.
+here rounds to the model dtype where the torch (and Hugging Face) formulation does; RMSNorm and
+SiLU-and-mul match it up to summation order, rotary to one unit in the last place in some
+elements. ``reference.py`` holds those formulations for the tests.
 """
 
 from kernels.fused.activation import silu_and_mul
