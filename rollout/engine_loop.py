@@ -35,6 +35,12 @@ class EngineLoop:
         self._stopping = False
 
     def run(self) -> None:
+        device = self.core.runner.device
+        if device.type == "cuda":
+            # This thread runs every kernel of the engine; Triton launches on the current device.
+            import torch
+
+            torch.cuda.set_device(device)
         try:
             while not self._stopping:
                 self._drain(block=not self.core.has_work())

@@ -8,6 +8,8 @@ import queue
 import threading
 from typing import Any, Callable
 
+import torch
+
 from rollout.engine_client import EngineClient
 from rollout.engine_messages import ControlReply, Event
 from rollout.errors import EngineDeadError, error_from_code
@@ -28,7 +30,14 @@ def _build_core(model_path: str, options: dict[str, Any]):
     from rollout.config import EngineConfig
     from rollout.engine_core import EngineCore
 
-    return EngineCore(EngineConfig.build(model_path, **options))
+    config = EngineConfig.build(model_path, **options)
+    device = torch.device(config.device)
+    if device.type != "cuda":
+        return EngineCore(config)
+    # Kernels (Triton's above all) launch on the current device: make it the engine's while it is
+    # built, without changing the caller's current device.
+    with torch.cuda.device(device):
+        return EngineCore(config)
 
 
 def start_engine_thread(model_path: str, **options: Any) -> EngineClient:
