@@ -140,10 +140,6 @@ class ModelRunner:
         self.req_table = table
 
     # ------------------------------------------------------------------ one step
-    def run(self, plan: BatchPlan) -> StepResult:
-        """Run one step and wait for its tokens."""
-        return self.collect(self.launch(plan))
-
     @torch.inference_mode()
     def launch(self, plan: BatchPlan) -> QueuedStep:
         """Queue one step's forward and sampling on the device; returns without waiting for them.

@@ -227,11 +227,6 @@ class Scheduler:
         )
 
     # ------------------------------------------------------------------ results
-    def process(self, plan: BatchPlan, seqs: list[Sequence], result: StepResult) -> list[Sequence]:
-        """Record a step that ran synchronously: ``launched`` then ``collect``."""
-        self.launched(plan, seqs)
-        return self.collect(plan, seqs, result)
-
     def launched(self, plan: BatchPlan, seqs: list[Sequence]) -> None:
         """Account for a step now queued on the device: its KV positions count as computed (later
         steps are ordered after it) and each of its samples is pending until ``collect``."""
