@@ -76,12 +76,14 @@ class _Receiver:
             torch.cuda.set_device(self.device)
         self.params = {n: torch.empty(s, dtype=DTYPE, device=self.device) for n, s in hf_param_shapes(shape)}
         self.groups: dict[str, Any] = {}
+        from weight_sync.buckets import LayoutCache
+
+        self.layouts = LayoutCache()  # as the engine's updater parses them
         if raw_init is not None:  # the default group, for the baseline only; weight_sync never uses it
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=raw_init, rank=1, world_size=2)
 
     def handle(self, op: str, kw: dict[str, Any]) -> Any:
-        from weight_sync.buckets import layouts_from_args
         from weight_sync.group import CommGroup, GroupConfig
         from weight_sync.receiver import receive_buckets
 
@@ -96,7 +98,7 @@ class _Receiver:
             return None
         if op == "update":
             group = self.groups[kw["group_name"]]
-            layouts = layouts_from_args(kw["names"], kw["dtypes"], kw["shapes"], kw["offsets"], kw["bucket_sizes"])
+            layouts = self.layouts.get(kw)
             assert group.vote(0) == 0
             for name, t in receive_buckets(group, layouts):
                 self.params[name].copy_(t)

@@ -213,6 +213,35 @@ def layouts_to_args(layouts: Sequence[BucketLayout]) -> dict[str, list]:
     }
 
 
+def _copied(value: Any) -> Any:
+    """A copy of nested lists / tuples of plain values (same container types, so ``==`` still holds)."""
+    return type(value)(_copied(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+class LayoutCache:
+    """``layouts_from_args`` that remembers the last layout it parsed.
+
+    A trainer pushes the same layout every step; parsing and validating a few hundred tensors costs
+    milliseconds that would sit between the trainer's call and the first byte on the wire, while
+    comparing the wire form with the last one costs microseconds. The cache keeps its own copy of
+    that wire form, so a caller mutating its lists afterwards cannot make a stale layout match.
+    """
+
+    _KEYS = ("names", "dtypes", "shapes", "offsets", "bucket_sizes", "flat_bucket")
+
+    def __init__(self) -> None:
+        self._last: tuple[list[Any], list[BucketLayout]] | None = None
+
+    def get(self, args: dict[str, Any]) -> list[BucketLayout]:
+        """The layouts of the wire-form ``args`` (see ``layouts_from_args``), validated."""
+        wire = [args.get(k) for k in self._KEYS]
+        if self._last is not None and self._last[0] == wire:
+            return list(self._last[1])
+        layouts = layouts_from_args(*wire[:5], bool(wire[5]))
+        self._last = (_copied(wire), layouts)
+        return list(layouts)
+
+
 def _int_list(value: Any, field: str) -> list[int]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         raise InvalidArgumentError("must be a list of integers", field=field)

@@ -103,6 +103,22 @@ class WeightSyncGroup:
         self.group_name = comm.cfg.group_name
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(len(targets), 1),
                                                            thread_name_prefix="weight-sync")
+        # The last push's plan: (names, dtypes, shapes) -> (order, layouts, wire form). A trainer pushes
+        # the same state dict every step, and planning a few hundred tensors takes milliseconds that
+        # would delay the first broadcast.
+        self._plan_cache: tuple[tuple, list[int], list[BucketLayout], dict[str, list]] | None = None
+
+    def _plan(self, items: list[tuple[str, torch.Tensor]]) -> tuple[list[int], list[BucketLayout], dict[str, list]]:
+        """The push order of ``items``, their bucket layouts and the layouts' wire form."""
+        key = tuple((n, t.dtype, tuple(t.shape)) for n, t in items)
+        if self._plan_cache is not None and self._plan_cache[0] == key:
+            return self._plan_cache[1:]
+        edge = min(EDGE_BUCKET_BYTES, self.bucket_bytes)
+        order = pipeline_order([t.numel() * t.element_size() for _, t in items], edge)
+        layouts = plan_buckets(((key[i][0], key[i][1], key[i][2]) for i in order), self.bucket_bytes, edge_bytes=edge)
+        wire = layouts_to_args(layouts)
+        self._plan_cache = (key, order, layouts, wire)
+        return order, layouts, wire
 
     def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int | None:
         """Send these tensors (Hugging Face names) to every engine; returns the engines' new version.
@@ -114,10 +130,9 @@ class WeightSyncGroup:
         full push over a new group).
         """
         items = named_tensor_list(named_tensors)
-        edge = min(EDGE_BUCKET_BYTES, self.bucket_bytes)
-        items = [items[i] for i in pipeline_order([t.numel() * t.element_size() for _, t in items], edge)]
-        layouts = plan_buckets(((n, t.dtype, t.shape) for n, t in items), self.bucket_bytes, edge_bytes=edge)
-        args = {**layouts_to_args(layouts), "group_name": self.group_name, "version": version}
+        order, layouts, wire = self._plan(items)
+        items = [items[i] for i in order]
+        args = {**wire, "group_name": self.group_name, "version": version}
         futures = [self._pool.submit(t.update_weights_from_distributed, **args) for t in self.targets]
         failed: list[BaseException] = []  # in the order the engines answered
         for fut in futures:

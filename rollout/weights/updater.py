@@ -23,7 +23,7 @@ from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFou
 from rollout.weights.checker import UpdateChecker
 from rollout.weights.disk import checkpoint_specs
 from rollout.weights.opened import OpenedSources, check_sources
-from weight_sync.buckets import BucketLayout, bucket_views, layouts_from_args
+from weight_sync.buckets import BucketLayout, LayoutCache, bucket_views
 from weight_sync.group import CommGroup, GroupConfig, GroupFailedError
 from weight_sync.receiver import receive_buckets
 from weight_sync.sources import source_from_dict
@@ -64,6 +64,7 @@ class WeightUpdater:
         self._core = core
         self._checker = UpdateChecker(core.config.model, core.runner.dtype)
         self._groups: dict[str, CommGroup] = {}
+        self._layout_cache = LayoutCache()
 
     @property
     def group_names(self) -> list[str]:
@@ -185,13 +186,11 @@ class WeightUpdater:
             raise InvalidArgumentError(f"must be an integer >= 0, got {version!r}", field="version")
         return version
 
-    @staticmethod
-    def _layouts(args: dict[str, Any]) -> list[BucketLayout]:
+    def _layouts(self, args: dict[str, Any]) -> list[BucketLayout]:
         for key in ("names", "dtypes", "shapes"):
             if key not in args:
                 raise InvalidArgumentError("is required", field=key)
-        return layouts_from_args(args["names"], args["dtypes"], args["shapes"], args.get("offsets"),
-                                 args.get("bucket_sizes"), bool(args.get("flat_bucket", False)))
+        return self._layout_cache.get(args)
 
     def _check(self, layouts: list[BucketLayout]) -> int:
         """Validate every tensor against the model; returns how many tensors the update has."""

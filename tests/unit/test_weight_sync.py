@@ -82,10 +82,15 @@ def test_gloo_push_to_two_engines_matches_transformers(model_dir, perturbed, exp
                 # Groups can be used again, then destroyed and formed again.
                 assert group.push(iter_checkpoint(model_dir), version=8) == 8
                 assert outputs(engine) == expected["old"]
+                # The same state dict twice in a row: both sides reuse the plan and the layout.
+                assert group.push(weights.items(), version=10) == 10
+                assert group.push(iter_checkpoint(model_dir), version=11) == 11
+                assert group.push(iter_checkpoint(model_dir), version=12) == 12
+                assert outputs(engine) == expected["old"] and client_outputs(other) == expected["old"]
             with pytest.raises(NotFoundError):
                 engine.destroy_weight_update_group(group.group_name)
             with weight_sync.connect([engine], backend="gloo", timeout_s=60) as again:
-                assert again.push(weights.items()) == 9  # no version: the engine counts on
+                assert again.push(weights.items()) == 13  # no version: the engine counts on
             assert outputs(engine) == expected["new"]
             engine.check_integrity()
     finally:
