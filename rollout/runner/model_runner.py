@@ -41,12 +41,24 @@ class QueuedStep:
     done: torch.cuda.Event | None
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The engine's device with its index: ``"cuda"`` means the current CUDA device when it is built.
+
+    Other threads (the engine loop) make this device current before running kernels, which needs
+    an explicit index.
+    """
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class ModelRunner:
     """Turns a ``BatchPlan`` into tensors, runs the model forward and samples."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.dtype: torch.dtype = getattr(torch, config.dtype)
         # Weights and KV live in releasable regions (release_memory / resume_memory).
         self.memory = EngineMemory(self.device, config.cache.memory_backup_tags)

@@ -114,3 +114,16 @@ def test_failed_step_fails_its_requests_frees_kv_and_keeps_serving(tiny_model_di
         info = eng.info()
         assert info.kv_used_tokens == 0 and info.num_running == 0 and info.num_waiting == 0
         assert eng.generate([3, 4, 5], sp)[0].output_ids == ref
+
+
+def test_a_cuda_device_without_index_means_the_current_one(monkeypatch) -> None:
+    """``device="cuda"`` must carry an index: the engine loop thread makes the engine's device current
+    with it (``torch.cuda.set_device("cuda")`` raises, which killed engines started with "cuda")."""
+    import torch
+
+    from rollout.runner.model_runner import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
