@@ -25,6 +25,9 @@ Semantics, per row of the ``(B, V)`` logits (upcast to float32):
 ``raw_logprobs`` and the top alternatives are taken from the log-softmax of the logits as given,
 before banning, temperature and filtering. Everything is batched tensor work; greedy-only batches
 skip the draw and filtering, and batches without filters skip the sort.
+
+Batches without filters take one fused kernel on GPU (``kernels.sampling.sample_rows``: the same
+draw and logprob, read straight from the model's logits); the torch code here is its reference.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from itertools import chain
 import torch
 
 from rollout.errors import InvalidArgumentError
+from rollout.layers.fused_ops import use_fused
 from rollout.sampling.sampling_batch import SamplingBatch
 
 
@@ -68,6 +72,10 @@ class Sampler:
         if top_logprobs_num < 0:
             raise InvalidArgumentError(f"must be >= 0 (got {top_logprobs_num})", field="top_logprobs_num")
         assert logits.dim() == 2 and logits.shape[0] == batch.batch_size, "logits must be (B, V)"
+        if not batch.need_filter and use_fused(logits) and logits.stride(-1) == 1:
+            token_ids, logprobs = _sample_fused(logits, batch)
+            return self._with_raw(logits, token_ids, logprobs if return_logprob else None,
+                                  return_raw_logprob, top_logprobs_num)
         raw = logits.float()  # (B, V); a no-op view when already float32, so never write into it
         masked = _apply_banned(raw, batch.banned_token_ids)  # (B, V)
 
@@ -78,10 +86,17 @@ class Sampler:
                 logprobs = _gather(torch.log_softmax(masked, dim=-1), token_ids)
         else:
             token_ids, logprobs = _sample_mixed(masked, batch, return_logprob)
+        return self._with_raw(raw, token_ids, logprobs, return_raw_logprob, top_logprobs_num)
 
+    @staticmethod
+    def _with_raw(
+        logits: torch.Tensor, token_ids: torch.Tensor, logprobs: torch.Tensor | None, return_raw_logprob: bool,
+        top_logprobs_num: int,
+    ) -> SampleResult:
+        """The result, with the raw log-softmax figures of ``logits`` (B, V) if asked for."""
         raw_logprobs = top_ids = top_logprobs = None
         if return_raw_logprob or top_logprobs_num > 0:
-            raw_lsm = torch.log_softmax(raw, dim=-1)  # (B, V)
+            raw_lsm = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
             if return_raw_logprob:
                 raw_logprobs = _gather(raw_lsm, token_ids)
             if top_logprobs_num > 0:
@@ -94,6 +109,14 @@ class Sampler:
             top_ids=top_ids,
             top_logprobs=top_logprobs,
         )
+
+
+def _sample_fused(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and logprobs of an unfiltered batch by the fused kernel, from logits in their own dtype."""
+    from kernels.sampling import sample_rows
+
+    masked = _apply_banned(logits, batch.banned_token_ids)  # -inf is exact in bf16 / fp16 too
+    return sample_rows(masked, batch.temperatures, batch.uniforms)
 
 
 def _gather(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

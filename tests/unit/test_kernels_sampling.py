@@ -1,0 +1,100 @@
+"""The fused sampling kernel against the sampler's torch formulation, on random inputs.
+
+Without CUDA the kernel runs in Triton's interpreter. Tokens must be identical (the two differ only
+in float rounding, which moves a token only when a row's draw falls within about 1e-7 of a bin
+edge); logprobs agree to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: before import
+pytest.importorskip("triton")
+
+from kernels.sampling import sample_rows  # noqa: E402
+from rollout.layers import fused_ops  # noqa: E402
+from rollout.sampling.sampler import Sampler  # noqa: E402
+from rollout.sampling.sampling_batch import SamplingBatch  # noqa: E402
+from rollout.types import SamplingParams  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TEMPS = [0.0, 0.05, 0.6, 1.0, 1.7]
+
+
+def reference(logits: torch.Tensor, batch: SamplingBatch, monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path of the sampler (fused kernels off)."""
+    with monkeypatch.context() as m:
+        m.setattr(fused_ops, "MODE", "0")
+        out = Sampler().sample(logits, batch, return_logprob=True, return_raw_logprob=False, top_logprobs_num=0)
+    return out.token_ids, out.logprobs
+
+
+def make_batch(rows: int, seed: int, banned=None, temps=None) -> SamplingBatch:
+    temps = temps or [TEMPS[i % len(TEMPS)] for i in range(rows)]
+    params = [SamplingParams(temperature=t) for t in temps]
+    return SamplingBatch.build(params, [seed + i for i in range(rows)], [7] * rows, banned, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab, block", [(3000, 512), (3000, None), (700, 64)])
+def test_matches_the_torch_sampler(dtype, vocab, block, monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(vocab + (block or 0))
+    rows = 40
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype).to(DEVICE)
+    batch = make_batch(rows, seed=vocab)
+    tokens, logprobs = sample_rows(logits, batch.temperatures, batch.uniforms, block=block)
+    want_tokens, want_logprobs = reference(logits, batch, monkeypatch)
+    assert torch.equal(tokens.cpu(), want_tokens.cpu())
+    torch.testing.assert_close(logprobs.cpu(), want_logprobs.cpu(), rtol=1e-5, atol=1e-4)
+
+
+def test_banned_ids_and_blocks_of_minus_infinity(monkeypatch) -> None:
+    """Banned ids (the row's argmax among them) are never drawn; whole blocks of -inf are harmless."""
+    gen = torch.Generator().manual_seed(1)
+    rows, vocab = 20, 1000
+    logits = torch.randn(rows, vocab, generator=gen)
+    logits[:, :256] = float("-inf")  # the first four 64-id blocks hold no mass at all
+    logits[:, 900:] = float("-inf")  # nor does the tail
+    top = logits.argmax(dim=-1)
+    logits[torch.arange(rows), top] += 10.0  # one very likely token per row...
+    banned = [[int(top[i]), 300 + i] for i in range(rows)]  # ...which is banned
+    logits = logits.to(DEVICE)
+    batch = make_batch(rows, seed=3, banned=banned)
+    want_tokens, want_logprobs = reference(logits, batch, monkeypatch)
+    with monkeypatch.context() as m:
+        m.setattr(fused_ops, "MODE", "all")  # through the sampler: it applies the ban before the kernel
+        out = Sampler().sample(logits, batch, return_logprob=True, return_raw_logprob=False, top_logprobs_num=0)
+    assert torch.equal(out.token_ids.cpu(), want_tokens.cpu())
+    torch.testing.assert_close(out.logprobs.cpu(), want_logprobs.cpu(), rtol=1e-5, atol=1e-4)
+    tokens = out.token_ids.cpu()
+    assert all(256 <= int(t) < 900 and int(t) not in banned[i] for i, t in enumerate(tokens))
+
+
+def test_draws_follow_the_cumulative_distribution() -> None:
+    """Evenly spread uniforms land in each token's bin in proportion to its probability, zero-probability
+    tokens (also at the very end of the vocabulary) are never drawn, and u -> 1 gives the last likely token."""
+    probs = torch.tensor([0.1, 0.0, 0.25, 0.05, 0.3, 0.3, 0.0, 0.0])
+    n = 2000 if DEVICE == "cuda" else 400  # the interpreter runs one row at a time
+    logits = probs.log().expand(n, -1).contiguous().to(DEVICE)
+    temps = torch.ones(n, device=DEVICE)
+    uniforms = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).to(DEVICE)
+    uniforms[-1] = 1.0 - 2.0**-53
+    tokens, logprobs = sample_rows(logits, temps, uniforms, block=4)
+    counts = torch.bincount(tokens.cpu(), minlength=len(probs))
+    assert counts[1] == counts[6] == counts[7] == 0
+    assert (counts.double() - probs.double() * n).abs().max() <= 1
+    assert int(tokens[-1]) == 5 and int(tokens[0]) == 0
+    torch.testing.assert_close(logprobs.cpu(), probs.log()[tokens.cpu()], rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_rows_take_the_first_maximum_and_report_the_model_logprob() -> None:
+    logits = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.0, 0.0, 0.0, 0.0]], device=DEVICE)
+    tokens, logprobs = sample_rows(logits, torch.zeros(2, device=DEVICE),
+                                   torch.full((2,), 0.99, dtype=torch.float64, device=DEVICE), block=2)
+    assert tokens.tolist() == [1, 0]
+    torch.testing.assert_close(logprobs.cpu(), torch.log_softmax(logits.cpu(), dim=-1)[[0, 1], [1, 0]])
