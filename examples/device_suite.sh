@@ -5,6 +5,7 @@
 #   examples/device_suite.sh fast       # fused kernels, bf16 vs HF, 0.6B throughput / batch 1, step profiles
 #   examples/device_suite.sh bench      # kernel and engine benchmarks (1 GPU)
 #   examples/device_suite.sh sync       # memory release/resume and colocated weight-sync benchmarks (1 GPU)
+#   examples/device_suite.sh timeline   # the offline workload step by step, prompt-phase kernels, attention tiles
 #   examples/device_suite.sh moe        # Qwen3-30B-A3B throughput (one H200)
 #   examples/device_suite.sh multi      # multi-GPU tests and the NCCL weight-sync benchmark
 #
@@ -41,13 +42,20 @@ case "${1:-tests}" in
     ;;
   fast)  # the fast path's checks and figures first: fused kernels, HF equality, throughput, latency, profiles
     step fused_kernels 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kernels_fused.py \
-      tests/unit/test_kernels_attention.py
+      tests/unit/test_kernels_attention.py tests/unit/test_kernels_sampling.py
     step bf16_vs_hf 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_engine.py
     step offline_qwen3_0.6b 200 python3 examples/offline_throughput.py --shape qwen3-0.6b --attention-backend triton
     step batch1_qwen3_0.6b 100 python3 examples/offline_throughput.py --shape qwen3-0.6b --batch1 \
       --attention-backend triton
     TAIL=70 step profile_b256 100 python3 examples/profile_decode.py --shape qwen3-0.6b --batch 256 --context 600
     TAIL=70 step profile_b1 100 python3 examples/profile_decode.py --shape qwen3-0.6b --batch 1 --context 128
+    TAIL=40 step timeline_qwen3_0.6b 200 python3 examples/workload_timeline.py --shape qwen3-0.6b --show-steps 24
+    ;;
+  timeline)  # where the offline workload's time goes, and the kernels of its prompt phase
+    TAIL=40 step timeline_qwen3_0.6b 200 python3 examples/workload_timeline.py --shape qwen3-0.6b --show-steps 24
+    TAIL=45 step timeline_prompt_profile 200 python3 examples/workload_timeline.py --shape qwen3-0.6b \
+      --profile-steps 6
+    TAIL=12 step attention_sweep 200 python3 -m kernels.bench_attention --context 640 --sweep
     ;;
   bench)
     step bf16_vs_hf 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_engine.py -k bf16
