@@ -91,20 +91,20 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
     t = "*" + dtype
     precision = "ieee" if dtype == "fp32" else "tf32"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    block_m, block_n, warps = extend.default_tiles(128, torch_dtype)
-    decode_n, decode_warps = decode.default_tiles(torch_dtype)
+    block_m, block_n, warps, stages = extend.default_tiles(128, torch_dtype)
+    decode_n, decode_warps, decode_stages = decode.default_tiles(torch_dtype)
     attn = dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, kv_indptr_ptr="*i32", kv_indices_ptr="*i64",
                 qo_indptr_ptr="*i32", num_splits_ptr="*i32", mid_o_ptr="*fp32", mid_lse_ptr="*fp32")
     common = dict(HEAD_DIM=128, BLOCK_D=128, PRECISION=precision, UPCAST=False)
     out = [
         (f"decode split {dtype}", _source(decode._decode_split_kernel, attn,
                                           dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, **common), ("scale_log2",)),
-         decode_warps, 2),
+         decode_warps, decode_stages),
         (f"decode merge {dtype}", _source(decode._decode_merge_kernel, attn,
                                           dict(HEAD_DIM=128, BLOCK_D=128, MAX_SPLITS=16), ()), 4, 1),
         (f"extend {dtype}", _source(extend._extend_kernel, attn,
                                     dict(GROUP=2, BLOCK_M=block_m, BLOCK_N=block_n, **common), ("scale_log2",)),
-         warps, 2),
+         warps, stages),
     ]
     moe = dict(x_ptr=t, w_ptr=t, act_ptr=t, out_ptr=t, weights_ptr="*fp32", sorted_ids_ptr="*i32",
                block_experts_ptr="*i32")

@@ -34,7 +34,7 @@ class ForwardBatch:
     kv_indptr: torch.Tensor  # (B+1,) int32
     kv_indices: torch.Tensor  # (sum(seq_lens),) int64
     seq_lens: torch.Tensor  # (B,) int32, prefix + new tokens per request
-    logits_indices: torch.Tensor  # (B,) int64, token-axis index of each request's last new token
+    logits_indices: torch.Tensor  # (S,) int64, token-axis index of the last new token of each sampled entry
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]
     prefix_lens_cpu: list[int]

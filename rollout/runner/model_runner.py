@@ -165,15 +165,10 @@ class ModelRunner:
         else:
             self.attn_backend.prepare(batch)
             hidden = self.model(batch)  # (T, hidden)
-        sample_idx = [i for i, s in enumerate(plan.sample) if s]
-        if not sample_idx:
+        if not any(plan.sample):
             self._last_tokens = None
             return QueuedStep(None, None, None, None, None, None)
-        if len(sample_idx) == len(plan.sample):
-            rows = batch.logits_indices  # every entry samples (decode steps)
-        else:
-            rows = batch.logits_indices[torch.tensor(sample_idx, device=self.device)]
-        logits = self.model.compute_logits(hidden[rows])  # (B_sample, vocab) float32
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # (B_sample, vocab)
         banned = [b or [] for b in plan.banned] if any(plan.banned) else None
         sb = SamplingBatch.build(plan.sampling, plan.seeds, plan.steps, banned, self.device)
         res = self.sampler.sample(
@@ -225,15 +220,19 @@ class ModelRunner:
         positions = prefix[entry] + torch.arange(t) - qo_indptr[:-1][entry]
         # Every host-made index travels in one copy from pinned memory (it does not wait for the
         # device, so a step can be prepared while the previous one runs).
+        # The token-axis row of each sampled entry's last new token (all entries in decode steps).
+        last = qo_indptr[1:] - 1
+        sampled = last if all(plan.sample) else last[torch.tensor(plan.sample, dtype=torch.bool)]
         host = torch.cat([
             torch.tensor(plan.rows, dtype=torch.int64), torch.tensor(plan.out_slots, dtype=torch.int64),
             positions, entry, seq_lens, kv_indptr, qo_indptr, torch.tensor(plan.input_ids, dtype=torch.int64),
+            sampled,
         ])
         if dev.type == "cuda":
             host = host.pin_memory()
         flat = host.to(dev, non_blocking=True)
-        rows, out_loc, positions_d, entry_d, seq_lens_d, kv_indptr_d, qo_indptr_d, input_ids = flat.split(
-            [b, t, t, t, b, b + 1, b + 1, t])
+        rows, out_loc, positions_d, entry_d, seq_lens_d, kv_indptr_d, qo_indptr_d, input_ids, logits_rows = flat.split(
+            [b, t, t, t, b, b + 1, b + 1, t, sampled.numel()])
         # Record the new tokens' slots in the table, then read every entry's whole KV run from it
         # with one gather: kv position j of entry i is table[rows[i], j - kv_indptr[i]].
         self.req_table[rows[entry_d], positions_d] = out_loc
@@ -255,7 +254,7 @@ class ModelRunner:
             kv_indptr=kv_indptr_d.to(torch.int32),
             kv_indices=kv_indices,
             seq_lens=seq_lens_d.to(torch.int32),
-            logits_indices=qo_indptr_d[1:] - 1,
+            logits_indices=logits_rows,
             seq_lens_cpu=seq_lens.tolist(),
             extend_lens_cpu=plan.extend_lens,
             prefix_lens_cpu=plan.prefix_lens,
