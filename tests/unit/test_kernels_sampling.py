@@ -41,13 +41,13 @@ def make_batch(rows: int, seed: int, banned=None, temps=None) -> SamplingBatch:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("vocab, block", [(3000, 512), (3000, None), (700, 64)])
-def test_matches_the_torch_sampler(dtype, vocab, block, monkeypatch) -> None:
+@pytest.mark.parametrize("vocab, block, chunks", [(3000, 512, 1), (3000, 256, 3), (3000, None, None), (700, 64, 5)])
+def test_matches_the_torch_sampler(dtype, vocab, block, chunks, monkeypatch) -> None:
     gen = torch.Generator().manual_seed(vocab + (block or 0))
     rows = 40
     logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype).to(DEVICE)
     batch = make_batch(rows, seed=vocab)
-    tokens, logprobs = sample_rows(logits, batch.temperatures, batch.uniforms, block=block)
+    tokens, logprobs = sample_rows(logits, batch.temperatures, batch.uniforms, block=block, chunks=chunks)
     want_tokens, want_logprobs = reference(logits, batch, monkeypatch)
     assert torch.equal(tokens.cpu(), want_tokens.cpu())
     torch.testing.assert_close(logprobs.cpu(), want_logprobs.cpu(), rtol=1e-5, atol=1e-4)
@@ -73,18 +73,25 @@ def test_banned_ids_and_blocks_of_minus_infinity(monkeypatch) -> None:
     torch.testing.assert_close(out.logprobs.cpu(), want_logprobs.cpu(), rtol=1e-5, atol=1e-4)
     tokens = out.token_ids.cpu()
     assert all(256 <= int(t) < 900 and int(t) not in banned[i] for i, t in enumerate(tokens))
+    # Four chunks of 256 ids: the first holds -inf only.
+    masked = logits.clone()
+    for i, ids in enumerate(banned):
+        masked[i, ids] = float("-inf")
+    direct, direct_logprobs = sample_rows(masked, batch.temperatures, batch.uniforms, block=64, chunks=4)
+    assert torch.equal(direct.cpu(), tokens)
+    torch.testing.assert_close(direct_logprobs.cpu(), want_logprobs.cpu(), rtol=1e-5, atol=1e-4)
 
 
 def test_draws_follow_the_cumulative_distribution() -> None:
     """Evenly spread uniforms land in each token's bin in proportion to its probability, zero-probability
     tokens (also at the very end of the vocabulary) are never drawn, and u -> 1 gives the last likely token."""
     probs = torch.tensor([0.1, 0.0, 0.25, 0.05, 0.3, 0.3, 0.0, 0.0])
-    n = 2000 if DEVICE == "cuda" else 400  # the interpreter runs one row at a time
+    n = 2000 if DEVICE == "cuda" else 200  # the interpreter runs one program at a time
     logits = probs.log().expand(n, -1).contiguous().to(DEVICE)
     temps = torch.ones(n, device=DEVICE)
     uniforms = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).to(DEVICE)
     uniforms[-1] = 1.0 - 2.0**-53
-    tokens, logprobs = sample_rows(logits, temps, uniforms, block=4)
+    tokens, logprobs = sample_rows(logits, temps, uniforms, block=2, chunks=3)
     counts = torch.bincount(tokens.cpu(), minlength=len(probs))
     assert counts[1] == counts[6] == counts[7] == 0
     assert (counts.double() - probs.double() * n).abs().max() <= 1
@@ -95,6 +102,6 @@ def test_draws_follow_the_cumulative_distribution() -> None:
 def test_greedy_rows_take_the_first_maximum_and_report_the_model_logprob() -> None:
     logits = torch.tensor([[1.0, 3.0, 3.0, -2.0], [0.0, 0.0, 0.0, 0.0]], device=DEVICE)
     tokens, logprobs = sample_rows(logits, torch.zeros(2, device=DEVICE),
-                                   torch.full((2,), 0.99, dtype=torch.float64, device=DEVICE), block=2)
+                                   torch.full((2,), 0.99, dtype=torch.float64, device=DEVICE), block=2, chunks=2)
     assert tokens.tolist() == [1, 0]
     torch.testing.assert_close(logprobs.cpu(), torch.log_softmax(logits.cpu(), dim=-1)[[0, 1], [1, 0]])
