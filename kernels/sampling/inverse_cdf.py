@@ -32,9 +32,13 @@ import triton.language as tl
 
 BLOCK = 1024  # ids per load
 PROGRAMS_PER_SM = 4  # the chunk count aims at this many programs per SM for the first kernel
+# Chunks per row at most; also the width of the per-row statistics, fixed so that the kernels
+# compile once whatever the batch size (a width per batch size meant a compile in the middle of
+# serving each time the batch crossed a power of two).
+MAX_CHUNKS = 256
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk"])
 def _chunk_stats_kernel(
     logits_ptr, stride_row, temps_ptr, max_ptr, sum_ptr, arg_ptr,
     vocab, chunk,
@@ -73,7 +77,7 @@ def _chunk_stats_kernel(
     tl.store(arg_ptr + out, arg)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk", "num_chunks"])
 def _draw_kernel(
     logits_ptr, stride_row, temps_ptr, uniforms_ptr, max_ptr, sum_ptr, arg_ptr, tokens_ptr, logprobs_ptr,
     vocab, chunk, num_chunks,
@@ -140,7 +144,7 @@ def _sm_count(device: torch.device) -> int:
 def num_chunks(batch: int, vocab: int, device: torch.device, block: int = BLOCK) -> int:
     """Chunks per row: enough programs to fill the GPU, none smaller than one block of ids."""
     want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), max(batch, 1))
-    return max(1, min(want, triton.cdiv(vocab, block)))
+    return max(1, min(want, triton.cdiv(vocab, block), MAX_CHUNKS))
 
 
 def sample_rows(
@@ -162,10 +166,10 @@ def sample_rows(
     if b == 0:
         return tokens, logprobs
     block = block or min(BLOCK, triton.next_power_of_2(vocab))
-    n = chunks or num_chunks(b, vocab, dev, block)
+    n = min(chunks or num_chunks(b, vocab, dev, block), MAX_CHUNKS)
     chunk = triton.cdiv(triton.cdiv(vocab, n), block) * block  # a whole number of blocks
     n = triton.cdiv(vocab, chunk)
-    width = triton.next_power_of_2(n)
+    width = MAX_CHUNKS
     maxes = torch.empty(b, width, dtype=torch.float32, device=dev)
     sums = torch.empty(b, width, dtype=torch.float64, device=dev)
     args = torch.empty(b, width, dtype=torch.int32, device=dev)
