@@ -78,7 +78,8 @@ def main() -> None:
         for _ in range(5):
             core.step()
         sync()
-    print(prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=args.rows,
+                                    max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     core.shutdown()
     core.close()

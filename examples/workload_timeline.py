@@ -61,7 +61,8 @@ def record_steps(core, profile_steps: int = 0, rows: int = 30) -> list[StepRecor
     if profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
-        prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+        cuda = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+        prof = profile(activities=[ProfilerActivity.CPU] + cuda)
         prof.__enter__()
     last = time.perf_counter()
     while core.has_work():
@@ -75,6 +76,8 @@ def record_steps(core, profile_steps: int = 0, rows: int = 30) -> list[StepRecor
             sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
             print(f"kernels of the first {profile_steps} steps:")
             print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+            print(f"host time of the first {profile_steps} steps:")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
             prof = None
         prompt, decode, kv = scheduled[-1] if scheduled else (0, 0, 0)
         records.append(StepRecord(now - last, prompt, decode, kv))

@@ -23,6 +23,7 @@ from kernels.attention import (
     extend_attention,
     paged_attention_reference,
     plan_kv_splits,
+    runs_from_indptr,
 )
 from kernels.bench_utils import bandwidth_line, copy_bandwidth, describe_device, flops_line, median_ms
 from kernels.triton_utils import num_sms
@@ -59,6 +60,8 @@ def bench_decode(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     elt = k_buf.element_size()
     nbytes = 2 * b * ctx * hkv * d * elt + b * ctx * kv_indices.element_size() + 2 * q.numel() * elt
 
+    starts, lens = runs_from_indptr(kv_indptr)
+
     def run(max_splits: int, **kw) -> float:
         # As in the backend: split counts planned once per step, workspace and output preallocated.
         splits = plan_kv_splits(seq_lens, max_splits, args.min_split_tokens)
@@ -66,14 +69,14 @@ def bench_decode(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         out = torch.empty_like(q)
         return median_ms(
             lambda: decode_attention(
-                q, k_buf, v_buf, kv_indptr, kv_indices, scale, splits, max_splits,
+                q, k_buf, v_buf, kv_indices, starts, lens, scale, splits, max_splits,
                 out=out, mid_o=mid_o, mid_lse=mid_lse, **kw,
             )
         )
 
     planned = choose_max_splits(b, hkv, num_sms(device), args.max_kv_splits)
     splits = plan_kv_splits(seq_lens, planned, args.min_split_tokens)
-    out = decode_attention(q, k_buf, v_buf, kv_indptr, kv_indices, scale, splits, planned)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, starts, lens, scale, splits, planned)
     n_check = min(b, 8)
     ref = decode_attention_reference(q[:n_check], k_buf, v_buf, kv_indptr[: n_check + 1], kv_indices, scale)
     err = (out[:n_check].float() - ref.float()).abs().max().item()
@@ -104,10 +107,13 @@ def bench_extend(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     pairs = n * (new * prefix + new * (new + 1) // 2)  # visible (query, key) pairs per head
     flops = 4 * d * hq * pairs
 
-    def run(**kw) -> float:
-        return median_ms(lambda: extend_attention(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, scale, new, **kw))
+    starts, lens = runs_from_indptr(kv_indptr)
 
-    out = extend_attention(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, scale, new)
+    def run(**kw) -> float:
+        return median_ms(
+            lambda: extend_attention(q, k_buf, v_buf, qo_indptr, kv_indices, starts, lens, scale, new, **kw))
+
+    out = extend_attention(q, k_buf, v_buf, qo_indptr, kv_indices, starts, lens, scale, new)
     ref = paged_attention_reference(q[:new], k_buf, v_buf, qo_indptr[:2], kv_indptr[:2], kv_indices, scale)
     err = (out[:new].float() - ref.float()).abs().max().item()
     print(f"extend {n} x {new} new tokens after {prefix} Hq={hq} Hkv={hkv} D={d} {args.dtype} (max err {err:.1e})")

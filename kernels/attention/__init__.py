@@ -1,6 +1,12 @@
 """Triton paged attention over the ``KVPool`` layout, with flashinfer-style index metadata."""
 
-from kernels.attention.decode import choose_max_splits, decode_attention, decode_workspace, plan_kv_splits
+from kernels.attention.decode import (
+    choose_max_splits,
+    decode_attention,
+    decode_workspace,
+    plan_kv_splits,
+    runs_from_indptr,
+)
 from kernels.attention.extend import extend_attention
 from kernels.attention.reference import decode_attention_reference, paged_attention_reference
 
@@ -12,4 +18,5 @@ __all__ = [
     "extend_attention",
     "paged_attention_reference",
     "plan_kv_splits",
+    "runs_from_indptr",
 ]

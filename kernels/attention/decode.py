@@ -12,6 +12,11 @@ q head)::
 
 ``S`` (``max_splits``) fixes the grid; ``num_splits`` is a device tensor, so the split count of
 each request follows its length without a host sync, which keeps the launch CUDA-graph safe.
+
+Request ``b``'s KV slots are ``kv_indices[kv_starts[b] : kv_starts[b] + kv_lens[b]]``. With a flat
+per-step index array that is ``kv_starts = kv_indptr[:-1]`` (``runs_from_indptr``); the engine
+instead passes its request table flattened, ``kv_starts[b] = row_b * max_context`` and ``kv_lens =
+seq_lens``, so a decode step needs no per-step index array at all.
 Scores are kept in base 2 (``scale * log2(e)`` folded in) so the softmax uses ``exp2``.
 """
 
@@ -32,7 +37,7 @@ NEG = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, kv_indptr_ptr, kv_indices_ptr, num_splits_ptr, mid_o_ptr, mid_lse_ptr,
+    q_ptr, k_ptr, v_ptr, kv_indices_ptr, kv_starts_ptr, kv_lens_ptr, num_splits_ptr, mid_o_ptr, mid_lse_ptr,
     scale_log2,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
@@ -45,8 +50,8 @@ def _decode_split_kernel(
     n_split = tl.load(num_splits_ptr + b)
     if split >= n_split:
         return
-    kv_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
-    kv_len = tl.load(kv_indptr_ptr + b + 1) - tl.load(kv_indptr_ptr + b)
+    kv_start = tl.load(kv_starts_ptr + b).to(tl.int64)
+    kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
     split_len = tl.cdiv(kv_len, n_split)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_len)
@@ -161,12 +166,18 @@ def decode_workspace(
     return mid_o, mid_lse
 
 
+def runs_from_indptr(kv_indptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kv_starts, kv_lens)`` (B,) of a flat index array laid out by ``kv_indptr`` (B+1,)."""
+    return kv_indptr[:-1], kv_indptr[1:] - kv_indptr[:-1]
+
+
 def decode_attention(
     q: torch.Tensor,  # (B, Hq, D)
     k_buf: torch.Tensor,  # (num_slots, Hkv, D)
     v_buf: torch.Tensor,  # (num_slots, Hkv, D)
-    kv_indptr: torch.Tensor,  # (B+1,) int32
-    kv_indices: torch.Tensor,  # (sum kv lens,) int64 slots
+    kv_indices: torch.Tensor,  # (N,) int slots; request b's run starts at kv_starts[b]
+    kv_starts: torch.Tensor,  # (B,) int offsets into kv_indices
+    kv_lens: torch.Tensor,  # (B,) int KV length of each request
     scale: float,
     num_splits: torch.Tensor,  # (B,) int32, each in [1, max_splits]
     max_splits: int,
@@ -198,7 +209,7 @@ def decode_attention(
     dn, dw, ds = default_tiles(q.dtype)
     block_n, num_warps, num_stages = block_n or dn, num_warps or dw, num_stages or ds
     _decode_split_kernel[(batch, num_kv_heads, max_splits)](
-        q, k_buf, v_buf, kv_indptr, kv_indices, num_splits, mid_o, mid_lse,
+        q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, num_splits, mid_o, mid_lse,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),

@@ -1,7 +1,8 @@
 """Paged extend / prefill attention: ragged query lengths, causal within each request, after a prefix.
 
 Request ``b`` has ``q_len`` new tokens (rows ``qo_indptr[b]..``) and ``kv_len = prefix + q_len`` KV
-positions, all already in the pool. Query ``j`` sits at kv position ``prefix + j`` and sees kv
+positions, all already in the pool, their slots at ``kv_indices[kv_starts[b]:][:kv_lens[b]]`` (see
+``decode.py`` for the two layouts). Query ``j`` sits at kv position ``prefix + j`` and sees kv
 positions ``0..prefix + j``. One program takes ``BLOCK_M`` queries of one (request, q head) and
 walks the KV in ``BLOCK_N`` tiles with an online softmax::
 
@@ -55,7 +56,7 @@ def _attend_tile(
 
 @triton.jit
 def _extend_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_indices_ptr,
+    q_ptr, k_ptr, v_ptr, out_ptr, qo_indptr_ptr, kv_indices_ptr, kv_starts_ptr, kv_lens_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -68,8 +69,8 @@ def _extend_kernel(
     q_len = tl.load(qo_indptr_ptr + b + 1) - q_start
     if m0 >= q_len:
         return
-    kv_start = tl.load(kv_indptr_ptr + b).to(tl.int64)
-    kv_len = tl.load(kv_indptr_ptr + b + 1) - tl.load(kv_indptr_ptr + b)
+    kv_start = tl.load(kv_starts_ptr + b).to(tl.int64)
+    kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
     prefix = kv_len - q_len
     kv_head = head // GROUP
 
@@ -128,8 +129,9 @@ def extend_attention(
     k_buf: torch.Tensor,  # (num_slots, Hkv, D)
     v_buf: torch.Tensor,  # (num_slots, Hkv, D)
     qo_indptr: torch.Tensor,  # (B+1,) int32
-    kv_indptr: torch.Tensor,  # (B+1,) int32
-    kv_indices: torch.Tensor,  # (sum kv lens,) int64 slots
+    kv_indices: torch.Tensor,  # (N,) int slots; request b's run starts at kv_starts[b]
+    kv_starts: torch.Tensor,  # (B,) int offsets into kv_indices
+    kv_lens: torch.Tensor,  # (B,) int KV length (prefix + new) of each request
     scale: float,
     max_extend_len: int,
     *,
@@ -159,7 +161,7 @@ def extend_attention(
     num_stages = num_stages or ds
     grid = (num_q_heads, triton.cdiv(max_extend_len, block_m), batch)
     _extend_kernel[grid](
-        q, k_buf, v_buf, out, qo_indptr, kv_indptr, kv_indices,
+        q, k_buf, v_buf, out, qo_indptr, kv_indices, kv_starts, kv_lens,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1),

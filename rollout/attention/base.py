@@ -25,6 +25,9 @@ class AttentionBackend(ABC):
     """
 
     supports_cuda_graph: bool = False
+    # True: the backend finds each request's KV slots through ``batch.req_table`` / ``req_rows``, so
+    # the runner leaves ``kv_indptr`` / ``kv_indices`` out of its batches (None).
+    reads_req_table: bool = False
 
     def __init__(self, kv_pool: KVPool) -> None:
         self.kv_pool = kv_pool
@@ -46,8 +49,12 @@ class AttentionBackend(ABC):
         layer_id: int,
         scale: float,
         batch: ForwardBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # (T, num_q_heads, head_dim)
         """Store ``k`` and ``v`` at ``batch.out_cache_loc`` of layer ``layer_id``, then attend.
+
+        ``kv_stored``: the caller has already written them there (the fused rotary kernel does),
+        so the backend must not store them again.
 
         Token ``t`` of request ``i`` at position ``p`` attends to positions ``0..p`` of request
         ``i`` only (causal within the request, nothing across requests).

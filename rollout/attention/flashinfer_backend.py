@@ -236,10 +236,12 @@ class FlashInferBackend(AttentionBackend):
         layer_id: int,
         scale: float,
         batch: ForwardBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # (T, Hq, D)
         step = self._step
         assert step is not None and step.batch_size == batch.batch_size, "prepare() the batch first"
-        self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
+        if not kv_stored:
+            self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
         if step.wrapper is None:
             self._learn_and_plan(step, q.shape[1], scale)
         assert q.shape[1] == self._num_q_heads, "query head count changed between layers"

@@ -29,8 +29,10 @@ class TorchReferenceBackend(AttentionBackend):
         layer_id: int,
         scale: float,
         batch: ForwardBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # (T, Hq, D)
-        self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
+        if not kv_stored:
+            self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
         k_buf = self.kv_pool.k_buffers[layer_id]  # (slots, Hkv, D)
         v_buf = self.kv_pool.v_buffers[layer_id]
         num_heads, num_kv_heads = q.shape[1], k_buf.shape[1]

@@ -7,6 +7,10 @@ nothing whose size depends on tensor values. Each request's split count lives in
 partial results go to a workspace sized for every batch up to ``max_batch_size`` on the first
 decode step (the graph warm-up, before any capture). Neither buffer is ever replaced: a batch
 larger than ``max_batch_size`` (never graphed) gets buffers of its own for that step.
+
+The kernels find each request's KV slots in the engine's request table when the batch carries it
+(``req_table`` / ``req_rows``: run ``b`` starts at ``req_rows[b] * max_context`` of the flattened
+table), else in the batch's flat ``kv_indices`` laid out by ``kv_indptr``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.attention import choose_max_splits, decode_attention, extend_attention, plan_kv_splits
+from kernels.attention import (
+    choose_max_splits,
+    decode_attention,
+    extend_attention,
+    plan_kv_splits,
+    runs_from_indptr,
+)
 from kernels.triton_utils import interpreting, num_sms
 from rollout.attention.base import AttentionBackend
 from rollout.cache.kv_pool import KVPool
@@ -32,12 +42,16 @@ class _StepPlan:
     max_splits: int  # decode grid depth
     max_extend_len: int  # extend grid rows
     num_splits: torch.Tensor | None  # (B,) int32 pieces per request (decode only)
+    kv_indices: torch.Tensor  # (N,) slots: the flattened request table or the batch's kv_indices
+    kv_starts: torch.Tensor  # (B,) where each request's run starts in kv_indices
+    kv_lens: torch.Tensor  # (B,) its length
 
 
 class TritonAttentionBackend(AttentionBackend):
     """Paged attention with Triton kernels (decode: split-KV, extend: causal tiled)."""
 
     supports_cuda_graph = True
+    reads_req_table = True
 
     def __init__(
         self,
@@ -63,6 +77,8 @@ class TritonAttentionBackend(AttentionBackend):
     def _size_buffers(self, max_batch_size: int) -> None:
         self.max_batch_size = max_batch_size
         self._num_splits = torch.ones(max_batch_size, dtype=torch.int32, device=self.kv_pool.device)  # (B_max,)
+        self._kv_starts = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
+        self._kv_lens = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
         self._workspace: torch.Tensor | None = None  # flat fp32: partial outputs, then their lse
 
     def init_cuda_graph(self, max_bs: int, max_kv_tokens: int) -> None:
@@ -71,16 +87,39 @@ class TritonAttentionBackend(AttentionBackend):
             self._size_buffers(max_bs)
 
     def prepare(self, batch: ForwardBatch) -> None:
-        """Fix the grid of this step; for decode, write each request's split count (device math only)."""
+        """Fix the grid of this step; for decode, write each request's split count and KV start into
+        fixed buffers (device math only, so a captured decode graph reads them at replay)."""
         bs = batch.batch_size
-        if not batch.is_decode:
-            self._plan = _StepPlan(False, bs, 0, max(batch.extend_lens_cpu, default=0), None)
+        decode = batch.is_decode
+        fixed = decode and bs <= self.max_batch_size
+        if batch.req_table is not None:
+            # A captured graph reads seq_lens where the batch keeps them: the graph runner's static
+            # batch does, at a fixed address.
+            assert batch.req_rows is not None, "a batch with req_table needs req_rows"
+            table = batch.req_table
+            kv_indices, kv_lens = table.view(-1), batch.seq_lens
+            if fixed:
+                kv_starts = torch.mul(batch.req_rows, table.stride(0), out=self._kv_starts[:bs])
+            else:
+                kv_starts = batch.req_rows * table.stride(0)
+        else:
+            assert batch.kv_indptr is not None and batch.kv_indices is not None, "a batch needs KV indices"
+            kv_indices = batch.kv_indices
+            indptr = batch.kv_indptr
+            if fixed:  # runs_from_indptr would make new tensors each step, unseen by a captured graph
+                kv_starts = self._kv_starts[:bs]
+                kv_starts.copy_(indptr[:-1])
+                kv_lens = torch.sub(indptr[1:], indptr[:-1], out=self._kv_lens[:bs])
+            else:
+                kv_starts, kv_lens = runs_from_indptr(indptr)
+        if not decode:
+            self._plan = _StepPlan(False, bs, 0, max(batch.extend_lens_cpu, default=0), None,
+                                   kv_indices, kv_starts, kv_lens)
             return
         max_splits = self._max_splits(bs)
-        fixed = bs <= self.max_batch_size
         out = self._num_splits[:bs] if fixed else None
         num_splits = plan_kv_splits(batch.seq_lens, max_splits, self.min_split_tokens, out=out)
-        self._plan = _StepPlan(True, bs, max_splits, 1, num_splits)
+        self._plan = _StepPlan(True, bs, max_splits, 1, num_splits, kv_indices, kv_starts, kv_lens)
 
     def _max_splits(self, batch_size: int) -> int:
         return choose_max_splits(batch_size, self.kv_pool.num_kv_heads, self._sm_count, self.max_kv_splits)
@@ -93,20 +132,23 @@ class TritonAttentionBackend(AttentionBackend):
         layer_id: int,
         scale: float,
         batch: ForwardBatch,
+        kv_stored: bool = False,
     ) -> torch.Tensor:  # (T, Hq, D)
         plan = self._plan
         assert plan is not None and plan.batch_size == batch.batch_size, "prepare() the batch first"
-        self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
+        if not kv_stored:
+            self.kv_pool.set_kv(layer_id, batch.out_cache_loc, k, v)
         k_buf = self.kv_pool.k_buffers[layer_id]  # (slots, Hkv, D)
         v_buf = self.kv_pool.v_buffers[layer_id]
         if not plan.is_decode:
             return extend_attention(
-                q, k_buf, v_buf, batch.qo_indptr, batch.kv_indptr, batch.kv_indices, scale, plan.max_extend_len
+                q, k_buf, v_buf, batch.qo_indptr, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
+                plan.max_extend_len,
             ).to(q.dtype)
         assert plan.num_splits is not None
         mid_o, mid_lse = self._decode_workspace(plan, q.shape[1], q.shape[2])
         out = decode_attention(
-            q, k_buf, v_buf, batch.kv_indptr, batch.kv_indices, scale,
+            q, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
             plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse,
         )
         return out.to(q.dtype)

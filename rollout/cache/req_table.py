@@ -1,7 +1,9 @@
 """Request -> token table: the KV slot of every position of every running request.
 
 Row ``r`` belongs to one live sequence; ``table[r, j]`` is the KV slot of its position ``j``. The
-runner gathers a step's ``kv_indices`` from it on the device, so the table lives on the device.
+attention kernels read it on the device (or the runner gathers a step's ``kv_indices`` from it),
+so the table lives on the device. One extra row, ``padding_row``, is never handed out: the padding
+entries of a CUDA-graph batch write and read it (slot 0 at position 0).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from rollout.errors import InvalidArgumentError
 
 
 class ReqToTokenTable:
-    """A (max_requests, max_context) int64 table of KV slots with recycled rows."""
+    """A (max_requests + 1, max_context) int64 table of KV slots with recycled rows (the last one is
+    the padding row)."""
 
     def __init__(self, max_requests: int, max_context: int, device: torch.device | str) -> None:
         if max_requests < 1:
@@ -22,7 +25,8 @@ class ReqToTokenTable:
         self.max_requests = max_requests
         self.max_context = max_context
         self.device = torch.device(device)
-        self.table = torch.zeros((max_requests, max_context), dtype=torch.int64, device=self.device)
+        self.table = torch.zeros((max_requests + 1, max_context), dtype=torch.int64, device=self.device)
+        self.padding_row = max_requests
         # Popped from the end: low rows first, so a lightly loaded engine touches few rows.
         self._free_rows = list(range(max_requests - 1, -1, -1))
         self._row_free = bytearray(b"\x01" * max_requests)

@@ -19,11 +19,15 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.scale = scale
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """q (T, Hq*D) or (T, Hq, D); k, v (T, Hkv*D) or (T, Hkv, D) -> (T, Hq*D)."""
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch, kv_stored: bool = False
+    ) -> torch.Tensor:
+        """q (T, Hq*D) or (T, Hq, D); k, v (T, Hkv*D) or (T, Hkv, D) -> (T, Hq*D).
+
+        ``kv_stored``: k and v are already in this layer's KV cache at ``batch.out_cache_loc``."""
         t = q.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = batch.attn_backend.forward(q, k, v, self.layer_id, self.scale, batch)  # (T, Hq, D)
+        out = batch.attn_backend.forward(q, k, v, self.layer_id, self.scale, batch, kv_stored=kv_stored)  # (T, Hq, D)
         return out.reshape(t, self.num_heads * self.head_dim)

@@ -25,7 +25,6 @@ from rollout.models.weights import CheckpointNameMap, load_named_weights
 from rollout.runner.forward_batch import ForwardBatch
 
 
-
 class StepRope(NamedTuple):
     """The rotary inputs of one step, shared by every layer: the fused kernel reads the tables at
     ``positions``; the torch path uses ``cos`` and ``sin`` (T, 1, head_dim), gathered once a step."""
@@ -113,15 +112,22 @@ class LlamaAttention(nn.Module):
         if rope.cos is None:  # fused: q/k norm and rotary in one kernel, in place
             from kernels.fused import qk_norm_rope_
 
+            # The same kernel stores k and v in the layer's cache when it holds the model's dtype.
+            pool = batch.attn_backend.kv_pool
+            layer = self.attn.layer_id
+            kv_cache = None
+            if pool.dtype == qkv.dtype and qkv.stride(0) == qkv.shape[1]:
+                kv_cache = (pool.k_buffers[layer], pool.v_buffers[layer], batch.out_cache_loc)
             qk_norm_rope_(
                 qkv, rope.positions, rope.cos_cache, rope.sin_cache, self.num_heads, self.num_kv_heads,
                 self.head_dim,
                 self.q_norm.weight if self.q_norm is not None else None,
                 self.k_norm.weight if self.k_norm is not None else None,
                 self.q_norm.eps if self.q_norm is not None else 1e-6,
+                kv_cache=kv_cache,
             )
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            return self.o_proj(self.attn(q, k, v, batch))  # (T, H)
+            return self.o_proj(self.attn(q, k, v, batch, kv_stored=kv_cache is not None))  # (T, H)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)

@@ -10,6 +10,11 @@ decodes, a chunk of its prompt when it prefills) and attends to ``seq_lens[i]`` 
 
 ``kv_indices`` holds the KV-pool slot of every kv-axis position; ``out_cache_loc`` the slot that
 each new token's K and V are written to (the tail of its request's kv run).
+
+The same slots are also in the request table: request ``i``'s are ``req_table[req_rows[i], :seq_lens[i]]``
+(the new tokens' slots are written there before the forward). A backend that reads the table
+(``AttentionBackend.reads_req_table``) gets no ``kv_indptr`` / ``kv_indices``: building them is a
+gather of every running sequence's whole KV run per step.
 """
 
 from __future__ import annotations
@@ -31,14 +36,16 @@ class ForwardBatch:
     positions: torch.Tensor  # (T,) int64, position of each new token in its sequence
     out_cache_loc: torch.Tensor  # (T,) int64, KV slot written by each new token
     qo_indptr: torch.Tensor  # (B+1,) int32
-    kv_indptr: torch.Tensor  # (B+1,) int32
-    kv_indices: torch.Tensor  # (sum(seq_lens),) int64
+    kv_indptr: torch.Tensor | None  # (B+1,) int32; None when the backend reads the request table
+    kv_indices: torch.Tensor | None  # (sum(seq_lens),) int64; likewise
     seq_lens: torch.Tensor  # (B,) int32, prefix + new tokens per request
     logits_indices: torch.Tensor  # (S,) int64, token-axis index of the last new token of each sampled entry
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]
     prefix_lens_cpu: list[int]
     attn_backend: AttentionBackend
+    req_rows: torch.Tensor | None = None  # (B,) int64, each request's row of req_table
+    req_table: torch.Tensor | None = None  # (R, C) int64: req_table[row, pos] = KV slot
 
     @property
     def batch_size(self) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -27,6 +28,8 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 CPU_MAX_DEFAULT_SLOTS = 1 << 18
 # Cap of the KV index buffer that decode graphs read (entries of all requests in one step).
 MAX_GRAPH_KV_ENTRIES = 1 << 24
+# Pads a host-input segment of odd length (see ``ModelRunner._host_inputs``).
+_ONE_PAD = torch.zeros(1, dtype=torch.int64)
 
 
 @dataclass(slots=True)
@@ -73,7 +76,8 @@ class ModelRunner:
             backend = default_attention_backend(self.device)
         self.attn_backend = create_attention_backend(backend, self.kv_pool)
         self.sampler = Sampler()
-        self.req_table: torch.Tensor | None = None  # (max_requests, max_context) int64, bound later
+        self.req_table: torch.Tensor | None = None  # (max_requests + 1, max_context) int64, bound later
+        self.padding_row = 0
         self.graphs: DecodeGraphRunner | None = None
         self.graph_bytes = 0  # device memory the decode graphs hold (static buffers + private pool)
         self._graphs_dropped = False
@@ -88,7 +92,8 @@ class ModelRunner:
         max_kv = min(max_bs * cfg.context_length, MAX_GRAPH_KV_ENTRIES)
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
-        self.graphs = DecodeGraphRunner(self.model, self.attn_backend, max_bs, max_kv, self.device)
+        self.graphs = DecodeGraphRunner(self.model, self.attn_backend, max_bs, max_kv, self.device,
+                                        req_table=self.req_table, padding_row=self.padding_row)
         self.graphs.capture()
         torch.cuda.synchronize(self.device)
         self.graph_bytes = max(torch.cuda.memory_reserved(self.device) - before, 0)
@@ -147,9 +152,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def bind_req_table(self, table: torch.Tensor) -> None:
-        """Use the cache manager's request->slot table to find each request's KV."""
+    def bind_req_table(self, table: torch.Tensor, padding_row: int) -> None:
+        """Use the cache manager's request->slot table to find each request's KV (``padding_row``:
+        the row that no request holds, for CUDA-graph padding)."""
         self.req_table = table
+        self.padding_row = padding_row
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
@@ -159,17 +166,28 @@ class ModelRunner:
         The sampled tokens stay on the device for the next step's inputs (``plan.future_inputs``)
         and are copied to the host in the background; ``collect`` waits for that copy.
         """
-        batch = self._build_batch(plan)
-        if self.graphs is not None and self.graphs.can_run(batch):
-            hidden = self.graphs.run(batch)  # (B, hidden)
+        graphs = self.graphs
+        b = len(plan.rows)
+        if (graphs is not None and graphs.table_mode and b <= graphs.max_bs
+                and all(n == 1 for n in plan.extend_lens)):
+            hidden = self._replay_decode(plan, graphs)  # (B, hidden)
+            if not all(plan.sample):  # e.g. a one-token prompt chunk that is not the prompt's last
+                keep = [i for i, s in enumerate(plan.sample) if s]
+                hidden = hidden[torch.tensor(keep, device=self.device)]
         else:
-            self.attn_backend.prepare(batch)
-            hidden = self.model(batch)  # (T, hidden)
+            batch = self._build_batch(plan)
+            if graphs is not None and graphs.can_run(batch):
+                hidden = graphs.run(batch)  # (B, hidden)
+            else:
+                self.attn_backend.prepare(batch)
+                hidden = self.model(batch)  # (T, hidden)
+            if batch.logits_indices.numel() != hidden.shape[0]:  # else every row is sampled, in order
+                hidden = hidden[batch.logits_indices]
         if not any(plan.sample):
             self._last_tokens = None
             return QueuedStep(None, None, None, None, None, None)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # (B_sample, vocab)
-        banned = [b or [] for b in plan.banned] if any(plan.banned) else None
+        logits = self.model.compute_logits(hidden)  # (B_sample, vocab)
+        banned = [x or [] for x in plan.banned] if any(plan.banned) else None
         sb = SamplingBatch.build(plan.sampling, plan.seeds, plan.steps, banned, self.device)
         res = self.sampler.sample(
             logits, sb, return_logprob=plan.return_logprob, return_raw_logprob=plan.return_raw_logprob,
@@ -203,60 +221,112 @@ class ModelRunner:
             top,
         )
 
+    def _host_inputs(self, segments: list[list[int] | torch.Tensor]) -> list[torch.Tensor]:
+        """Copy int64 ``segments`` to the device in one copy; returns a device view of each.
+
+        Each segment starts at an even offset, so every view is 16-byte aligned like a fresh
+        tensor: Triton compiles a kernel per pointer alignment, and a view that is aligned in one
+        step and not in the next would compile it again in the middle of a run.
+        """
+        parts, sizes = [], []
+        for seg in segments:
+            t = seg if isinstance(seg, torch.Tensor) else torch.tensor(seg, dtype=torch.int64)
+            parts.append(t)
+            sizes.append(t.numel())
+            if t.numel() % 2:
+                parts.append(_ONE_PAD)
+        host = torch.cat(parts)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(self.device, non_blocking=True)
+        views, offset = [], 0
+        for n in sizes:
+            views.append(flat[offset: offset + n])
+            offset += n + n % 2
+        return views
+
+    def _resolve_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``input_ids`` with each ``-1 - j`` replaced by the previous step's ``j``-th sample (on the device)."""
+        assert self._last_tokens is not None, "a step refers to samples of a step that sampled nothing"
+        prev = self._last_tokens
+        return torch.where(input_ids < 0, prev[(-1 - input_ids).clamp(0, prev.numel() - 1)], input_ids)
+
+    def _replay_decode(self, plan: BatchPlan, graphs: DecodeGraphRunner) -> torch.Tensor:
+        """Run a decode plan through the smallest captured graph that fits it; returns (B, hidden).
+
+        The step's inputs, padding rows included, go to the graph's packed buffer in one
+        host-to-device copy; the new tokens' slots are written into the request table before the
+        replay (the kernels read every request's KV run from it).
+        """
+        b = len(plan.rows)
+        gbs = graphs.graph_size(b)
+        pad = gbs - b
+        zeros = [0] * pad
+        host = torch.tensor(
+            plan.input_ids + zeros + plan.prefix_lens + zeros + plan.out_slots + zeros
+            + plan.rows + [self.padding_row] * pad + [p + 1 for p in plan.prefix_lens] + [1] * pad,
+            dtype=torch.int64,
+        )
+        packed = graphs.packed_inputs(gbs)
+        packed.copy_(host.pin_memory(), non_blocking=True)
+        batch = graphs.static_batch(gbs)
+        if plan.future_inputs:
+            batch.input_ids.copy_(self._resolve_inputs(batch.input_ids))
+        assert self.req_table is not None
+        self.req_table[batch.req_rows, batch.positions] = batch.out_cache_loc
+        return graphs.replay(gbs)[:b]
+
     def _build_batch(self, plan: BatchPlan) -> ForwardBatch:
+        """The step's device tensors, with the new tokens' slots written into the request table."""
         assert self.req_table is not None, "bind_req_table() first"
         dev = self.device
         b = len(plan.extend_lens)
-        ext = torch.tensor(plan.extend_lens, dtype=torch.int64)
-        prefix = torch.tensor(plan.prefix_lens, dtype=torch.int64)
-        seq_lens = prefix + ext  # (B,)
-        qo_indptr = torch.zeros(b + 1, dtype=torch.int64)
-        torch.cumsum(ext, 0, out=qo_indptr[1:])
-        kv_indptr = torch.zeros(b + 1, dtype=torch.int64)
-        torch.cumsum(seq_lens, 0, out=kv_indptr[1:])
-        t = int(qo_indptr[-1])
-        # Position of every new token: prefix_len of its entry + offset inside the entry.
-        entry = torch.repeat_interleave(torch.arange(b), ext)  # (T,)
-        positions = prefix[entry] + torch.arange(t) - qo_indptr[:-1][entry]
-        # Every host-made index travels in one copy from pinned memory (it does not wait for the
-        # device, so a step can be prepared while the previous one runs).
+        ext = plan.extend_lens
+        decode = all(n == 1 for n in ext)
+        seq_lens = [p + n for p, n in zip(plan.prefix_lens, ext)]
+        qo_indptr = [0, *accumulate(ext)]
+        t = qo_indptr[-1]
+        if decode:  # one token per entry: no per-token expansion
+            positions: list[int] | torch.Tensor = plan.prefix_lens
+            token_rows: list[int] | torch.Tensor = plan.rows
+        else:
+            counts = torch.tensor(ext, dtype=torch.int64)
+            start = torch.tensor(plan.prefix_lens, dtype=torch.int64) - torch.tensor(qo_indptr[:-1], dtype=torch.int64)
+            # Position of every new token: prefix_len of its entry + its offset inside the entry.
+            positions = torch.arange(t, dtype=torch.int64) + start.repeat_interleave(counts, output_size=t)
+            token_rows = torch.tensor(plan.rows, dtype=torch.int64).repeat_interleave(counts, output_size=t)
         # The token-axis row of each sampled entry's last new token (all entries in decode steps).
-        last = qo_indptr[1:] - 1
-        sampled = last if all(plan.sample) else last[torch.tensor(plan.sample, dtype=torch.bool)]
-        host = torch.cat([
-            torch.tensor(plan.rows, dtype=torch.int64), torch.tensor(plan.out_slots, dtype=torch.int64),
-            positions, entry, seq_lens, kv_indptr, qo_indptr, torch.tensor(plan.input_ids, dtype=torch.int64),
-            sampled,
-        ])
-        if dev.type == "cuda":
-            host = host.pin_memory()
-        flat = host.to(dev, non_blocking=True)
-        rows, out_loc, positions_d, entry_d, seq_lens_d, kv_indptr_d, qo_indptr_d, input_ids, logits_rows = flat.split(
-            [b, t, t, t, b, b + 1, b + 1, t, sampled.numel()])
-        # Record the new tokens' slots in the table, then read every entry's whole KV run from it
-        # with one gather: kv position j of entry i is table[rows[i], j - kv_indptr[i]].
-        self.req_table[rows[entry_d], positions_d] = out_loc
-        total_kv = int(kv_indptr[-1])
-        # output_size is known on the host, so this stays free of device->host syncs.
-        kv_entry = torch.repeat_interleave(torch.arange(b, device=dev), seq_lens_d, output_size=total_kv)
-        kv_pos = torch.arange(total_kv, device=dev) - kv_indptr_d[:-1][kv_entry]  # (K,)
-        kv_indices = self.req_table[rows[kv_entry], kv_pos]  # (K,)
+        sampled = [qo_indptr[i + 1] - 1 for i in range(b) if plan.sample[i]]
+        table_mode = self.attn_backend.reads_req_table
+        kv_indptr = [] if table_mode else [0, *accumulate(seq_lens)]
+        rows, token_rows_d, out_loc, positions_d, seq_lens_d, qo_indptr_d, input_ids, logits_rows, kv_indptr_d = (
+            self._host_inputs([plan.rows, token_rows, plan.out_slots, positions, seq_lens, qo_indptr,
+                               plan.input_ids, sampled, kv_indptr]))
+        # Record the new tokens' slots in the table before anything reads it.
+        self.req_table[token_rows_d, positions_d] = out_loc
+        kv_indices = None
+        if not table_mode:
+            # Every entry's whole KV run, gathered from the table: kv position j of entry i is
+            # table[rows[i], j - kv_indptr[i]]. output_size is known on the host: no device sync.
+            total_kv = kv_indptr[-1]
+            kv_entry = torch.repeat_interleave(torch.arange(b, device=dev), seq_lens_d, output_size=total_kv)
+            kv_pos = torch.arange(total_kv, device=dev) - kv_indptr_d[:-1][kv_entry]  # (K,)
+            kv_indices = self.req_table[rows[kv_entry], kv_pos]  # (K,)
         if plan.future_inputs:
-            # -1 - j: the previous step's j-th sampled token, still on the device.
-            assert self._last_tokens is not None, "a step refers to samples of a step that sampled nothing"
-            prev = self._last_tokens
-            input_ids = torch.where(input_ids < 0, prev[(-1 - input_ids).clamp(0, prev.numel() - 1)], input_ids)
+            input_ids = self._resolve_inputs(input_ids)
         return ForwardBatch(
             input_ids=input_ids,
             positions=positions_d,
             out_cache_loc=out_loc,
-            qo_indptr=qo_indptr_d.to(torch.int32),
-            kv_indptr=kv_indptr_d.to(torch.int32),
+            qo_indptr=qo_indptr_d,
+            kv_indptr=None if table_mode else kv_indptr_d,
             kv_indices=kv_indices,
-            seq_lens=seq_lens_d.to(torch.int32),
+            seq_lens=seq_lens_d,
             logits_indices=logits_rows,
-            seq_lens_cpu=seq_lens.tolist(),
+            seq_lens_cpu=seq_lens,
             extend_lens_cpu=plan.extend_lens,
             prefix_lens_cpu=plan.prefix_lens,
             attn_backend=self.attn_backend,
+            req_rows=rows,
+            req_table=self.req_table,
         )

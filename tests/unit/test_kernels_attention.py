@@ -22,6 +22,7 @@ from kernels.attention import (  # noqa: E402
     extend_attention,
     paged_attention_reference,
     plan_kv_splits,
+    runs_from_indptr,
 )
 from rollout.attention.registry import create_attention_backend  # noqa: E402
 from rollout.attention.triton_backend import TritonAttentionBackend  # noqa: E402
@@ -105,7 +106,7 @@ def test_decode_matches_reference(page_size, group, head_dim, dtype):
     scale = head_dim**-0.5
     num_splits = plan_kv_splits(torch.tensor(kv_lens, device=DEVICE), 4, 32)
     assert num_splits.tolist() == [1, 2, 4, 1, 4]
-    out = decode_attention(q, k_buf, v_buf, kv_indptr, kv_indices, scale, num_splits, 4)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), scale, num_splits, 4)
     assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, scale), dtype)
 
 
@@ -115,7 +116,7 @@ def test_decode_any_split_count_gives_the_same_result(splits):
     requests = [(4, 1), (2, 1), (70, 1)]
     q, k_buf, v_buf, _, kv_indptr, kv_indices, _ = make_case(requests, 1, 2, 32, torch.float32, 0, seed=1)
     num_splits = torch.full((3,), splits, dtype=torch.int32, device=DEVICE)
-    out = decode_attention(q, k_buf, v_buf, kv_indptr, kv_indices, 0.2, num_splits, 8, block_n=16)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.2, num_splits, 8, block_n=16)
     assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, 0.2), torch.float32)
 
 
@@ -125,7 +126,7 @@ def test_decode_empty_request_gives_zeros():
     q = torch.cat([q, q])  # (2, Hq, D): request 1 has no KV
     kv_indptr = torch.tensor([0, 10, 10], dtype=torch.int32, device=DEVICE)
     num_splits = torch.tensor([2, 1], dtype=torch.int32, device=DEVICE)
-    out = decode_attention(q, k_buf, v_buf, kv_indptr, kv_indices, 0.25, num_splits, 2)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.25, num_splits, 2)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     ref = decode_attention_reference(q[:1], k_buf, v_buf, kv_indptr[:2], kv_indices, 0.25)
     assert_close(out[:1], ref, torch.float32)
@@ -159,7 +160,7 @@ def test_extend_matches_reference(page_size, group, head_dim, dtype):
     share = 32 if page_size == 16 else 7
     q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, _ = make_case(requests, page_size, group, head_dim, dtype, share)
     scale = head_dim**-0.5
-    out = extend_attention(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, scale, 70)
+    out = extend_attention(q, k_buf, v_buf, qo_indptr, kv_indices, *runs_from_indptr(kv_indptr), scale, 70)
     ref = paged_attention_reference(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, scale)
     assert_close(out, ref, dtype)
 
@@ -168,7 +169,8 @@ def test_extend_small_tiles_cover_unmasked_and_diagonal_loops():
     """Tiles of 16 make several query tiles per request and whole unmasked KV tiles before the diagonal."""
     requests = [(50, 40), (3, 17), (0, 33)]
     q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, _ = make_case(requests, 1, 2, 32, torch.float32, 0, seed=2)
-    out = extend_attention(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, 0.3, 40, block_m=16, block_n=16)
+    starts, lens = runs_from_indptr(kv_indptr)
+    out = extend_attention(q, k_buf, v_buf, qo_indptr, kv_indices, starts, lens, 0.3, 40, block_m=16, block_n=16)
     ref = paged_attention_reference(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, 0.3)
     assert_close(out, ref, torch.float32)
 
@@ -176,8 +178,13 @@ def test_extend_small_tiles_cover_unmasked_and_diagonal_loops():
 # ------------------------------------------------------------------ the backend
 
 
-def forward_batch(backend, requests: list[tuple[int, int, int]], slots: list[list[int]]) -> ForwardBatch:
-    """A step of ``(request, prefix, new)`` entries; request ``r`` keeps its KV at ``slots[r]``."""
+def forward_batch(
+    backend, requests: list[tuple[int, int, int]], slots: list[list[int]], table: bool = False
+) -> ForwardBatch:
+    """A step of ``(request, prefix, new)`` entries; request ``r`` keeps its KV at ``slots[r]``.
+
+    ``table``: hand the slots over as the engine's request table (request ``r`` in row ``2r + 1``)
+    instead of a flat ``kv_indices``."""
     positions, out_loc, kv_indices = [], [], []
     for r, prefix, new in requests:
         s = slots[r]
@@ -204,14 +211,24 @@ def forward_batch(backend, requests: list[tuple[int, int, int]], slots: list[lis
         prefix_lens_cpu=[p for _, p, _ in requests],
         attn_backend=backend,
     )
+    if table:
+        req_table = torch.zeros(2 * len(slots) + 1, max(map(len, slots)) + 3, dtype=torch.int64)
+        for r, s in enumerate(slots):
+            req_table[2 * r + 1, : len(s)] = torch.tensor(s)
+        batch.req_table = req_table.to(DEVICE)
+        batch.req_rows = torch.tensor([2 * r + 1 for r, _, _ in requests], device=DEVICE)
+        batch.kv_indptr = batch.kv_indices = None
     backend.prepare(batch)
     return batch
 
 
-@pytest.mark.parametrize("dtype,max_batch_size", [(torch.float32, 256), (torch.bfloat16, 256), (torch.float32, 2)])
-def test_backend_matches_torch_reference(dtype, max_batch_size):
+@pytest.mark.parametrize("dtype,max_batch_size,table", [
+    (torch.float32, 256, True), (torch.bfloat16, 256, True), (torch.float32, 2, True), (torch.float32, 256, False),
+])
+def test_backend_matches_torch_reference(dtype, max_batch_size, table):
     """Prefill, then a mixed extend step, then decode steps: outputs and written KV equal the reference.
-    ``max_batch_size`` 2 sends the 3-request decode steps through the oversized-batch buffers."""
+    ``max_batch_size`` 2 sends the 3-request decode steps through the oversized-batch buffers;
+    ``table`` gives the Triton backend the request table instead of flat KV indices."""
     gen = torch.Generator().manual_seed(3)
     layers, num_kv_heads, group, head_dim = 1, 2, 2, 32
     pools = [KVPool(layers, 512, num_kv_heads, head_dim, dtype, DEVICE) for _ in range(2)]
@@ -232,9 +249,32 @@ def test_backend_matches_torch_reference(dtype, max_batch_size):
         k = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
         v = torch.randn(t, num_kv_heads, head_dim, generator=gen).to(DEVICE, dtype)
         for backend in (triton_backend, ref_backend):
-            batch = forward_batch(backend, step, slots)
+            batch = forward_batch(backend, step, slots, table=table and backend is triton_backend)
             outs.append(torch.stack([backend.forward(q, k, v, layer, 0.2, batch) for layer in range(layers)]))
         assert_close(outs[0], outs[1], dtype)
     for layer in range(layers):
         assert torch.equal(pools[0].k_buffers[layer], pools[1].k_buffers[layer])
         assert torch.equal(pools[0].v_buffers[layer], pools[1].v_buffers[layer])
+
+
+def test_engine_with_triton_backend_reads_the_request_table(tiny_model_dir):
+    """The engine hands the Triton backend its request table instead of flat KV indices: prompt
+    chunks, mixed steps, shared prefixes and decode give the torch backend's tokens (fp32, greedy)."""
+    from rollout import Engine, SamplingParams
+
+    path = tiny_model_dir("qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=320)
+    gen = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, 300, (21,), generator=gen).tolist()
+    prompts = [(shared if i % 2 else []) + torch.randint(3, 300, (5 + 7 * i,), generator=gen).tolist()
+               for i in range(5)]
+    sp = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+    outs = {}
+    for backend in ("triton", "torch"):
+        with Engine(path, device=DEVICE, dtype="float32", attention_backend=backend, chunked_prefill_size=16,
+                    page_size=4) as engine:
+            outs[backend] = engine.generate(prompts, sp, return_logprob=True)
+            engine.check_integrity()
+    for o, r in zip(outs["triton"], outs["torch"]):
+        assert o.output_ids == r.output_ids
+        assert max(abs(a - b) for a, b in zip(o.output_logprobs, r.output_logprobs)) < 1e-4

@@ -3,8 +3,8 @@
 Without CUDA the kernels run in Triton's interpreter. In fp32 they must agree to rounding noise.
 In bf16 on a GPU RMSNorm and SiLU-and-mul round exactly where torch does, so only the few elements
 where a different fp32 summation order moves a value across a bf16 rounding boundary may differ, by
-one unit in the last place (rotary: see ``assert_matches``); the interpreter truncates fp32 -> bf16 instead of rounding, so on CPU elements may be
-a few units off.
+one unit in the last place (rotary: see ``assert_matches``); the interpreter truncates fp32 -> bf16
+instead of rounding, so on CPU elements may be a few units off.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: before import
 pytest.importorskip("triton")
 
-from kernels.fused import qk_norm_rope_, rmsnorm, silu_and_mul  # noqa: E402
-from kernels.fused import reference  # noqa: E402
+from kernels.fused import (  # noqa: E402
+    qk_norm_rope_,
+    reference,  # noqa: E402
+    rmsnorm,
+    silu_and_mul,
+)
 from rollout.config import RopeConfig  # noqa: E402
 from rollout.layers.rotary import RotaryEmbedding  # noqa: E402
 
@@ -92,3 +96,30 @@ def test_qk_norm_rope_matches_reference(dtype: torch.dtype, qk_norm: bool, heads
     qk_norm_rope_(qkv, positions, rope.cos_cache, rope.sin_cache, heads, kv_heads, head_dim, qw, kw)
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)  # v untouched
     assert_matches(qkv, want, cancelling=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 32), (6, 3, 64)])
+def test_qk_norm_rope_stores_kv_like_set_kv(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
+    """With the layer's cache given, the kernel leaves in it exactly what ``KVPool.set_kv`` of the
+    rotated k and the v heads would, at the given slots only, and q/k in qkv as without it."""
+    from rollout.cache.kv_pool import KVPool
+
+    t = 7
+    rope = RotaryEmbedding(head_dim, 4096, RopeConfig(theta=1e6), device=DEVICE)
+    qkv = randn(t, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=3)
+    positions = torch.tensor([0, 3, 9, 2, 40, 41, 1], dtype=torch.int64, device=DEVICE)
+    slots = torch.tensor([5, 1, 17, 8, 2, 30, 11], dtype=torch.int64, device=DEVICE)
+    qw, kw = randn(head_dim, dtype=dtype, seed=4), randn(head_dim, dtype=dtype, seed=5)
+    pools = [KVPool(1, 32, kv_heads, head_dim, dtype, DEVICE) for _ in range(2)]
+    plain = qkv.clone()
+    qk_norm_rope_(plain, positions, rope.cos_cache, rope.sin_cache, heads, kv_heads, head_dim, qw, kw)
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    k, v = plain[:, q_size: q_size + kv_size], plain[:, q_size + kv_size:]
+    pools[0].set_kv(0, slots, k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim))
+    fused = qkv.clone()
+    qk_norm_rope_(fused, positions, rope.cos_cache, rope.sin_cache, heads, kv_heads, head_dim, qw, kw,
+                  kv_cache=(pools[1].k_buffers[0], pools[1].v_buffers[0], slots))
+    assert torch.equal(fused, plain)
+    assert torch.equal(pools[1].k_buffers[0], pools[0].k_buffers[0])
+    assert torch.equal(pools[1].v_buffers[0], pools[0].v_buffers[0])
