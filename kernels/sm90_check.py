@@ -99,7 +99,8 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
     common = dict(HEAD_DIM=128, BLOCK_D=128, PRECISION=precision, UPCAST=False)
     out = [
         (f"decode split {dtype}", _source(decode._decode_split_kernel, attn,
-                                          dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, **common), ("scale_log2",)),
+                                          dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=False, **common),
+                                          ("scale_log2",)),
          decode_warps, decode_stages),
         (f"decode merge {dtype}", _source(decode._decode_merge_kernel, attn,
                                           dict(HEAD_DIM=128, BLOCK_D=128, MAX_SPLITS=16), ()), 4, 1),

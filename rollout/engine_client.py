@@ -26,6 +26,29 @@ Sink = Callable[[StreamChunk | RequestFailed], None]
 _DONE = object()
 
 
+class _AsyncSink:
+    """A sink that feeds an ``asyncio.Queue`` of another thread's event loop.
+
+    The router hands all of one step's events for one loop over in a single
+    ``call_soon_threadsafe`` (each such call wakes the loop through its self-pipe: with 256
+    streams that was 256 wake-ups per step, Python work that competes with the engine for the GIL).
+    """
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> None:
+        self.loop = loop
+        self.queue = q
+
+    def __call__(self, ev: StreamChunk | RequestFailed) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
+
+def _deliver(items: list[tuple[asyncio.Queue, StreamChunk | RequestFailed]]) -> None:
+    for q, ev in items:
+        q.put_nowait(ev)
+
+
 class EngineClient:
     """Routes commands to an engine loop and its events back to the callers."""
 
@@ -89,7 +112,7 @@ class EngineClient:
         """asyncio version of ``stream``; cancelling the consumer aborts the request."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self.submit(req, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))
+        self.submit(req, _AsyncSink(loop, q))
         done = False
         left = req.sampling.n
         try:
@@ -147,10 +170,18 @@ class EngineClient:
                     self._die("the engine process exited")
                     return
                 continue
+            batches: dict[asyncio.AbstractEventLoop, list] = {}
             for ev in events:
-                self._dispatch(ev)
+                self._dispatch(ev, batches)
+            for loop, items in batches.items():
+                try:
+                    loop.call_soon_threadsafe(_deliver, items)
+                except RuntimeError:  # the consumer's loop is closed: nobody is waiting any more
+                    logger.warning("dropped %d events for a closed event loop", len(items))
 
-    def _dispatch(self, ev: Event) -> None:
+    def _dispatch(self, ev: Event, batches: dict | None = None) -> None:
+        """Hand ``ev`` to its waiter; events for asyncio sinks are added to ``batches`` (per loop)
+        when given, for one hand-over per loop."""
         if isinstance(ev, ControlReply):
             with self._lock:
                 fut = self._calls.pop(ev.call_id, None)
@@ -170,6 +201,9 @@ class EngineClient:
                 del self._sinks[ev.request_id]
             elif ev.finished:
                 self._sinks[ev.request_id] = (sink, left - 1)
+        if batches is not None and isinstance(sink, _AsyncSink):
+            batches.setdefault(sink.loop, []).append((sink.queue, ev))
+            return
         try:
             sink(ev)
         except Exception:  # a broken consumer must not stop the router

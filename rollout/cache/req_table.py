@@ -52,11 +52,18 @@ class ReqToTokenTable:
         self._free_rows.append(row)
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
-        """Set positions ``[start, start + len(slots))`` of ``row`` to ``slots`` (copied to the device)."""
+        """Set positions ``[start, start + len(slots))`` of ``row`` to ``slots`` (copied to the device).
+
+        The copy is queued behind the device's work like a kernel: a blocking copy from pageable
+        memory would wait for every queued step first, which undoes overlap scheduling.
+        """
         n = slots.numel()
         if not 0 <= row < self.max_requests or self._row_free[row]:
             raise RuntimeError(f"writing request row {row}, which is not in use")
         if start < 0 or start + n > self.max_context:
             raise RuntimeError(f"positions [{start}, {start + n}) exceed max_context {self.max_context}")
         if n:
-            self.table[row, start : start + n].copy_(slots.reshape(-1))  # (n,)
+            src = slots.reshape(-1)  # (n,)
+            if self.table.is_cuda and not src.is_cuda:
+                src = src.pin_memory()
+            self.table[row, start : start + n].copy_(src, non_blocking=True)

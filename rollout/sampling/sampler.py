@@ -33,7 +33,6 @@ draw and logprob, read straight from the model's logits); the torch code here is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
 
 import torch
 
@@ -128,12 +127,16 @@ def _apply_banned(logits: torch.Tensor, banned: list[list[int]] | None) -> torch
     if banned is None:
         return logits
     vocab = logits.shape[-1]
-    lens = [len(ids) for ids in banned]
-    cols = torch.tensor(list(chain.from_iterable(banned)), dtype=torch.int64)  # (N,)
-    rows = torch.repeat_interleave(torch.arange(len(banned)), torch.tensor(lens, dtype=torch.int64))  # (N,)
-    keep = cols < vocab  # ids past the vocabulary can never be produced anyway
-    out = logits.clone()
-    out[rows[keep].to(logits.device), cols[keep].to(logits.device)] = float("-inf")
+    # Positions in the flattened (B, V); ids past the vocabulary can never be produced anyway.
+    flat = torch.tensor([r * vocab + c for r, ids in enumerate(banned) for c in ids if c < vocab],
+                        dtype=torch.int64)  # (N,)
+    if logits.is_cuda:
+        flat = flat.pin_memory()  # a queued copy: a pageable one would wait for the device
+    flat = flat.to(logits.device, non_blocking=True)
+    out = logits.contiguous().clone()
+    # index_fill_ takes the value as a kernel argument; ``out[i, j] = -inf`` copies a host scalar
+    # to the device with a blocking copy, which waits for the device's queue.
+    out.view(-1).index_fill_(0, flat, float("-inf"))
     return out
 
 

@@ -120,6 +120,16 @@ def test_decode_any_split_count_gives_the_same_result(splits):
     assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, 0.2), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_in_one_piece_writes_the_output_directly(dtype):
+    """``max_splits == 1`` (large batches) skips the merge kernel: same result as the reference."""
+    requests = [(0, 1), (40, 1), (150, 1), (7, 1)]
+    q, k_buf, v_buf, _, kv_indptr, kv_indices, _ = make_case(requests, 16, 2, 64, dtype, 16, seed=4)
+    num_splits = torch.ones(4, dtype=torch.int32, device=DEVICE)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.125, num_splits, 1)
+    assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, 0.125), dtype)
+
+
 def test_decode_empty_request_gives_zeros():
     """A padded batch row with no KV (as CUDA-graph padding may produce) stays finite: zeros."""
     q, k_buf, v_buf, _, _, kv_indices, _ = make_case([(9, 1)], 1, 1, 16, torch.float32, 0)
@@ -145,8 +155,11 @@ def test_backend_refuses_a_cpu_pool_outside_the_interpreter(monkeypatch):
 
 def test_split_planning():
     assert choose_max_splits(256, 8, 132, 16) == 1
+    assert choose_max_splits(17, 8, 132, 16) == 1  # 136 (request, head) pairs fill 132 SMs
+    assert choose_max_splits(16, 8, 132, 16) == 2
     assert choose_max_splits(1, 8, 132, 16) == 16
-    assert choose_max_splits(4, 2, 8, 16) == 4
+    assert choose_max_splits(4, 2, 8, 16) == 1
+    assert choose_max_splits(1, 2, 8, 16) == 4
     lens = torch.tensor([0, 1, 128, 129, 5000], device=DEVICE)
     assert plan_kv_splits(lens, 8, 128).tolist() == [1, 1, 1, 2, 8]
     buf = torch.zeros(5, dtype=torch.int32, device=DEVICE)
