@@ -39,6 +39,8 @@ class EngineCore:
         self.cache = self._build_cache()
         self.runner.bind_req_table(self.cache.req_table.table, self.cache.req_table.padding_row)
         self.runner.capture_cuda_graphs()
+        if self.runner.device.type == "cuda":
+            self.runner.warm_logits(config.scheduler.max_running_requests)
         eos = config.model.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.stop = StopChecker(tuple(eos), config.context_length, self.tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.cache, self.stop)

@@ -13,8 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from rollout.errors import InvalidArgumentError
+from rollout.layers.fused_ops import use_fused
 
 ShardId = str | int | None
+# Rows up to which a linear layer may take the skinny kernel (kernels.gemv.MAX_ROWS), and its dtypes.
+SKINNY_ROWS = 16
+_SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
@@ -71,6 +75,10 @@ class _LinearBase(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and 0 < x.shape[0] <= SKINNY_ROWS and x.dtype in _SKINNY_DTYPES and use_fused(x):
+            from rollout.layers.skinny import skinny_linear
+
+            return skinny_linear(x, self.weight, self.bias)  # decode of a few rows: weight-read bound
         return F.linear(x, self.weight, self.bias)
 
 

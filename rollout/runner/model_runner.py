@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 from itertools import accumulate
@@ -14,7 +15,7 @@ from rollout.cache.kv_pool import KVPool
 from rollout.config import EngineConfig
 from rollout.memory import EngineMemory
 from rollout.models.loader import load_model
-from rollout.runner.cuda_graph import DecodeGraphRunner
+from rollout.runner.cuda_graph import DecodeGraphRunner, default_graph_batch_sizes
 from rollout.runner.forward_batch import ForwardBatch
 from rollout.sampling.sampler import Sampler
 from rollout.sampling.sampling_batch import SamplingBatch
@@ -29,6 +30,7 @@ CPU_DEFAULT_KV_BYTES = 1 << 30
 CPU_MAX_DEFAULT_SLOTS = 1 << 18
 # Cap of the KV index buffer that decode graphs read (entries of all requests in one step).
 MAX_GRAPH_KV_ENTRIES = 1 << 24
+_LOGITS_SIZES = default_graph_batch_sizes(1024)
 # Pads a host-input segment of odd length (see ``ModelRunner._host_inputs``).
 _ONE_PAD = torch.zeros(1, dtype=torch.int64)
 
@@ -69,6 +71,14 @@ def host_segments_to_device(segments: list[list[int] | torch.Tensor], device: to
         views.append(flat[offset: offset + n])
         offset += n + n % 2
     return views
+
+
+def logits_rows(n: int) -> int:
+    """The row count the LM head runs at for ``n`` sampled rows: the decode graph sizes (1, 2, 4,
+    then multiples of 8 to 256, of 32 to 1024), then multiples of 256."""
+    if n <= _LOGITS_SIZES[-1]:
+        return _LOGITS_SIZES[bisect.bisect_left(_LOGITS_SIZES, n)]
+    return -(-n // 256) * 256
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -197,7 +207,7 @@ class ModelRunner:
         b = len(plan.rows)
         if (graphs is not None and graphs.table_mode and b <= graphs.max_bs
                 and all(n == 1 for n in plan.extend_lens)):
-            hidden = self._replay_decode(plan, graphs)  # (B, hidden)
+            hidden = self._replay_decode(plan, graphs)  # (graph size, hidden): rows past B are padding
             if not all(plan.sample):  # e.g. a one-token prompt chunk that is not the prompt's last
                 (keep,) = self._host_inputs([[i for i, s in enumerate(plan.sample) if s]])
                 hidden = hidden[keep]
@@ -213,7 +223,7 @@ class ModelRunner:
         if not any(plan.sample):
             self._last_tokens = None
             return QueuedStep(None, None, None, None, None, None)
-        logits = self.model.compute_logits(hidden)  # (B_sample, vocab)
+        logits = self._logits(hidden, sum(plan.sample))  # (B_sample, vocab)
         banned = [x or [] for x in plan.banned] if any(plan.banned) else None
         sb = SamplingBatch.build(plan.sampling, plan.seeds, plan.steps, banned, self.device)
         res = self.sampler.sample(
@@ -248,6 +258,34 @@ class ModelRunner:
             top,
         )
 
+    def _logits(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
+        """Logits of the first ``n`` rows of ``hidden``, computed for ``logits_rows(n)`` rows.
+
+        The LM head's matmul only ever sees those few row counts, whose cuBLAS kernels are loaded
+        at start-up (``warm_logits``): the first launch of a kernel loads its module, which waits
+        for the device, and a new row count every step (the number of sampled rows drifts during
+        prompt steps and as a batch drains) made most steps wait like that. The LM head reads its
+        whole weight whatever the row count, so the padding rows cost next to nothing.
+        """
+        m = logits_rows(n)
+        if hidden.shape[0] < m:
+            hidden = torch.cat([hidden, hidden.new_zeros(m - hidden.shape[0], hidden.shape[1])])
+        return self.model.compute_logits(hidden[:m])[:n]
+
+    @torch.inference_mode()
+    def warm_logits(self, max_rows: int) -> None:
+        """Run the LM head once at every padded row count up to ``max_rows`` (see ``_logits``)."""
+        hidden_size = self.config.model.hidden_size
+        m, sizes = 1, []
+        while True:
+            m = logits_rows(m)
+            sizes.append(m)
+            if m >= max_rows:
+                break
+            m += 1
+        for m in sizes:
+            self.model.compute_logits(torch.zeros(m, hidden_size, dtype=self.dtype, device=self.device))
+
     def _host_inputs(self, segments: list[list[int] | torch.Tensor]) -> list[torch.Tensor]:
         return host_segments_to_device(segments, self.device)
 
@@ -258,7 +296,8 @@ class ModelRunner:
         return torch.where(input_ids < 0, prev[(-1 - input_ids).clamp(0, prev.numel() - 1)], input_ids)
 
     def _replay_decode(self, plan: BatchPlan, graphs: DecodeGraphRunner) -> torch.Tensor:
-        """Run a decode plan through the smallest captured graph that fits it; returns (B, hidden).
+        """Run a decode plan through the smallest captured graph that fits it; returns the graph's
+        hidden states (graph size, hidden), the plan's B rows first.
 
         The step's inputs, padding rows included, go to the graph's packed buffer in one
         host-to-device copy; the new tokens' slots are written into the request table before the
@@ -280,7 +319,7 @@ class ModelRunner:
             batch.input_ids.copy_(self._resolve_inputs(batch.input_ids))
         assert self.req_table is not None
         self.req_table[batch.req_rows, batch.positions] = batch.out_cache_loc
-        return graphs.replay(gbs)[:b]
+        return graphs.replay(gbs)
 
     def _build_batch(self, plan: BatchPlan) -> ForwardBatch:
         """The step's device tensors, with the new tokens' slots written into the request table."""

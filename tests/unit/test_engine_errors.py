@@ -142,3 +142,14 @@ def test_host_inputs_land_on_16_byte_aligned_views() -> None:
     for seg, view in zip(segments, views):
         assert view.data_ptr() % 16 == 0
         assert view.tolist() == (seg.tolist() if isinstance(seg, torch.Tensor) else seg)
+
+
+def test_the_lm_head_runs_at_few_row_counts() -> None:
+    """Sampled rows are padded to a short list of row counts (their cuBLAS kernels are loaded at
+    start-up: a first launch waits for the device), never fewer rows than asked for."""
+    from rollout.runner.model_runner import logits_rows
+
+    counts = {logits_rows(n) for n in range(1, 2049)}
+    assert len(counts) <= 64
+    assert all(logits_rows(n) >= n for n in range(1, 3000))
+    assert [logits_rows(n) for n in (1, 2, 3, 5, 9, 250, 257, 1025)] == [1, 2, 4, 8, 16, 256, 288, 1280]
