@@ -61,6 +61,8 @@ class LMHead(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         copy_checked(param.data, loaded, f"{self.prefix}.weight" if self.prefix else "weight")
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # The matmul runs in the model dtype (as in HF); logits are handed on in float32 for sampling.
-        return F.linear(hidden, self.weight).float()  # (N, vocab)
+    def forward(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) logits: the matmul runs in the model dtype (as in HF); ``upcast``
+        hands them on in float32 (the values are the same, the sampler reads either)."""
+        logits = F.linear(hidden, self.weight)  # (N, vocab)
+        return logits.float() if upcast else logits

@@ -270,7 +270,7 @@ class ModelRunner:
         m = logits_rows(n)
         if hidden.shape[0] < m:
             hidden = torch.cat([hidden, hidden.new_zeros(m - hidden.shape[0], hidden.shape[1])])
-        return self.model.compute_logits(hidden[:m])[:n]
+        return self.model.compute_logits(hidden[:m], upcast=False)[:n]
 
     @torch.inference_mode()
     def warm_logits(self, max_rows: int) -> None:
@@ -284,7 +284,7 @@ class ModelRunner:
                 break
             m += 1
         for m in sizes:
-            self.model.compute_logits(torch.zeros(m, hidden_size, dtype=self.dtype, device=self.device))
+            self.model.compute_logits(torch.zeros(m, hidden_size, dtype=self.dtype, device=self.device), upcast=False)
 
     def _host_inputs(self, segments: list[list[int] | torch.Tensor]) -> list[torch.Tensor]:
         return host_segments_to_device(segments, self.device)
