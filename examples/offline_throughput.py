@@ -88,6 +88,9 @@ def main() -> None:
                     help="fixed output length (batch-1 default 512; throughput default: --min-len..--max-len)")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up requests before timing")
     ap.add_argument("--max-running-requests", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
+    ap.add_argument("--chunked-prefill-size", type=int, default=None, help="longest prompt chunk per step")
+    ap.add_argument("--kv-memory-fraction", type=float, default=None, help="share of free GPU memory for KV")
     ap.add_argument("--attention-backend", default=None, help="torch | triton | flashinfer (default: engine's)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--separate-process", action="store_true",
@@ -103,6 +106,9 @@ def main() -> None:
                    separate_process=args.separate_process)
     if args.attention_backend:
         options["attention_backend"] = args.attention_backend
+    for name in ("max_num_batched_tokens", "chunked_prefill_size", "kv_memory_fraction"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if not args.model and args.shape != "tiny":
         options["load_format"] = "dummy"
     engine = Engine(path, **options)

@@ -209,7 +209,10 @@ class SchedulerConfig:
     """Batching limits."""
 
     max_running_requests: int = 256  # cap on requests decoding at once
-    max_num_batched_tokens: int = 8192  # token budget of one forward step (decode + prefill chunks)
+    # Token budget of one forward step (decode + prefill chunks). 16384 rather than 8192: half as many
+    # prompt steps, each with the same host work (H100, Qwen3-0.6B offline workload: 19,164 /
+    # 19,364 vs 18,871 / 18,865 output tok/s, mean TTFT 284 vs ~390 ms, same host).
+    max_num_batched_tokens: int = 16384
     chunked_prefill_size: int = 4096  # longest prefill chunk of one request in one step
     max_queued_requests: int = 100_000  # beyond this new requests get RESOURCE_EXHAUSTED
     # Prepare step k+1 on the host while the device runs step k (inputs that are step k's samples
