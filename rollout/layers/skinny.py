@@ -15,7 +15,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from kernels.gemv import CONFIGS, MAX_ROWS, GemvConfig
+from kernels.gemv import CONFIGS, MAX_ROWS, GemvConfig, gemv
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ _choices: dict[tuple, GemvConfig | None] = {}
 
 def _bucket(rows: int) -> int:
     return next(b for b in ROW_BUCKETS if rows <= b)
+
+
+def _key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    return (weight.shape[0], weight.shape[1], _bucket(x.shape[0]), x.dtype, bias is not None, x.device)
 
 
 def _median_ms(fn, flush: torch.Tensor) -> float:
@@ -47,10 +51,8 @@ def _median_ms(fn, flush: torch.Tensor) -> float:
 
 def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> GemvConfig | None:
     """The faster kernel for this shape (measured on first sight), or None: cuBLAS."""
-    from kernels.gemv import gemv
-
-    rows = _bucket(x.shape[0])
-    key = (weight.shape[0], weight.shape[1], rows, x.dtype, bias is not None, x.device)
+    key = _key(x, weight, bias)
+    rows = key[2]
     if key in _choices:
         return _choices[key]
     probe = torch.randn(rows, weight.shape[1], dtype=x.dtype, device=x.device)
@@ -72,9 +74,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """``F.linear`` for ``x`` of at most ``MAX_ROWS`` rows on CUDA, by the faster kernel for the shape.
 
     During a CUDA-graph capture nothing is measured: a shape not timed yet takes cuBLAS."""
-    from kernels.gemv import gemv
-
-    key = (weight.shape[0], weight.shape[1], _bucket(x.shape[0]), x.dtype, bias is not None, x.device)
+    key = _key(x, weight, bias)
     if key in _choices:
         config = _choices[key]
     elif torch.cuda.is_current_stream_capturing():

@@ -35,10 +35,10 @@ class ForwardBatch:
     input_ids: torch.Tensor  # (T,) int64
     positions: torch.Tensor  # (T,) int64, position of each new token in its sequence
     out_cache_loc: torch.Tensor  # (T,) int64, KV slot written by each new token
-    qo_indptr: torch.Tensor  # (B+1,) int32
-    kv_indptr: torch.Tensor | None  # (B+1,) int32; None when the backend reads the request table
+    qo_indptr: torch.Tensor  # (B+1,) int32 or int64
+    kv_indptr: torch.Tensor | None  # (B+1,) int32 or int64; None when the backend reads the request table
     kv_indices: torch.Tensor | None  # (sum(seq_lens),) int64; likewise
-    seq_lens: torch.Tensor  # (B,) int32, prefix + new tokens per request
+    seq_lens: torch.Tensor  # (B,) int32 or int64, prefix + new tokens per request
     logits_indices: torch.Tensor  # (S,) int64, token-axis index of the last new token of each sampled entry
     seq_lens_cpu: list[int]
     extend_lens_cpu: list[int]

@@ -31,7 +31,7 @@ CPU_MAX_DEFAULT_SLOTS = 1 << 18
 # Cap of the KV index buffer that decode graphs read (entries of all requests in one step).
 MAX_GRAPH_KV_ENTRIES = 1 << 24
 _LOGITS_SIZES = default_graph_batch_sizes(1024)
-# Pads a host-input segment of odd length (see ``ModelRunner._host_inputs``).
+# Pads a host-input segment of odd length (see ``host_segments_to_device``).
 _ONE_PAD = torch.zeros(1, dtype=torch.int64)
 
 
@@ -209,7 +209,7 @@ class ModelRunner:
                 and all(n == 1 for n in plan.extend_lens)):
             hidden = self._replay_decode(plan, graphs)  # (graph size, hidden): rows past B are padding
             if not all(plan.sample):  # e.g. a one-token prompt chunk that is not the prompt's last
-                (keep,) = self._host_inputs([[i for i, s in enumerate(plan.sample) if s]])
+                (keep,) = host_segments_to_device([[i for i, s in enumerate(plan.sample) if s]], self.device)
                 hidden = hidden[keep]
         else:
             batch = self._build_batch(plan)
@@ -276,18 +276,8 @@ class ModelRunner:
     def warm_logits(self, max_rows: int) -> None:
         """Run the LM head once at every padded row count up to ``max_rows`` (see ``_logits``)."""
         hidden_size = self.config.model.hidden_size
-        m, sizes = 1, []
-        while True:
-            m = logits_rows(m)
-            sizes.append(m)
-            if m >= max_rows:
-                break
-            m += 1
-        for m in sizes:
+        for m in sorted({logits_rows(n) for n in range(1, max_rows + 1)}):
             self.model.compute_logits(torch.zeros(m, hidden_size, dtype=self.dtype, device=self.device), upcast=False)
-
-    def _host_inputs(self, segments: list[list[int] | torch.Tensor]) -> list[torch.Tensor]:
-        return host_segments_to_device(segments, self.device)
 
     def _resolve_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``input_ids`` with each ``-1 - j`` replaced by the previous step's ``j``-th sample (on the device)."""
@@ -346,8 +336,8 @@ class ModelRunner:
         table_mode = self.attn_backend.reads_req_table
         kv_indptr = [] if table_mode else [0, *accumulate(seq_lens)]
         rows, token_rows_d, out_loc, positions_d, seq_lens_d, qo_indptr_d, input_ids, logits_rows, kv_indptr_d = (
-            self._host_inputs([plan.rows, token_rows, plan.out_slots, positions, seq_lens, qo_indptr,
-                               plan.input_ids, sampled, kv_indptr]))
+            host_segments_to_device([plan.rows, token_rows, plan.out_slots, positions, seq_lens, qo_indptr,
+                                     plan.input_ids, sampled, kv_indptr], self.device))
         # Record the new tokens' slots in the table before anything reads it.
         self.req_table[token_rows_d, positions_d] = out_loc
         kv_indices = None
