@@ -83,10 +83,12 @@ class EngineCore:
         return "weights" not in self.generation_blockers
 
     def set_weight_version(self, version: int) -> None:
-        """Make ``version`` current: new tokens carry it, prefixes of other versions are dropped."""
+        """New weights were written: new tokens carry ``version``, and every prefix computed under
+        earlier weights is dropped (a new KV epoch, even when the caller kept the version)."""
         self.weight_version = version
         self.scheduler.weight_version = version
-        self.cache.evict_namespaces(keep=version)
+        self.scheduler.kv_epoch += 1
+        self.cache.evict_namespaces(keep=self.scheduler.kv_epoch)
 
     def _build_cache(self) -> KVCacheManager:
         cfg = self.config
@@ -234,7 +236,9 @@ class EngineCore:
         if self.cache.num_live_seqs() == 0:
             self.cache.flush()
         else:
-            self.cache.evict_namespaces(keep=-1)
+            # A new epoch: running requests' KV is never cached, later requests cache again.
+            self.scheduler.kv_epoch += 1
+            self.cache.evict_namespaces(keep=self.scheduler.kv_epoch)
 
     def info(self) -> EngineInfo:
         cfg = self.config

@@ -39,7 +39,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.paused: PauseMode | None = None
-        self.weight_version = 0
+        self.weight_version = 0  # the trainer's label, stamped on each token
+        # Bumped by the engine on every weight write, whatever version label the caller gives: the
+        # prefix cache is keyed by it, so KV computed under old weights is never reused.
+        self.kv_epoch = 0
         self._arrivals = 0
         self.num_retractions = 0  # sequences sent back to the queue for lack of KV (a pressure gauge)
         # Called with every sequence that ends (finished, aborted) after its KV is released.
@@ -162,7 +165,7 @@ class Scheduler:
             if seq.prompt_key in prefilling and seq.num_computed == 0 and not seq.output_ids:
                 deferred.append(seq)  # a sibling is computing this prompt; share it next step
                 continue
-            handle = self.cache.new_seq(namespace=self.weight_version)
+            handle = self.cache.new_seq(namespace=self.kv_epoch)
             if handle is None:
                 self.waiting.appendleft(seq)
                 break
@@ -177,7 +180,7 @@ class Scheduler:
                 break
             seq.handle = handle
             seq.num_computed = cached
-            seq.kv_version = self.weight_version
+            seq.kv_epoch = self.kv_epoch
             if seq.cached_tokens < 0:
                 seq.cached_tokens = min(cached, len(seq.prompt_ids))
             seq.status = SeqStatus.RUNNING
@@ -242,7 +245,7 @@ class Scheduler:
             if not seq.prefix_shared and seq.num_computed >= len(seq.prompt_ids):
                 # Hand the prompt's KV to the prefix cache now, so other samples reuse it.
                 seq.prefix_shared = True
-                if seq.kv_version == self.weight_version:
+                if seq.kv_epoch == self.kv_epoch:
                     self.cache.cache_prefix(seq.handle, seq.all_ids[:seq.num_computed])
 
     def collect(self, plan: BatchPlan, seqs: list[Sequence], result: StepResult) -> list[Sequence]:
@@ -279,7 +282,7 @@ class Scheduler:
     def _retract(self, seq: Sequence) -> None:
         """Free a running sequence's KV and queue it first; it is recomputed when readmitted."""
         self.running.remove(seq)
-        self.cache.release(seq.handle, seq.all_ids[:seq.num_computed], cache=seq.kv_version == self.weight_version)
+        self.cache.release(seq.handle, seq.all_ids[:seq.num_computed], cache=seq.kv_epoch == self.kv_epoch)
         self.num_retractions += 1
         seq.handle = None
         seq.num_computed = 0
@@ -290,7 +293,7 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
             self.cache.release(
-                seq.handle, seq.all_ids[:seq.num_computed], cache=seq.kv_version == self.weight_version
+                seq.handle, seq.all_ids[:seq.num_computed], cache=seq.kv_epoch == self.kv_epoch
             )
             seq.handle = None
         elif seq.status is SeqStatus.WAITING:

@@ -51,7 +51,7 @@ class Sequence:
     num_computed: int = 0
     cached_tokens: int = -1  # prompt tokens served from the prefix cache at first admission (-1: not yet)
     prefix_shared: bool = False  # prompt KV handed to the prefix cache already
-    kv_version: int = 0  # weight version under which this sequence's KV began
+    kv_epoch: int = 0  # weights epoch (see Scheduler.kv_epoch) under which this sequence's KV began
     handle: Any = None  # cache.manager.SeqHandle while RUNNING
     emitted: int = 0  # output tokens already sent out in chunks
     finish_reason: FinishReason | None = None

@@ -314,3 +314,27 @@ def test_weights_released_without_backup_come_back_with_a_full_push(model_dir, p
         assert not engine.info().weights_valid  # a partial push does not make the weights whole
         assert weight_sync.push_tensors_shm([engine], weights.items(), version=6) == 6
         assert engine.info().weights_valid and outputs(engine) == expected["new"]
+
+
+@pytest.mark.parametrize("path", ["disk", "push"])
+def test_an_update_that_keeps_the_version_never_reuses_old_prefix_kv(model_dir, perturbed, path) -> None:
+    """The version is the trainer's label: KV computed under the old weights must not be reused
+    under new ones even when the caller passes the current version again."""
+    weights, new_dir = perturbed
+    prompt = [(7 * i + 3) % 300 + 20 for i in range(40)]
+    with Engine(new_dir, **ENGINE_OPTS) as fresh:
+        [want] = fresh.generate(prompt, GREEDY)
+    with Engine(model_dir, **ENGINE_OPTS) as engine:
+        engine.generate(prompt, GREEDY)
+        [again] = engine.generate(prompt, GREEDY)
+        assert again.cached_tokens == len(prompt) - 1  # the prompt's KV is cached under version 0
+        if path == "disk":
+            assert engine.update_weights_from_disk(new_dir, version=0) == 0
+        else:
+            with weight_sync.connect([engine], backend="gloo", bucket_bytes=BUCKET, timeout_s=60) as group:
+                group.push(weights.items(), version=0)
+        [after] = engine.generate(prompt, GREEDY)
+        assert after.cached_tokens == 0, "KV computed under the old weights was reused under the new ones"
+        assert after.output_ids == want.output_ids
+        assert after.weight_versions == [0] * len(after.output_ids)
+        engine.check_integrity()
