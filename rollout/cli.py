@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="answer PERMISSION_DENIED to pause/continue/flush and weight/memory RPCs",
     )
+    s.add_argument("--engine-stall-timeout", type=float, default=10.0,
+                   help="seconds the engine may be unready for commands before health says NOT_SERVING")
     s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     s.add_argument("--page-size", type=int, default=None, help="KV token slots per page")
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 tls_cert=args.tls_cert,
                 tls_key=args.tls_key,
                 enable_control=not args.disable_control,
+                engine_stall_timeout=args.engine_stall_timeout,
                 **engine_options(args),
             )
         except (RolloutError, OSError, RuntimeError, ValueError) as e:

@@ -3,6 +3,11 @@
 A router thread reads the loop's event lists and hands each event to whoever waits for it: the
 sink of its request (a callback) or the future of a control call. Everything a front end needs
 (sync, streaming, asyncio) is built on ``submit`` and ``call``.
+
+Events are handed over in the order the loop produced them: the stream chunks a control command
+produced (e.g. a pause draining the step in flight) reach their consumers before the command's
+reply. A caller that stops waiting (cancelled, timed out) never disturbs the router, and the loop's
+heartbeat tells a front end whether the engine can answer at all (``stalled_for``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from rollout.engine_messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
@@ -32,21 +38,38 @@ class _AsyncSink:
     The router hands all of one step's events for one loop over in a single
     ``call_soon_threadsafe`` (each such call wakes the loop through its self-pipe: with 256
     streams that was 256 wake-ups per step, Python work that competes with the engine for the GIL).
+    ``pending`` counts the events put in the queue whose consumer has not come back for the next
+    one yet (touched only on the consumer's loop).
     """
 
-    __slots__ = ("loop", "queue")
+    __slots__ = ("loop", "queue", "pending")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, q: asyncio.Queue) -> None:
         self.loop = loop
         self.queue = q
+        self.pending = 0
 
     def __call__(self, ev: StreamChunk | RequestFailed) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+        self.loop.call_soon_threadsafe(_deliver, [(self, ev)])
 
 
-def _deliver(items: list[tuple[asyncio.Queue, StreamChunk | RequestFailed]]) -> None:
-    for q, ev in items:
-        q.put_nowait(ev)
+def _deliver(items: list[tuple[_AsyncSink, StreamChunk | RequestFailed]]) -> None:
+    for sink, ev in items:
+        sink.pending += 1
+        sink.queue.put_nowait(ev)
+
+
+def _resolve(fut: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete a control call's future unless its caller gave up on it (cancelled it) already."""
+    if fut.done():
+        return
+    try:
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+    except concurrent.futures.InvalidStateError:  # cancelled meanwhile: nobody waits for it
+        pass
 
 
 class EngineClient:
@@ -61,7 +84,11 @@ class EngineClient:
         tokenizer: Any,
         alive: Callable[[], bool] = lambda: True,
         on_close: Callable[[], None] = lambda: None,
+        last_beat: Callable[[], float] = time.monotonic,
+        kill: Callable[[], None] = lambda: None,
     ) -> None:
+        """``send`` / ``recv`` talk to the loop; ``alive`` says whether it still runs; ``last_beat``
+        gives the ``time.monotonic()`` of its last heartbeat; ``kill`` stops it by force."""
         self._send = send
         self._recv = recv
         self._alive = alive
@@ -75,6 +102,9 @@ class EngineClient:
         self._call_ids = itertools.count(1)
         self._dead: str | None = None
         self._closed = False
+        self._last_beat = last_beat
+        self._kill = kill
+        self._open_streams: set[_AsyncSink] = set()  # asyncio streams not yet consumed to the end
         self._router = threading.Thread(target=self._route, name="engine-router", daemon=True)
         self._router.start()
 
@@ -112,7 +142,10 @@ class EngineClient:
         """asyncio version of ``stream``; cancelling the consumer aborts the request."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self.submit(req, _AsyncSink(loop, q))
+        sink = _AsyncSink(loop, q)
+        self.submit(req, sink)
+        with self._lock:
+            self._open_streams.add(sink)
         done = False
         left = req.sampling.n
         try:
@@ -123,10 +156,29 @@ class EngineClient:
                 if ev.finished:
                     left -= 1
                 yield ev
+                sink.pending -= 1  # the consumer is done with it (a server: the message is written)
             done = True
         finally:
+            with self._lock:
+                self._open_streams.discard(sink)
             if not done:
                 self.abort([req.request_id])
+
+    async def quiesce(self, timeout: float = 2.0) -> bool:
+        """Wait until every asyncio stream of this loop has consumed the events handed to it so far
+        (at most ``timeout`` s, so a consumer that stopped reading cannot hold the caller); returns
+        whether they all did. A server calls it before answering a pause, so that no token reaches a
+        client after the pause's reply."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            with self._lock:
+                busy = any(s.pending > 0 for s in self._open_streams if s.loop is loop)
+            if not busy:
+                return True
+            if loop.time() > deadline:
+                return False
+            await asyncio.sleep(0.001)
 
     @staticmethod
     def _drain_sink(get: Callable[[], Any], req: AddRequest) -> Iterator[StreamChunk]:
@@ -170,28 +222,45 @@ class EngineClient:
                     self._die("the engine process exited")
                     return
                 continue
-            batches: dict[asyncio.AbstractEventLoop, list] = {}
-            for ev in events:
-                self._dispatch(ev, batches)
-            for loop, items in batches.items():
-                try:
-                    loop.call_soon_threadsafe(_deliver, items)
-                except RuntimeError:  # the consumer's loop is closed: nobody is waiting any more
-                    logger.warning("dropped %d events for a closed event loop", len(items))
+            try:
+                self._route_events(events)
+            except Exception:  # a bug here must not leave every caller waiting forever
+                logger.exception("routing engine events failed")
 
-    def _dispatch(self, ev: Event, batches: dict | None = None) -> None:
-        """Hand ``ev`` to its waiter; events for asyncio sinks are added to ``batches`` (per loop)
-        when given, for one hand-over per loop."""
-        if isinstance(ev, ControlReply):
-            with self._lock:
-                fut = self._calls.pop(ev.call_id, None)
-            if fut is None:
-                return
-            if ev.error_code:
-                fut.set_exception(error_from_code(ev.error_code, ev.error_message or ""))
+    def _route_events(self, events: list[Event]) -> None:
+        """Hand one list of events over, in order; asyncio sinks get one hand-over per loop."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for ev in events:
+            if isinstance(ev, ControlReply):
+                # Chunks produced before the reply (a pause drains the step in flight) go first.
+                self._flush(batches)
+                self._reply(ev)
             else:
-                fut.set_result(ev.result)
+                self._dispatch(ev, batches)
+        self._flush(batches)
+
+    @staticmethod
+    def _flush(batches: dict[asyncio.AbstractEventLoop, list]) -> None:
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the consumer's loop is closed: nobody is waiting any more
+                logger.warning("dropped %d events for a closed event loop", len(items))
+        batches.clear()
+
+    def _reply(self, ev: ControlReply) -> None:
+        with self._lock:
+            fut = self._calls.pop(ev.call_id, None)
+        if fut is None:
             return
+        if ev.error_code:
+            _resolve(fut, error=error_from_code(ev.error_code, ev.error_message or ""))
+        else:
+            _resolve(fut, ev.result)
+
+    def _dispatch(self, ev: StreamChunk | RequestFailed, batches: dict | None = None) -> None:
+        """Hand ``ev`` to its request's sink; events for asyncio sinks are added to ``batches``
+        (per loop) when given, for one hand-over per loop."""
         with self._lock:
             entry = self._sinks.get(ev.request_id)
             if entry is None:
@@ -202,7 +271,7 @@ class EngineClient:
             elif ev.finished:
                 self._sinks[ev.request_id] = (sink, left - 1)
         if batches is not None and isinstance(sink, _AsyncSink):
-            batches.setdefault(sink.loop, []).append((sink.queue, ev))
+            batches.setdefault(sink.loop, []).append((sink, ev))
             return
         try:
             sink(ev)
@@ -211,7 +280,8 @@ class EngineClient:
 
     def _die(self, why: str) -> None:
         with self._lock:
-            self._dead = why
+            self._dead = self._dead or why
+            why = self._dead
             sinks, self._sinks = self._sinks, {}
             calls, self._calls = self._calls, {}
         for rid, (sink, _) in sinks.items():
@@ -220,20 +290,34 @@ class EngineClient:
             except Exception:
                 logger.exception("request sink failed")
         for fut in calls.values():
-            fut.set_exception(EngineDeadError(why))
+            _resolve(fut, error=EngineDeadError(why))
 
     @property
     def alive(self) -> bool:
         return self._dead is None and not self._closed
 
+    def stalled_for(self) -> float:
+        """Seconds since the engine loop last showed it can take commands (0 while it keeps up)."""
+        return max(0.0, time.monotonic() - self._last_beat())
+
+    def kill(self, why: str) -> None:
+        """Stop an engine loop that does not answer: by force, failing every waiting caller."""
+        logger.error("stopping the engine by force: %s", why)
+        self._kill()
+        self._die(why)
+
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the engine loop (running requests end with reason abort) and the router."""
+        """Stop the engine loop (running requests end with reason abort) and the router.
+
+        An engine that does not answer within ``timeout`` s is stopped by force."""
         if self._closed:
             return
         if self._dead is None:
             try:
                 self.call("shutdown", timeout=timeout)
-            except (RolloutError, concurrent.futures.TimeoutError):
+            except concurrent.futures.TimeoutError:
+                self.kill(f"the engine did not acknowledge shutdown within {timeout:g} s")
+            except RolloutError:
                 pass
         self._closed = True
         self._router.join(timeout=5)

@@ -2,7 +2,10 @@
 
 It runs in a thread (in-process ``Engine``) or as the main loop of the engine process (server).
 Commands arrive on ``inbox`` (a ``queue.Queue`` or ``multiprocessing.Queue``); every step's
-events leave through ``send`` as one list, so the front end is never waited on.
+events leave through ``send`` as one list, so the front end is never waited on. ``beat`` is called
+whenever the loop is ready for commands, so the front end can tell a busy engine from a stuck one.
+Control commands whose slow part runs beside the loop (``engine_jobs.Background``) are replied to
+when that part ends; the loop keeps stepping meanwhile.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import traceback
 from typing import Any, Callable, Protocol
 
 from rollout.engine_core import EngineCore
+from rollout.engine_jobs import Background
 from rollout.engine_messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
 from rollout.errors import RolloutError
 
@@ -28,11 +32,14 @@ class Inbox(Protocol):
 class EngineLoop:
     """Drives an ``EngineCore`` from a command inbox until a shutdown command."""
 
-    def __init__(self, core: EngineCore, inbox: Inbox, send: Callable[[list[Event]], None]) -> None:
+    def __init__(self, core: EngineCore, inbox: Inbox, send: Callable[[list[Event]], None],
+                 beat: Callable[[], None] = lambda: None) -> None:
         self.core = core
         self.inbox = inbox
         self.send = send
+        self.beat = beat
         self._stopping = False
+        self._jobs: dict[int, Background] = {}  # call id -> control work running beside the loop
 
     def run(self) -> None:
         device = self.core.runner.device
@@ -43,15 +50,31 @@ class EngineLoop:
             torch.cuda.set_device(device)
         try:
             while not self._stopping:
+                self.beat()
                 self._drain(block=not self.core.has_work())
                 if self._stopping:
                     break
+                self._finish_jobs()
                 events = self.core.step() if self.core.has_work() else self.core.take_events()
                 if events:
                     self.send(events)
         finally:
             if self._stopping:
+                self._abandon_jobs()
                 self.core.close()
+
+    def _finish_jobs(self) -> None:
+        """Reply to the control commands whose background work has ended."""
+        for call_id in [c for c, job in self._jobs.items() if job.future.done()]:
+            job = self._jobs.pop(call_id)
+            self.send(self._reply(call_id, job.name, job.complete))
+
+    def _abandon_jobs(self) -> None:
+        jobs, self._jobs = self._jobs, {}
+        for call_id, job in jobs.items():
+            job.abandon(job.future)
+            self.send([ControlReply(call_id, error_code="UNAVAILABLE",
+                                    error_message=f"the engine stopped before {job.name} completed")])
 
     def _drain(self, block: bool) -> None:
         """Apply every queued command; wait briefly for one when idle."""
@@ -65,6 +88,7 @@ class EngineLoop:
                 self.send(replies)
             if self._stopping:
                 return
+            self.beat()
             try:
                 cmd = self.inbox.get(block=False)
             except queue.Empty:
@@ -90,19 +114,34 @@ class EngineLoop:
 
     def _control(self, cmd: Control) -> list[Event]:
         core = self.core
-        try:
+
+        def run() -> Any:
             if cmd.op == "shutdown":
                 core.shutdown()
                 self._stopping = True
-                result = None
-            else:
-                result = core.control(cmd.op, cmd.args)
+                return None
+            result = core.control(cmd.op, cmd.args)
+            if isinstance(result, Background):
+                result.name = cmd.op
+                result.start()
+                self._jobs[cmd.call_id] = result
+            return result
+
+        replies = self._reply(cmd.call_id, cmd.op, run)
+        if cmd.call_id in self._jobs:
+            return replies[:-1]  # the reply waits for the background work
+        return replies
+
+    def _reply(self, call_id: int, op: str, run: Callable[[], Any]) -> list[Event]:
+        """Run ``run`` and turn its result or error into the call's reply, after the events it made."""
+        try:
+            result = run()
         except RolloutError as e:
-            reply = ControlReply(cmd.call_id, error_code=e.code, error_message=e.message)
+            reply = ControlReply(call_id, error_code=e.code, error_message=e.message)
         except Exception as e:  # keep serving; the caller gets the cause
-            logger.error("control %s failed:\n%s", cmd.op, traceback.format_exc())
-            reply = ControlReply(cmd.call_id, error_code="INTERNAL", error_message=f"{type(e).__name__}: {e}")
+            logger.error("control %s failed:\n%s", op, traceback.format_exc())
+            reply = ControlReply(call_id, error_code="INTERNAL", error_message=f"{type(e).__name__}: {e}")
         else:
-            reply = ControlReply(cmd.call_id, result=result)
+            reply = ControlReply(call_id, result=result)
         # Events the control produced (aborted requests' final chunks) go before the reply.
-        return [*core.take_events(), reply]
+        return [*self.core.take_events(), reply]

@@ -6,6 +6,7 @@ import logging
 import multiprocessing as mp
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -15,6 +16,24 @@ from rollout.engine_messages import ControlReply, Event
 from rollout.errors import EngineDeadError, error_from_code
 
 logger = logging.getLogger(__name__)
+
+class Heartbeat:
+    """When the engine loop was last ready for commands (``time.monotonic()``, which every process
+    of the machine reads from one clock). Shared memory when the loop runs in another process."""
+
+    def __init__(self, ctx: Any = None) -> None:
+        self._value = ctx.Value("d", time.monotonic(), lock=False) if ctx is not None else None
+        self._t = time.monotonic()
+
+    def beat(self) -> None:
+        if self._value is not None:
+            self._value.value = time.monotonic()
+        else:
+            self._t = time.monotonic()
+
+    def last(self) -> float:
+        return self._value.value if self._value is not None else self._t
+
 
 def _recv_from(q: Any) -> Callable[[float], list[Event] | None]:
     def recv(timeout: float) -> list[Event] | None:
@@ -47,14 +66,15 @@ def start_engine_thread(model_path: str, **options: Any) -> EngineClient:
     core = _build_core(model_path, options)
     inbox: queue.Queue = queue.Queue()
     outbox: queue.Queue = queue.Queue()
-    loop = EngineLoop(core, inbox, outbox.put)
+    heart = Heartbeat()
+    loop = EngineLoop(core, inbox, outbox.put, heart.beat)
     thread = threading.Thread(target=loop.run, name="engine-loop", daemon=True)
     thread.start()
     return EngineClient(inbox.put, _recv_from(outbox), core.info(), core.limits, core.tokenizer,
-                        alive=thread.is_alive, on_close=lambda: thread.join(timeout=30))
+                        alive=thread.is_alive, on_close=lambda: thread.join(timeout=30), last_beat=heart.last)
 
 
-def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: Any) -> None:
+def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: Any, heart: Heartbeat) -> None:
     """Entry point of the engine process: build, report readiness (call id 0), loop."""
     from rollout.engine_loop import EngineLoop
     from rollout.errors import RolloutError
@@ -70,7 +90,7 @@ def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: 
         outbox.put([ControlReply(0, error_code="INTERNAL", error_message=f"{type(e).__name__}: {e}")])
         return
     outbox.put([ControlReply(0, result=(core.info(), core.limits))])
-    EngineLoop(core, inbox, outbox.put).run()
+    EngineLoop(core, inbox, outbox.put, heart.beat).run()
 
 
 def start_engine_process(model_path: str, **options: Any) -> EngineClient:
@@ -80,7 +100,8 @@ def start_engine_process(model_path: str, **options: Any) -> EngineClient:
     """
     ctx = mp.get_context("spawn")
     inbox, outbox = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=_process_main, args=(model_path, options, inbox, outbox), name="rollout-engine",
+    heart = Heartbeat(ctx)
+    proc = ctx.Process(target=_process_main, args=(model_path, options, inbox, outbox, heart), name="rollout-engine",
                        daemon=True)
     proc.start()
     while True:
@@ -107,4 +128,6 @@ def start_engine_process(model_path: str, **options: Any) -> EngineClient:
             proc.kill()
             proc.join(timeout=5)
 
-    return EngineClient(inbox.put, _recv_from(outbox), info, limits, tokenizer, alive=proc.is_alive, on_close=close)
+    heart.beat()  # the loop starts beating once it runs; loading the model is not a stall
+    return EngineClient(inbox.put, _recv_from(outbox), info, limits, tokenizer, alive=proc.is_alive, on_close=close,
+                        last_beat=heart.last, kill=proc.kill)

@@ -40,6 +40,7 @@ _POLL_S = 0.0002  # how often a waiting collective looks at its deadline and at 
 _STORE_POLL_S = 0.01  # how often it asks the store whether a member gave up
 _ABORT_KEY = "abort"
 _RETIRE_POLL_S = 0.1  # how often a failed group's leftover collectives are looked at
+MAX_TIMEOUT_S = 86400.0  # a day: longer is a mistake (e.g. -1 meaning "forever"), not a plan
 
 
 class GroupFailedError(FailedPreconditionError):
@@ -71,8 +72,9 @@ class GroupConfig:
             raise InvalidArgumentError("must be a non-empty string", field="group_name")
         if self.backend not in BACKENDS:
             raise InvalidArgumentError(f"must be one of {BACKENDS}, got {self.backend!r}", field="backend")
-        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise InvalidArgumentError(f"must be > 0, got {self.timeout_s!r}", field="timeout_s")
+        if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise InvalidArgumentError(f"must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {self.timeout_s!r}",
+                                       field="timeout_s")
 
     @property
     def timeout(self) -> datetime.timedelta:

@@ -1,9 +1,12 @@
 """Launching the gRPC server: engine process, servicer, health, reflection, graceful shutdown.
 
 The server binds its port first and answers health NOT_SERVING while the engine process loads
-the model, then SERVING. On SIGTERM or SIGINT it stops taking new work, aborts running requests
+the model, then SERVING. Health goes back to NOT_SERVING whenever the engine loop has not been ready
+for commands for ``engine_stall_timeout`` seconds (a forward or an update that does not end), and
+to SERVING when it is again. On SIGTERM or SIGINT it stops taking new work, aborts running requests
 (their streams end with reason abort and their partial tokens), lets those streams finish, and
-stops the engine process.
+stops the engine process; an engine that does not answer is killed, so the server always exits
+within seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["Rollout"].full_name  # "rollout.v1.Rollout"
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SHUTDOWN_GRACE_S = 10.0  # how long aborted streams get to deliver their last chunks
-ENGINE_WATCH_S = 0.5  # how often the server checks that its engine process is alive
+ENGINE_WATCH_S = 0.5  # how often the server checks that its engine process is alive and answers
+ENGINE_STALL_S = 10.0  # default: health is NOT_SERVING after the engine loop was unready this long
+ENGINE_STOP_S = 5.0  # how long a stopping server waits for the engine to acknowledge shutdown
 
 
 def _server_options() -> list[tuple[str, Any]]:
@@ -54,10 +59,20 @@ def _credentials(tls_cert: str | None, tls_key: str | None) -> grpc.ServerCreden
     return grpc.ssl_server_credentials([(key, cert)])
 
 
-async def _watch(engine: Any) -> None:
-    """Return when the engine process has died."""
+async def _watch(engine: Any, health: health_aio.HealthServicer, stall_s: float) -> None:
+    """Keep health in step with the engine (NOT_SERVING while it cannot answer); return when it died."""
+    serving = True
     while engine.alive:
-        await asyncio.sleep(ENGINE_WATCH_S)
+        stalled = engine.stalled_for()
+        if serving != (stalled < stall_s):
+            serving = not serving
+            if serving:
+                logger.info("the engine answers again")
+            else:
+                logger.warning("the engine has not been ready for commands for %.1f s: health NOT_SERVING", stalled)
+            await _set_health(health, health_pb2.HealthCheckResponse.SERVING if serving
+                              else health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.sleep(min(ENGINE_WATCH_S, stall_s / 4))
 
 
 async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
@@ -74,9 +89,12 @@ async def serve_async(
     tls_key: str | None = None,
     enable_control: bool = True,
     stop_event: asyncio.Event | None = None,
+    engine_stall_timeout: float = ENGINE_STALL_S,
     **engine_options: Any,
 ) -> None:
     """Run the server until ``stop_event`` is set (or SIGTERM / SIGINT when none is given)."""
+    if not 0 < engine_stall_timeout < float("inf"):
+        raise ValueError(f"engine_stall_timeout must be a positive number of seconds, got {engine_stall_timeout!r}")
     from rollout.engine_process import start_engine_process
 
     if model_path is None:
@@ -133,7 +151,7 @@ async def serve_async(
             engine.info.context_length,
             engine.info.kv_total_tokens,
         )
-        watch = asyncio.ensure_future(_watch(engine))
+        watch = asyncio.ensure_future(_watch(engine, health, engine_stall_timeout))
         await asyncio.wait({stop_wait, watch}, return_when=asyncio.FIRST_COMPLETED)
         died = watch.done()
         watch.cancel()
@@ -146,11 +164,14 @@ async def serve_async(
         await health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(server.stop(SHUTDOWN_GRACE_S))
         if engine is not None:
+            if engine.alive and engine.stalled_for() >= min(engine_stall_timeout, ENGINE_STOP_S):
+                # It would never end the streams, so the grace would only delay the exit.
+                engine.kill(f"the engine has not answered for {engine.stalled_for():.1f} s")
             # Aborted requests send their final chunks; the streams end before the grace runs out.
             engine.abort(None)
         await stopping
         if engine is not None:
-            await loop.run_in_executor(None, engine.shutdown)
+            await loop.run_in_executor(None, functools.partial(engine.shutdown, ENGINE_STOP_S))
         logger.info("server stopped")
     if died:
         raise EngineDeadError("the engine process died while serving; see the log above for its error")
@@ -164,6 +185,7 @@ def serve(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     enable_control: bool = True,
+    engine_stall_timeout: float = ENGINE_STALL_S,
     **engine_options: Any,
 ) -> None:
     """Serve ``rollout.v1.Rollout`` for the model at ``model_path`` (None: the embedded default model).
@@ -175,6 +197,7 @@ def serve(
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(
             serve_async(
-                model_path, host, port, auth_token, tls_cert, tls_key, enable_control, **engine_options
+                model_path, host, port, auth_token, tls_cert, tls_key, enable_control,
+                engine_stall_timeout=engine_stall_timeout, **engine_options
             )
         )

@@ -60,7 +60,8 @@ def init_group_from_proto(msg: pb.InitWeightUpdateGroupRequest) -> dict[str, Any
         "world_size": int(msg.world_size),
         "group_name": msg.group_name or "default",
         "backend": msg.backend or "nccl",
-        "timeout_s": msg.timeout_s if msg.timeout_s > 0 else DEFAULT_TIMEOUT_S,
+        # 0 is the proto's "unset"; anything else is checked by the engine (negative, NaN, huge: refused).
+        "timeout_s": DEFAULT_TIMEOUT_S if msg.timeout_s == 0 else float(msg.timeout_s),
     }
 
 

@@ -195,6 +195,9 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
         engine = self._control_engine("PauseGeneration")
         mode = convert.pause_mode_from_proto(request.mode)
         await engine.acall("pause", **pause_args(mode))
+        # Chunks the pause flushed (the step in flight) are written before this reply, so no token
+        # reaches a client after its pause returned.
+        await engine.quiesce()
         return pb.PauseGenerationResponse()
 
     @_unary

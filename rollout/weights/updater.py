@@ -11,6 +11,7 @@ refused with FAILED_PRECONDITION) until an update covering every parameter succe
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rollout.engine_jobs import Background
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError
 from rollout.weights.checker import UpdateChecker
 from rollout.weights.disk import checkpoint_specs
@@ -64,6 +66,7 @@ class WeightUpdater:
         self._core = core
         self._checker = UpdateChecker(core.config.model, core.runner.dtype)
         self._groups: dict[str, CommGroup] = {}
+        self._joining: set[str] = set()  # names of groups whose join runs beside the loop
         self._layout_cache = LayoutCache()
 
     @property
@@ -72,8 +75,9 @@ class WeightUpdater:
         return sorted(self._groups)
 
     # ------------------------------------------------------------------ groups
-    def init_group(self, args: dict[str, Any]) -> str:
-        """Join a trainer's group as rank ``rank_offset``; blocks until the group has formed."""
+    def init_group(self, args: dict[str, Any]) -> Background:
+        """Join a trainer's group as rank ``rank_offset``; the reply (the group's name) comes once the
+        group has formed, and generation goes on while the join waits for the trainer."""
         check_keys("init_weight_update_group", args)
         name = args.get("group_name")
         if name in self._groups:
@@ -84,16 +88,37 @@ class WeightUpdater:
         cfg = GroupConfig(
             master_address=args["master_address"], master_port=args["master_port"], rank=args["rank_offset"],
             world_size=args["world_size"], group_name=name or "", backend=args.get("backend", "nccl"),
-            timeout_s=args.get("timeout_s") or DEFAULT_TIMEOUT_S,
+            timeout_s=DEFAULT_TIMEOUT_S if args.get("timeout_s") is None else args["timeout_s"],
         )
         if cfg.rank == 0:
             raise InvalidArgumentError("rank 0 is the trainer's; engine ranks start at 1", field="rank_offset")
+        if cfg.group_name in self._joining:
+            raise FailedPreconditionError(f"group {cfg.group_name!r} is still forming; wait for that join")
         runner_device = self._core.runner.device
         device = runner_device if cfg.backend == "nccl" else torch.device("cpu")
-        self._groups[cfg.group_name] = CommGroup.join(cfg, device, survive_peer_failure=True)
-        logger.info("joined weight group %s as rank %d of %d (%s)", cfg.group_name, cfg.rank, cfg.world_size,
-                    cfg.backend)
-        return cfg.group_name
+        self._joining.add(cfg.group_name)
+
+        def joined(group: CommGroup) -> str:
+            self._joining.discard(cfg.group_name)
+            self._groups[cfg.group_name] = group
+            logger.info("joined weight group %s as rank %d of %d (%s)", cfg.group_name, cfg.rank, cfg.world_size,
+                        cfg.backend)
+            return cfg.group_name
+
+        def failed(error: BaseException) -> None:
+            self._joining.discard(cfg.group_name)
+
+        def abandoned(fut: concurrent.futures.Future) -> None:
+            fut.add_done_callback(lambda f: f.exception() is None and f.result().close())
+
+        # The join waits for the trainer; the loop keeps generating meanwhile and replies when it ends.
+        return Background(work=lambda: CommGroup.join(cfg, device, survive_peer_failure=True), finish=joined,
+                          fail=failed, abandon=abandoned)
+
+    def _not_found(self, name: Any) -> RolloutError:
+        if name in self._joining:
+            return FailedPreconditionError(f"group {name!r} is still forming; wait for its join to return")
+        return NotFoundError(f"no weight group {name!r}; groups: {self.group_names}", field="group_name")
 
     def destroy_group(self, args: dict[str, Any]) -> str:
         """Leave and destroy the group ``group_name`` (NOT_FOUND if there is none)."""
@@ -101,7 +126,7 @@ class WeightUpdater:
         name = args.get("group_name")
         group = self._groups.pop(name, None)
         if group is None:
-            raise NotFoundError(f"no weight group {name!r}; groups: {self.group_names}", field="group_name")
+            raise self._not_found(name)
         group.close()
         return name
 
@@ -117,7 +142,7 @@ class WeightUpdater:
         name = args.get("group_name")
         group = self._groups.get(name)
         if group is None:
-            raise NotFoundError(f"no weight group {name!r}; groups: {self.group_names}", field="group_name")
+            raise self._not_found(name)
         problem: RolloutError | None = None
         try:
             layouts = self._layouts(args)

@@ -33,6 +33,9 @@ class ScriptedEngine:
             raise RuntimeError("info exploded")
         self.calls.append((op, args))
 
+    async def quiesce(self, timeout: float = 2.0) -> bool:
+        return True
+
     async def astream(self, req) -> AsyncIterator[StreamChunk]:
         done = False
         try:

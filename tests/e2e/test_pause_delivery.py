@@ -1,0 +1,69 @@
+"""Once a pause returns, no token arrives until generation continues: in process and over gRPC.
+
+A pause drains the step in flight; that step's tokens must reach the consumers before the pause's
+reply, or a trainer that pauses, reads its streams and pushes weights would see tokens trickle in
+after it believed generation had stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from rollout.client import AsyncRolloutClient
+from rollout.engine_messages import AddRequest
+from rollout.engine_process import start_engine_thread
+from rollout.types import PauseMode, SamplingParams
+
+LONG = SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True)
+STREAMS = 8
+
+
+async def _count_while_paused(stream_of, pause, resume) -> None:
+    """Stream ``STREAMS`` requests, pause, and check that no token arrives until ``resume``."""
+    received = [0] * STREAMS
+
+    async def consume(i: int) -> None:
+        async for chunk in stream_of(i):
+            received[i] += len(chunk.token_ids)
+
+    tasks = [asyncio.ensure_future(consume(i)) for i in range(STREAMS)]
+    while min(received) < 3:
+        await asyncio.sleep(0.01)
+    for mode in (PauseMode.IN_PLACE, PauseMode.RETRACT):
+        await pause(mode)
+        at_pause = list(received)
+        await asyncio.sleep(0.5)
+        assert received == at_pause, (
+            f"tokens arrived after the {mode.value} pause returned: {at_pause} -> {received}")
+        await resume()
+        while received == at_pause:
+            await asyncio.sleep(0.01)
+    await pause(PauseMode.ABORT)
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+
+
+def test_no_token_after_pause_in_process(tiny_model) -> None:
+    client = start_engine_thread(tiny_model, device="cpu", dtype="float32")
+    try:
+        def stream_of(i: int):
+            return client.astream(AddRequest(f"r{i}", [i + 1, i + 2, i + 3], LONG, stream=True))
+
+        async def pause(mode: PauseMode) -> None:
+            await client.acall("pause", mode=mode.value)
+
+        async def resume() -> None:
+            await client.acall("continue")
+
+        asyncio.run(_count_while_paused(stream_of, pause, resume))
+    finally:
+        client.shutdown()
+
+
+def test_no_token_after_pause_over_grpc(server, token) -> None:
+    async def main() -> None:
+        async with AsyncRolloutClient(server.address, token=token, timeout=30) as client:
+            await _count_while_paused(lambda i: client.stream([i + 1, i + 2, i + 3], LONG),
+                                      client.pause, client.continue_)
+            await client.continue_()
+
+    asyncio.run(main())
