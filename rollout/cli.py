@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--engine-stall-timeout", type=float, default=10.0,
                    help="seconds the engine may be unready for commands before health says NOT_SERVING")
+    s.add_argument("--max-request-mb", type=int, default=64,
+                   help="largest request accepted, in MiB (larger ones get RESOURCE_EXHAUSTED before parsing)")
     s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     s.add_argument("--page-size", type=int, default=None, help="KV token slots per page")
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 tls_key=args.tls_key,
                 enable_control=not args.disable_control,
                 engine_stall_timeout=args.engine_stall_timeout,
+                max_request_mb=args.max_request_mb,
                 **engine_options(args),
             )
         except (RolloutError, OSError, RuntimeError, ValueError) as e:

@@ -29,6 +29,21 @@ class RequestLimits:
     max_total_tokens: int
 
 
+MAX_TEXT_CHARS_PER_TOKEN = 64  # a text prompt longer than this per token of context cannot fit it
+
+
+def check_prompt_size(num_ids: int, text_chars: int, limits: RequestLimits) -> None:
+    """Refuse a prompt that cannot fit the context from its length alone (cheap, before any
+    per-token work: a prompt of millions of ids must not hold the caller for seconds)."""
+    if num_ids > limits.context_length:
+        raise OutOfRangeError(
+            f"the prompt has {num_ids} tokens; the context length is {limits.context_length}", field="input_ids")
+    if text_chars > limits.context_length * MAX_TEXT_CHARS_PER_TOKEN:
+        raise OutOfRangeError(
+            f"the text prompt has {text_chars} characters, far more than a context of {limits.context_length} "
+            "tokens holds", field="text")
+
+
 def _check_ids(input_ids: Sequence[int], vocab_size: int) -> list[int]:
     ids: list[int] = []
     for i, t in enumerate(input_ids):
@@ -60,6 +75,7 @@ def make_add_request(
         raise InvalidArgumentError("must be a non-empty string", field="request_id")
     if input_ids is not None and len(input_ids) > 0 and text:
         raise InvalidArgumentError("give input_ids or text, not both", field="input_ids")
+    check_prompt_size(len(input_ids) if input_ids is not None else 0, len(text) if text else 0, limits)
     if text:
         if tokenizer is None:
             raise InvalidArgumentError("the model has no tokenizer.json; send input_ids", field="text")

@@ -31,16 +31,17 @@ from rollout.server.servicer import RolloutServicer, add_to_server
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["Rollout"].full_name  # "rollout.v1.Rollout"
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # responses (a long non-streamed sample with top logprobs)
+MAX_REQUEST_MB = 64  # default limit on a request: weight-update metadata of the largest MoE fits in a few MB
 SHUTDOWN_GRACE_S = 10.0  # how long aborted streams get to deliver their last chunks
 ENGINE_WATCH_S = 0.5  # how often the server checks that its engine process is alive and answers
 ENGINE_STALL_S = 10.0  # default: health is NOT_SERVING after the engine loop was unready this long
 ENGINE_STOP_S = 5.0  # how long a stopping server waits for the engine to acknowledge shutdown
 
 
-def _server_options() -> list[tuple[str, Any]]:
+def _server_options(max_request_mb: int) -> list[tuple[str, Any]]:
     return [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", max_request_mb * 1024 * 1024),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # Without this a second server could silently share the port with a running one.
         ("grpc.so_reuseport", 0),
@@ -90,11 +91,14 @@ async def serve_async(
     enable_control: bool = True,
     stop_event: asyncio.Event | None = None,
     engine_stall_timeout: float = ENGINE_STALL_S,
+    max_request_mb: int = MAX_REQUEST_MB,
     **engine_options: Any,
 ) -> None:
     """Run the server until ``stop_event`` is set (or SIGTERM / SIGINT when none is given)."""
     if not 0 < engine_stall_timeout < float("inf"):
         raise ValueError(f"engine_stall_timeout must be a positive number of seconds, got {engine_stall_timeout!r}")
+    if not isinstance(max_request_mb, int) or not 1 <= max_request_mb <= 2047:
+        raise ValueError(f"max_request_mb must be in 1..2047, got {max_request_mb!r}")
     from rollout.engine_process import start_engine_process
 
     if model_path is None:
@@ -110,7 +114,7 @@ async def serve_async(
             loop.add_signal_handler(sig, stop_event.set)
 
     interceptors = [TokenAuthInterceptor(auth_token)] if auth_token else []
-    server = grpc.aio.server(interceptors=interceptors, options=_server_options())
+    server = grpc.aio.server(interceptors=interceptors, options=_server_options(max_request_mb))
     servicer = RolloutServicer(enable_control=enable_control)
     add_to_server(servicer, server)
     health = health_aio.HealthServicer()
@@ -186,6 +190,7 @@ def serve(
     tls_key: str | None = None,
     enable_control: bool = True,
     engine_stall_timeout: float = ENGINE_STALL_S,
+    max_request_mb: int = MAX_REQUEST_MB,
     **engine_options: Any,
 ) -> None:
     """Serve ``rollout.v1.Rollout`` for the model at ``model_path`` (None: the embedded default model).
@@ -198,6 +203,6 @@ def serve(
         asyncio.run(
             serve_async(
                 model_path, host, port, auth_token, tls_cert, tls_key, enable_control,
-                engine_stall_timeout=engine_stall_timeout, **engine_options
+                engine_stall_timeout=engine_stall_timeout, max_request_mb=max_request_mb, **engine_options
             )
         )

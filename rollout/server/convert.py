@@ -89,8 +89,9 @@ def add_request_from_proto(
     msg: pb.GenerateRequest, request_id: str, limits: RequestLimits, tokenizer: Tokenizer | None
 ) -> AddRequest:
     """Turn a ``GenerateRequest`` into a validated engine ``AddRequest``."""
-    from rollout.request_validation import make_add_request
+    from rollout.request_validation import check_prompt_size, make_add_request
 
+    check_prompt_size(len(msg.input_ids), len(msg.text), limits)  # before any per-token work
     sampling = sampling_from_proto(msg.sampling_params if msg.HasField("sampling_params") else None)
     return make_add_request(
         request_id,

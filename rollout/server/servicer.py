@@ -20,6 +20,7 @@ from rollout.engine_messages import pause_args
 from rollout.errors import (
     EngineDeadError,
     InvalidArgumentError,
+    OutOfRangeError,
     PermissionDeniedError,
     RolloutError,
 )
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from rollout.engine_client import EngineClient
 
 logger = logging.getLogger(__name__)
+
+GENERATE_OVERHEAD_BYTES = 64 * 1024  # sampling options, stop strings, ids: everything but the prompt
+MAX_TEXT_BYTES_PER_TOKEN = 64  # a text prompt longer than this per token of context cannot fit it
 
 
 class MalformedRequest:
@@ -45,8 +49,28 @@ class MalformedRequest:
         raise InvalidArgumentError(f"the request is not a valid {self.type_name} message ({self.error})")
 
 
-def _lenient_parser(message_type: Any) -> Callable[[bytes], Any]:
+class OversizedRequest(MalformedRequest):
+    """Stands in for a request too large to be a valid one: refused before any parsing."""
+
+    __slots__ = ("nbytes", "limit")
+
+    def __init__(self, type_name: str, nbytes: int, limit: int) -> None:
+        super().__init__(type_name, ValueError("too large"))
+        self.nbytes = nbytes
+        self.limit = limit
+
+    def raise_error(self) -> None:
+        raise OutOfRangeError(
+            f"the {self.type_name} message is {self.nbytes} bytes; requests of this server are at most "
+            f"{self.limit} bytes (a prompt longer than the context length cannot be served)")
+
+
+def _lenient_parser(message_type: Any, max_bytes: Callable[[], int | None] = lambda: None) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
+        limit = max_bytes()
+        if limit is not None and len(data) > limit:
+            # Checked on the raw bytes: parsing millions of ids would hold the event loop for seconds.
+            return OversizedRequest(message_type.DESCRIPTOR.full_name, len(data), limit)
         try:
             return message_type.FromString(data)
         except Exception as e:  # noqa: BLE001 - any parse failure is the client's
@@ -68,7 +92,9 @@ def add_to_server(servicer: RolloutServicer, server: grpc.aio.Server) -> None:
         )
         handlers[method.name] = make(
             getattr(servicer, method.name),
-            request_deserializer=_lenient_parser(getattr(pb, method.input_type.name)),
+            request_deserializer=_lenient_parser(
+                getattr(pb, method.input_type.name),
+                servicer.max_generate_bytes if method.name == "Generate" else lambda: None),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
@@ -138,6 +164,13 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
         self._engine: EngineClient | None = None
         self._enable_control = enable_control
         self._shutting_down = False
+
+    def max_generate_bytes(self) -> int | None:
+        """The largest GenerateRequest that can hold a servable prompt (None until a model is loaded):
+        ids of at most the context length, or text of at most ``MAX_TEXT_BYTES_PER_TOKEN`` a token."""
+        if self._engine is None:
+            return None
+        return GENERATE_OVERHEAD_BYTES + self._engine.limits.context_length * MAX_TEXT_BYTES_PER_TOKEN
 
     def attach(self, engine: EngineClient) -> None:
         """Start serving with this engine."""

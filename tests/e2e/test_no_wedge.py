@@ -148,3 +148,38 @@ def _swallow(fn) -> None:
         fn()
     except Exception:  # noqa: BLE001 - the push is expected to fail when the server goes away
         pass
+
+
+def test_a_huge_prompt_is_refused_cheaply_and_health_keeps_answering(server, token):
+    """Millions of ids are refused from the message's size, before any per-token work, while health
+    checks keep their usual latency."""
+    channel = grpc.insecure_channel(server.address, options=[("grpc.max_send_message_length", 1 << 30)])
+    stub = rollout_pb2_grpc.RolloutStub(channel)
+    metadata = [("authorization", f"Bearer {token}")]
+    big = pb.GenerateRequest(input_ids=[1] * 12_000_000)  # 12 MB: under gRPC's limit, far over the context
+    huge = pb.GenerateRequest(input_ids=[1] * 80_000_000)  # 80 MB: over the server's request limit
+    with channel, RolloutClient(server.address, token=token, timeout=30) as client:
+        latencies: list[float] = []
+        stop = threading.Event()
+
+        def ping() -> None:
+            while not stop.is_set():
+                start = time.monotonic()
+                assert client.health()
+                latencies.append(time.monotonic() - start)
+                time.sleep(0.02)
+
+        pinger = threading.Thread(target=ping)
+        pinger.start()
+        try:
+            for request, code, words in ((big, grpc.StatusCode.OUT_OF_RANGE, "context length"),
+                                         (huge, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max")):
+                with pytest.raises(grpc.RpcError) as err:
+                    list(stub.Generate(request, metadata=metadata, timeout=30))
+                assert err.value.code() == code, err.value.details()
+                assert words in err.value.details() and len(err.value.details()) < 300
+        finally:
+            stop.set()
+            pinger.join(timeout=10)
+        assert latencies and max(latencies) < 1.0, f"health checks waited {max(latencies):.2f} s meanwhile"
+        _assert_serves(client)
