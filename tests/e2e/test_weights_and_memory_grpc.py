@@ -9,6 +9,7 @@ from rollout.client import RolloutClient
 from rollout.errors import FailedPreconditionError, InvalidArgumentError
 from rollout.types import PauseMode, SamplingParams
 from tests.unit.test_weight_sync import GREEDY, PROMPTS, expected, perturbed  # noqa: F401 (fixtures)
+from tests.waiting import DeadlineClient
 
 BUCKET = 16 << 10  # several buckets for the tiny model
 
@@ -21,7 +22,7 @@ def model_dir(tiny_model) -> str:
 @pytest.fixture(scope="module")
 def two_servers(start_server, model_dir):
     servers = [start_server("--model", model_dir, "--max-total-tokens", "4096") for _ in range(2)]
-    clients = [RolloutClient(s.address) for s in servers]
+    clients = [DeadlineClient(s.address) for s in servers]
     yield clients
     for c in clients:
         c.close()
