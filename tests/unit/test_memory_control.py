@@ -34,7 +34,15 @@ def start_and_freeze(engine: Engine, prompt: list[int]):
     first = next(stream)
     engine.pause("in_place")
     info = engine.info()
-    assert info.num_paused == 1, "the request finished before the pause: make LONG longer"
+    assert info.paused and info.pause_mode == "in_place", f"pause('in_place') returned, yet the engine reports {info}"
+    if info.num_waiting:
+        what = "retracted it to the queue instead of freezing it with its KV"
+    elif not info.num_running:
+        what = f"ended it (the pause came after {len(first.token_ids)} of its {LONG.max_new_tokens} tokens)"
+    else:
+        what = f"counts {info.num_paused} paused requests"
+    assert info.num_paused == 1 and info.num_running == 1 and not info.num_waiting, (
+        f"pause('in_place') while one request was generating: the engine {what}")
     return stream, list(first.token_ids)
 
 
