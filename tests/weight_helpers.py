@@ -14,15 +14,20 @@ from rollout.request_validation import make_add_request
 from rollout.types import SamplingParams
 
 
-def perturb_checkpoint(model_dir: str, out_dir: str, seed: int) -> tuple[dict[str, torch.Tensor], str]:
-    """Every weight of ``model_dir`` changed by a few percent, and an HF directory holding them."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = {n: t * (1 + 0.1 * torch.randn(t.shape, generator=gen)) for n, t in iter_checkpoint(model_dir)}
+def write_checkpoint(model_dir: str, weights: dict[str, torch.Tensor], out_dir: str) -> str:
+    """An HF directory at ``out_dir``: the config and tokenizer files of ``model_dir`` with ``weights``."""
     for f in os.listdir(model_dir):
         if not f.endswith(".safetensors"):
             shutil.copy(os.path.join(model_dir, f), out_dir)
     save_file({n: t.contiguous() for n, t in weights.items()}, os.path.join(out_dir, "model.safetensors"))
-    return weights, out_dir
+    return out_dir
+
+
+def perturb_checkpoint(model_dir: str, out_dir: str, seed: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Every weight of ``model_dir`` changed by a few percent, and an HF directory holding them."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {n: t * (1 + 0.1 * torch.randn(t.shape, generator=gen)) for n, t in iter_checkpoint(model_dir)}
+    return weights, write_checkpoint(model_dir, weights, out_dir)
 
 
 def client_outputs(client, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:

@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import pytest
 
 from rollout.client import RolloutClient
+from tests.waiting import DeadlineClient
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOKEN = "e2e-secret-token"
@@ -138,7 +139,7 @@ def server(start_server, tiny_model) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def client(server) -> Iterator[RolloutClient]:
-    with RolloutClient(server.address, token=TOKEN, timeout=60) as c:
+    with DeadlineClient(server.address, token=TOKEN) as c:
         yield c
 
 
@@ -162,7 +163,10 @@ def idle(client) -> Callable[[], None]:
             info = client.get_info()
             if info.num_running == 0 and info.num_waiting == 0 and info.kv_used_tokens == 0:
                 return
-            assert time.monotonic() < deadline, f"server did not become idle: {info}"
+            leak = " with no request left: KV leaked" if info.num_running == info.num_waiting == 0 else ""
+            assert time.monotonic() < deadline, (
+                f"the server did not become idle within 15 s: {info.num_running} running, {info.num_waiting} "
+                f"waiting, {info.kv_used_tokens} KV tokens in use{leak}")
             time.sleep(0.05)
 
     return wait

@@ -3,49 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import pytest
 
 from rollout.client import AsyncRolloutClient
 from rollout.types import FinishReason, PauseMode, SamplingParams
+from tests.waiting import WAIT_S, StreamReader
 
 LONG = SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True)
-
-
-class Reader:
-    """Consumes a stream in a thread, so the test can act while tokens arrive."""
-
-    def __init__(self, stream) -> None:
-        self.ids: list[int] = []
-        self.last = None
-        self.error: BaseException | None = None
-        self._first = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _run(self, stream) -> None:
-        try:
-            for ch in stream:
-                self.ids += ch.token_ids
-                if self.ids:
-                    self._first.set()
-                if ch.finished:
-                    self.last = ch
-        except BaseException as e:  # noqa: BLE001 - checked by the test
-            self.error = e
-        finally:
-            self._first.set()
-
-    def wait_first_token(self) -> None:
-        assert self._first.wait(30), "no token within 30 s"
-        assert self.error is None, self.error
-
-    def join(self) -> None:
-        self._thread.join(60)
-        assert not self._thread.is_alive(), "stream did not end"
-        assert self.error is None, self.error
 
 
 def _kv_in_use(client) -> bool:
@@ -71,7 +37,7 @@ def test_client_cancel_frees_kv(client, server, token, idle):
                     got.set()
 
             task = asyncio.create_task(consume())
-            await asyncio.wait_for(got.wait(), 30)
+            await asyncio.wait_for(got.wait(), WAIT_S)
             assert (await ac.get_info()).num_running == 1
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -83,17 +49,17 @@ def test_client_cancel_frees_kv(client, server, token, idle):
 
 def test_abort_by_id_and_all(client, idle):
     idle()
-    reader = Reader(client.stream([9, 8, 7], LONG, request_id="abort-me"))
-    reader.wait_first_token()
+    reader = StreamReader(client.stream([9, 8, 7], LONG, request_id="abort-me"))
+    reader.wait_tokens()
     client.abort("abort-me")
     reader.join()
     assert reader.last.finish_reason == FinishReason.ABORT
     assert 0 < len(reader.ids) < LONG.max_new_tokens and reader.last.completion_tokens == len(reader.ids)
     idle()
 
-    readers = [Reader(client.stream([i + 1, i + 2], LONG)) for i in range(3)]
+    readers = [StreamReader(client.stream([i + 1, i + 2], LONG)) for i in range(3)]
     for r in readers:
-        r.wait_first_token()
+        r.wait_tokens()
     client.abort()  # all
     for r in readers:
         r.join()
@@ -107,8 +73,8 @@ def test_pause_then_continue_gives_uninterrupted_tokens(client, engine, idle, mo
     prompt = [11, 22, 33, 44, 55, 66]
     [expected] = engine.generate(input_ids=prompt, sampling_params=sp, return_logprob=True)
     idle()
-    reader = Reader(client.stream(prompt, sp))
-    reader.wait_first_token()
+    reader = StreamReader(client.stream(prompt, sp))
+    reader.wait_tokens()
     client.pause(mode)
     try:
         info = client.get_info()
@@ -133,19 +99,21 @@ def test_pause_then_continue_gives_uninterrupted_tokens(client, engine, idle, mo
 
 def test_pause_abort_returns_partial_and_new_requests_wait(client, idle):
     idle()
-    reader = Reader(client.stream([3, 1, 4, 1, 5], LONG))
-    reader.wait_first_token()
+    reader = StreamReader(client.stream([3, 1, 4, 1, 5], LONG))
+    reader.wait_tokens()
     client.pause("abort")
     try:
         reader.join()
         assert reader.last.finish_reason == FinishReason.ABORT and len(reader.ids) < LONG.max_new_tokens
         # A request sent while paused waits in the queue until continue.
-        waiting = Reader(
+        waiting = StreamReader(
             client.stream([2, 7, 1, 8], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))
         )
         deadline = time.monotonic() + 10
-        while client.get_info().num_waiting != 1:
-            assert time.monotonic() < deadline, "the new request never queued"
+        while (info := client.get_info()).num_waiting != 1:
+            assert time.monotonic() < deadline, (
+                f"a request sent while paused is not queued by the server: {info.num_waiting} waiting, "
+                f"{info.num_running} running")
             time.sleep(0.02)
         assert waiting.ids == [] and waiting.last is None
     finally:

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rollout.errors import RolloutError
 from rollout.types import FinishReason, SamplingParams
+from tests.waiting import join_all
 
 
 def _prompt(seed: int, length: int, vocab: int = 384) -> list[int]:
@@ -130,11 +131,10 @@ def test_200_concurrent_streams_from_8_threads(client, engine, idle):
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    threads = [threading.Thread(target=worker, args=(t,), name=f"worker {t}", daemon=True) for t in range(8)]
     for th in threads:
         th.start()
-    for th in threads:
-        th.join(120)
+    join_all(threads, "the server did not end all of 200 concurrent streams")
     assert not errors, errors
     assert len(results) == 200
     for (t, i), (ids, last) in results.items():

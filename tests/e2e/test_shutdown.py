@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from rollout.client import RolloutClient
 from rollout.errors import RolloutError
 from rollout.types import FinishReason, SamplingParams
+from tests.waiting import DeadlineClient
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def locked_server(start_server, tiny_model):
 
 
 def test_control_rpcs_are_denied_when_disabled(locked_server):
-    with RolloutClient(locked_server.address, timeout=30) as c:
+    with DeadlineClient(locked_server.address) as c:
         for call in (
             lambda: c.pause("in_place"),
             c.continue_,
@@ -43,7 +43,7 @@ def test_sigterm_aborts_running_streams_and_exits(locked_server):
     children = locked_server.children()
     assert locked_server.engine_pid() in children
     sp = SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True)
-    with RolloutClient(locked_server.address) as c:
+    with DeadlineClient(locked_server.address) as c:
         streams = [c.stream([i + 1, i + 2, i + 3], sp) for i in range(3)]
         received = [list(next(s).token_ids) for s in streams]
         locked_server.proc.send_signal(signal.SIGTERM)
@@ -75,7 +75,7 @@ def test_engine_death_fails_streams_and_stops_the_server(start_server, tiny_mode
     server = start_server("--model", tiny_model)
     engine_pid = server.engine_pid()
     sp = SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True)
-    with RolloutClient(server.address) as c:
+    with DeadlineClient(server.address) as c:
         stream = c.stream([5, 6, 7], sp)
         next(stream)
         os.kill(engine_pid, signal.SIGKILL)

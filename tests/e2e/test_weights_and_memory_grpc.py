@@ -9,6 +9,7 @@ from rollout.client import RolloutClient
 from rollout.errors import FailedPreconditionError, InvalidArgumentError
 from rollout.types import PauseMode, SamplingParams
 from tests.unit.test_weight_sync import GREEDY, PROMPTS, expected, perturbed  # noqa: F401 (fixtures)
+from tests.waiting import DeadlineClient
 
 BUCKET = 16 << 10  # several buckets for the tiny model
 
@@ -21,7 +22,7 @@ def model_dir(tiny_model) -> str:
 @pytest.fixture(scope="module")
 def two_servers(start_server, model_dir):
     servers = [start_server("--model", model_dir, "--max-total-tokens", "4096") for _ in range(2)]
-    clients = [RolloutClient(s.address) for s in servers]
+    clients = [DeadlineClient(s.address) for s in servers]
     yield clients
     for c in clients:
         c.close()
@@ -51,11 +52,12 @@ def test_gloo_push_to_two_servers_then_disk_and_shared_memory(two_servers, model
     assert greedy(a) == expected["old"]
     assert weight_sync.push_tensors_shm([a], weights.items(), version=9, bucket_bytes=BUCKET) == 9
     assert greedy(a) == expected["new"]
-    # A wrong shape is refused by name and the weights keep serving.
-    bad = {n: (t[:-1] if n.endswith("lm_head.weight") else t) for n, t in weights.items()}
-    with pytest.raises(InvalidArgumentError, match="lm_head.weight"):
-        weight_sync.push_tensors_shm([b], bad.items(), version=10, bucket_bytes=BUCKET)
-    assert greedy(b) == expected["new"] and b.get_info().weight_version == 7
+    # A wrong shape is refused by name and the weights keep serving; (1, hidden) too, which would broadcast.
+    for cut in (slice(None, -1), slice(None, 1)):
+        bad = {n: (t[cut] if n.endswith("lm_head.weight") else t) for n, t in weights.items()}
+        with pytest.raises(InvalidArgumentError, match="lm_head.weight"):
+            weight_sync.push_tensors_shm([b], bad.items(), version=10, bucket_bytes=BUCKET)
+        assert greedy(b) == expected["new"] and b.get_info().weight_version == 7
 
 
 def test_release_resume_cycle_over_grpc(two_servers, model_dir, expected):

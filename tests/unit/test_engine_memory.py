@@ -8,6 +8,7 @@ import time
 
 from rollout import Engine, SamplingParams
 from rollout.types import FinishReason
+from tests.waiting import StreamReader, join_all
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
 
@@ -48,15 +49,14 @@ def test_aborts_under_memory_pressure_leak_nothing(tiny_model_dir) -> None:
         def run(i: int) -> None:
             results[i] = engine.generate(prompts[i], long, request_id=f"r{i}")[0]
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        threads = [threading.Thread(target=run, args=(i,), name=f"r{i}", daemon=True) for i in range(len(prompts))]
         for t in threads:
             t.start()
         time.sleep(0.3)
         engine.abort(["r0", "r3", "r7"])
         time.sleep(0.2)
         engine.abort("r9")
-        for t in threads:
-            t.join(timeout=120)
+        join_all(threads, "under memory pressure with aborts the engine did not finish every request (leaked KV?)")
         assert len(results) == len(prompts)
         for i, out in results.items():
             if out.finish_reason is FinishReason.ABORT:
@@ -68,3 +68,39 @@ def test_aborts_under_memory_pressure_leak_nothing(tiny_model_dir) -> None:
         assert engine.info().kv_used_tokens == 0
         # Still serving.
         assert len(engine.generate(prompts[0], GREEDY)[0].output_ids) == 24
+
+
+def test_abort_mid_stream_frees_every_kv_slot_at_once(tiny_model_dir) -> None:
+    """Two streamed prompts with a shared prefix, n = 3 samples each, aborted while they generate: by the
+    engine's next command none of their KV is held any more (the prefix cache may keep the prompts)."""
+    path = tiny_model_dir("qwen3")
+    shared = list(range(40, 64))  # whole pages of the prefix both prompts start with
+    prompts = {"a": shared + [5, 6, 7], "b": shared + [9]}
+    sp = SamplingParams(temperature=0.8, max_new_tokens=400, ignore_eos=True, seed=2, n=3)
+    with Engine(path, page_size=4, max_total_tokens=1024) as engine:
+        after = engine.generate(prompts["b"], GREEDY)[0].output_ids
+        engine.flush_cache()
+        readers = {rid: StreamReader(engine.stream(p, sp, request_id=rid), name=f"stream {rid}")
+                   for rid, p in prompts.items()}
+        for r in readers.values():
+            r.wait_tokens(count=3, samples=sp.n)  # every sample is past its prefill, mid-generation
+        engine.abort(list(prompts))
+        info = engine.info()  # the loop applies the abort before it answers this
+        assert info.num_running == 0 and info.num_waiting == 0, (
+            f"right after the abort the engine still runs {info.num_running} and queues {info.num_waiting} samples")
+        assert info.kv_used_tokens == 0, (
+            f"right after aborting every sample the engine still holds {info.kv_used_tokens} KV tokens: "
+            "the aborted samples' KV was not released")
+        engine.check_integrity()
+        for rid, r in readers.items():
+            r.join()
+            assert sorted(r.final) == list(range(sp.n)), f"{rid}: finished samples {sorted(r.final)}"
+            for i, ch in r.final.items():
+                assert ch.finish_reason is FinishReason.ABORT, f"{rid} sample {i} ended with {ch.finish_reason}"
+                assert 3 <= len(r.tokens[i]) < sp.max_new_tokens
+        # The shared prefix left in the cache by the aborted samples serves a new request correctly.
+        assert engine.generate(prompts["b"], GREEDY)[0].output_ids == after
+        engine.flush_cache()
+        info = engine.info()
+        assert info.kv_used_tokens == 0 and info.kv_cached_tokens == 0
+        engine.check_integrity()

@@ -98,3 +98,63 @@ def test_engine_in_a_separate_process_matches_the_thread(tiny_model_dir) -> None
     assert streamed == want[0].output_ids
     for a, b in zip(got, want):
         assert max(abs(x - y) for x, y in zip(a.output_logprobs, b.output_logprobs)) < 1e-5
+
+
+def test_stop_token_drawn_exactly_at_min_new_tokens_ends_the_sample(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3")
+    with Engine(path) as engine:
+        greedy = engine.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True))[0]
+        ids = greedy.output_ids
+        # k: a position whose greedy token does not occur earlier, so masking it before k changes nothing.
+        k = next(i for i in range(3, len(ids) - 2) if ids[i] not in ids[:i])
+        stop_tok = ids[k]
+
+        def run(min_new: int):
+            sp = SamplingParams(temperature=0.0, max_new_tokens=16, min_new_tokens=min_new,
+                                stop_token_ids=[stop_tok], ignore_eos=True)
+            return engine.generate(PROMPT, sp)[0]
+
+        out = run(k)  # k tokens are required; the stop token is the greedy choice for the (k+1)-th
+        assert out.output_ids == ids[: k + 1], (
+            f"min_new_tokens={k}, stop token {stop_tok} greedy at index {k}: the engine produced "
+            f"{out.output_ids}, not the greedy tokens up to and including the stop token {ids[: k + 1]}")
+        assert out.finish_reason is FinishReason.STOP and out.matched_stop == stop_tok
+        out = run(k + 1)  # one more required: the stop token must be masked at index k
+        assert out.output_ids[:k] == ids[:k]
+        assert out.output_ids[k] != stop_tok, (
+            f"min_new_tokens={k + 1}, but the engine drew the stop token at index {k} (it was not masked)")
+        assert stop_tok not in out.output_ids[: k + 1]
+
+
+def test_stop_string_across_two_tokens_completed_at_min_new_tokens_ends_the_sample(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3")
+    with Engine(path) as engine:
+        decode = engine.tokenizer.decode
+        ids = engine.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=16, ignore_eos=True))[0].output_ids
+        # A two-character stop string cut between tokens j-1 and j ("o|e"), not seen before token j.
+        for j in range(1, len(ids) - 2):
+            prev, cur = decode(ids[:j]), decode(ids[: j + 1])
+            if prev and len(cur) > len(prev) and cur.startswith(prev):
+                stop = prev[-1] + cur[len(prev)]
+                if "\ufffd" not in stop and all(stop not in decode(ids[:i]) for i in range(1, j + 1)):
+                    break
+        else:
+            raise AssertionError(f"no two-token stop string in the greedy text {decode(ids)!r}")
+
+        def run(min_new: int):
+            sp = SamplingParams(temperature=0.0, max_new_tokens=16, min_new_tokens=min_new, stop=[stop],
+                                ignore_eos=True)
+            return engine.generate(PROMPT, sp)[0]
+
+        out = run(0)
+        assert out.output_ids == ids[: j + 1], (
+            f"stop {stop!r} is cut between tokens {j} and {j + 1}: the engine produced {out.output_ids}, "
+            f"not {ids[: j + 1]}")
+        out = run(j + 1)  # the (j+1)-th token completes the stop string and is the last one required
+        assert out.output_ids == ids[: j + 1], (
+            f"stop {stop!r} completes at token {j + 1} = min_new_tokens: the engine produced {out.output_ids}, "
+            f"not {ids[: j + 1]}")
+        assert out.finish_reason is FinishReason.STOP and out.matched_stop == stop
+        out = run(j + 2)
+        assert len(out.output_ids) >= j + 2, f"min_new_tokens={j + 2} but the engine stopped after {out.output_ids}"
+        assert out.output_ids[: j + 2] == ids[: j + 2]

@@ -12,6 +12,7 @@ import time
 
 from rollout import Engine, SamplingParams
 from rollout.types import FinishReason, PauseMode
+from tests.waiting import join_all
 
 
 def test_pauses_aborts_and_memory_pressure_lose_nothing(tiny_model_dir) -> None:
@@ -37,7 +38,7 @@ def test_pauses_aborts_and_memory_pressure_lose_nothing(tiny_model_dir) -> None:
             except BaseException as e:  # noqa: BLE001 - reported by the assertion below
                 errors.append(e)
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        threads = [threading.Thread(target=run, args=(i,), name=f"q{i}", daemon=True) for i in range(len(prompts))]
         for t in threads:
             t.start()
             time.sleep(0.01)
@@ -49,8 +50,7 @@ def test_pauses_aborts_and_memory_pressure_lose_nothing(tiny_model_dir) -> None:
             time.sleep(0.02)
             engine.continue_()
         engine.abort(sorted(aborted))
-        for t in threads:
-            t.join(timeout=300)
+        join_all(threads, "with pauses, aborts and a small pool the engine did not finish every request (leaked KV?)")
         assert not errors, errors
         assert sorted(results) == list(range(len(prompts)))
         for i, outs in results.items():
@@ -64,7 +64,8 @@ def test_pauses_aborts_and_memory_pressure_lose_nothing(tiny_model_dir) -> None:
                     assert o.output_ids == ref[i], f"request {i} sample {o.index}"
         engine.check_integrity()
         info = engine.info()
-        assert info.kv_used_tokens == 0 and info.num_running == 0 and info.num_waiting == 0
+        assert info.num_running == 0 and info.num_waiting == 0, f"every request ended, yet the engine holds {info}"
+        assert info.kv_used_tokens == 0, f"every request ended, yet {info.kv_used_tokens} KV tokens stay in use"
         assert info.num_retractions > 0
         # An ABORT pause ends what is in flight and the engine still serves afterwards.
         engine.pause(PauseMode.ABORT)

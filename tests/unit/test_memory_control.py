@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout import Engine, SamplingParams
+from rollout import Engine, SamplingParams, engine_process
 from rollout.config import CacheConfig
 from rollout.errors import FailedPreconditionError, InvalidArgumentError
 from rollout.memory import EngineMemory
@@ -34,7 +34,15 @@ def start_and_freeze(engine: Engine, prompt: list[int]):
     first = next(stream)
     engine.pause("in_place")
     info = engine.info()
-    assert info.num_paused == 1, "the request finished before the pause: make LONG longer"
+    assert info.paused and info.pause_mode == "in_place", f"pause('in_place') returned, yet the engine reports {info}"
+    if info.num_waiting:
+        what = "retracted it to the queue instead of freezing it with its KV"
+    elif not info.num_running:
+        what = f"ended it (the pause came after {len(first.token_ids)} of its {LONG.max_new_tokens} tokens)"
+    else:
+        what = f"counts {info.num_paused} paused requests"
+    assert info.num_paused == 1 and info.num_running == 1 and not info.num_waiting, (
+        f"pause('in_place') while one request was generating: the engine {what}")
     return stream, list(first.token_ids)
 
 
@@ -164,3 +172,50 @@ def test_place_weights_moves_parameters_into_one_arena(tiny_model_dir) -> None:
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     kv = mem.allocate_kv((10, 2, 16), torch.float32, 4)
     assert len(kv) == 4 and len({t.data_ptr() for t in kv}) == 4 and all(int(t.count_nonzero()) == 0 for t in kv)
+
+
+def test_allocate_kv_hands_out_views_that_release_frees() -> None:
+    mem = EngineMemory("cpu")
+    kv = mem.allocate_kv((10, 2, 16), torch.float32, 4)
+    (arena,) = mem.saver.region("kv_cache").arenas
+    offsets = [t.data_ptr() - arena.data.data_ptr() for t in kv]
+    assert all(t.untyped_storage().data_ptr() == arena.data.untyped_storage().data_ptr() for t in kv), (
+        "allocate_kv handed out tensors that are not views of the kv_cache arena")
+    for t in kv:
+        t.fill_(1.0)
+    mem.saver.release(["kv_cache"])
+    kept = [t.untyped_storage().nbytes() for t in kv]
+    assert kept == [0] * 4, f"after releasing kv_cache the KV tensors still hold {kept} bytes"
+    mem.saver.resume(["kv_cache"])
+    # CPU storage comes back at a new address; the views follow it, each at its old place in the arena.
+    assert [t.data_ptr() - arena.data.data_ptr() for t in kv] == offsets
+    assert all(t.untyped_storage().nbytes() == arena.nbytes for t in kv)
+    assert all(int(t.count_nonzero()) == 0 for t in kv)  # no backup for kv_cache: zeros, not the old ones
+
+
+def test_engine_release_frees_the_kv_pool_buffers_and_resume_restores_them(tiny_model_dir, monkeypatch) -> None:
+    cores = []
+    build = engine_process._build_core
+
+    def keep(model_path, options):
+        cores.append(build(model_path, options))
+        return cores[-1]
+
+    monkeypatch.setattr(engine_process, "_build_core", keep)
+    with Engine(tiny_model_dir("qwen3"), **OPTS) as engine:
+        ref = outputs(engine)
+        runner = cores[0].runner
+        buffers = runner.kv_pool.k_buffers + runner.kv_pool.v_buffers
+        (arena,) = runner.memory.saver.region("kv_cache").arenas
+        offsets = [b.data_ptr() - arena.data.data_ptr() for b in buffers]
+        assert all(b.untyped_storage().nbytes() == arena.nbytes for b in buffers), (
+            "the KV pool's buffers are not views of the kv_cache arena")
+        engine.release_memory(["kv_cache"])
+        kept = sum(b.untyped_storage().nbytes() for b in buffers)
+        assert kept == 0, f"release_memory(['kv_cache']) left the KV pool's buffers holding {kept} bytes"
+        engine.resume_memory(["kv_cache"])
+        # On CUDA the addresses themselves stay (tests/gpu); on CPU each buffer keeps its place in the arena.
+        assert [b.data_ptr() - arena.data.data_ptr() for b in buffers] == offsets
+        assert all(b.untyped_storage().nbytes() == arena.nbytes for b in buffers)
+        assert_same(outputs(engine), ref)
+        engine.check_integrity()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -206,10 +207,21 @@ def test_unexpected_key_is_named(tmp_path):
         _load(path)
 
 
-def test_wrong_shape_is_named(tmp_path):
+@pytest.mark.parametrize(
+    "name, shape",
+    [
+        ("model.layers.0.self_attn.v_proj.bias", (7,)),
+        # Wrong shapes that broadcast: an in-place copy_ alone would accept them and fill the parameter.
+        ("model.layers.0.self_attn.v_proj.bias", (1,)),
+        ("model.norm.weight", (1,)),
+        ("model.layers.0.self_attn.k_proj.weight", (1, 64)),
+        ("model.layers.1.self_attn.o_proj.weight", (1, 64)),
+    ],
+)
+def test_wrong_shape_is_named(tmp_path, name, shape):
     path = write_random_model(str(tmp_path), "qwen2")
-    _rewrite(path, lambda t: t.update({"model.layers.0.self_attn.v_proj.bias": torch.zeros(7)}))
-    with pytest.raises(InvalidArgumentError, match=r"model\.layers\.0\.self_attn\.v_proj\.bias.*\(7,\)"):
+    _rewrite(path, lambda t: t.update({name: torch.ones(shape)}))
+    with pytest.raises(InvalidArgumentError, match=re.escape(name) + ".*" + re.escape(str(shape))):
         _load(path)
 
 

@@ -157,7 +157,7 @@ def test_all_greedy_batch_with_banned_ids() -> None:
     torch.testing.assert_close(
         out.logprobs, torch.log_softmax(masked, dim=-1).gather(1, out.token_ids[:, None])[:, 0]
     )
-    assert torch.equal(logits, before), "the caller's logits must not be modified"
+    assert torch.equal(logits, before), "the sampler modified the caller's logits in place"
 
 
 def test_banned_ids_never_sampled_even_when_likely() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
 import threading
 import time
 
@@ -22,7 +23,7 @@ from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFou
 from rollout.models.loader import iter_checkpoint
 from tests.hf_oracle import hf_greedy
 from tests.weight_helpers import client_outputs as engine_outputs
-from tests.weight_helpers import perturb_checkpoint
+from tests.weight_helpers import perturb_checkpoint, write_checkpoint
 from weight_sync.buckets import layouts_to_args, plan_buckets
 
 MAX_NEW = 8
@@ -126,6 +127,19 @@ def test_disk_update_matches_transformers(model_dir, perturbed, expected) -> Non
         assert outputs(engine) == expected["old"]
         with pytest.raises(InvalidArgumentError, match="model_path"):
             engine.update_weights_from_disk(os.path.join(model_dir, "missing"))
+
+
+@pytest.mark.parametrize("name", ["model.norm.weight", "model.layers.0.self_attn.q_proj.weight"])
+def test_disk_update_with_a_broadcastable_wrong_shape_is_rejected(model_dir, expected, tmp_path, name) -> None:
+    weights = dict(iter_checkpoint(model_dir))
+    weights[name] = weights[name][:1].clone()  # (1,) or (1, hidden): copy_ would broadcast it over the parameter
+    bad_dir = write_checkpoint(model_dir, weights, str(tmp_path))
+    with Engine(model_dir, **ENGINE_OPTS) as engine:
+        with pytest.raises(InvalidArgumentError, match=re.escape(name)):
+            engine.update_weights_from_disk(bad_dir, version=1)
+        info = engine.info()
+        assert info.weight_version == 0 and info.weights_valid
+        assert outputs(engine) == expected["old"]
 
 
 def test_in_place_pause_push_continue(model_dir, perturbed, expected) -> None:
@@ -263,8 +277,13 @@ def test_group_abort_signal_frees_a_member_waiting_on_a_collective() -> None:
         (lambda w: w.update({"model.layers.0.self_attn.q_proj.weight": torch.zeros(5, 64)}), "q_proj"),
         (lambda w: w.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(4, 4)}), "layers.9"),
         (lambda w: w.update({"model.norm.weight": torch.zeros(64, dtype=torch.int32)}), "model.norm.weight"),
+        # Wrong shapes that broadcast: an in-place copy_ alone would accept them and fill the parameter.
+        (lambda w: w.update({"model.norm.weight": torch.ones(1)}), "model.norm.weight"),
+        (lambda w: w.update({"model.layers.0.self_attn.q_proj.weight": torch.ones(1, 64)}), "q_proj"),
+        (lambda w: w.update({"model.layers.1.mlp.down_proj.weight": torch.ones(1, 128)}), "down_proj"),
     ],
-    ids=["shape", "fused-shard-shape", "unknown-name", "int-dtype"],
+    ids=["shape", "fused-shard-shape", "unknown-name", "int-dtype", "broadcast-norm", "broadcast-fused-shard",
+         "broadcast-row"],
 )
 def test_bad_update_is_rejected_and_old_weights_keep_serving(model_dir, perturbed, expected, change, match) -> None:
     weights = dict(perturbed[0])
