@@ -204,5 +204,9 @@ def _filter_mask(logp: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     keep_sorted &= top_p_off | (mass_before < batch.top_ps.unsqueeze(1))
 
     keep_sorted &= probs_sorted >= batch.min_ps.unsqueeze(1) * probs_sorted[:, :1]
+    # The most probable token always survives: a top_p below float32's range is 0 on the device, and
+    # "mass before < 0" would otherwise keep nothing (an empty row renormalises to NaN). The limit of
+    # top_p -> 0 is the argmax, which this gives.
+    keep_sorted[:, 0] = True
 
     return torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)  # (B, V) in vocab order

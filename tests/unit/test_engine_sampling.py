@@ -98,3 +98,16 @@ def test_engine_in_a_separate_process_matches_the_thread(tiny_model_dir) -> None
     assert streamed == want[0].output_ids
     for a, b in zip(got, want):
         assert max(abs(x - y) for x, y in zip(a.output_logprobs, b.output_logprobs)) < 1e-5
+
+
+def test_tiny_top_p_samples_the_argmax(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3")
+    with Engine(path) as engine:
+        greedy = engine.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True),
+                                 return_logprob=True)[0]
+        for top_p in (1e-46, 1e-300):
+            sp = SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=6, ignore_eos=True, seed=3)
+            out = engine.generate(PROMPT, sp, return_logprob=True)[0]
+            assert out.output_ids == greedy.output_ids
+            # The kept set is the argmax alone: its renormalised probability is 1.
+            assert out.output_logprobs == [0.0] * 6

@@ -219,7 +219,11 @@ def test_different_steps_and_seeds_give_different_draws() -> None:
     assert chisquare(counts, p * n).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("kw", [{"top_p": 1e-6}, {"top_k": 1}, {"top_k": 1, "temperature": 3.0}])
+@pytest.mark.parametrize("kw", [
+    {"top_p": 1e-6}, {"top_k": 1}, {"top_k": 1, "temperature": 3.0},
+    # Below float32's range these round to 0 on the device; the limit is still the argmax.
+    {"top_p": 1e-46}, {"top_p": 1e-300}, {"top_p": 5e-324}, {"top_p": 1e-300, "min_p": 1.0},
+])
 def test_degenerate_filters_act_like_greedy(kw: dict) -> None:
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(256, 20, generator=g)
