@@ -103,7 +103,8 @@ class EngineCore:
     def limits(self) -> RequestLimits:
         m = self.config.model
         return RequestLimits(vocab_size=m.vocab_size, context_length=self.config.context_length,
-                             max_total_tokens=self.cache.total_slots)
+                             max_total_tokens=self.cache.total_slots,
+                             eos_token_ids=tuple(sorted(self.stop.eos_token_ids)))
 
     # ------------------------------------------------------------------ requests
     def add(self, req: AddRequest) -> None:

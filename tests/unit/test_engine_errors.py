@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
 from rollout import Engine, SamplingParams
+from rollout.config import ModelConfig
 from rollout.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
 
 
@@ -70,6 +72,27 @@ def test_bad_prompts_rejected_and_engine_keeps_serving(engine) -> None:
     out = engine.generate(good, sp)[0]
     assert len(out.output_ids) >= 1
     engine.check_integrity()
+
+
+def test_stop_ids_covering_the_vocabulary_before_min_new_tokens(engine, tiny_model_dir) -> None:
+    vocab = engine.info().vocab_size
+    eos = ModelConfig.from_pretrained(tiny_model_dir("qwen3")).eos_token_ids
+    assert eos, "the tiny model has an EOS id"
+    all_but_eos = [t for t in range(vocab) if t not in eos]
+    # No token could be drawn before min_new_tokens: refused, naming the fields at fault.
+    for kw in ({"stop_token_ids": list(range(vocab))}, {"stop_token_ids": all_but_eos},
+               {"stop_token_ids": list(range(vocab)), "ignore_eos": True}):
+        with pytest.raises(InvalidArgumentError, match="min_new_tokens.*whole vocabulary"):
+            engine.generate([3, 4, 5], SamplingParams(min_new_tokens=3, max_new_tokens=4, **kw))
+    # With ignore_eos the EOS ids stay drawable: served, with finite logprobs.
+    out = engine.generate([3, 4, 5], SamplingParams(min_new_tokens=3, max_new_tokens=4, ignore_eos=True,
+                                                    stop_token_ids=all_but_eos), return_logprob=True)[0]
+    assert all(t in eos for t in out.output_ids[:3])
+    assert all(math.isfinite(lp) for lp in out.output_logprobs)
+    # Without min_new_tokens nothing is masked: any stop list is fine.
+    out = engine.generate([3, 4, 5], SamplingParams(max_new_tokens=2, stop_token_ids=list(range(vocab))),
+                          return_logprob=True)[0]
+    assert len(out.output_ids) == 1 and math.isfinite(out.output_logprobs[0])
 
 
 def test_async_generate(engine) -> None:
