@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from rollout.engine_messages import AddRequest
-from rollout.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
+from rollout.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError, quoted
 from rollout.types import SamplingParams
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def _check_ids(input_ids: Sequence[int], vocab_size: int) -> list[int]:
     ids: list[int] = []
     for i, t in enumerate(input_ids):
         if isinstance(t, bool) or not isinstance(t, int):
-            raise InvalidArgumentError(f"token at index {i} is not an integer ({t!r})", field="input_ids")
+            raise InvalidArgumentError(f"token at index {i} is not an integer ({quoted(t)})", field="input_ids")
         if not 0 <= t < vocab_size:
             raise InvalidArgumentError(
                 f"token id {t} at index {i} is outside the vocabulary [0, {vocab_size})", field="input_ids"

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 
 
 class FinishReason(str, enum.Enum):
@@ -59,7 +59,7 @@ class SamplingParams:
         """Raise ``InvalidArgumentError`` naming the first bad field."""
 
         def bad(name: str, why: str) -> InvalidArgumentError:
-            return InvalidArgumentError(f"{why} (got {getattr(self, name)!r})", field=name)
+            return InvalidArgumentError(f"{why} (got {quoted(getattr(self, name))})", field=name)
 
         for name in ("temperature", "top_p", "min_p"):
             v = getattr(self, name)

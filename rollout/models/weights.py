@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +170,7 @@ def load_named_weights(
                 else (target.shard_id, target.expert_id)
             )
     if unknown:
-        shown = ", ".join(unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        shown = ", ".join(quoted(n) for n in unknown[:10]) + (
+            f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
         raise InvalidArgumentError(f"unexpected checkpoint keys: {shown}", field="weights")
     return {name for name, shards in covered.items() if None in shards or len(shards) >= needed[name]}

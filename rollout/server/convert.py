@@ -13,7 +13,7 @@ import grpc
 
 from protos import rollout_pb2 as pb
 from rollout.engine_messages import AddRequest
-from rollout.errors import InvalidArgumentError, RolloutError, error_from_code
+from rollout.errors import InvalidArgumentError, RolloutError, error_from_code, quoted
 from rollout.types import EngineInfo, FinishReason, PauseMode, SamplingParams, StreamChunk, TopLogprobs
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ def pause_mode_to_proto(mode: PauseMode | str | None) -> int:
         return _PAUSE_TO_PROTO[PauseMode(mode)]
     except ValueError:
         raise InvalidArgumentError(
-            f"must be abort, retract or in_place (got {mode!r})", field="mode"
+            f"must be abort, retract or in_place (got {quoted(mode)})", field="mode"
         ) from None
 
 

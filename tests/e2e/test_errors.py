@@ -161,3 +161,24 @@ def test_server_survives_1000_malformed_requests(server, raw, client, engine, id
     [expected] = engine.generate(input_ids=[4, 5, 6, 7], sampling_params=sp)
     [got] = client.generate([4, 5, 6, 7], sp)
     assert got.output_ids == expected.output_ids
+
+
+HUGE = "x" * 100_000
+# (name, rpc, request, status): each request carries a 100 KB value that the error message quotes.
+HUGE_VALUES = [
+    ("memory tag", "ReleaseMemory", pb.ReleaseMemoryRequest(tags=[HUGE]), INVALID),
+    ("resume tag", "ResumeMemory", pb.ResumeMemoryRequest(tags=["weights", HUGE]), INVALID),
+    ("group name", "DestroyWeightUpdateGroup", pb.DestroyWeightUpdateGroupRequest(group_name=HUGE),
+     grpc.StatusCode.NOT_FOUND),
+    ("checkpoint path", "UpdateWeightsFromDisk", pb.UpdateWeightsFromDiskRequest(model_path="/" + HUGE), INVALID),
+]
+
+
+@pytest.mark.parametrize("name, rpc, request_msg, status", HUGE_VALUES, ids=[h[0] for h in HUGE_VALUES])
+def test_huge_values_are_echoed_short(raw, name, rpc, request_msg, status):
+    stub, metadata, _ = raw
+    with pytest.raises(grpc.RpcError) as info:
+        _call(stub, rpc, request_msg, metadata)
+    details = info.value.details()
+    assert info.value.code() == status, details[:300]
+    assert len(details) < 400 and "xxxx" in details and "more chars]" in details, details[:300]

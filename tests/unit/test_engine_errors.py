@@ -176,3 +176,18 @@ def test_the_lm_head_runs_at_few_row_counts() -> None:
     assert len(counts) <= 64
     assert all(logits_rows(n) >= n for n in range(1, 3000))
     assert [logits_rows(n) for n in (1, 2, 3, 5, 9, 250, 257, 1025)] == [1, 2, 4, 8, 16, 256, 288, 1280]
+
+
+def test_client_values_are_quoted_short_in_messages() -> None:
+    from rollout.errors import quoted
+
+    assert quoted("abc") == "'abc'"
+    long = quoted("y" * 10_000)
+    assert long.startswith("'yyy") and long.endswith("...[9922 more chars]") and len(long) < 110
+    # An unknown option's name is the field: it is shortened too.
+    with pytest.raises(InvalidArgumentError) as e:
+        SamplingParams.from_dict({"z" * 100_000: 1})
+    assert len(str(e.value)) < 1000 and "more chars]" in str(e.value)
+    with pytest.raises(InvalidArgumentError) as e:
+        SamplingParams(stop=["s" * 100_000, ""])
+    assert len(str(e.value)) < 300 and "stop" in str(e.value)
