@@ -254,6 +254,27 @@ class SpecConfig:
                                        field="speculative_method")
 
 
+def _check_device(name: Any) -> None:
+    """Refuse a device that is not cpu / cuda / cuda:N, or a CUDA device this machine does not have."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"must be cpu, cuda or cuda:N (got {quoted(name)})", field="device")
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise InvalidArgumentError(f"no CUDA device is available on this machine (got {quoted(name)}); "
+                                   "use cpu", field="device")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise InvalidArgumentError(f"{device} is out of range: this machine has {count} CUDA devices",
+                                   field="device")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine is built from."""
@@ -273,6 +294,7 @@ class EngineConfig:
     spec: SpecConfig = field(default_factory=SpecConfig)
 
     def __post_init__(self) -> None:
+        _check_device(self.device)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidArgumentError("must be float32, bfloat16 or float16", field="dtype")
         if self.load_format not in ("auto", "dummy"):

@@ -152,6 +152,22 @@ def test_a_cuda_device_without_index_means_the_current_one(monkeypatch) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+def test_a_cuda_device_on_a_machine_without_one_is_a_clear_error(monkeypatch, tiny_model_dir) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(InvalidArgumentError, match="device: no CUDA device is available"):
+            Engine(tiny_model_dir("qwen3"), device=device)
+    with pytest.raises(InvalidArgumentError, match="device: .*cpu, cuda or cuda:N"):
+        Engine(tiny_model_dir("qwen3"), device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(InvalidArgumentError, match="device: cuda:2 .*2 CUDA devices"):
+        Engine(tiny_model_dir("qwen3"), device="cuda:2")
+
+
 def test_host_inputs_land_on_16_byte_aligned_views() -> None:
     """Every segment of a step's one host->device copy starts 16-byte aligned whatever the segment
     lengths: Triton compiles a kernel once per pointer alignment, and a misaligned view in one step
