@@ -105,12 +105,6 @@ async def serve_async(
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
-    # The exact form of this line is what scripts wait for (port 0 picks a free port).
-    print(
-        f"rollout server listening on {host}:{bound} ({'TLS' if creds else 'plaintext'}"
-        f"{', token auth' if auth_token else ''}{'' if enable_control else ', control disabled'})",
-        flush=True,
-    )
 
     engine = None
     died = False
@@ -127,6 +121,13 @@ async def serve_async(
             return
         servicer.attach(engine)
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        # The exact form of this line is what scripts wait for (port 0 picks a free port); it comes
+        # only once the model is loaded and health is SERVING, never for a server that fails to start.
+        print(
+            f"rollout server listening on {host}:{bound} ({'TLS' if creds else 'plaintext'}"
+            f"{', token auth' if auth_token else ''}{'' if enable_control else ', control disabled'})",
+            flush=True,
+        )
         logger.info(
             "serving %s (context %d, %d KV tokens)",
             model_path,
