@@ -21,7 +21,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos import rollout_pb2
-from rollout.errors import EngineDeadError
+from rollout.errors import EngineDeadError, InvalidArgumentError, quoted
 from rollout.server.auth import TokenAuthInterceptor
 from rollout.server.servicer import RolloutServicer, add_to_server
 
@@ -78,6 +78,10 @@ async def serve_async(
 ) -> None:
     """Run the server until ``stop_event`` is set (or SIGTERM / SIGINT when none is given)."""
     from rollout.engine_process import start_engine_process
+
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        # gRPC would bind some other port for an out-of-range number rather than refuse it.
+        raise InvalidArgumentError(f"must be an integer in 0..65535 (got {quoted(port)})", field="port")
 
     if model_path is None:
         from rollout.default_model import default_model_path
