@@ -12,7 +12,7 @@ from protos import rollout_pb2 as pb
 from rollout.errors import EngineDeadError, InvalidArgumentError, RolloutError
 from rollout.output_assembly import OutputAssembler
 from rollout.server import convert
-from rollout.types import GenerateOutput, SamplingParams, StreamChunk
+from rollout.types import GenerateOutput, SamplingParams, StreamChunk, as_sampling_params
 
 Prompt = Sequence[int] | str
 Sampling = SamplingParams | Mapping[str, Any] | None
@@ -27,8 +27,7 @@ class GenerateCall:
     def __init__(self, prompt: Prompt, sampling_params: Sampling, *, request_id: str | None = None,
                  return_logprob: bool = False, return_raw_logprob: bool = False, top_logprobs_num: int = 0,
                  return_text: bool = False, stream: bool = True) -> None:
-        if isinstance(sampling_params, Mapping):
-            sampling_params = SamplingParams.from_dict(dict(sampling_params))
+        sampling_params = as_sampling_params(sampling_params)
         self.request_id = request_id or uuid.uuid4().hex  # known up front, so the caller can abort it
         self.want_text = return_text or isinstance(prompt, str)
         self.flags = dict(logprobs=return_logprob, raw_logprobs=return_raw_logprob,
@@ -37,8 +36,7 @@ class GenerateCall:
             prompt, sampling_params, request_id=self.request_id, return_logprob=return_logprob,
             return_raw_logprob=return_raw_logprob, top_logprobs_num=top_logprobs_num, stream=stream,
             return_text=return_text)
-        n = (sampling_params or SamplingParams()).n
-        self.assembler = OutputAssembler(self.request_id, n, **self.flags)
+        self.assembler = OutputAssembler(self.request_id, sampling_params.n, **self.flags)
 
     def chunk(self, msg: pb.GenerateResponse) -> StreamChunk:
         """One response as a ``StreamChunk``."""

@@ -14,7 +14,15 @@ import grpc
 from protos import rollout_pb2 as pb
 from rollout.engine_messages import AddRequest
 from rollout.errors import InvalidArgumentError, RolloutError, error_from_code, quoted
-from rollout.types import EngineInfo, FinishReason, PauseMode, SamplingParams, StreamChunk, TopLogprobs
+from rollout.types import (
+    EngineInfo,
+    FinishReason,
+    PauseMode,
+    SamplingParams,
+    StreamChunk,
+    TopLogprobs,
+    as_sampling_params,
+)
 
 if TYPE_CHECKING:
     from rollout.request_validation import RequestLimits
@@ -73,8 +81,7 @@ def sampling_to_proto(params: SamplingParams | Mapping[str, Any] | None) -> pb.S
     """
     if params is None:
         return pb.SamplingParams()
-    if not isinstance(params, SamplingParams):
-        params = SamplingParams.from_dict(dict(params))
+    params = as_sampling_params(params)
     msg = pb.SamplingParams()
     for name in _SCALAR_SAMPLING_FIELDS:
         value = getattr(params, name)

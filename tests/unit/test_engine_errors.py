@@ -207,3 +207,19 @@ def test_client_values_are_quoted_short_in_messages() -> None:
     with pytest.raises(InvalidArgumentError) as e:
         SamplingParams(stop=["s" * 100_000, ""])
     assert len(str(e.value)) < 300 and "stop" in str(e.value)
+
+
+def test_sampling_params_as_a_dict(engine) -> None:
+    sp = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    want = engine.generate([3, 4, 5], sp)[0].output_ids
+    as_dict = {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True}
+    assert engine.generate([3, 4, 5], as_dict)[0].output_ids == want
+    assert engine.generate(input_ids=[3, 4, 5], sampling_params={"max_new_tokens": 4})[0].completion_tokens <= 4
+    outs = engine.generate([[3, 4, 5], [3, 4, 5]], [as_dict, sp])
+    assert [o.output_ids for o in outs] == [want, want]
+    assert [t for c in engine.stream([3, 4, 5], as_dict) for t in c.token_ids] == want
+    assert asyncio.run(engine.async_generate([3, 4, 5], as_dict))[0].output_ids == want
+    with pytest.raises(InvalidArgumentError, match="max_tokens: unknown sampling option"):
+        engine.generate([3, 4, 5], {"max_tokens": 4})
+    with pytest.raises(InvalidArgumentError, match="sampling_params: must be a SamplingParams or a dict"):
+        engine.generate([3, 4, 5], 4)
