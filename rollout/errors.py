@@ -101,10 +101,14 @@ class InternalError(RolloutError):
     code = "INTERNAL"
 
 
-class EngineDeadError(RolloutError):
-    """The engine loop died; the message carries the cause."""
+class UnavailableError(RolloutError):
+    """The service cannot be reached or cannot serve now (a client that cannot connect raises this)."""
 
     code = "UNAVAILABLE"
+
+
+class EngineDeadError(UnavailableError):
+    """The engine loop died; the message carries the cause."""
 
 
 ERROR_TYPES: dict[str, type[RolloutError]] = {

@@ -3,13 +3,14 @@ credentials, building requests, reading Generate responses back into ``rollout.t
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any, Mapping, Sequence
 
 import grpc
 
 from protos import rollout_pb2 as pb
-from rollout.errors import EngineDeadError, InvalidArgumentError, RolloutError
+from rollout.errors import EngineDeadError, InvalidArgumentError, RolloutError, UnavailableError
 from rollout.output_assembly import OutputAssembler
 from rollout.server import convert
 from rollout.types import GenerateOutput, SamplingParams, StreamChunk, as_sampling_params
@@ -17,6 +18,10 @@ from rollout.types import GenerateOutput, SamplingParams, StreamChunk, as_sampli
 Prompt = Sequence[int] | str
 Sampling = SamplingParams | Mapping[str, Any] | None
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# How long a call that failed with UNAVAILABLE waits for its channel to be connected before the client
+# reports the server unreachable. A server that sent the status is connected already, so this only
+# delays the report of an address where nothing answers (which gRPC itself would retry for 20 s).
+CONNECT_PROBE_S = 0.5
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
@@ -63,9 +68,48 @@ def resolve_prompt(prompt: Prompt | None, input_ids: Sequence[int] | None, text:
     return given[0]
 
 
-def rpc_error(e: grpc.RpcError) -> RolloutError:
-    """The typed error of a failed call."""
+def rpc_error(e: grpc.RpcError, channel: grpc.Channel | None = None, target: str = "") -> RolloutError:
+    """The typed error of a failed call; an UNAVAILABLE on a ``channel`` that cannot connect says so."""
+    if channel is not None and e.code() == grpc.StatusCode.UNAVAILABLE and not connects(channel):
+        return cannot_connect(target, e.details())
     return convert.error_from_status(e.code(), e.details())
+
+
+async def async_rpc_error(e: grpc.aio.AioRpcError, channel: grpc.aio.Channel, target: str) -> RolloutError:
+    """``rpc_error`` for the asyncio client."""
+    if e.code() == grpc.StatusCode.UNAVAILABLE and not await async_connects(channel):
+        return cannot_connect(target, e.details())
+    return convert.error_from_status(e.code(), e.details())
+
+
+def connects(channel: grpc.Channel, timeout: float = CONNECT_PROBE_S) -> bool:
+    """Whether ``channel`` is connected, or connects within ``timeout`` s."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
+
+
+async def async_connects(channel: grpc.aio.Channel, timeout: float = CONNECT_PROBE_S) -> bool:
+    """``connects`` for an asyncio channel."""
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+def cannot_connect(target: str, details: str | None = None) -> UnavailableError:
+    """The error of a call that found no server at ``target``."""
+    return UnavailableError(f"UNAVAILABLE: cannot connect to {target}" + (f" ({details})" if details else ""))
+
+
+def not_ready(target: str, timeout: float, connected: bool) -> UnavailableError:
+    """The error of ``wait_ready`` when the server did not report SERVING within ``timeout`` s."""
+    if not connected:
+        return cannot_connect(target, f"no server answered within {timeout:g} s")
+    return EngineDeadError(f"the server at {target} was not SERVING within {timeout:g} s")
 
 
 def channel_credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
@@ -74,6 +118,14 @@ def channel_credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
         return None
     with open(tls_ca, "rb") as f:
         return grpc.ssl_channel_credentials(root_certificates=f.read())
+
+
+def open_channel(target: str, tls_ca: str | None, *, aio: bool) -> Any:
+    """A channel to ``target`` (TLS trusting ``tls_ca`` when given), asyncio's when ``aio``."""
+    creds = channel_credentials(tls_ca)
+    mod: Any = grpc.aio if aio else grpc
+    return (mod.secure_channel(target, creds, CHANNEL_OPTIONS) if creds
+            else mod.insecure_channel(target, CHANNEL_OPTIONS))
 
 
 def per_prompt(prompts: Sequence[Prompt], sampling_params: Sampling | Sequence[Sampling]) -> list[Sampling]:
