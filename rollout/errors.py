@@ -43,6 +43,7 @@ class RolloutError(Exception):
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = None if field is None else _cut(str(field), FIELD_LIMIT)
+        self.reason = message  # without the field: for re-raising under another field name
         self.message = f"{self.field}: {message}" if self.field else message
         super().__init__(self.message)
 

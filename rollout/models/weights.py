@@ -163,7 +163,11 @@ def load_named_weights(
                 else:
                     loader(param, tensor)
             except InvalidArgumentError as err:
-                raise InvalidArgumentError(err.message, field=ckpt_name) from err
+                if err.field == ckpt_name:
+                    raise
+                # Name the key the caller sent once; the parameter only when it is another name.
+                into = f" (loading into {err.field})" if err.field else ""
+                raise InvalidArgumentError(err.reason + into, field=ckpt_name) from err
             covered.setdefault(target.param_name, set()).add(
                 None
                 if target.shard_id is None and target.expert_id is None
