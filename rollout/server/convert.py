@@ -227,7 +227,10 @@ def chunk_from_proto(
 
 
 def pause_mode_from_proto(value: int) -> PauseMode:
-    """Proto enum value to ``PauseMode``; UNSPECIFIED and unknown values are rejected."""
+    """Proto enum value to ``PauseMode``; UNSPECIFIED (a request that left ``mode`` unset) is ABORT,
+    as in SGLang's pause; unknown values are rejected."""
+    if value == pb.PAUSE_MODE_UNSPECIFIED:
+        return PauseMode.ABORT
     try:
         return _PAUSE_FROM_PROTO[value]
     except KeyError:

@@ -55,7 +55,6 @@ BAD_REQUESTS = [
         grpc.StatusCode.OUT_OF_RANGE,
         ["max_new_tokens", "2055", "context length 2048"],
     ),
-    ("unset pause mode", "PauseGeneration", pb.PauseGenerationRequest(), INVALID, ["mode"]),
     ("unknown pause mode", "PauseGeneration", pb.PauseGenerationRequest(mode=42), INVALID, ["mode", "42"]),
     ("abort of nothing", "Abort", pb.AbortRequest(), INVALID, ["request_ids"]),
     (
