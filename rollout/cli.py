@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from typing import Any
@@ -21,38 +22,77 @@ _ENGINE_FLAGS = (
 )
 
 
+def _port(text: str) -> int:
+    """A TCP port for argparse: an integer in 0..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535 (got {port})")
+    return port
+
+
+def _engine_default(name: str) -> Any:
+    """The engine's default for option ``name``, read from the config dataclasses."""
+    from rollout.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    for cls in (EngineConfig, CacheConfig, SchedulerConfig):
+        for f in dataclasses.fields(cls):
+            if f.name == name:
+                return f.default
+    raise KeyError(name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``rollout`` command."""
     parser = argparse.ArgumentParser(prog="rollout", description="RL rollout engine served over gRPC")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model over gRPC (rollout.v1.Rollout)")
+    # Engine flags are passed on only when given, so their argparse default is None; their help shows
+    # the engine's own default instead.
+    d = _engine_default
     s.add_argument(
         "--model", default=None, help="HF model directory (default: the embedded tiny Qwen3 model)"
     )
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    s.add_argument("--port", type=int, default=50051, help="port to bind; 0 picks a free one")
-    s.add_argument("--auth-token", default=None, help="require 'authorization: Bearer <token>' on every call")
-    s.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key) to serve TLS")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; 127.0.0.1 is loopback only (default: %(default)s)")
+    s.add_argument("--port", type=_port, default=50051, help="port to bind; 0 picks a free one (default: %(default)s)")
+    s.add_argument("--auth-token", default=None,
+                   help="require 'authorization: Bearer <token>' on every call (default: no auth)")
+    s.add_argument("--tls-cert", default=None,
+                   help="PEM certificate chain (with --tls-key) to serve TLS (default: plaintext)")
     s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     s.add_argument(
         "--disable-control",
         action="store_true",
-        help="answer PERMISSION_DENIED to pause/continue/flush and weight/memory RPCs",
+        help="answer PERMISSION_DENIED to pause/continue/flush and weight/memory RPCs (default: enabled)",
     )
     s.add_argument("--engine-stall-timeout", type=float, default=10.0,
-                   help="seconds the engine may be unready for commands before health says NOT_SERVING")
+                   help="seconds the engine may be unready for commands before health says NOT_SERVING "
+                        "(default: %(default)s)")
     s.add_argument("--max-request-mb", type=int, default=64,
-                   help="largest request accepted, in MiB (larger ones get RESOURCE_EXHAUSTED before parsing)")
-    s.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu)")
-    s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
-    s.add_argument("--page-size", type=int, default=None, help="KV token slots per page")
-    s.add_argument("--max-total-tokens", type=int, default=None, help="KV cache capacity in tokens")
-    s.add_argument("--max-running-requests", type=int, default=None)
-    s.add_argument("--chunked-prefill-size", type=int, default=None)
-    s.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
-    s.add_argument("--context-length", type=int, default=None, help="default: the model's")
-    s.add_argument("--seed", type=int, default=None, help="seed for requests that carry none")
-    s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+                   help="largest request accepted, in MiB; larger ones get RESOURCE_EXHAUSTED before parsing "
+                        "(default: %(default)s)")
+    s.add_argument("--device", default=None, help=f"cpu, cuda or cuda:N (default: {d('device')})")
+    s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help=f"compute and KV dtype (default: {d('dtype')})")
+    s.add_argument("--page-size", type=int, default=None,
+                   help=f"KV token slots per page (default: {d('page_size')})")
+    s.add_argument("--max-total-tokens", type=int, default=None,
+                   help=f"KV cache capacity in tokens (default: {d('kv_memory_fraction')} of the free GPU memory "
+                        "once the weights are loaded; a fixed budget on CPU)")
+    s.add_argument("--max-running-requests", type=int, default=None,
+                   help=f"requests decoding at once (default: {d('max_running_requests')})")
+    s.add_argument("--chunked-prefill-size", type=int, default=None,
+                   help=f"longest prefill chunk of one request in one step (default: {d('chunked_prefill_size')})")
+    s.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help=f"token budget of one step (default: {d('max_num_batched_tokens')})")
+    s.add_argument("--context-length", type=int, default=None, help="longest sequence (default: the model's)")
+    s.add_argument("--seed", type=int, default=None,
+                   help=f"seed for requests that carry none (default: {d('seed')})")
+    s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="(default: %(default)s)")
     return parser
 
 

@@ -4,7 +4,8 @@ Both cover every RPC of ``rollout.v1.Rollout`` and speak ``rollout.types``: ``ge
 ``GenerateOutput`` objects (``n`` per prompt, in sample order), ``generate_batch`` many prompts'
 outputs prompt-major like ``Engine.generate``, ``stream`` yields ``StreamChunk`` objects. A failed
 call raises the ``RolloutError`` subclass of its status (``err.code`` is the status name, e.g.
-"INVALID_ARGUMENT" or "UNAUTHENTICATED") carrying the server's message.
+"INVALID_ARGUMENT" or "UNAUTHENTICATED") carrying the server's message; a call that finds no server
+at the address raises ``UnavailableError`` ("UNAVAILABLE: cannot connect to ADDRESS ...").
 
     with RolloutClient("127.0.0.1:50051") as client:
         client.wait_ready()
@@ -24,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import rollout_pb2 as pb
 from protos import rollout_pb2_grpc
-from rollout.errors import EngineDeadError, InvalidArgumentError
+from rollout.errors import InvalidArgumentError
 from rollout.server import client_calls as calls
 from rollout.server import convert
 from rollout.server import convert_weights as cw
@@ -47,13 +48,12 @@ class RolloutClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str | None = None,
                  *, timeout: float | None = None) -> None:
-        creds = calls.channel_credentials(tls_ca)
-        self._channel = (grpc.secure_channel(target, creds, calls.CHANNEL_OPTIONS) if creds
-                         else grpc.insecure_channel(target, calls.CHANNEL_OPTIONS))
+        self._channel = calls.open_channel(target, tls_ca, aio=False)
         self._stub = rollout_pb2_grpc.RolloutStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = bearer_metadata(token) if token else ()
         self.timeout = timeout
+        self.target = target
 
     def close(self) -> None:
         """Close the channel (calls in flight are cancelled)."""
@@ -69,7 +69,7 @@ class RolloutClient:
         try:
             return method(request, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise calls.rpc_error(e) from None
+            raise calls.rpc_error(e, self._channel, self.target) from None
 
     # ------------------------------------------------------------------ health
     def health(self, service: str = "") -> bool:
@@ -81,11 +81,11 @@ class RolloutClient:
         return reply.status == _SERVING
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Block until health is SERVING; raise ``EngineDeadError`` (UNAVAILABLE) after ``timeout`` s."""
+        """Block until health is SERVING; raise ``UnavailableError`` (UNAVAILABLE) after ``timeout`` s."""
         deadline = time.monotonic() + timeout
         while not self.health():
             if time.monotonic() > deadline:
-                raise EngineDeadError(f"the server was not SERVING within {timeout:.0f} s")
+                raise calls.not_ready(self.target, timeout, calls.connects(self._channel, 0.2))
             time.sleep(0.2)
 
     # ------------------------------------------------------------------ generation
@@ -104,13 +104,12 @@ class RolloutClient:
         responses = self._stub.Generate(call.request, metadata=self._metadata, timeout=timeout)
         return self._read_stream(call, responses)
 
-    @staticmethod
-    def _read_stream(call: calls.GenerateCall, responses: Any) -> Iterator[StreamChunk]:
+    def _read_stream(self, call: calls.GenerateCall, responses: Any) -> Iterator[StreamChunk]:
         try:
             for msg in responses:
                 yield call.chunk(msg)
         except grpc.RpcError as e:
-            raise calls.rpc_error(e) from None
+            raise calls.rpc_error(e, self._channel, self.target) from None
         finally:
             responses.cancel()  # no-op when finished; otherwise the server aborts the request
 
@@ -133,7 +132,7 @@ class RolloutClient:
             for msg in responses:
                 call.add(msg)
         except grpc.RpcError as e:
-            raise calls.rpc_error(e) from None
+            raise calls.rpc_error(e, self._channel, self.target) from None
         finally:
             responses.cancel()
         return call.outputs()
@@ -234,13 +233,12 @@ class AsyncRolloutClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str | None = None,
                  *, timeout: float | None = None) -> None:
-        creds = calls.channel_credentials(tls_ca)
-        self._channel = (grpc.aio.secure_channel(target, creds, calls.CHANNEL_OPTIONS) if creds
-                         else grpc.aio.insecure_channel(target, calls.CHANNEL_OPTIONS))
+        self._channel = calls.open_channel(target, tls_ca, aio=True)
         self._stub = rollout_pb2_grpc.RolloutStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = bearer_metadata(token) if token else ()
         self.timeout = timeout
+        self.target = target
 
     async def close(self) -> None:
         """Close the channel (calls in flight are cancelled)."""
@@ -256,7 +254,7 @@ class AsyncRolloutClient:
         try:
             return await method(request, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise calls.rpc_error(e) from None
+            raise await calls.async_rpc_error(e, self._channel, self.target) from None
 
     async def health(self, service: str = "") -> bool:
         """True when the server reports SERVING."""
@@ -267,11 +265,11 @@ class AsyncRolloutClient:
         return reply.status == _SERVING
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
-        """Wait until health is SERVING; raise ``EngineDeadError`` after ``timeout`` s."""
+        """Wait until health is SERVING; raise ``UnavailableError`` after ``timeout`` s."""
         deadline = time.monotonic() + timeout
         while not await self.health():
             if time.monotonic() > deadline:
-                raise EngineDeadError(f"the server was not SERVING within {timeout:.0f} s")
+                raise calls.not_ready(self.target, timeout, await calls.async_connects(self._channel, 0.2))
             await asyncio.sleep(0.2)
 
     async def stream(self, prompt: Prompt | None = None, sampling_params: Sampling = None, *,
@@ -289,7 +287,7 @@ class AsyncRolloutClient:
             async for msg in responses:
                 yield call.chunk(msg)
         except grpc.RpcError as e:
-            raise calls.rpc_error(e) from None
+            raise await calls.async_rpc_error(e, self._channel, self.target) from None
         finally:
             responses.cancel()
 
@@ -308,7 +306,7 @@ class AsyncRolloutClient:
             async for msg in responses:
                 call.add(msg)
         except grpc.RpcError as e:
-            raise calls.rpc_error(e) from None
+            raise await calls.async_rpc_error(e, self._channel, self.target) from None
         finally:
             responses.cancel()
         return call.outputs()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from memory_saver.state import TAGS as MEMORY_TAGS
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 
 # Architectures whose checkpoints we can load, mapped to the model family that implements them.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
@@ -97,7 +97,7 @@ class ModelConfig:
         """Read ``config.json`` (and ``generation_config.json`` for EOS ids) from a model directory."""
         cfg_path = os.path.join(model_path, "config.json")
         if not os.path.isfile(cfg_path):
-            raise InvalidArgumentError(f"no config.json in {model_path!r}", field="model_path")
+            raise InvalidArgumentError(f"no config.json in {quoted(model_path)}", field="model_path")
         with open(cfg_path) as f:
             hf = json.load(f)
         gen: dict[str, Any] = {}
@@ -129,7 +129,7 @@ class ModelConfig:
         theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         scaling_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
         if scaling_type not in ("default", "llama3", "linear"):
-            raise InvalidArgumentError(f"rope scaling {scaling_type!r} is not supported", field="rope_scaling")
+            raise InvalidArgumentError(f"rope scaling {quoted(scaling_type)} is not supported", field="rope_scaling")
         rope = RopeConfig(
             theta=float(theta),
             scaling_type=scaling_type,
@@ -194,7 +194,7 @@ class CacheConfig:
         object.__setattr__(self, "memory_backup_tags", (tags,) if isinstance(tags, str) else tuple(tags))
         for tag in self.memory_backup_tags:
             if tag not in MEMORY_TAGS:
-                raise InvalidArgumentError(f"unknown memory tag {tag!r}; use {list(MEMORY_TAGS)}",
+                raise InvalidArgumentError(f"unknown memory tag {quoted(tag)}; use {list(MEMORY_TAGS)}",
                                            field="memory_backup_tags")
         if self.page_size < 1:
             raise InvalidArgumentError("must be >= 1", field="page_size")
@@ -254,6 +254,27 @@ class SpecConfig:
                                        field="speculative_method")
 
 
+def _check_device(name: Any) -> None:
+    """Refuse a device that is not cpu / cuda / cuda:N, or a CUDA device this machine does not have."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"must be cpu, cuda or cuda:N (got {quoted(name)})", field="device")
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise InvalidArgumentError(f"no CUDA device is available on this machine (got {quoted(name)}); "
+                                   "use cpu", field="device")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise InvalidArgumentError(f"{device} is out of range: this machine has {count} CUDA devices",
+                                   field="device")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything an engine is built from."""
@@ -273,6 +294,7 @@ class EngineConfig:
     spec: SpecConfig = field(default_factory=SpecConfig)
 
     def __post_init__(self) -> None:
+        _check_device(self.device)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidArgumentError("must be float32, bfloat16 or float16", field="dtype")
         if self.load_format not in ("auto", "dummy"):

@@ -10,17 +10,18 @@ import asyncio
 import itertools
 import queue
 import uuid
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 from rollout.engine_messages import AddRequest
 from rollout.engine_process import start_engine_process, start_engine_thread
 from rollout.errors import InvalidArgumentError, error_from_code
 from rollout.output_assembly import OutputAssembler
 from rollout.request_validation import make_add_request
-from rollout.types import EngineInfo, GenerateOutput, PauseMode, SamplingParams, StreamChunk
+from rollout.types import EngineInfo, GenerateOutput, PauseMode, SamplingParams, StreamChunk, as_sampling_params
 
 Prompts = Sequence[int] | Sequence[Sequence[int]] | None
 Texts = str | Sequence[str] | None
+Sampling = SamplingParams | Mapping[str, Any] | None  # a dict is checked like SamplingParams.from_dict
 
 
 class Engine:
@@ -47,7 +48,7 @@ class Engine:
         self,
         input_ids: Prompts,
         text: Texts,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+        sampling_params: Sampling | Sequence[Sampling],
         return_logprob: bool,
         return_raw_logprob: bool,
         top_logprobs_num: int,
@@ -65,14 +66,14 @@ class Engine:
             raise InvalidArgumentError("a prompt is required", field="input_ids")
         if not prompts:
             raise InvalidArgumentError("no prompts given", field="input_ids")
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
-        else:
-            params = list(sampling_params)
+        if isinstance(sampling_params, (list, tuple)):  # one per prompt
+            params = [as_sampling_params(p) for p in sampling_params]
             if len(params) != len(prompts):
                 raise InvalidArgumentError(
                     f"{len(params)} sampling params for {len(prompts)} prompts", field="sampling_params"
                 )
+        else:  # one for all: SamplingParams, a dict or None
+            params = [as_sampling_params(sampling_params)] * len(prompts)
         if request_id is None:
             base = uuid.uuid4().hex[:12]
             ids = [f"{base}-{next(self._ids)}" for _ in prompts]
@@ -110,7 +111,7 @@ class Engine:
     def generate(
         self,
         input_ids: Prompts = None,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: Sampling | Sequence[Sampling] = None,
         *,
         text: Texts = None,
         return_logprob: bool = False,
@@ -118,7 +119,11 @@ class Engine:
         top_logprobs_num: int = 0,
         request_id: str | Sequence[str] | None = None,
     ) -> list[GenerateOutput]:
-        """Generate for one prompt or a batch; returns ``n`` outputs per prompt, prompt-major."""
+        """Generate for one prompt or a batch; returns ``n`` outputs per prompt, prompt-major.
+
+        ``sampling_params`` is a ``SamplingParams``, a dict of its fields (as the gRPC clients take),
+        or a list with one of those per prompt.
+        """
         reqs = self._requests(input_ids, text, sampling_params, return_logprob, return_raw_logprob,
                               top_logprobs_num, request_id, stream=False)
         done: queue.Queue = queue.Queue()
@@ -144,7 +149,7 @@ class Engine:
     async def async_generate(
         self,
         input_ids: Prompts = None,
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        sampling_params: Sampling | Sequence[Sampling] = None,
         **kwargs: Any,
     ) -> list[GenerateOutput]:
         """asyncio version of ``generate``; cancelling it aborts its requests."""
@@ -166,7 +171,7 @@ class Engine:
     def stream(
         self,
         input_ids: Sequence[int] | None = None,
-        sampling_params: SamplingParams | None = None,
+        sampling_params: Sampling = None,
         **kwargs: Any,
     ) -> Iterator[StreamChunk]:
         """Chunks of new tokens for one prompt (all its ``n`` samples, told apart by ``index``)."""
@@ -176,7 +181,7 @@ class Engine:
     async def async_stream(
         self,
         input_ids: Sequence[int] | None = None,
-        sampling_params: SamplingParams | None = None,
+        sampling_params: Sampling = None,
         **kwargs: Any,
     ) -> AsyncIterator[StreamChunk]:
         """asyncio version of ``stream``."""

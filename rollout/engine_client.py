@@ -22,7 +22,7 @@ import time
 from typing import Any, AsyncIterator, Callable, Iterator
 
 from rollout.engine_messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
-from rollout.errors import EngineDeadError, RolloutError, error_from_code
+from rollout.errors import EngineDeadError, RolloutError, error_from_code, quoted
 from rollout.request_validation import RequestLimits
 from rollout.types import EngineInfo, StreamChunk
 
@@ -117,7 +117,7 @@ class EngineClient:
             if req.request_id in self._sinks:
                 from rollout.errors import InvalidArgumentError
 
-                raise InvalidArgumentError(f"request id {req.request_id!r} is already in use", field="request_id")
+                raise InvalidArgumentError(f"request id {quoted(req.request_id)} is already in use", field="request_id")
             self._sinks[req.request_id] = (sink, req.sampling.n)
         self._send(req)
 

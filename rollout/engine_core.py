@@ -16,7 +16,7 @@ from rollout import __version__
 from rollout.cache.manager import KVCacheManager
 from rollout.config import EngineConfig
 from rollout.engine_messages import AddRequest, Event, RequestFailed
-from rollout.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
+from rollout.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, quoted
 from rollout.request_validation import RequestLimits
 from rollout.runner.model_runner import ModelRunner, QueuedStep
 from rollout.scheduler.plan import BatchPlan
@@ -105,13 +105,14 @@ class EngineCore:
     def limits(self) -> RequestLimits:
         m = self.config.model
         return RequestLimits(vocab_size=m.vocab_size, context_length=self.config.context_length,
-                             max_total_tokens=self.cache.total_slots)
+                             max_total_tokens=self.cache.total_slots,
+                             eos_token_ids=tuple(sorted(self.stop.eos_token_ids)))
 
     # ------------------------------------------------------------------ requests
     def add(self, req: AddRequest) -> None:
         """Queue the ``n`` samples of one prompt. Raises a typed error if it cannot be taken."""
         if req.request_id in self._live:
-            raise InvalidArgumentError(f"request id {req.request_id!r} is already in use", field="request_id")
+            raise InvalidArgumentError(f"request id {quoted(req.request_id)} is already in use", field="request_id")
         if self.scheduler.num_queued + req.sampling.n > self.config.scheduler.max_queued_requests:
             raise ResourceExhaustedError("the request queue is full; retry later")
         if self.generation_blockers:
@@ -224,7 +225,7 @@ class EngineCore:
             pmode = PauseMode(mode)
         except ValueError:
             raise InvalidArgumentError(
-                f"unknown pause mode {mode!r}; use one of {[m.value for m in PauseMode]}", field="mode"
+                f"unknown pause mode {quoted(mode)}; use one of {[m.value for m in PauseMode]}", field="mode"
             ) from None
         self.scheduler.pause(pmode)
 
@@ -272,7 +273,7 @@ class EngineCore:
         """Run a control operation by name (the loop's dispatch point)."""
         handler = self.controls.get(op)
         if handler is None:
-            raise InvalidArgumentError(f"unknown control operation {op!r}", field="op")
+            raise InvalidArgumentError(f"unknown control operation {quoted(op)}", field="op")
         return handler(args)
 
     def shutdown(self) -> None:

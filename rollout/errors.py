@@ -7,15 +7,44 @@ message knows what to change.
 
 from __future__ import annotations
 
+# Longest echo of a client's value in a message: an error must stay small whatever was sent (a
+# gRPC status travels in trailing metadata, which peers refuse past a few KiB).
+ECHO_LIMIT = 80
+# Longest field name kept whole: well above any real tensor or option name.
+FIELD_LIMIT = 200
+# Longest message put on the wire; a backstop for messages that quote more than one value.
+MAX_MESSAGE_CHARS = 2000
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text) - limit} more chars]"
+
+
+def quoted(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` shortened to about ``limit`` characters, for quoting client input in a message."""
+    return _cut(repr(value), limit)
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` shortened to about ``limit`` characters (the status details sent to a client)."""
+    return _cut(message, limit)
+
 
 class RolloutError(Exception):
-    """Base class of every error the engine reports to its callers."""
+    """Base class of every error the engine reports to its callers.
+
+    ``field`` names the input at fault; names that come from the client (tensor names, option keys)
+    are shortened past ``FIELD_LIMIT`` characters.
+    """
 
     code: str = "INTERNAL"
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
-        self.field = field
-        self.message = f"{field}: {message}" if field else message
+        self.field = None if field is None else _cut(str(field), FIELD_LIMIT)
+        self.reason = message  # without the field: for re-raising under another field name
+        self.message = f"{self.field}: {message}" if self.field else message
         super().__init__(self.message)
 
 
@@ -73,10 +102,14 @@ class InternalError(RolloutError):
     code = "INTERNAL"
 
 
-class EngineDeadError(RolloutError):
-    """The engine loop died; the message carries the cause."""
+class UnavailableError(RolloutError):
+    """The service cannot be reached or cannot serve now (a client that cannot connect raises this)."""
 
     code = "UNAVAILABLE"
+
+
+class EngineDeadError(UnavailableError):
+    """The engine loop died; the message carries the cause."""
 
 
 ERROR_TYPES: dict[str, type[RolloutError]] = {

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from memory_saver import MemoryState, UnknownTagError
-from rollout.errors import FailedPreconditionError, InvalidArgumentError
+from rollout.errors import FailedPreconditionError, InvalidArgumentError, quoted
 from rollout.types import EngineInfo, PauseMode
 
 if TYPE_CHECKING:
@@ -132,12 +132,12 @@ class MemoryControl:
             return self.memory.saver.tags
         for tag in tags:
             if not isinstance(tag, str):
-                raise InvalidArgumentError(f"tags must be strings, got {tag!r}", field="tags")
+                raise InvalidArgumentError(f"tags must be strings, got {quoted(tag)}", field="tags")
         try:
             return self.memory.saver.check_tags(tags)
         except UnknownTagError as e:
             raise InvalidArgumentError(
-                f"unknown memory tag {e.tag!r}; use one of {list(self.memory.saver.tags)}", field="tags"
+                f"unknown memory tag {quoted(e.tag)}; use one of {list(self.memory.saver.tags)}", field="tags"
             ) from None
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from rollout.engine_messages import AddRequest
-from rollout.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
+from rollout.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError, quoted
 from rollout.types import SamplingParams
 
 if TYPE_CHECKING:
@@ -22,11 +22,13 @@ MAX_TOP_LOGPROBS = 64
 @dataclass(frozen=True)
 class RequestLimits:
     """What the engine can serve: token ids below ``vocab_size``, sequences up to
-    ``context_length`` tokens, and at most ``max_total_tokens`` tokens of KV for one sequence."""
+    ``context_length`` tokens, and at most ``max_total_tokens`` tokens of KV for one sequence;
+    ``eos_token_ids`` are the model's EOS ids."""
 
     vocab_size: int
     context_length: int
     max_total_tokens: int
+    eos_token_ids: tuple[int, ...] = ()  # masked with the stop ids until min_new_tokens (unless ignore_eos)
 
 
 MAX_TEXT_CHARS_PER_TOKEN = 64  # a text prompt longer than this per token of context cannot fit it
@@ -48,13 +50,29 @@ def _check_ids(input_ids: Sequence[int], vocab_size: int) -> list[int]:
     ids: list[int] = []
     for i, t in enumerate(input_ids):
         if isinstance(t, bool) or not isinstance(t, int):
-            raise InvalidArgumentError(f"token at index {i} is not an integer ({t!r})", field="input_ids")
+            raise InvalidArgumentError(f"token at index {i} is not an integer ({quoted(t)})", field="input_ids")
         if not 0 <= t < vocab_size:
             raise InvalidArgumentError(
                 f"token id {t} at index {i} is outside the vocabulary [0, {vocab_size})", field="input_ids"
             )
         ids.append(int(t))
     return ids
+
+
+def _check_min_new_tokens_drawable(sampling: SamplingParams, limits: RequestLimits) -> None:
+    """Refuse a request whose stop ids (with EOS unless ignored) ban every token before min_new_tokens."""
+    if sampling.min_new_tokens == 0:
+        return
+    banned = set(sampling.stop_token_ids)
+    if not sampling.ignore_eos:
+        banned.update(t for t in limits.eos_token_ids if 0 <= t < limits.vocab_size)
+    if len(banned) >= limits.vocab_size:
+        which = "stop_token_ids" if sampling.ignore_eos else "stop_token_ids and the EOS ids"
+        raise InvalidArgumentError(
+            f"{which} cover the whole vocabulary ({limits.vocab_size} tokens), so no token can be drawn "
+            f"before min_new_tokens ({sampling.min_new_tokens}); lower min_new_tokens or the stop ids",
+            field="min_new_tokens",
+        )
 
 
 def make_add_request(
@@ -86,6 +104,7 @@ def make_add_request(
     for t in sampling.stop_token_ids:
         if t >= limits.vocab_size:
             raise InvalidArgumentError(f"token id {t} is outside the vocabulary", field="stop_token_ids")
+    _check_min_new_tokens_drawable(sampling, limits)
     if sampling.stop and tokenizer is None:
         raise InvalidArgumentError("stop strings need a tokenizer.json", field="stop")
     if not 0 <= top_logprobs_num <= MAX_TOP_LOGPROBS:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 
 
 class FinishReason(str, enum.Enum):
@@ -59,7 +60,7 @@ class SamplingParams:
         """Raise ``InvalidArgumentError`` naming the first bad field."""
 
         def bad(name: str, why: str) -> InvalidArgumentError:
-            return InvalidArgumentError(f"{why} (got {getattr(self, name)!r})", field=name)
+            return InvalidArgumentError(f"{why} (got {quoted(getattr(self, name))})", field=name)
 
         for name in ("temperature", "top_p", "min_p"):
             v = getattr(self, name)
@@ -106,6 +107,19 @@ class SamplingParams:
             if key not in known:
                 raise InvalidArgumentError(f"unknown sampling option; known: {sorted(known)}", field=key)
         return cls(**d)
+
+
+def as_sampling_params(value: SamplingParams | Mapping[str, Any] | None) -> SamplingParams:
+    """``value`` as ``SamplingParams``: a dict goes through ``from_dict`` (unknown keys are refused by
+    name), None gives the defaults. The in-process engine and the gRPC clients share this."""
+    if value is None:
+        return SamplingParams()
+    if isinstance(value, SamplingParams):
+        return value
+    if isinstance(value, Mapping):
+        return SamplingParams.from_dict(dict(value))
+    raise InvalidArgumentError(f"must be a SamplingParams or a dict (got {type(value).__name__})",
+                               field="sampling_params")
 
 
 @dataclass(slots=True)

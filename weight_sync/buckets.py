@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 
 ALIGN = 256  # bytes; a multiple of every dtype's size and of the GPU's widest vector load
 DEFAULT_BUCKET_BYTES = 1 << 30
@@ -46,7 +46,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def parse_dtype(name: Any, field: str = "dtypes") -> torch.dtype:
     """The torch dtype of a wire name (``"bfloat16"``; ``"torch.bfloat16"`` is accepted too)."""
     if not isinstance(name, str) or name.removeprefix("torch.") not in DTYPES:
-        raise InvalidArgumentError(f"unknown dtype {name!r}; supported: {sorted(DTYPES)}", field=field)
+        raise InvalidArgumentError(f"unknown dtype {quoted(name)}; supported: {sorted(DTYPES)}", field=field)
     return DTYPES[name.removeprefix("torch.")]
 
 

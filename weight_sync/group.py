@@ -31,7 +31,7 @@ from torch.distributed import (
     Work,
 )
 
-from rollout.errors import FailedPreconditionError, InvalidArgumentError
+from rollout.errors import FailedPreconditionError, InvalidArgumentError, quoted
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +63,18 @@ class GroupConfig:
         if not isinstance(self.master_address, str) or not self.master_address:
             raise InvalidArgumentError("must be a host name or address", field="master_address")
         if not isinstance(self.master_port, int) or not 0 < self.master_port < 65536:
-            raise InvalidArgumentError(f"must be in 1..65535, got {self.master_port!r}", field="master_port")
+            raise InvalidArgumentError(f"must be in 1..65535, got {quoted(self.master_port)}", field="master_port")
         if not isinstance(self.world_size, int) or self.world_size < 2:
-            raise InvalidArgumentError(f"must be >= 2, got {self.world_size!r}", field="world_size")
+            raise InvalidArgumentError(f"must be >= 2, got {quoted(self.world_size)}", field="world_size")
         if not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
-            raise InvalidArgumentError(f"rank {self.rank!r} is outside [0, {self.world_size})", field="rank_offset")
+            raise InvalidArgumentError(f"rank {quoted(self.rank)} is outside [0, {self.world_size})",
+                                       field="rank_offset")
         if not isinstance(self.group_name, str) or not self.group_name:
             raise InvalidArgumentError("must be a non-empty string", field="group_name")
         if self.backend not in BACKENDS:
-            raise InvalidArgumentError(f"must be one of {BACKENDS}, got {self.backend!r}", field="backend")
+            raise InvalidArgumentError(f"must be one of {BACKENDS}, got {quoted(self.backend)}", field="backend")
         if not isinstance(self.timeout_s, (int, float)) or not 0 < self.timeout_s <= MAX_TIMEOUT_S:
-            raise InvalidArgumentError(f"must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {self.timeout_s!r}",
+            raise InvalidArgumentError(f"must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {quoted(self.timeout_s)}",
                                        field="timeout_s")
 
     @property
@@ -143,7 +144,7 @@ class CommGroup:
             with _on_device(device):
                 group = cls(cfg, _make_backend(cfg, store, survive_peer_failure), store, device)
         except RuntimeError as e:
-            raise GroupFailedError(f"group {cfg.group_name!r} did not form: {e}") from e
+            raise GroupFailedError(f"group {quoted(cfg.group_name)} did not form: {e}") from e
         # The first collective creates NCCL's communicator and proves the group works end to end.
         probe = torch.zeros(1, dtype=torch.int32, device=device)
         try:
@@ -155,9 +156,10 @@ class CommGroup:
 
     def _check(self) -> None:
         if self.closed:
-            raise GroupFailedError(f"group {self.cfg.group_name!r} is closed")
+            raise GroupFailedError(f"group {quoted(self.cfg.group_name)} is closed")
         if self.broken:
-            raise GroupFailedError(f"group {self.cfg.group_name!r} failed earlier ({self.broken}); form a new one")
+            raise GroupFailedError(
+                f"group {quoted(self.cfg.group_name)} failed earlier ({self.broken}); form a new one")
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> Work:
         """Start broadcasting ``tensor`` from rank ``src`` (every rank passes a same-sized tensor)."""
@@ -212,7 +214,7 @@ class CommGroup:
             reason = f"{type(e).__name__}: {e}"
         if reason is not None:
             self.abort(f"{what} failed: {reason}")
-            raise GroupFailedError(f"group {self.cfg.group_name!r}: {self.broken}")
+            raise GroupFailedError(f"group {quoted(self.cfg.group_name)}: {self.broken}")
 
     def _peer_gave_up(self) -> str | None:
         if self._signals is None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError
+from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError, quoted
 from weight_sync.buckets import (
     DEFAULT_BUCKET_BYTES,
     BucketLayout,
@@ -162,7 +162,7 @@ class WeightSyncGroup:
             concurrent.futures.wait(futures, timeout=5.0)
             answers = "; ".join(str(x) for x in root_cause_first(failed))
             raise GroupFailedError(
-                f"group {self.group_name!r}: {self.comm.broken}" + (f"; engines: {answers}" if answers else "")
+                f"group {quoted(self.group_name)}: {self.comm.broken}" + (f"; engines: {answers}" if answers else "")
             ) from e
         results = [f.result(timeout=self.comm.cfg.timeout_s) for f in futures]
         return results[0] if results else version
@@ -251,7 +251,7 @@ def connect(
         if err is not None:
             raise err
         if len(done) != len(futures) + 1:
-            raise GroupFailedError(f"group {name!r} did not form within {timeout_s:g} s")
+            raise GroupFailedError(f"group {quoted(name)} did not form within {timeout_s:g} s")
     finally:
         pool.shutdown(wait=False)
     return WeightSyncGroup(own.result(), targets, bucket_bytes)

@@ -15,7 +15,7 @@ from multiprocessing import shared_memory
 
 import torch
 
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 
 SHM_DIR = "/dev/shm"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")  # a plain file name: no path can be smuggled in
@@ -49,12 +49,12 @@ class ImportedBuffer:
 
     def __init__(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise InvalidArgumentError(f"not a shared-memory segment name: {name!r}", field="name")
+            raise InvalidArgumentError(f"not a shared-memory segment name: {quoted(name)}", field="name")
         path = os.path.join(SHM_DIR, name)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
-            raise InvalidArgumentError(f"cannot open shared memory {name!r}: {e.strerror}", field="name") from e
+            raise InvalidArgumentError(f"cannot open shared memory {quoted(name)}: {e.strerror}", field="name") from e
         try:
             self.size = os.fstat(fd).st_size
             # A private copy-on-write mapping is writable for torch (no warning) but never writes back.

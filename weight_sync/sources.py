@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Union
 
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ def source_from_dict(value: Any, field: str = "sources") -> Source:
         raise InvalidArgumentError("must be {'cuda_ipc': {...}} or {'shared_memory': {...}}", field=field)
     kind, body = next(iter(value.items()))
     if not isinstance(body, dict):
-        raise InvalidArgumentError(f"{kind} must be a dict", field=field)
+        raise InvalidArgumentError(f"{quoted(kind)} must be a dict", field=field)
     if kind == "cuda_ipc":
         handle = body.get("handle")
         if not isinstance(handle, (bytes, bytearray)):
@@ -72,4 +72,4 @@ def source_from_dict(value: Any, field: str = "sources") -> Source:
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError("name must be a non-empty string", field=field)
         return SharedMemorySource(name, _int(body, "offset", field), _int(body, "size", field))
-    raise InvalidArgumentError(f"unknown source kind {kind!r}", field=field)
+    raise InvalidArgumentError(f"unknown source kind {quoted(kind)}", field=field)

@@ -9,7 +9,7 @@ import torch
 
 from rollout.attention.base import AttentionBackend
 from rollout.cache.kv_pool import KVPool
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 
 
 def _torch_backend(kv_pool: KVPool) -> AttentionBackend:
@@ -48,7 +48,7 @@ def create_attention_backend(name: str, kv_pool: KVPool) -> AttentionBackend:
     factory = BACKEND_FACTORIES.get(name)
     if factory is None:
         raise InvalidArgumentError(
-            f"unknown backend {name!r}; known: {sorted(BACKEND_FACTORIES)}", field="attention_backend"
+            f"unknown backend {quoted(name)}; known: {sorted(BACKEND_FACTORIES)}", field="attention_backend"
         )
     return factory(kv_pool)
 

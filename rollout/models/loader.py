@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from rollout.config import ModelConfig
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 from rollout.models.registry import build_model
 
 _INDEX_FILE = "model.safetensors.index.json"
@@ -34,7 +34,7 @@ def checkpoint_files(model_path: str) -> list[str]:
         return paths
     paths = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
     if not paths:
-        raise InvalidArgumentError(f"no *.safetensors files in {model_path!r}", field="model_path")
+        raise InvalidArgumentError(f"no *.safetensors files in {quoted(model_path)}", field="model_path")
     return paths
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 
 ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
@@ -218,7 +218,7 @@ def write_random_model(
     the config and tokenizer, for engines started with ``load_format="dummy"`` (large benchmark shapes).
     """
     if arch not in ARCHITECTURES:
-        raise InvalidArgumentError(f"unknown {arch!r}; known: {sorted(ARCHITECTURES)}", field="arch")
+        raise InvalidArgumentError(f"unknown {quoted(arch)}; known: {sorted(ARCHITECTURES)}", field="arch")
     if dtype not in _DTYPES:
         raise InvalidArgumentError(f"must be one of {sorted(_DTYPES)}", field="dtype")
     os.makedirs(path, exist_ok=True)

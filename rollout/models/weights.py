@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,13 +163,18 @@ def load_named_weights(
                 else:
                     loader(param, tensor)
             except InvalidArgumentError as err:
-                raise InvalidArgumentError(err.message, field=ckpt_name) from err
+                if err.field == ckpt_name:
+                    raise
+                # Name the key the caller sent once; the parameter only when it is another name.
+                into = f" (loading into {err.field})" if err.field else ""
+                raise InvalidArgumentError(err.reason + into, field=ckpt_name) from err
             covered.setdefault(target.param_name, set()).add(
                 None
                 if target.shard_id is None and target.expert_id is None
                 else (target.shard_id, target.expert_id)
             )
     if unknown:
-        shown = ", ".join(unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        shown = ", ".join(quoted(n) for n in unknown[:10]) + (
+            f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
         raise InvalidArgumentError(f"unexpected checkpoint keys: {shown}", field="weights")
     return {name for name, shards in covered.items() if None in shards or len(shards) >= needed[name]}

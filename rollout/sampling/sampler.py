@@ -123,13 +123,17 @@ def _gather(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_banned(logits: torch.Tensor, banned: list[list[int]] | None) -> torch.Tensor:
-    """Return a copy of ``logits`` with each row's banned ids at -inf (the input itself if none)."""
+    """Return a copy of ``logits`` with each row's banned ids at -inf (the input itself if none).
+
+    A row whose ban covers every id keeps its logits as they are: masking it would leave nothing to
+    draw and a NaN logprob. Request validation refuses such requests; this is the last line of defence.
+    """
     if banned is None:
         return logits
     vocab = logits.shape[-1]
     # Positions in the flattened (B, V); ids past the vocabulary can never be produced anyway.
-    flat = torch.tensor([r * vocab + c for r, ids in enumerate(banned) for c in ids if c < vocab],
-                        dtype=torch.int64)  # (N,)
+    flat = torch.tensor([r * vocab + c for r, ids in enumerate(banned) if not _bans_all(ids, vocab)
+                         for c in ids if c < vocab], dtype=torch.int64)  # (N,)
     if logits.is_cuda:
         flat = flat.pin_memory()  # a queued copy: a pageable one would wait for the device
     flat = flat.to(logits.device, non_blocking=True)
@@ -138,6 +142,11 @@ def _apply_banned(logits: torch.Tensor, banned: list[list[int]] | None) -> torch
     # to the device with a blocking copy, which waits for the device's queue.
     out.view(-1).index_fill_(0, flat, float("-inf"))
     return out
+
+
+def _bans_all(ids: list[int], vocab: int) -> bool:
+    """Whether ``ids`` cover all of ``[0, vocab)`` (checked on the host, without touching the logits)."""
+    return len(ids) >= vocab and len({c for c in ids if c < vocab}) >= vocab
 
 
 def _sample_mixed(
@@ -204,5 +213,9 @@ def _filter_mask(logp: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     keep_sorted &= top_p_off | (mass_before < batch.top_ps.unsqueeze(1))
 
     keep_sorted &= probs_sorted >= batch.min_ps.unsqueeze(1) * probs_sorted[:, :1]
+    # The most probable token always survives: a top_p below float32's range is 0 on the device, and
+    # "mass before < 0" would otherwise keep nothing (an empty row renormalises to NaN). The limit of
+    # top_p -> 0 is the argmax, which this gives.
+    keep_sorted[:, 0] = True
 
     return torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)  # (B, V) in vocab order

@@ -24,7 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos import rollout_pb2
-from rollout.errors import EngineDeadError
+from rollout.errors import EngineDeadError, InvalidArgumentError, quoted
 from rollout.server.auth import TokenAuthInterceptor
 from rollout.server.servicer import RolloutServicer, add_to_server
 
@@ -101,6 +101,10 @@ async def serve_async(
         raise ValueError(f"max_request_mb must be in 1..2047, got {max_request_mb!r}")
     from rollout.engine_process import start_engine_process
 
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        # gRPC would bind some other port for an out-of-range number rather than refuse it.
+        raise InvalidArgumentError(f"must be an integer in 0..65535 (got {quoted(port)})", field="port")
+
     if model_path is None:
         from rollout.default_model import default_model_path
 
@@ -127,12 +131,6 @@ async def serve_async(
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
-    # The exact form of this line is what scripts wait for (port 0 picks a free port).
-    print(
-        f"rollout server listening on {host}:{bound} ({'TLS' if creds else 'plaintext'}"
-        f"{', token auth' if auth_token else ''}{'' if enable_control else ', control disabled'})",
-        flush=True,
-    )
 
     engine = None
     died = False
@@ -149,6 +147,13 @@ async def serve_async(
             return
         servicer.attach(engine)
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
+        # The exact form of this line is what scripts wait for (port 0 picks a free port); it comes
+        # only once the model is loaded and health is SERVING, never for a server that fails to start.
+        print(
+            f"rollout server listening on {host}:{bound} ({'TLS' if creds else 'plaintext'}"
+            f"{', token auth' if auth_token else ''}{'' if enable_control else ', control disabled'})",
+            flush=True,
+        )
         logger.info(
             "serving %s (context %d, %d KV tokens)",
             model_path,

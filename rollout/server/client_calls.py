@@ -3,20 +3,25 @@ credentials, building requests, reading Generate responses back into ``rollout.t
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any, Mapping, Sequence
 
 import grpc
 
 from protos import rollout_pb2 as pb
-from rollout.errors import EngineDeadError, InvalidArgumentError, RolloutError
+from rollout.errors import EngineDeadError, InvalidArgumentError, RolloutError, UnavailableError
 from rollout.output_assembly import OutputAssembler
 from rollout.server import convert
-from rollout.types import GenerateOutput, SamplingParams, StreamChunk
+from rollout.types import GenerateOutput, SamplingParams, StreamChunk, as_sampling_params
 
 Prompt = Sequence[int] | str
 Sampling = SamplingParams | Mapping[str, Any] | None
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# How long a call that failed with UNAVAILABLE waits for its channel to be connected before the client
+# reports the server unreachable. A server that sent the status is connected already, so this only
+# delays the report of an address where nothing answers (which gRPC itself would retry for 20 s).
+CONNECT_PROBE_S = 0.5
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
 
@@ -27,8 +32,7 @@ class GenerateCall:
     def __init__(self, prompt: Prompt, sampling_params: Sampling, *, request_id: str | None = None,
                  return_logprob: bool = False, return_raw_logprob: bool = False, top_logprobs_num: int = 0,
                  return_text: bool = False, stream: bool = True) -> None:
-        if isinstance(sampling_params, Mapping):
-            sampling_params = SamplingParams.from_dict(dict(sampling_params))
+        sampling_params = as_sampling_params(sampling_params)
         self.request_id = request_id or uuid.uuid4().hex  # known up front, so the caller can abort it
         self.want_text = return_text or isinstance(prompt, str)
         self.flags = dict(logprobs=return_logprob, raw_logprobs=return_raw_logprob,
@@ -37,8 +41,7 @@ class GenerateCall:
             prompt, sampling_params, request_id=self.request_id, return_logprob=return_logprob,
             return_raw_logprob=return_raw_logprob, top_logprobs_num=top_logprobs_num, stream=stream,
             return_text=return_text)
-        n = (sampling_params or SamplingParams()).n
-        self.assembler = OutputAssembler(self.request_id, n, **self.flags)
+        self.assembler = OutputAssembler(self.request_id, sampling_params.n, **self.flags)
 
     def chunk(self, msg: pb.GenerateResponse) -> StreamChunk:
         """One response as a ``StreamChunk``."""
@@ -65,9 +68,48 @@ def resolve_prompt(prompt: Prompt | None, input_ids: Sequence[int] | None, text:
     return given[0]
 
 
-def rpc_error(e: grpc.RpcError) -> RolloutError:
-    """The typed error of a failed call."""
+def rpc_error(e: grpc.RpcError, channel: grpc.Channel | None = None, target: str = "") -> RolloutError:
+    """The typed error of a failed call; an UNAVAILABLE on a ``channel`` that cannot connect says so."""
+    if channel is not None and e.code() == grpc.StatusCode.UNAVAILABLE and not connects(channel):
+        return cannot_connect(target, e.details())
     return convert.error_from_status(e.code(), e.details())
+
+
+async def async_rpc_error(e: grpc.aio.AioRpcError, channel: grpc.aio.Channel, target: str) -> RolloutError:
+    """``rpc_error`` for the asyncio client."""
+    if e.code() == grpc.StatusCode.UNAVAILABLE and not await async_connects(channel):
+        return cannot_connect(target, e.details())
+    return convert.error_from_status(e.code(), e.details())
+
+
+def connects(channel: grpc.Channel, timeout: float = CONNECT_PROBE_S) -> bool:
+    """Whether ``channel`` is connected, or connects within ``timeout`` s."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
+
+
+async def async_connects(channel: grpc.aio.Channel, timeout: float = CONNECT_PROBE_S) -> bool:
+    """``connects`` for an asyncio channel."""
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
+def cannot_connect(target: str, details: str | None = None) -> UnavailableError:
+    """The error of a call that found no server at ``target``."""
+    return UnavailableError(f"UNAVAILABLE: cannot connect to {target}" + (f" ({details})" if details else ""))
+
+
+def not_ready(target: str, timeout: float, connected: bool) -> UnavailableError:
+    """The error of ``wait_ready`` when the server did not report SERVING within ``timeout`` s."""
+    if not connected:
+        return cannot_connect(target, f"no server answered within {timeout:g} s")
+    return EngineDeadError(f"the server at {target} was not SERVING within {timeout:g} s")
 
 
 def channel_credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
@@ -76,6 +118,14 @@ def channel_credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
         return None
     with open(tls_ca, "rb") as f:
         return grpc.ssl_channel_credentials(root_certificates=f.read())
+
+
+def open_channel(target: str, tls_ca: str | None, *, aio: bool) -> Any:
+    """A channel to ``target`` (TLS trusting ``tls_ca`` when given), asyncio's when ``aio``."""
+    creds = channel_credentials(tls_ca)
+    mod: Any = grpc.aio if aio else grpc
+    return (mod.secure_channel(target, creds, CHANNEL_OPTIONS) if creds
+            else mod.insecure_channel(target, CHANNEL_OPTIONS))
 
 
 def per_prompt(prompts: Sequence[Prompt], sampling_params: Sampling | Sequence[Sampling]) -> list[Sampling]:

@@ -13,8 +13,16 @@ import grpc
 
 from protos import rollout_pb2 as pb
 from rollout.engine_messages import AddRequest
-from rollout.errors import InvalidArgumentError, RolloutError, error_from_code
-from rollout.types import EngineInfo, FinishReason, PauseMode, SamplingParams, StreamChunk, TopLogprobs
+from rollout.errors import InvalidArgumentError, RolloutError, error_from_code, quoted
+from rollout.types import (
+    EngineInfo,
+    FinishReason,
+    PauseMode,
+    SamplingParams,
+    StreamChunk,
+    TopLogprobs,
+    as_sampling_params,
+)
 
 if TYPE_CHECKING:
     from rollout.request_validation import RequestLimits
@@ -73,8 +81,7 @@ def sampling_to_proto(params: SamplingParams | Mapping[str, Any] | None) -> pb.S
     """
     if params is None:
         return pb.SamplingParams()
-    if not isinstance(params, SamplingParams):
-        params = SamplingParams.from_dict(dict(params))
+    params = as_sampling_params(params)
     msg = pb.SamplingParams()
     for name in _SCALAR_SAMPLING_FIELDS:
         value = getattr(params, name)
@@ -221,7 +228,10 @@ def chunk_from_proto(
 
 
 def pause_mode_from_proto(value: int) -> PauseMode:
-    """Proto enum value to ``PauseMode``; UNSPECIFIED and unknown values are rejected."""
+    """Proto enum value to ``PauseMode``; UNSPECIFIED (a request that left ``mode`` unset) is ABORT,
+    as in SGLang's pause; unknown values are rejected."""
+    if value == pb.PAUSE_MODE_UNSPECIFIED:
+        return PauseMode.ABORT
     try:
         return _PAUSE_FROM_PROTO[value]
     except KeyError:
@@ -238,7 +248,7 @@ def pause_mode_to_proto(mode: PauseMode | str | None) -> int:
         return _PAUSE_TO_PROTO[PauseMode(mode)]
     except ValueError:
         raise InvalidArgumentError(
-            f"must be abort, retract or in_place (got {mode!r})", field="mode"
+            f"must be abort, retract or in_place (got {quoted(mode)})", field="mode"
         ) from None
 
 

@@ -23,6 +23,7 @@ from rollout.errors import (
     OutOfRangeError,
     PermissionDeniedError,
     RolloutError,
+    clip_message,
 )
 from rollout.server import convert, convert_weights
 
@@ -103,9 +104,9 @@ def add_to_server(servicer: RolloutServicer, server: grpc.aio.Server) -> None:
 
 def _status_of(err: Exception, method: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(err, RolloutError):
-        return convert.status_code(err), err.message
+        return convert.status_code(err), clip_message(err.message)
     logger.exception("%s failed", method)
-    return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
+    return grpc.StatusCode.INTERNAL, clip_message(f"{type(err).__name__}: {err}")
 
 
 def _unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rollout.engine_jobs import Background
-from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError
+from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError, quoted
 from rollout.weights.checker import UpdateChecker
 from rollout.weights.disk import checkpoint_specs
 from rollout.weights.opened import OpenedSources, check_sources
@@ -81,7 +81,7 @@ class WeightUpdater:
         check_keys("init_weight_update_group", args)
         name = args.get("group_name")
         if name in self._groups:
-            raise FailedPreconditionError(f"group {name!r} exists already; destroy it first")
+            raise FailedPreconditionError(f"group {quoted(name)} exists already; destroy it first")
         missing = [k for k in ("master_address", "master_port", "rank_offset", "world_size") if k not in args]
         if missing:
             raise InvalidArgumentError("is required", field=missing[0])
@@ -93,7 +93,7 @@ class WeightUpdater:
         if cfg.rank == 0:
             raise InvalidArgumentError("rank 0 is the trainer's; engine ranks start at 1", field="rank_offset")
         if cfg.group_name in self._joining:
-            raise FailedPreconditionError(f"group {cfg.group_name!r} is still forming; wait for that join")
+            raise FailedPreconditionError(f"group {quoted(cfg.group_name)} is still forming; wait for that join")
         runner_device = self._core.runner.device
         device = runner_device if cfg.backend == "nccl" else torch.device("cpu")
         self._joining.add(cfg.group_name)
@@ -117,8 +117,8 @@ class WeightUpdater:
 
     def _not_found(self, name: Any) -> RolloutError:
         if name in self._joining:
-            return FailedPreconditionError(f"group {name!r} is still forming; wait for its join to return")
-        return NotFoundError(f"no weight group {name!r}; groups: {self.group_names}", field="group_name")
+            return FailedPreconditionError(f"group {quoted(name)} is still forming; wait for its join to return")
+        return NotFoundError(f"no weight group {quoted(name)}; groups: {self.group_names}", field="group_name")
 
     def destroy_group(self, args: dict[str, Any]) -> str:
         """Leave and destroy the group ``group_name`` (NOT_FOUND if there is none)."""
@@ -163,10 +163,10 @@ class WeightUpdater:
             raise problem
         if verdict:
             raise FailedPreconditionError(
-                f"the update was cancelled: another member of group {name!r} rejected it; nothing was written"
+                f"the update was cancelled: another member of group {quoted(name)} rejected it; nothing was written"
             )
         try:
-            return self._apply(f"receiving over group {name!r}", receive_buckets(group, layouts), total, version)
+            return self._apply(f"receiving over group {quoted(name)}", receive_buckets(group, layouts), total, version)
         except BaseException as e:
             # Whatever broke, this member's collectives are out of step with the others now.
             group.abort(f"an engine failed to take the update: {type(e).__name__}: {e}")
@@ -194,7 +194,7 @@ class WeightUpdater:
         check_keys("update_weights_from_disk", args)
         path = args.get("model_path")
         if not isinstance(path, str) or not os.path.isdir(path):
-            raise InvalidArgumentError(f"not a directory: {path!r}", field="model_path")
+            raise InvalidArgumentError(f"not a directory: {quoted(path)}", field="model_path")
         version = self._version(args)
         from rollout.models.loader import iter_checkpoint
 
@@ -208,7 +208,7 @@ class WeightUpdater:
         if version is None:
             return self._core.weight_version + 1
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise InvalidArgumentError(f"must be an integer >= 0, got {version!r}", field="version")
+            raise InvalidArgumentError(f"must be an integer >= 0, got {quoted(version)}", field="version")
         return version
 
     def _layouts(self, args: dict[str, Any]) -> list[BucketLayout]:

@@ -121,3 +121,27 @@ def test_pause_abort_returns_partial_and_new_requests_wait(client, idle):
     waiting.join()
     assert len(waiting.ids) == 4 and waiting.last.finish_reason == FinishReason.LENGTH
     idle()
+
+
+def test_pause_without_a_mode_aborts(client, server, token, idle):
+    """A PauseGeneration that leaves ``mode`` unset (the proto default, UNSPECIFIED) pauses in ABORT mode."""
+    import grpc
+
+    from protos import rollout_pb2 as pb
+    from protos import rollout_pb2_grpc
+
+    idle()
+    reader = StreamReader(client.stream([3, 1, 4, 1, 5], LONG))
+    reader.wait_tokens()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = rollout_pb2_grpc.RolloutStub(channel)
+        try:
+            stub.PauseGeneration(pb.PauseGenerationRequest(), metadata=(("authorization", f"Bearer {token}"),),
+                                 timeout=30)
+            info = client.get_info()
+            assert info.paused and info.pause_mode == PauseMode.ABORT.value
+            reader.join()
+            assert reader.last.finish_reason == FinishReason.ABORT and len(reader.ids) < LONG.max_new_tokens
+        finally:
+            client.continue_()
+    idle()

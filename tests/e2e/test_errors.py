@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+import socket
 
 import grpc
 import pytest
 
 from protos import rollout_pb2 as pb
 from protos import rollout_pb2_grpc
-from rollout.client import RolloutClient
-from rollout.errors import RolloutError
+from rollout.client import AsyncRolloutClient, RolloutClient
+from rollout.errors import EngineDeadError, RolloutError, UnavailableError
 from rollout.types import SamplingParams
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -53,7 +55,6 @@ BAD_REQUESTS = [
         grpc.StatusCode.OUT_OF_RANGE,
         ["max_new_tokens", "2055", "context length 2048"],
     ),
-    ("unset pause mode", "PauseGeneration", pb.PauseGenerationRequest(), INVALID, ["mode"]),
     ("unknown pause mode", "PauseGeneration", pb.PauseGenerationRequest(mode=42), INVALID, ["mode", "42"]),
     ("abort of nothing", "Abort", pb.AbortRequest(), INVALID, ["request_ids"]),
     (
@@ -161,3 +162,60 @@ def test_server_survives_1000_malformed_requests(server, raw, client, engine, id
     [expected] = engine.generate(input_ids=[4, 5, 6, 7], sampling_params=sp)
     [got] = client.generate([4, 5, 6, 7], sp)
     assert got.output_ids == expected.output_ids
+
+
+HUGE = "x" * 100_000
+# (name, rpc, request, status): each request carries a 100 KB value that the error message quotes.
+HUGE_VALUES = [
+    ("memory tag", "ReleaseMemory", pb.ReleaseMemoryRequest(tags=[HUGE]), INVALID),
+    ("resume tag", "ResumeMemory", pb.ResumeMemoryRequest(tags=["weights", HUGE]), INVALID),
+    ("group name", "DestroyWeightUpdateGroup", pb.DestroyWeightUpdateGroupRequest(group_name=HUGE),
+     grpc.StatusCode.NOT_FOUND),
+    ("checkpoint path", "UpdateWeightsFromDisk", pb.UpdateWeightsFromDiskRequest(model_path="/" + HUGE), INVALID),
+]
+
+
+@pytest.mark.parametrize("name, rpc, request_msg, status", HUGE_VALUES, ids=[h[0] for h in HUGE_VALUES])
+def test_huge_values_are_echoed_short(raw, name, rpc, request_msg, status):
+    stub, metadata, _ = raw
+    with pytest.raises(grpc.RpcError) as info:
+        _call(stub, rpc, request_msg, metadata)
+    details = info.value.details()
+    assert info.value.code() == status, details[:300]
+    assert len(details) < 400 and "xxxx" in details and "more chars]" in details, details[:300]
+
+
+def _dead_address() -> str:
+    """An address where nothing listens: a port the OS just handed out, closed again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def _assert_cannot_connect(err: RolloutError, address: str) -> None:
+    assert isinstance(err, UnavailableError) and not isinstance(err, EngineDeadError), repr(err)
+    assert err.code == "UNAVAILABLE"
+    assert f"UNAVAILABLE: cannot connect to {address}" in str(err), str(err)
+
+
+def test_clients_of_an_address_where_nothing_listens():
+    address = _dead_address()
+    with RolloutClient(address, timeout=10) as c:
+        for call in (c.get_info, lambda: list(c.stream([1, 2, 3])), lambda: c.wait_ready(timeout=0.5)):
+            with pytest.raises(RolloutError) as info:
+                call()
+            _assert_cannot_connect(info.value, address)
+
+    async def run_async() -> None:
+        async with AsyncRolloutClient(address, timeout=10) as c:
+            for call in (lambda: c.generate([1, 2, 3]), lambda: c.wait_ready(timeout=0.5)):
+                with pytest.raises(RolloutError) as info:
+                    await call()
+                _assert_cannot_connect(info.value, address)
+            with pytest.raises(RolloutError) as info:
+                async for _ in c.stream([1, 2, 3]):
+                    pass
+            _assert_cannot_connect(info.value, address)
+
+    asyncio.run(run_async())
+

@@ -159,11 +159,12 @@ def test_unknown_enum_values_are_invalid_argument():
     for mode in PauseMode:
         assert convert.pause_mode_from_proto(convert.pause_mode_to_proto(mode)) is mode
         assert convert.pause_mode_to_proto(mode.value) == convert.pause_mode_to_proto(mode)
-    # A mode is required: UNSPECIFIED is as wrong as an unknown number.
-    for value in (pb.PAUSE_MODE_UNSPECIFIED, 42):
-        with pytest.raises(errors.InvalidArgumentError) as info:
-            convert.pause_mode_from_proto(value)
-        assert info.value.field == "mode"
+    # An unset mode (UNSPECIFIED, the proto default) means ABORT; an unknown number is refused.
+    assert convert.pause_mode_from_proto(pb.PAUSE_MODE_UNSPECIFIED) is PauseMode.ABORT
+    assert convert.pause_mode_from_proto(pb.PauseGenerationRequest().mode) is PauseMode.ABORT
+    with pytest.raises(errors.InvalidArgumentError) as info:
+        convert.pause_mode_from_proto(42)
+    assert info.value.field == "mode"
     with pytest.raises(errors.InvalidArgumentError):
         convert.pause_mode_to_proto("later")
     # An unknown number survives the wire (open enums) and is rejected by the converter.

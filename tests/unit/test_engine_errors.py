@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
 from rollout import Engine, SamplingParams
+from rollout.config import ModelConfig
 from rollout.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError
 
 
@@ -72,6 +74,27 @@ def test_bad_prompts_rejected_and_engine_keeps_serving(engine) -> None:
     engine.check_integrity()
 
 
+def test_stop_ids_covering_the_vocabulary_before_min_new_tokens(engine, tiny_model_dir) -> None:
+    vocab = engine.info().vocab_size
+    eos = ModelConfig.from_pretrained(tiny_model_dir("qwen3")).eos_token_ids
+    assert eos, "the tiny model has an EOS id"
+    all_but_eos = [t for t in range(vocab) if t not in eos]
+    # No token could be drawn before min_new_tokens: refused, naming the fields at fault.
+    for kw in ({"stop_token_ids": list(range(vocab))}, {"stop_token_ids": all_but_eos},
+               {"stop_token_ids": list(range(vocab)), "ignore_eos": True}):
+        with pytest.raises(InvalidArgumentError, match="min_new_tokens.*whole vocabulary"):
+            engine.generate([3, 4, 5], SamplingParams(min_new_tokens=3, max_new_tokens=4, **kw))
+    # With ignore_eos the EOS ids stay drawable: served, with finite logprobs.
+    out = engine.generate([3, 4, 5], SamplingParams(min_new_tokens=3, max_new_tokens=4, ignore_eos=True,
+                                                    stop_token_ids=all_but_eos), return_logprob=True)[0]
+    assert all(t in eos for t in out.output_ids[:3])
+    assert all(math.isfinite(lp) for lp in out.output_logprobs)
+    # Without min_new_tokens nothing is masked: any stop list is fine.
+    out = engine.generate([3, 4, 5], SamplingParams(max_new_tokens=2, stop_token_ids=list(range(vocab))),
+                          return_logprob=True)[0]
+    assert len(out.output_ids) == 1 and math.isfinite(out.output_logprobs[0])
+
+
 def test_async_generate(engine) -> None:
     sp = SamplingParams(temperature=0.0, max_new_tokens=5, ignore_eos=True)
     sync = engine.generate([[7, 8, 9], [10, 11]], sp)
@@ -129,6 +152,22 @@ def test_a_cuda_device_without_index_means_the_current_one(monkeypatch) -> None:
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+def test_a_cuda_device_on_a_machine_without_one_is_a_clear_error(monkeypatch, tiny_model_dir) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(InvalidArgumentError, match="device: no CUDA device is available"):
+            Engine(tiny_model_dir("qwen3"), device=device)
+    with pytest.raises(InvalidArgumentError, match="device: .*cpu, cuda or cuda:N"):
+        Engine(tiny_model_dir("qwen3"), device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(InvalidArgumentError, match="device: cuda:2 .*2 CUDA devices"):
+        Engine(tiny_model_dir("qwen3"), device="cuda:2")
+
+
 def test_host_inputs_land_on_16_byte_aligned_views() -> None:
     """Every segment of a step's one host->device copy starts 16-byte aligned whatever the segment
     lengths: Triton compiles a kernel once per pointer alignment, and a misaligned view in one step
@@ -153,3 +192,34 @@ def test_the_lm_head_runs_at_few_row_counts() -> None:
     assert len(counts) <= 64
     assert all(logits_rows(n) >= n for n in range(1, 3000))
     assert [logits_rows(n) for n in (1, 2, 3, 5, 9, 250, 257, 1025)] == [1, 2, 4, 8, 16, 256, 288, 1280]
+
+
+def test_client_values_are_quoted_short_in_messages() -> None:
+    from rollout.errors import quoted
+
+    assert quoted("abc") == "'abc'"
+    long = quoted("y" * 10_000)
+    assert long.startswith("'yyy") and long.endswith("...[9922 more chars]") and len(long) < 110
+    # An unknown option's name is the field: it is shortened too.
+    with pytest.raises(InvalidArgumentError) as e:
+        SamplingParams.from_dict({"z" * 100_000: 1})
+    assert len(str(e.value)) < 1000 and "more chars]" in str(e.value)
+    with pytest.raises(InvalidArgumentError) as e:
+        SamplingParams(stop=["s" * 100_000, ""])
+    assert len(str(e.value)) < 300 and "stop" in str(e.value)
+
+
+def test_sampling_params_as_a_dict(engine) -> None:
+    sp = SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True)
+    want = engine.generate([3, 4, 5], sp)[0].output_ids
+    as_dict = {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True}
+    assert engine.generate([3, 4, 5], as_dict)[0].output_ids == want
+    assert engine.generate(input_ids=[3, 4, 5], sampling_params={"max_new_tokens": 4})[0].completion_tokens <= 4
+    outs = engine.generate([[3, 4, 5], [3, 4, 5]], [as_dict, sp])
+    assert [o.output_ids for o in outs] == [want, want]
+    assert [t for c in engine.stream([3, 4, 5], as_dict) for t in c.token_ids] == want
+    assert asyncio.run(engine.async_generate([3, 4, 5], as_dict))[0].output_ids == want
+    with pytest.raises(InvalidArgumentError, match="max_tokens: unknown sampling option"):
+        engine.generate([3, 4, 5], {"max_tokens": 4})
+    with pytest.raises(InvalidArgumentError, match="sampling_params: must be a SamplingParams or a dict"):
+        engine.generate([3, 4, 5], 4)

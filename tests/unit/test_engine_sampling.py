@@ -158,3 +158,16 @@ def test_stop_string_across_two_tokens_completed_at_min_new_tokens_ends_the_samp
         out = run(j + 2)
         assert len(out.output_ids) >= j + 2, f"min_new_tokens={j + 2} but the engine stopped after {out.output_ids}"
         assert out.output_ids[: j + 2] == ids[: j + 2]
+
+
+def test_tiny_top_p_samples_the_argmax(tiny_model_dir) -> None:
+    path = tiny_model_dir("qwen3")
+    with Engine(path) as engine:
+        greedy = engine.generate(PROMPT, SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True),
+                                 return_logprob=True)[0]
+        for top_p in (1e-46, 1e-300):
+            sp = SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=6, ignore_eos=True, seed=3)
+            out = engine.generate(PROMPT, sp, return_logprob=True)[0]
+            assert out.output_ids == greedy.output_ids
+            # The kept set is the argmax alone: its renormalised probability is 1.
+            assert out.output_logprobs == [0.0] * 6

@@ -168,6 +168,25 @@ def test_banned_ids_never_sampled_even_when_likely() -> None:
     assert set(out.token_ids.tolist()) == {1, 2, 3}
 
 
+def test_a_row_with_every_id_banned_ignores_the_ban() -> None:
+    # An unsatisfiable ban (request validation refuses one; this is the last line of defence) must not
+    # turn the row into NaN: the row is sampled as if nothing were banned.
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(4, V, generator=g)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=0.0)]
+    banned = [list(range(V)), list(range(V)) + [V + 3], list(reversed(range(V))), [1, 2]]
+    out = run(params, logits, seeds=[0, 1, 2, 3], banned=banned)
+    assert torch.isfinite(out.logprobs).all()
+    lsm = torch.log_softmax(logits, dim=-1)
+    assert int(out.token_ids[0]) == int(logits[0].argmax())
+    torch.testing.assert_close(out.logprobs[0], lsm[0, out.token_ids[0]])
+    torch.testing.assert_close(out.logprobs[1], lsm[1, out.token_ids[1]])
+    masked = logits[3].clone()
+    masked[[1, 2]] = -math.inf
+    assert int(out.token_ids[3]) == int(masked.argmax())  # other rows keep their bans
+
+
 def test_zero_probability_tokens_never_sampled() -> None:
     n = 4000
     logits = torch.tensor([[0.0, -math.inf, 0.0, -math.inf, -30.0]] * n)
@@ -219,7 +238,11 @@ def test_different_steps_and_seeds_give_different_draws() -> None:
     assert chisquare(counts, p * n).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("kw", [{"top_p": 1e-6}, {"top_k": 1}, {"top_k": 1, "temperature": 3.0}])
+@pytest.mark.parametrize("kw", [
+    {"top_p": 1e-6}, {"top_k": 1}, {"top_k": 1, "temperature": 3.0},
+    # Below float32's range these round to 0 on the device; the limit is still the argmax.
+    {"top_p": 1e-46}, {"top_p": 1e-300}, {"top_p": 5e-324}, {"top_p": 1e-300, "min_p": 1.0},
+])
 def test_degenerate_filters_act_like_greedy(kw: dict) -> None:
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(256, 20, generator=g)

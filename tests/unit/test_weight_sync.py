@@ -271,23 +271,32 @@ def test_group_abort_signal_frees_a_member_waiting_on_a_collective() -> None:
 
 
 @pytest.mark.parametrize(
-    "change, match",
+    "change, message",
     [
-        (lambda w: w.update({"model.norm.weight": torch.zeros(3)}), "model.norm.weight"),
-        (lambda w: w.update({"model.layers.0.self_attn.q_proj.weight": torch.zeros(5, 64)}), "q_proj"),
-        (lambda w: w.update({"model.layers.9.mlp.up_proj.weight": torch.zeros(4, 4)}), "layers.9"),
-        (lambda w: w.update({"model.norm.weight": torch.zeros(64, dtype=torch.int32)}), "model.norm.weight"),
+        ({"model.norm.weight": torch.zeros(3)}, "model.norm.weight: shape mismatch: expected (64,), got (3,)"),
+        ({"model.layers.0.self_attn.q_proj.weight": torch.zeros(5, 64)},
+         "model.layers.0.self_attn.q_proj.weight: shape mismatch: expected (64, 64), got (5, 64) "
+         "(loading into model.layers.0.self_attn.qkv_proj.weight[q])"),
+        ({"model.layers.9.mlp.up_proj.weight": torch.zeros(4, 4)},
+         "weights: unexpected checkpoint keys: 'model.layers.9.mlp.up_proj.weight'"),
+        ({"model.norm.weight": torch.zeros(64, dtype=torch.int32)},
+         "model.norm.weight: dtype int32 is not a floating-point weight dtype"),
         # Wrong shapes that broadcast: an in-place copy_ alone would accept them and fill the parameter.
-        (lambda w: w.update({"model.norm.weight": torch.ones(1)}), "model.norm.weight"),
-        (lambda w: w.update({"model.layers.0.self_attn.q_proj.weight": torch.ones(1, 64)}), "q_proj"),
-        (lambda w: w.update({"model.layers.1.mlp.down_proj.weight": torch.ones(1, 128)}), "down_proj"),
+        ({"model.norm.weight": torch.ones(1)}, "model.norm.weight: shape mismatch: expected (64,), got (1,)"),
+        ({"model.layers.0.self_attn.q_proj.weight": torch.ones(1, 64)},
+         "model.layers.0.self_attn.q_proj.weight: shape mismatch: expected (64, 64), got (1, 64) "
+         "(loading into model.layers.0.self_attn.qkv_proj.weight[q])"),
+        ({"model.layers.1.mlp.down_proj.weight": torch.ones(1, 128)},
+         "model.layers.1.mlp.down_proj.weight: shape mismatch: expected (64, 128), got (1, 128)"),
     ],
     ids=["shape", "fused-shard-shape", "unknown-name", "int-dtype", "broadcast-norm", "broadcast-fused-shard",
          "broadcast-row"],
 )
-def test_bad_update_is_rejected_and_old_weights_keep_serving(model_dir, perturbed, expected, change, match) -> None:
+def test_bad_update_is_rejected_and_old_weights_keep_serving(model_dir, perturbed, expected, change, message) -> None:
+    # The whole message: each tensor name appears once.
+    match = f"^{re.escape(message)}$"
     weights = dict(perturbed[0])
-    change(weights)
+    weights.update(change)
     with Engine(model_dir, **ENGINE_OPTS) as engine:
         with weight_sync.connect([engine], backend="gloo", bucket_bytes=BUCKET, timeout_s=60) as group:
             with pytest.raises(InvalidArgumentError, match=match):
