@@ -23,8 +23,8 @@ import sys
 import threading
 from typing import Any
 
-from rollout.benchmark import StreamFn, Workload, format_report, run_streams, summarize
 from rollout.client import AsyncRolloutClient
+from rollout.testing.benchmark import StreamFn, Workload, format_report, run_streams, summarize
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,7 +80,7 @@ async def bench_grpc(address: str, work: Workload, args: argparse.Namespace) -> 
 
 
 async def bench_engine(model: str, work: Workload, args: argparse.Namespace) -> dict[str, float]:
-    from rollout.engine import Engine
+    from rollout.engine.api import Engine
 
     engine = Engine(model, device=args.device, dtype=args.dtype)
     try:

@@ -23,7 +23,7 @@ import tempfile
 import torch
 
 from rollout import Engine
-from rollout.benchmark import MODEL_SHAPES, RequestRecord, Workload, format_report, run_streams, summarize
+from rollout.testing.benchmark import MODEL_SHAPES, RequestRecord, Workload, format_report, run_streams, summarize
 
 
 def model_dir(args: argparse.Namespace) -> str:
@@ -33,7 +33,7 @@ def model_dir(args: argparse.Namespace) -> str:
         from rollout.default_model import default_model_path
 
         return default_model_path()
-    from rollout.models.random_init import write_random_model
+    from rollout.testing.random_model import write_random_model
 
     shape = dict(MODEL_SHAPES[args.shape])
     arch = shape.pop("arch")
@@ -54,8 +54,8 @@ def print_roofline(path: str, args: argparse.Namespace, wl: Workload, figures: d
     A decode step reads every weight once and the KV of every running sequence; with the whole
     workload running at once, the mean context of a step is the mean of input + output / 2.
     """
-    from rollout.benchmark import decode_roofline_tok_s, measure_copy_bandwidth, model_weight_bytes
     from rollout.config import ModelConfig
+    from rollout.testing.benchmark import decode_roofline_tok_s, measure_copy_bandwidth, model_weight_bytes
 
     cfg = ModelConfig.from_pretrained(path)
     itemsize = 2 if args.dtype in ("bfloat16", "float16") else 4

@@ -33,8 +33,8 @@ def main() -> None:
 
     from examples.offline_throughput import model_dir
     from rollout.config import EngineConfig
-    from rollout.engine_core import EngineCore
-    from rollout.request_validation import make_add_request
+    from rollout.engine.core import EngineCore
+    from rollout.engine.request_validation import make_add_request
     from rollout.types import SamplingParams
 
     gpu = args.device.startswith("cuda")

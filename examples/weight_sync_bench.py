@@ -27,8 +27,8 @@ DTYPE = torch.bfloat16
 
 
 def hf_param_shapes(shape_name: str) -> list[tuple[str, tuple[int, ...]]]:
-    """Hugging Face tensor names and shapes of a ``rollout.benchmark.MODEL_SHAPES`` entry."""
-    from rollout.benchmark import MODEL_SHAPES
+    """Hugging Face tensor names and shapes of a ``rollout.testing.benchmark.MODEL_SHAPES`` entry."""
+    from rollout.testing.benchmark import MODEL_SHAPES
 
     s = MODEL_SHAPES[shape_name]
     h, d, layers = s["hidden_size"], s["head_dim"], s["num_hidden_layers"]
@@ -113,7 +113,7 @@ class _Receiver:
         raise ValueError(op)
 
     def _update_tensor(self, kw: dict[str, Any]) -> Any:
-        from rollout.weights.opened import OpenedSources
+        from rollout.control.weight_sources import OpenedSources
         from weight_sync.buckets import bucket_views, layouts_from_args
         from weight_sync.sources import source_from_dict
 
@@ -229,7 +229,7 @@ def _line(label: str, times: list[float], nbytes: int, ref: float | None = None)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", default="tiny", help="a key of rollout.benchmark.MODEL_SHAPES")
+    ap.add_argument("--shape", default="tiny", help="a key of rollout.testing.benchmark.MODEL_SHAPES")
     ap.add_argument("--ipc", action="store_true", help="colocated: CUDA IPC on one GPU (shared memory on CPU)")
     ap.add_argument("--bucket-mb", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=5)

@@ -104,10 +104,10 @@ def main() -> None:
     import argparse as _a
 
     from examples.offline_throughput import model_dir
-    from rollout.benchmark import Workload, measure_copy_bandwidth, model_weight_bytes
     from rollout.config import EngineConfig
-    from rollout.engine_core import EngineCore
-    from rollout.request_validation import make_add_request
+    from rollout.engine.core import EngineCore
+    from rollout.engine.request_validation import make_add_request
+    from rollout.testing.benchmark import Workload, measure_copy_bandwidth, model_weight_bytes
 
     gpu = args.device.startswith("cuda")
     dtype = "bfloat16" if gpu else "float32"

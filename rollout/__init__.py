@@ -13,13 +13,13 @@ __version__ = "0.1.0"
 __all__ = ["Engine", "SamplingParams", "GenerateOutput", "StreamChunk", "FinishReason", "PauseMode", "__version__"]
 
 if TYPE_CHECKING:
-    from rollout.engine import Engine
+    from rollout.engine.api import Engine
     from rollout.types import FinishReason, GenerateOutput, PauseMode, SamplingParams, StreamChunk
 
 
 def __getattr__(name: str) -> Any:
     if name == "Engine":
-        from rollout.engine import Engine
+        from rollout.engine.api import Engine
 
         return Engine
     if name in ("SamplingParams", "GenerateOutput", "StreamChunk", "FinishReason", "PauseMode"):

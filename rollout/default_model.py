@@ -43,7 +43,7 @@ def default_model_path(cache_dir: str | None = None) -> str:
     path = os.path.join(root, DEFAULT_MODEL_NAME)
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    from rollout.models.random_init import write_random_model
+    from rollout.testing.random_model import write_random_model
 
     os.makedirs(root, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=root)

@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """Return a function arch -> path of a small random model of that architecture (cached)."""
-    from rollout.models.random_init import write_random_model
+    from rollout.testing.random_model import write_random_model
 
     made: dict[tuple, str] = {}
 

@@ -9,8 +9,8 @@ import uuid
 import torch
 from safetensors.torch import save_file
 
+from rollout.engine.request_validation import make_add_request
 from rollout.models.loader import iter_checkpoint
-from rollout.request_validation import make_add_request
 from rollout.types import SamplingParams
 
 

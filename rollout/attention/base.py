@@ -11,8 +11,8 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from rollout.batch import ForwardBatch
 from rollout.cache.kv_pool import KVPool
-from rollout.runner.forward_batch import ForwardBatch
 
 
 class AttentionBackend(ABC):

@@ -33,9 +33,9 @@ import flashinfer
 import torch
 
 from rollout.attention.base import AttentionBackend
+from rollout.batch import ForwardBatch
 from rollout.cache.kv_pool import KVPool
 from rollout.errors import InvalidArgumentError
-from rollout.runner.forward_batch import ForwardBatch
 
 DEFAULT_WORKSPACE_BYTES = 256 << 20
 # flashinfer's own default size of the integer (scheduling metadata) workspace.

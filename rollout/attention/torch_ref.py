@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from rollout.attention.base import AttentionBackend
-from rollout.runner.forward_batch import ForwardBatch
+from rollout.batch import ForwardBatch
 
 
 class TorchReferenceBackend(AttentionBackend):

@@ -28,9 +28,9 @@ from kernels.attention import (
 )
 from kernels.triton_utils import interpreting, num_sms
 from rollout.attention.base import AttentionBackend
+from rollout.batch import ForwardBatch
 from rollout.cache.kv_pool import KVPool
 from rollout.errors import InvalidArgumentError
-from rollout.runner.forward_batch import ForwardBatch
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rollout.runner.forward_batch import ForwardBatch
+from rollout.batch import ForwardBatch
 
 
 class Attention(nn.Module):

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from rollout.batch import ForwardBatch
 from rollout.config import ModelConfig
 from rollout.layers.activation import SiluAndMul
 from rollout.layers.attention import Attention
@@ -22,7 +23,6 @@ from rollout.layers.linear import MergedColumnParallelLinear, QKVParallelLinear,
 from rollout.layers.norm import RMSNorm
 from rollout.layers.rotary import RotaryEmbedding, apply_rotary
 from rollout.models.weights import CheckpointNameMap, load_named_weights
-from rollout.runner.forward_batch import ForwardBatch
 
 
 class StepRope(NamedTuple):

@@ -27,7 +27,7 @@ import logging
 
 import torch
 
-from rollout.runner.forward_batch import ForwardBatch
+from rollout.batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
 

@@ -11,16 +11,14 @@ import numpy as np
 import torch
 
 from rollout.attention.registry import create_attention_backend, default_attention_backend
+from rollout.batch import BatchPlan, ForwardBatch, StepResult
 from rollout.cache.kv_pool import KVPool
 from rollout.config import EngineConfig
-from rollout.memory import EngineMemory
+from rollout.control.memory_placement import EngineMemory
 from rollout.models.loader import load_model
 from rollout.runner.cuda_graph import DecodeGraphRunner, default_graph_batch_sizes
-from rollout.runner.forward_batch import ForwardBatch
 from rollout.sampling.sampler import Sampler
 from rollout.sampling.sampling_batch import SamplingBatch
-from rollout.scheduler.plan import BatchPlan
-from rollout.scheduler.scheduler import StepResult
 from rollout.types import TopLogprobs
 
 logger = logging.getLogger(__name__)

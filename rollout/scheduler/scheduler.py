@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Iterable
 
+from rollout.batch import BatchPlan, StepResult
 from rollout.cache.manager import KVCacheManager
 from rollout.config import SchedulerConfig
-from rollout.scheduler.plan import BatchPlan
 from rollout.scheduler.sequence import SeqStatus, Sequence
 from rollout.scheduler.stop import StopChecker
 from rollout.types import FinishReason, PauseMode, TopLogprobs
@@ -302,16 +302,3 @@ class Scheduler:
         if seq.cached_tokens < 0:
             seq.cached_tokens = 0
         self.on_finish(seq)
-
-
-class StepResult:
-    """Sampled tokens of one step as Python lists (one entry per sampled sequence)."""
-
-    __slots__ = ("token_ids", "logprobs", "raw_logprobs", "top_logprobs")
-
-    def __init__(self, token_ids: list[int], logprobs: list[float] | None = None,
-                 raw_logprobs: list[float] | None = None, top_logprobs: list | None = None) -> None:
-        self.token_ids = token_ids
-        self.logprobs = logprobs
-        self.raw_logprobs = raw_logprobs
-        self.top_logprobs = top_logprobs

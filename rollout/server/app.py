@@ -99,7 +99,7 @@ async def serve_async(
         raise ValueError(f"engine_stall_timeout must be a positive number of seconds, got {engine_stall_timeout!r}")
     if not isinstance(max_request_mb, int) or not 1 <= max_request_mb <= 2047:
         raise ValueError(f"max_request_mb must be in 1..2047, got {max_request_mb!r}")
-    from rollout.engine_process import start_engine_process
+    from rollout.engine.process import start_engine_process
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         # gRPC would bind some other port for an out-of-range number rather than refuse it.

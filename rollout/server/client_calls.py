@@ -10,8 +10,8 @@ from typing import Any, Mapping, Sequence
 import grpc
 
 from protos import rollout_pb2 as pb
+from rollout.engine.output_assembly import OutputAssembler
 from rollout.errors import EngineDeadError, InvalidArgumentError, RolloutError, UnavailableError
-from rollout.output_assembly import OutputAssembler
 from rollout.server import convert
 from rollout.types import GenerateOutput, SamplingParams, StreamChunk, as_sampling_params
 

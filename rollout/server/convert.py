@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import grpc
 
 from protos import rollout_pb2 as pb
-from rollout.engine_messages import AddRequest
+from rollout.engine.messages import AddRequest
 from rollout.errors import InvalidArgumentError, RolloutError, error_from_code, quoted
 from rollout.types import (
     EngineInfo,
@@ -25,7 +25,7 @@ from rollout.types import (
 )
 
 if TYPE_CHECKING:
-    from rollout.request_validation import RequestLimits
+    from rollout.engine.request_validation import RequestLimits
     from rollout.tokenizer import Tokenizer
 
 # Optional scalar fields of the SamplingParams proto, by name; they equal the dataclass field names.
@@ -96,7 +96,7 @@ def add_request_from_proto(
     msg: pb.GenerateRequest, request_id: str, limits: RequestLimits, tokenizer: Tokenizer | None
 ) -> AddRequest:
     """Turn a ``GenerateRequest`` into a validated engine ``AddRequest``."""
-    from rollout.request_validation import check_prompt_size, make_add_request
+    from rollout.engine.request_validation import check_prompt_size, make_add_request
 
     check_prompt_size(len(msg.input_ids), len(msg.text), limits)  # before any per-token work
     sampling = sampling_from_proto(msg.sampling_params if msg.HasField("sampling_params") else None)

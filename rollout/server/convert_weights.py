@@ -1,7 +1,7 @@
 """Weight-update and memory protos <-> the engine's control-operation arguments (plain dicts).
 
 The engine's weight and memory operations take keyword arguments (see ``rollout/weights`` and
-``rollout/memory_control.py``); ``weight_sync`` produces the same keywords on the trainer side.
+``rollout/control/memory.py``); ``weight_sync`` produces the same keywords on the trainer side.
 These functions are the only place they meet the protos, in both directions.
 """
 

@@ -16,7 +16,7 @@ import grpc
 
 from protos import rollout_pb2 as pb
 from protos import rollout_pb2_grpc
-from rollout.engine_messages import pause_args
+from rollout.engine.messages import pause_args
 from rollout.errors import (
     EngineDeadError,
     InvalidArgumentError,
@@ -28,7 +28,7 @@ from rollout.errors import (
 from rollout.server import convert, convert_weights
 
 if TYPE_CHECKING:
-    from rollout.engine_client import EngineClient
+    from rollout.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
 

@@ -146,7 +146,7 @@ def client(server) -> Iterator[RolloutClient]:
 @pytest.fixture(scope="session")
 def engine(tiny_model):
     """The in-process engine over the same model: the reference the server must agree with."""
-    from rollout.engine import Engine
+    from rollout.engine.api import Engine
 
     eng = Engine(tiny_model, device="cpu", dtype="float32")
     yield eng

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 
 from rollout.client import AsyncRolloutClient
-from rollout.engine_messages import AddRequest
-from rollout.engine_process import start_engine_thread
+from rollout.engine.messages import AddRequest
+from rollout.engine.process import start_engine_thread
 from rollout.types import PauseMode, SamplingParams
 
 LONG = SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True)

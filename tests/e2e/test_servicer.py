@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from rollout.client import AsyncRolloutClient
+from rollout.engine.request_validation import RequestLimits
 from rollout.errors import RolloutError
-from rollout.request_validation import RequestLimits
 from rollout.server.servicer import RolloutServicer, add_to_server
 from rollout.types import FinishReason, StreamChunk
 

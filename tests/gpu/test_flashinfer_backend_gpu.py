@@ -14,12 +14,12 @@ import torch
 from rollout import Engine, SamplingParams
 from rollout.attention.registry import create_attention_backend, default_attention_backend
 from rollout.attention.torch_ref import TorchReferenceBackend
+from rollout.batch import ForwardBatch
 from rollout.cache.kv_pool import KVPool
 from rollout.config import ModelConfig
 from rollout.errors import InvalidArgumentError
 from rollout.models.loader import load_model
 from rollout.runner.cuda_graph import DecodeGraphRunner
-from rollout.runner.forward_batch import ForwardBatch
 
 pytestmark = pytest.mark.gpu
 pytest.importorskip("flashinfer")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import rollout.engine_process as engine_process
+import rollout.engine.process as engine_process
 from memory_saver import MemorySaver, MemoryState
 from rollout import Engine, SamplingParams
 

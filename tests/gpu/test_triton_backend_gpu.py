@@ -10,11 +10,11 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
 from rollout.attention.registry import create_attention_backend  # noqa: E402
+from rollout.batch import ForwardBatch  # noqa: E402
 from rollout.cache.kv_pool import KVPool  # noqa: E402
 from rollout.config import ModelConfig  # noqa: E402
 from rollout.models.loader import load_model  # noqa: E402
-from rollout.models.random_init import write_random_model  # noqa: E402
-from rollout.runner.forward_batch import ForwardBatch  # noqa: E402
+from rollout.testing.random_model import write_random_model  # noqa: E402
 
 DEVICE = "cuda"
 

@@ -7,7 +7,7 @@ import torch
 
 import weight_sync
 from rollout import SamplingParams
-from rollout.engine_process import start_engine_process
+from rollout.engine.process import start_engine_process
 from rollout.errors import InvalidArgumentError
 from tests.weight_helpers import client_outputs as engine_outputs
 from tests.weight_helpers import perturb_checkpoint

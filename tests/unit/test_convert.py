@@ -9,7 +9,7 @@ import pytest
 
 from protos import rollout_pb2 as pb
 from rollout import errors
-from rollout.request_validation import RequestLimits
+from rollout.engine.request_validation import RequestLimits
 from rollout.server import convert
 from rollout.types import EngineInfo, FinishReason, PauseMode, SamplingParams, StreamChunk, TopLogprobs
 

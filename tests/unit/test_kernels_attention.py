@@ -26,9 +26,9 @@ from kernels.attention import (  # noqa: E402
 )
 from rollout.attention.registry import create_attention_backend  # noqa: E402
 from rollout.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from rollout.batch import ForwardBatch  # noqa: E402
 from rollout.cache.kv_pool import KVPool  # noqa: E402
 from rollout.errors import InvalidArgumentError  # noqa: E402
-from rollout.runner.forward_batch import ForwardBatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout import Engine, SamplingParams, engine_process
+import rollout.engine.process as engine_process
+from rollout import Engine, SamplingParams
 from rollout.config import CacheConfig
+from rollout.control.memory_placement import EngineMemory
 from rollout.errors import FailedPreconditionError, InvalidArgumentError
-from rollout.memory import EngineMemory
 from rollout.models.loader import load_model
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True)

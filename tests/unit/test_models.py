@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rollout.attention.registry import create_attention_backend
+from rollout.batch import ForwardBatch
 from rollout.cache.kv_pool import KVPool
 from rollout.config import ModelConfig
 from rollout.errors import InvalidArgumentError
 from rollout.layers.moe import FusedMoE, fused_experts, select_experts
 from rollout.models.loader import iter_checkpoint, load_model
-from rollout.models.random_init import write_random_model
-from rollout.runner.forward_batch import ForwardBatch
+from rollout.testing.random_model import write_random_model
 
 TOL = 1e-4
 # (arch, extra config); the variants reach rope scaling and Qwen3-MoE's dense-layer / routing options.

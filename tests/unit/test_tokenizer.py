@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from rollout.models.random_init import write_random_model
+from rollout.testing.random_model import write_random_model
 from rollout.tokenizer import Tokenizer
 
 TEXT = "Hello world! The answer is 42.\nNaïve café, 東京 <|im_start|>user\nhi<|im_end|>"

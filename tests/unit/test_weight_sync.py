@@ -18,7 +18,7 @@ import torch
 import weight_sync
 from rollout import Engine, SamplingParams
 from rollout.config import ModelConfig
-from rollout.engine_process import start_engine_process
+from rollout.engine.process import start_engine_process
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from rollout.models.loader import iter_checkpoint
 from tests.hf_oracle import hf_greedy

@@ -21,9 +21,9 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from rollout.engine_messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
+from rollout.engine.messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
+from rollout.engine.request_validation import RequestLimits
 from rollout.errors import EngineDeadError, RolloutError, error_from_code, quoted
-from rollout.request_validation import RequestLimits
 from rollout.types import EngineInfo, StreamChunk
 
 logger = logging.getLogger(__name__)

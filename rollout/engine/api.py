@@ -12,11 +12,11 @@ import queue
 import uuid
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
-from rollout.engine_messages import AddRequest
-from rollout.engine_process import start_engine_process, start_engine_thread
+from rollout.engine.messages import AddRequest
+from rollout.engine.output_assembly import OutputAssembler
+from rollout.engine.process import start_engine_process, start_engine_thread
+from rollout.engine.request_validation import make_add_request
 from rollout.errors import InvalidArgumentError, error_from_code
-from rollout.output_assembly import OutputAssembler
-from rollout.request_validation import make_add_request
 from rollout.types import EngineInfo, GenerateOutput, PauseMode, SamplingParams, StreamChunk, as_sampling_params
 
 Prompts = Sequence[int] | Sequence[Sequence[int]] | None

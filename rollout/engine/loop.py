@@ -15,9 +15,9 @@ import queue
 import traceback
 from typing import Any, Callable, Protocol
 
-from rollout.engine_core import EngineCore
-from rollout.engine_jobs import Background
-from rollout.engine_messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
+from rollout.engine.core import EngineCore
+from rollout.engine.jobs import Background
+from rollout.engine.messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
 from rollout.errors import RolloutError
 
 logger = logging.getLogger(__name__)

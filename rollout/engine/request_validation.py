@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from rollout.engine_messages import AddRequest
+from rollout.engine.messages import AddRequest
 from rollout.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError, quoted
 from rollout.types import SamplingParams
 

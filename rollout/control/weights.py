@@ -20,18 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rollout.engine_jobs import Background
+from rollout.control.checkpoint_specs import checkpoint_specs
+from rollout.control.weight_checks import UpdateChecker
+from rollout.control.weight_sources import OpenedSources, check_sources
+from rollout.engine.jobs import Background
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError, quoted
-from rollout.weights.checker import UpdateChecker
-from rollout.weights.disk import checkpoint_specs
-from rollout.weights.opened import OpenedSources, check_sources
 from weight_sync.buckets import BucketLayout, LayoutCache, bucket_views
 from weight_sync.group import CommGroup, GroupConfig, GroupFailedError
 from weight_sync.receiver import receive_buckets
 from weight_sync.sources import source_from_dict
 
 if TYPE_CHECKING:
-    from rollout.engine_core import EngineCore
+    from rollout.engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
@@ -258,3 +258,15 @@ class WeightUpdater:
         core.set_weight_version(version)
         logger.info("weights updated to version %d (%s, %d tensors)", version, what, total)
         return version
+
+
+def attach_weight_updates(core: EngineCore) -> None:
+    """Register the weight-update operations on ``core.controls``."""
+    updater = WeightUpdater(core)
+    core.controls.update({
+        "init_weight_update_group": updater.init_group,
+        "destroy_weight_update_group": updater.destroy_group,
+        "update_weights_from_distributed": updater.from_distributed,
+        "update_weights_from_tensor": updater.from_tensor,
+        "update_weights_from_disk": updater.from_disk,
+    })

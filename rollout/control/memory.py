@@ -24,8 +24,8 @@ from rollout.errors import FailedPreconditionError, InvalidArgumentError, quoted
 from rollout.types import EngineInfo, PauseMode
 
 if TYPE_CHECKING:
-    from rollout.engine_core import EngineCore
-    from rollout.memory import EngineMemory
+    from rollout.control.memory_placement import EngineMemory
+    from rollout.engine.core import EngineCore
 
 MEMORY_BLOCKER = "memory"
 WEIGHTS_BLOCKER = "weights"

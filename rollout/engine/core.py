@@ -13,13 +13,13 @@ import traceback
 from typing import Any, Callable
 
 from rollout import __version__
+from rollout.batch import BatchPlan
 from rollout.cache.manager import KVCacheManager
 from rollout.config import EngineConfig
-from rollout.engine_messages import AddRequest, Event, RequestFailed
+from rollout.engine.messages import AddRequest, Event, RequestFailed
+from rollout.engine.request_validation import RequestLimits
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, quoted
-from rollout.request_validation import RequestLimits
 from rollout.runner.model_runner import ModelRunner, QueuedStep
-from rollout.scheduler.plan import BatchPlan
 from rollout.scheduler.scheduler import Scheduler
 from rollout.scheduler.sequence import SeqStatus, Sequence
 from rollout.scheduler.stop import StopChecker
@@ -72,8 +72,8 @@ class EngineCore:
 
     def _attach_subsystems(self) -> None:
         """Let the weight-update and memory subsystems register their control operations."""
-        from rollout.memory_control import attach_memory_control
-        from rollout.weight_updates import attach_weight_updates
+        from rollout.control.memory import attach_memory_control
+        from rollout.control.weights import attach_weight_updates
 
         attach_weight_updates(self)
         attach_memory_control(self)

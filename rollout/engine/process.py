@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import torch
 
-from rollout.engine_client import EngineClient
-from rollout.engine_messages import ControlReply, Event
+from rollout.engine.client import EngineClient
+from rollout.engine.messages import ControlReply, Event
 from rollout.errors import EngineDeadError, error_from_code
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def _recv_from(q: Any) -> Callable[[float], list[Event] | None]:
 
 def _build_core(model_path: str, options: dict[str, Any]):
     from rollout.config import EngineConfig
-    from rollout.engine_core import EngineCore
+    from rollout.engine.core import EngineCore
 
     config = EngineConfig.build(model_path, **options)
     device = torch.device(config.device)
@@ -61,7 +61,7 @@ def _build_core(model_path: str, options: dict[str, Any]):
 
 def start_engine_thread(model_path: str, **options: Any) -> EngineClient:
     """Build the engine here (errors raise in the caller) and run its loop in a daemon thread."""
-    from rollout.engine_loop import EngineLoop
+    from rollout.engine.loop import EngineLoop
 
     core = _build_core(model_path, options)
     inbox: queue.Queue = queue.Queue()
@@ -76,7 +76,7 @@ def start_engine_thread(model_path: str, **options: Any) -> EngineClient:
 
 def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: Any, heart: Heartbeat) -> None:
     """Entry point of the engine process: build, report readiness (call id 0), loop."""
-    from rollout.engine_loop import EngineLoop
+    from rollout.engine.loop import EngineLoop
     from rollout.errors import RolloutError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")

@@ -1,0 +1,114 @@
+"""The values that cross layers, defined below all of their users (no import runs back up).
+
+- ``BatchPlan``: what the scheduler hands the model runner for one step (plain lists, no request
+  objects), stamped with the weight version the step runs under.
+- ``StepResult``: the sampled tokens of one step, back from the runner to the scheduler.
+- ``ForwardBatch``: the tensors of one forward step, shared by the runner, the model and the
+  attention backends.
+
+ForwardBatch layout. All new tokens of all requests in the step are laid out request-major in one
+flat token axis (``T`` tokens, ``B`` requests). Request ``i`` contributes ``extend_lens[i]`` new tokens
+(1 when it decodes, a chunk of its prompt when it prefills) and attends to ``seq_lens[i]`` tokens of
+KV: its ``prefix_lens[i]`` cached tokens followed by its new ones::
+
+    token axis   | req 0: new tokens | req 1 | req 2 ...            qo_indptr = [0, e0, e0+e1, ...]
+    kv axis      | req 0: prefix + new       | req 1: prefix + new | kv_indptr = [0, s0, s0+s1, ...]
+
+``kv_indices`` holds the KV-pool slot of every kv-axis position; ``out_cache_loc`` the slot that
+each new token's K and V are written to (the tail of its request's kv run).
+
+The same slots are also in the request table: request ``i``'s are ``req_table[req_rows[i], :seq_lens[i]]``
+(the new tokens' slots are written there before the forward). A backend that reads the table
+(``AttentionBackend.reads_req_table``) gets no ``kv_indptr`` / ``kv_indices``: building them is a
+gather of every running sequence's whole KV run per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from rollout.types import SamplingParams
+
+if TYPE_CHECKING:
+    from rollout.attention.base import AttentionBackend
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """The token work of one forward step.
+
+    Entry ``i`` computes ``extend_lens[i]`` tokens of the sequence in req-table row ``rows[i]``,
+    starting at position ``prefix_lens[i]``; ``sample[i]`` says whether its last token's logits are
+    sampled (false for a prompt chunk that is not the last).
+    """
+
+    rows: list[int]
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    # The new tokens of all entries, entry-major. -1 - j stands for row j of the previous step's
+    # sampled tokens (overlap scheduling: the host does not know them yet).
+    input_ids: list[int]
+    out_slots: list[int]  # the KV slot of every new token
+    sample: list[bool]
+    # Per sampled entry, in entry order:
+    sampling: list[SamplingParams]
+    seeds: list[int]
+    steps: list[int]
+    banned: list[list[int] | None]
+    return_logprob: bool
+    return_raw_logprob: bool
+    top_logprobs_num: int
+    future_inputs: bool = False  # some input_ids refer to the previous step's samples
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+class StepResult:
+    """Sampled tokens of one step as Python lists (one entry per sampled sequence)."""
+
+    __slots__ = ("token_ids", "logprobs", "raw_logprobs", "top_logprobs")
+
+    def __init__(self, token_ids: list[int], logprobs: list[float] | None = None,
+                 raw_logprobs: list[float] | None = None, top_logprobs: list | None = None) -> None:
+        self.token_ids = token_ids
+        self.logprobs = logprobs
+        self.raw_logprobs = raw_logprobs
+        self.top_logprobs = top_logprobs
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """Everything a model forward needs besides the weights."""
+
+    input_ids: torch.Tensor  # (T,) int64
+    positions: torch.Tensor  # (T,) int64, position of each new token in its sequence
+    out_cache_loc: torch.Tensor  # (T,) int64, KV slot written by each new token
+    qo_indptr: torch.Tensor  # (B+1,) int32 or int64
+    kv_indptr: torch.Tensor | None  # (B+1,) int32 or int64; None when the backend reads the request table
+    kv_indices: torch.Tensor | None  # (sum(seq_lens),) int64; likewise
+    seq_lens: torch.Tensor  # (B,) int32 or int64, prefix + new tokens per request
+    logits_indices: torch.Tensor  # (S,) int64, token-axis index of the last new token of each sampled entry
+    seq_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
+    prefix_lens_cpu: list[int]
+    attn_backend: AttentionBackend
+    req_rows: torch.Tensor | None = None  # (B,) int64, each request's row of req_table
+    req_table: torch.Tensor | None = None  # (R, C) int64: req_table[row, pos] = KV slot
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def is_decode(self) -> bool:
+        """True when every request adds exactly one token (the CUDA-graph-able case)."""
+        return all(e == 1 for e in self.extend_lens_cpu)
