@@ -55,7 +55,8 @@ def main() -> None:
 
     torch.cuda.init()
     base_free = free_bytes()
-    saver = MemorySaver("cuda", backup_tags=() if args.no_backup else ("weights",))
+    saver = MemorySaver("cuda", ("weights", "kv_cache", "cuda_graph"),
+                        backup_tags=() if args.no_backup else ("weights",))
     shapes = weight_shapes()
     w_bytes = sum(align_up(2 * torch.Size(s).numel(), ALIGNMENT) for s in shapes)
     arena = saver.region("weights").allocate(w_bytes)

@@ -1,10 +1,10 @@
 """GPU memory that can be released and resumed at the same virtual addresses.
 
-``MemorySaver(device, backup_tags=...)`` holds one ``MemoryRegion`` per tag (``weights``,
-``kv_cache``, ``cuda_graph``); the engine allocates arenas from a region and takes tensors from
-them. ``release(tags)`` gives the physical memory back to the driver while the virtual addresses stay
-reserved; ``resume(tags)`` maps new memory at the same addresses (and restores a host backup where
-the tag has one). On CPU the same API frees and re-allocates the storage.
+``MemorySaver(device, tags, backup_tags=...)`` holds one ``MemoryRegion`` per tag the caller names
+(the engine's: ``weights``, ``kv_cache``, ``cuda_graph``); the engine allocates arenas from a region
+and takes tensors from them. ``release(tags)`` gives the physical memory back to the driver while
+the virtual addresses stay reserved; ``resume(tags)`` maps new memory at the same addresses (and
+restores a host backup where the tag has one). On CPU the same API frees and re-allocates the storage.
 """
 
 from memory_saver.arena import Arena, CpuArena, CudaArena, tensor_over
@@ -12,7 +12,6 @@ from memory_saver.cuda_vmm import CtypesDriver, CudaPythonDriver, VirtualRange, 
 from memory_saver.region import MemoryRegion, MemorySaver
 from memory_saver.state import (
     ALIGNMENT,
-    TAGS,
     CudaDriverError,
     MemorySaverError,
     MemoryState,
@@ -22,7 +21,7 @@ from memory_saver.state import (
 )
 
 __all__ = [
-    "ALIGNMENT", "TAGS", "Arena", "CpuArena", "CtypesDriver", "CudaArena", "CudaDriverError", "CudaPythonDriver",
+    "ALIGNMENT", "Arena", "CpuArena", "CtypesDriver", "CudaArena", "CudaDriverError", "CudaPythonDriver",
     "MemoryRegion", "MemorySaver", "MemorySaverError", "MemoryState", "MemoryStateError", "UnknownTagError",
     "VirtualRange", "VmmDriver", "align_up", "load_driver", "tensor_over",
 ]

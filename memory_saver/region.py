@@ -8,7 +8,7 @@ import torch
 
 from memory_saver.arena import Arena, CpuArena, CudaArena
 from memory_saver.cuda_vmm import VmmDriver, load_driver
-from memory_saver.state import TAGS, MemoryState, MemoryStateError, UnknownTagError
+from memory_saver.state import MemoryState, MemoryStateError, UnknownTagError
 
 
 class MemoryRegion:
@@ -96,11 +96,15 @@ class MemoryRegion:
 
 
 class MemorySaver:
-    """One ``MemoryRegion`` per tag on one device; releases and resumes them by tag."""
+    """One ``MemoryRegion`` per tag on one device; releases and resumes them by tag.
 
-    def __init__(self, device: torch.device | str, backup_tags: Iterable[str] = (), tags: Sequence[str] = TAGS,
+    The tags are the caller's (the engine's are ``weights``, ``kv_cache`` and ``cuda_graph``)."""
+
+    def __init__(self, device: torch.device | str, tags: Sequence[str], backup_tags: Iterable[str] = (),
                  driver: VmmDriver | None = None) -> None:
-        self._tags = tuple(tags)
+        if isinstance(tags, str) or not tags or not all(isinstance(t, str) and t for t in tags):
+            raise ValueError(f"tags must be a non-empty sequence of non-empty strings, got {tags!r}")
+        self._tags = tuple(dict.fromkeys(tags))
         backup = set(backup_tags)
         for tag in backup:
             if tag not in self._tags:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import enum
 
-# The tags the engine allocates from: model parameters, the KV pool, CUDA-graph buffers.
-TAGS: tuple[str, ...] = ("weights", "kv_cache", "cuda_graph")
-
 # Offsets of tensors inside an arena are multiples of this, so every view is aligned for vector loads.
 ALIGNMENT = 256
 

@@ -62,6 +62,7 @@ class BatchPlan:
     return_raw_logprob: bool
     top_logprobs_num: int
     future_inputs: bool = False  # some input_ids refer to the previous step's samples
+    weight_version: int = 0  # the weights this step runs under; its tokens carry it
 
     @property
     def num_tokens(self) -> int:

@@ -220,12 +220,12 @@ class RolloutClient:
     def release_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Release GPU memory of these tags (None: all); returns the memory state per tag."""
         reply = self._unary(self._stub.ReleaseMemory, pb.ReleaseMemoryRequest(tags=list(tags or ())))
-        return cw.memory_from_proto(reply)
+        return convert.memory_from_proto(reply)
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Map released memory back (None: all); returns the memory state per tag."""
         reply = self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=list(tags or ())))
-        return cw.memory_from_proto(reply)
+        return convert.memory_from_proto(reply)
 
 
 class AsyncRolloutClient:
@@ -391,9 +391,9 @@ class AsyncRolloutClient:
     async def release_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Release GPU memory of these tags (None: all)."""
         reply = await self._unary(self._stub.ReleaseMemory, pb.ReleaseMemoryRequest(tags=list(tags or ())))
-        return cw.memory_from_proto(reply)
+        return convert.memory_from_proto(reply)
 
     async def resume_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Map released memory back (None: all)."""
         reply = await self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=list(tags or ())))
-        return cw.memory_from_proto(reply)
+        return convert.memory_from_proto(reply)

@@ -12,8 +12,10 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from memory_saver.state import TAGS as MEMORY_TAGS
 from rollout.errors import InvalidArgumentError, quoted
+
+# The engine's releasable memory, by tag: model parameters, the KV pool, CUDA-graph buffers.
+MEMORY_TAGS: tuple[str, ...] = ("weights", "kv_cache", "cuda_graph")
 
 # Architectures whose checkpoints we can load, mapped to the model family that implements them.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 
 import torch
 from safetensors.torch import save_file
 
-from rollout.engine.request_validation import make_add_request
 from rollout.models.loader import iter_checkpoint
 from rollout.types import SamplingParams
 
@@ -30,11 +28,6 @@ def perturb_checkpoint(model_dir: str, out_dir: str, seed: int) -> tuple[dict[st
     return weights, write_checkpoint(model_dir, weights, out_dir)
 
 
-def client_outputs(client, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
-    """Greedy outputs of an engine process for ``prompts``, through its EngineClient."""
-    out = []
-    for p in prompts:
-        req = make_add_request(uuid.uuid4().hex, input_ids=p, text=None, sampling=sampling, limits=client.limits,
-                               tokenizer=None, stream=False)
-        out.append([t for chunk in client.stream(req) for t in chunk.token_ids])
-    return out
+def client_outputs(engine, prompts: list[list[int]], sampling: SamplingParams) -> list[list[int]]:
+    """Outputs of an engine (e.g. one in its own process) for ``prompts``, one request each."""
+    return [engine.generate(p, sampling)[0].output_ids for p in prompts]

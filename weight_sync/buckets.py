@@ -218,6 +218,24 @@ def _copied(value: Any) -> Any:
     return type(value)(_copied(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+@dataclass(frozen=True)
+class WireLayout:
+    """The wire form of a push's bucket layouts, as a trainer sends it (see ``layouts_to_args``).
+
+    Parallel lists over all tensors; ``bucket_sizes`` splits them into buckets (without it,
+    ``flat_bucket`` puts them all in one, else each travels alone); without ``offsets`` each bucket
+    is packed by the rule of ``plan_buckets``. Nothing is validated here: ``layouts_from_args`` does
+    that when the engine reads it.
+    """
+
+    names: Any
+    dtypes: Any
+    shapes: Any
+    offsets: Any = None
+    bucket_sizes: Any = None
+    flat_bucket: bool = False
+
+
 class LayoutCache:
     """``layouts_from_args`` that remembers the last layout it parsed.
 
@@ -227,18 +245,16 @@ class LayoutCache:
     that wire form, so a caller mutating its lists afterwards cannot make a stale layout match.
     """
 
-    _KEYS = ("names", "dtypes", "shapes", "offsets", "bucket_sizes", "flat_bucket")
-
     def __init__(self) -> None:
         self._last: tuple[list[Any], list[BucketLayout]] | None = None
 
-    def get(self, args: dict[str, Any]) -> list[BucketLayout]:
-        """The layouts of the wire-form ``args`` (see ``layouts_from_args``), validated."""
-        wire = [args.get(k) for k in self._KEYS]
-        if self._last is not None and self._last[0] == wire:
+    def get(self, wire: WireLayout) -> list[BucketLayout]:
+        """The layouts of ``wire`` (see ``layouts_from_args``), validated."""
+        fields = [wire.names, wire.dtypes, wire.shapes, wire.offsets, wire.bucket_sizes, wire.flat_bucket]
+        if self._last is not None and self._last[0] == fields:
             return list(self._last[1])
-        layouts = layouts_from_args(*wire[:5], bool(wire[5]))
-        self._last = (_copied(wire), layouts)
+        layouts = layouts_from_args(*fields[:5], bool(fields[5]))
+        self._last = (_copied(fields), layouts)
         return list(layouts)
 
 

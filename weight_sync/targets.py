@@ -1,36 +1,38 @@
-"""What the trainer side needs from an engine: the weight-update control operations.
+"""What the trainer side needs from an engine: the weight-update calls, with explicit arguments.
 
-``WeightSyncTarget`` (and ``ColocatedTarget`` for the shared-memory paths) is meant to be satisfied
-by the gRPC client; through ``as_target`` the in-process ``rollout.Engine`` and an ``EngineClient``
-(``.call(op, **args)``) of an engine process satisfy it too.
+The gRPC clients (``rollout.client``) and the in-process ``rollout.Engine`` both have these methods;
+``as_target`` wraps an object without ``engine_ranks`` (the in-process engine) as a one-rank target.
+The layout arguments are the wire form of ``buckets.layouts_to_args``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
 class WeightSyncTarget(Protocol):
-    """An engine (one server, possibly several ranks) that takes weights from a trainer.
-
-    Keyword arguments are those of the engine's control operations of the same names (see
-    ``rollout.weight_updates``).
-    """
+    """An engine (one server, possibly several ranks) that takes weights from a trainer."""
 
     def engine_ranks(self) -> int:
         """How many ranks this engine adds to a weight-update group."""
         ...
 
-    def init_weight_update_group(self, **kwargs: Any) -> Any:
-        """Join a group: master_address, master_port, rank_offset, world_size, group_name, backend, timeout_s."""
+    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                 group_name: str = "default", backend: str = "nccl",
+                                 timeout_s: float | None = None) -> Any:
+        """Join a group as ranks ``rank_offset ..`` (the trainer is rank 0); returns once it formed."""
         ...
 
-    def update_weights_from_distributed(self, **kwargs: Any) -> Any:
-        """Receive broadcast buckets: group_name, names, dtypes, shapes, offsets, bucket_sizes, version."""
+    def update_weights_from_distributed(self, *, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]], offsets: Sequence[int] | None = None,
+                                        bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
+                                        group_name: str = "default", version: int | None = None) -> Any:
+        """Receive the broadcast buckets of one push."""
         ...
 
-    def destroy_weight_update_group(self, group_name: str) -> Any:
+    def destroy_weight_update_group(self, group_name: str = "default") -> Any:
         """Leave and destroy a group."""
         ...
 
@@ -39,13 +41,16 @@ class WeightSyncTarget(Protocol):
 class ColocatedTarget(Protocol):
     """An engine on the trainer's machine that reads shared tensors (``push_tensors_ipc`` / ``_shm``)."""
 
-    def update_weights_from_tensor(self, **kwargs: Any) -> Any:
-        """Load shared buckets: names, dtypes, shapes, offsets, bucket_sizes, sources, version."""
+    def update_weights_from_tensor(self, *, names: Sequence[str], dtypes: Sequence[str],
+                                   shapes: Sequence[Sequence[int]], sources: Sequence[Any],
+                                   offsets: Sequence[int] | None = None, bucket_sizes: Sequence[int] | None = None,
+                                   flat_bucket: bool = False, version: int | None = None) -> Any:
+        """Load shared buckets, one source per bucket."""
         ...
 
 
 class _OneRank:
-    """An in-process ``Engine`` (or any object with the methods) as a one-rank target."""
+    """An in-process ``Engine`` (or any object with the weight-update methods) as a one-rank target."""
 
     def __init__(self, engine: Any) -> None:
         self._engine = engine
@@ -53,39 +58,11 @@ class _OneRank:
     def engine_ranks(self) -> int:
         return 1
 
-    def init_weight_update_group(self, **kwargs: Any) -> Any:
-        return self._engine.init_weight_update_group(**kwargs)
-
-    def update_weights_from_distributed(self, **kwargs: Any) -> Any:
-        return self._engine.update_weights_from_distributed(**kwargs)
-
-    def update_weights_from_tensor(self, **kwargs: Any) -> Any:
-        return self._engine.update_weights_from_tensor(**kwargs)
-
-    def destroy_weight_update_group(self, group_name: str) -> Any:
-        return self._engine.destroy_weight_update_group(group_name=group_name)
-
-
-class _OpCaller:
-    """An ``EngineClient`` (``call(op, **args)``) of an engine thread or process as a one-rank target."""
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def engine_ranks(self) -> int:
-        return 1
-
-    def init_weight_update_group(self, **kwargs: Any) -> Any:
-        return self._client.call("init_weight_update_group", **kwargs)
-
-    def update_weights_from_distributed(self, **kwargs: Any) -> Any:
-        return self._client.call("update_weights_from_distributed", **kwargs)
-
-    def update_weights_from_tensor(self, **kwargs: Any) -> Any:
-        return self._client.call("update_weights_from_tensor", **kwargs)
-
-    def destroy_weight_update_group(self, group_name: str) -> Any:
-        return self._client.call("destroy_weight_update_group", group_name=group_name)
+    def __getattr__(self, name: str) -> Any:
+        if name in ("init_weight_update_group", "update_weights_from_distributed", "update_weights_from_tensor",
+                    "destroy_weight_update_group"):
+            return getattr(self._engine, name)
+        raise AttributeError(name)
 
 
 def as_target(obj: Any) -> Any:
@@ -94,6 +71,4 @@ def as_target(obj: Any) -> Any:
         return obj
     if hasattr(obj, "init_weight_update_group"):
         return _OneRank(obj)
-    if hasattr(obj, "call"):
-        return _OpCaller(obj)
-    raise TypeError(f"{type(obj).__name__} has neither the weight-update methods nor call(op, **args)")
+    raise TypeError(f"{type(obj).__name__} has none of the weight-update methods (init_weight_update_group, ...)")

@@ -22,7 +22,8 @@ from typing import cast
 import torch
 
 from rollout.cache.allocator import PageAllocator
-from rollout.cache.radix_tree import RadixCache, TreeNode
+from rollout.cache.radix_tree import RadixCache
+from rollout.cache.tree_node import TreeNode
 from rollout.cache.req_table import ReqToTokenTable
 from rollout.errors import InvalidArgumentError, OutOfRangeError
 

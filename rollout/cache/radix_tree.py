@@ -20,53 +20,12 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from rollout.cache.allocator import PageAllocator
+from rollout.cache.tree_node import MatchResult, TreeNode, as_key
 from rollout.errors import InvalidArgumentError
-
-
-class TreeNode:
-    """One run of tokens and their slots. Root and namespace nodes have an empty key."""
-
-    __slots__ = ("children", "id", "key", "last_access", "lock_ref", "namespace", "parent", "value")
-
-    def __init__(
-        self,
-        key: tuple[int, ...],
-        value: torch.Tensor,
-        parent: TreeNode | None,
-        namespace: int | None,
-        nid: int,
-    ) -> None:
-        self.children: dict[object, TreeNode] = {}  # first page of the child's key (or namespace) -> child
-        self.parent = parent  # None for the root and for nodes that were evicted
-        self.key = key
-        self.value = value  # (len(key),) int64 slots
-        self.lock_ref = 0
-        self.last_access = 0
-        self.namespace = namespace
-        self.id = nid  # tie-break in the heap, so nodes themselves are never compared
-
-    def __repr__(self) -> str:
-        return f"TreeNode(id={self.id}, ns={self.namespace}, len={len(self.key)}, lock={self.lock_ref})"
-
-
-@dataclass(frozen=True, slots=True)
-class MatchResult:
-    """A cached prefix: its slots, the deepest node covering exactly it, and its length in tokens."""
-
-    slots: torch.Tensor  # (length,) int64, page aligned
-    node: TreeNode  # root or namespace node when nothing matched
-    length: int
-
-
-def _as_key(tokens: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
-    if isinstance(tokens, torch.Tensor):
-        return tuple(tokens.tolist())
-    return tuple(tokens)
 
 
 class RadixCache:
@@ -119,7 +78,7 @@ class RadixCache:
         self, tokens: Sequence[int], namespace: int = 0, max_len: int | None = None
     ) -> MatchResult:
         """Longest cached page-aligned prefix of ``tokens`` (at most ``max_len``) in ``namespace``."""
-        key = _as_key(tokens)
+        key = as_key(tokens)
         ps = self.page_size
         n = len(key) if max_len is None else max(0, min(len(key), max_len))
         n -= n % ps
@@ -151,7 +110,7 @@ class RadixCache:
         The pages of ``slots[prefix_len:]`` now belong to the tree. The pages of
         ``slots[:prefix_len]`` stay the caller's (the tree keeps its own copies of that prefix).
         """
-        key = _as_key(tokens)
+        key = as_key(tokens)
         n, ps = len(key), self.page_size
         if slots.dim() != 1 or slots.numel() != n:
             raise ValueError(f"slots must be 1-D with one slot per token ({n}), got {tuple(slots.shape)}")

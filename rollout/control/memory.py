@@ -5,9 +5,9 @@ Rules (see ``docs/architecture.md``, "Releasable memory"):
 - allowed while paused or idle (no running requests), else FAILED_PRECONDITION saying to pause first;
 - releasing ``kv_cache`` retracts the running (paused in place) requests back to the queue, so they are
   recomputed after resume, and drops the prefix cache;
-- releasing ``weights`` without a host backup leaves them invalid: ``generation_blockers["weights"]``
-  stays set until a weight update completes (the weight-update subsystem clears it);
-- while any tag is released, ``generation_blockers["memory"]`` names the released tags, so new
+- releasing ``weights`` without a host backup leaves them invalid: the gate's ``WEIGHTS_INVALID``
+  stays set until a weight update completes (the weight updater clears it);
+- while any tag is released, the gate's ``MEMORY_RELEASED`` names the released tags, so new
   requests fail with FAILED_PRECONDITION instead of waiting;
 - weight updates are refused while the weights' memory is released (they would write to unmapped
   memory); release and resume of a tag already in that state do nothing.
@@ -15,20 +15,19 @@ Rules (see ``docs/architecture.md``, "Releasable memory"):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from memory_saver import MemoryState, UnknownTagError
+from rollout.control.gate import Blocker, GenerationGate
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, quoted
-from rollout.types import EngineInfo, PauseMode
 
 if TYPE_CHECKING:
     from rollout.control.memory_placement import EngineMemory
-    from rollout.engine.core import EngineCore
+    from rollout.runner.model_runner import ModelRunner
+    from rollout.scheduler.scheduler import Scheduler
 
-MEMORY_BLOCKER = "memory"
-WEIGHTS_BLOCKER = "weights"
 WEIGHTS_INVALID_MESSAGE = (
     "the weights were released without a host backup; load new weights (update_weights_*) before generating"
 )
@@ -37,15 +36,17 @@ WEIGHTS_INVALID_MESSAGE = (
 class MemoryControl:
     """``release`` / ``resume`` of the engine's tagged memory, and the memory part of ``GetInfo``."""
 
-    def __init__(self, core: EngineCore, memory: EngineMemory) -> None:
-        self.core = core
+    def __init__(self, memory: EngineMemory, scheduler: Scheduler, runner: ModelRunner,
+                 gate: GenerationGate) -> None:
         self.memory = memory
+        self._scheduler = scheduler
+        self._runner = runner
+        self._gate = gate
 
     def release(self, tags: Any) -> dict[str, dict[str, object]]:
         """Release ``tags`` (None or empty: all); returns the state of every tag."""
         wanted = self._tags(tags)
-        core = self.core
-        sched = core.scheduler
+        sched = self._scheduler
         if sched.paused is None and sched.running:
             raise FailedPreconditionError(
                 f"cannot release memory while {len(sched.running)} requests are generating; pause first "
@@ -57,12 +58,12 @@ class MemoryControl:
         weights = saver.region("weights")
         drop_weights = "weights" in wanted and weights.state is MemoryState.ACTIVE and not weights.backup
         if "cuda_graph" in wanted:
-            core.runner.drop_cuda_graphs()
+            self._runner.drop_cuda_graphs()
         try:
             saver.release(wanted)
         finally:
             if drop_weights and weights.state is MemoryState.RELEASED:
-                core.generation_blockers[WEIGHTS_BLOCKER] = WEIGHTS_INVALID_MESSAGE
+                self._gate.block(Blocker.WEIGHTS_INVALID, WEIGHTS_INVALID_MESSAGE)
             self._update_blocker()
         if self.memory.device.type == "cuda":
             torch.cuda.empty_cache()  # cached activation blocks go back to the driver too
@@ -77,51 +78,37 @@ class MemoryControl:
             self._update_blocker()
         if not self.memory.saver.released_tags():
             # Capturing runs the model over the weights and the KV pool: only once both are mapped.
-            self.core.runner.restore_cuda_graphs()
+            self._runner.restore_cuda_graphs()
         return self.states()
 
     def states(self) -> dict[str, dict[str, object]]:
         """The saver's tag states; ``cuda_graph`` counts the decode graphs' memory (torch-allocated)."""
         states = self.memory.saver.states()
         if "cuda_graph" in states:
-            runner = self.core.runner
+            runner = self._runner
             states["cuda_graph"]["bytes"] = int(states["cuda_graph"]["bytes"]) + (
                 runner.graph_bytes if runner.graphs is not None else 0)
         return states
 
-    def fill_info(self, info: EngineInfo) -> None:
-        """GetInfo: ``{tag: {"state": "active" | "released", "bytes": int, "backup": bool}}``."""
-        info.memory = self.states()
-
-    def guard(self, op: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
-        """Wrap a weight-update operation so that it is refused while the weights' memory is released."""
-
-        def guarded(args: dict[str, Any]) -> Any:
-            if self.memory.saver.region("weights").state is not MemoryState.ACTIVE:
-                raise FailedPreconditionError(
-                    "the weights' memory is released; call resume_memory(['weights']) before updating weights"
-                )
-            return op(args)
-
-        return guarded
+    def check_weights_writable(self) -> None:
+        """Refuse a weight update while the weights' memory is released (it would write to unmapped memory)."""
+        if self.memory.saver.region("weights").state is not MemoryState.ACTIVE:
+            raise FailedPreconditionError(
+                "the weights' memory is released; call resume_memory(['weights']) before updating weights"
+            )
 
     def _drop_kv(self) -> None:
         """Retract every running request (KV freed, recomputed later) and drop the prefix cache."""
-        sched = self.core.scheduler
-        if sched.running:
-            mode = sched.paused
-            sched.pause(PauseMode.RETRACT)  # the scheduler's retract path: back to the queue, first in line
-            sched.paused = mode  # keep the caller's pause mode: continue_() behaves as it would have
-        self.core.cache.flush()
+        self._scheduler.retract_running()  # back to the queue, first in line; the pause mode is kept
+        self._scheduler.flush_prefix_cache()
 
     def _update_blocker(self) -> None:
         released = self.memory.saver.released_tags()
         if released:
-            self.core.generation_blockers[MEMORY_BLOCKER] = (
-                f"memory of {', '.join(released)} is released; call resume_memory first"
-            )
+            self._gate.block(Blocker.MEMORY_RELEASED,
+                             f"memory of {', '.join(released)} is released; call resume_memory first")
         else:
-            self.core.generation_blockers.pop(MEMORY_BLOCKER, None)
+            self._gate.clear(Blocker.MEMORY_RELEASED)
 
     def _tags(self, tags: Any) -> tuple[str, ...]:
         """Validated tags; None or empty means every tag (as in the protocol)."""
@@ -139,13 +126,3 @@ class MemoryControl:
             raise InvalidArgumentError(
                 f"unknown memory tag {quoted(e.tag)}; use one of {list(self.memory.saver.tags)}", field="tags"
             ) from None
-
-
-def attach_memory_control(core: EngineCore) -> None:
-    """Register ``release_memory`` / ``resume_memory``, the GetInfo provider, and guard weight updates."""
-    ctl = MemoryControl(core, core.runner.memory)
-    for name in [n for n in core.controls if n.startswith("update_weights")]:
-        core.controls[name] = ctl.guard(core.controls[name])
-    core.controls["release_memory"] = lambda a: ctl.release(a.get("tags"))
-    core.controls["resume_memory"] = lambda a: ctl.resume(a.get("tags"))
-    core.info_providers.append(ctl.fill_info)

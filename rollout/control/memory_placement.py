@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from memory_saver import ALIGNMENT, MemorySaver, align_up
+from rollout.config import MEMORY_TAGS
 
 
 class EngineMemory:
     """The engine's ``MemorySaver`` plus the two placements the runner needs."""
 
     def __init__(self, device: torch.device | str, backup_tags: Iterable[str] = ()) -> None:
-        self.saver = MemorySaver(device, backup_tags=backup_tags)
+        self.saver = MemorySaver(device, MEMORY_TAGS, backup_tags=backup_tags)
         self.device = self.saver.device
 
     def place_weights(self, model: nn.Module) -> int:

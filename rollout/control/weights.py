@@ -21,50 +21,51 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rollout.control.checkpoint_specs import checkpoint_specs
+from rollout.control.gate import Blocker
 from rollout.control.weight_checks import UpdateChecker
 from rollout.control.weight_sources import OpenedSources, check_sources
 from rollout.engine.jobs import Background
+from rollout.engine.messages import (
+    InitWeightGroup,
+    UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
+    UpdateWeightsFromTensor,
+)
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError, quoted
-from weight_sync.buckets import BucketLayout, LayoutCache, bucket_views
+from weight_sync.buckets import BucketLayout, LayoutCache, WireLayout, bucket_views
 from weight_sync.group import CommGroup, GroupConfig, GroupFailedError
 from weight_sync.receiver import receive_buckets
-from weight_sync.sources import source_from_dict
+from weight_sync.sources import CudaIpcSource, SharedMemorySource
 
 if TYPE_CHECKING:
-    from rollout.engine.core import EngineCore
+    from rollout.config import ModelConfig
+    from rollout.control.gate import GenerationGate
+    from rollout.runner.model_runner import ModelRunner
+    from rollout.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-BLOCKER = "weights"  # key of core.generation_blockers while the weights are invalid
 DEFAULT_TIMEOUT_S = 300.0
 # A received bucket may carry alignment padding, but not enough to make the engine allocate much
 # more than the tensors themselves.
 MAX_PADDING_PER_TENSOR = 4096
 
-_LAYOUT_KEYS = {"names", "dtypes", "shapes", "offsets", "bucket_sizes", "flat_bucket", "version"}
-_ALLOWED = {
-    "init_weight_update_group": {"master_address", "master_port", "rank_offset", "world_size", "group_name",
-                                 "backend", "timeout_s"},
-    "destroy_weight_update_group": {"group_name"},
-    "update_weights_from_distributed": _LAYOUT_KEYS | {"group_name"},
-    "update_weights_from_tensor": _LAYOUT_KEYS | {"sources"},
-    "update_weights_from_disk": {"model_path", "version"},
-}
 
-
-def check_keys(op: str, args: dict[str, Any]) -> None:
-    """Reject arguments the operation does not know (a misspelt key must not be silently ignored)."""
-    unknown = sorted(set(args) - _ALLOWED[op])
-    if unknown:
-        raise InvalidArgumentError(f"unknown argument of {op}", field=unknown[0])
+def _check_str(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidArgumentError("must be a non-empty string", field=field)
+    return value
 
 
 class WeightUpdater:
     """Owns the weight-update groups of one engine and applies updates to its model."""
 
-    def __init__(self, core: EngineCore) -> None:
-        self._core = core
-        self._checker = UpdateChecker(core.config.model, core.runner.dtype)
+    def __init__(self, model_config: ModelConfig, runner: ModelRunner, scheduler: Scheduler,
+                 gate: GenerationGate) -> None:
+        self._runner = runner
+        self._scheduler = scheduler  # owns the weight version; told of every write
+        self._gate = gate
+        self._checker = UpdateChecker(model_config, runner.dtype)
         self._groups: dict[str, CommGroup] = {}
         self._joining: set[str] = set()  # names of groups whose join runs beside the loop
         self._layout_cache = LayoutCache()
@@ -75,26 +76,22 @@ class WeightUpdater:
         return sorted(self._groups)
 
     # ------------------------------------------------------------------ groups
-    def init_group(self, args: dict[str, Any]) -> Background:
+    def init_group(self, cmd: InitWeightGroup) -> Background:
         """Join a trainer's group as rank ``rank_offset``; the reply (the group's name) comes once the
         group has formed, and generation goes on while the join waits for the trainer."""
-        check_keys("init_weight_update_group", args)
-        name = args.get("group_name")
+        name = cmd.group_name
         if name in self._groups:
             raise FailedPreconditionError(f"group {quoted(name)} exists already; destroy it first")
-        missing = [k for k in ("master_address", "master_port", "rank_offset", "world_size") if k not in args]
-        if missing:
-            raise InvalidArgumentError("is required", field=missing[0])
         cfg = GroupConfig(
-            master_address=args["master_address"], master_port=args["master_port"], rank=args["rank_offset"],
-            world_size=args["world_size"], group_name=name or "", backend=args.get("backend", "nccl"),
-            timeout_s=DEFAULT_TIMEOUT_S if args.get("timeout_s") is None else args["timeout_s"],
+            master_address=cmd.master_address, master_port=cmd.master_port, rank=cmd.rank_offset,
+            world_size=cmd.world_size, group_name=name, backend=cmd.backend,
+            timeout_s=DEFAULT_TIMEOUT_S if cmd.timeout_s is None else cmd.timeout_s,
         )
         if cfg.rank == 0:
             raise InvalidArgumentError("rank 0 is the trainer's; engine ranks start at 1", field="rank_offset")
         if cfg.group_name in self._joining:
             raise FailedPreconditionError(f"group {quoted(cfg.group_name)} is still forming; wait for that join")
-        runner_device = self._core.runner.device
+        runner_device = self._runner.device
         device = runner_device if cfg.backend == "nccl" else torch.device("cpu")
         self._joining.add(cfg.group_name)
 
@@ -120,10 +117,8 @@ class WeightUpdater:
             return FailedPreconditionError(f"group {quoted(name)} is still forming; wait for its join to return")
         return NotFoundError(f"no weight group {quoted(name)}; groups: {self.group_names}", field="group_name")
 
-    def destroy_group(self, args: dict[str, Any]) -> str:
-        """Leave and destroy the group ``group_name`` (NOT_FOUND if there is none)."""
-        check_keys("destroy_weight_update_group", args)
-        name = args.get("group_name")
+    def destroy_group(self, name: str) -> str:
+        """Leave and destroy the group ``name`` (NOT_FOUND if there is none)."""
         group = self._groups.pop(name, None)
         if group is None:
             raise self._not_found(name)
@@ -136,17 +131,16 @@ class WeightUpdater:
             group.close()
 
     # ------------------------------------------------------------------ updates
-    def from_distributed(self, args: dict[str, Any]) -> int:
+    def from_distributed(self, cmd: UpdateWeightsFromDistributed) -> int:
         """Receive the trainer's broadcast buckets over a group and load them in place."""
-        check_keys("update_weights_from_distributed", args)
-        name = args.get("group_name")
+        name = cmd.group_name
         group = self._groups.get(name)
         if group is None:
             raise self._not_found(name)
         problem: RolloutError | None = None
         try:
-            layouts = self._layouts(args)
-            version = self._version(args)
+            layouts = self._layouts(cmd.layout)
+            version = self._version(cmd.version)
             for i, layout in enumerate(layouts):
                 if layout.nbytes - layout.payload_bytes > MAX_PADDING_PER_TENSOR * max(len(layout.tensors), 1):
                     raise InvalidArgumentError(f"bucket {i} is mostly padding ({layout.nbytes} bytes)", field="offsets")
@@ -173,29 +167,26 @@ class WeightUpdater:
             self._drop_group(name)
             raise
 
-    def from_tensor(self, args: dict[str, Any]) -> int:
+    def from_tensor(self, cmd: UpdateWeightsFromTensor) -> int:
         """Load tensors a colocated trainer shares by CUDA IPC handle or shared-memory segment."""
-        check_keys("update_weights_from_tensor", args)
-        layouts = self._layouts(args)
-        version = self._version(args)
-        raw = args.get("sources")
-        if not isinstance(raw, (list, tuple)):
-            raise InvalidArgumentError("must be a list with one source per bucket", field="sources")
-        sources = [source_from_dict(s, f"sources[{i}]") for i, s in enumerate(raw)]
-        device = self._core.runner.device
+        layouts = self._layouts(cmd.layout)
+        version = self._version(cmd.version)
+        sources = list(cmd.sources)
+        if not all(isinstance(s, (CudaIpcSource, SharedMemorySource)) for s in sources):
+            raise InvalidArgumentError("each source must be a CUDA IPC or shared-memory source", field="sources")
+        device = self._runner.device
         check_sources(sources, layouts, device)
         total = self._check(layouts)
         with OpenedSources(sources, layouts, device) as buffers:
             named = itertools.chain.from_iterable(bucket_views(lay, buf) for lay, buf in zip(layouts, buffers))
             return self._apply("reading shared tensors", named, total, version)
 
-    def from_disk(self, args: dict[str, Any]) -> int:
+    def from_disk(self, cmd: UpdateWeightsFromDisk) -> int:
         """Reload weights from a safetensors checkpoint directory."""
-        check_keys("update_weights_from_disk", args)
-        path = args.get("model_path")
+        path = cmd.model_path
         if not isinstance(path, str) or not os.path.isdir(path):
             raise InvalidArgumentError(f"not a directory: {quoted(path)}", field="model_path")
-        version = self._version(args)
+        version = self._version(cmd.version)
         from rollout.models.loader import iter_checkpoint
 
         specs = checkpoint_specs(path)
@@ -203,19 +194,15 @@ class WeightUpdater:
         return self._apply(f"loading {path}", iter_checkpoint(path), len(specs), version)
 
     # ------------------------------------------------------------------ shared steps
-    def _version(self, args: dict[str, Any]) -> int:
-        version = args.get("version")
+    def _version(self, version: Any) -> int:
         if version is None:
-            return self._core.weight_version + 1
+            return self._scheduler.weight_version + 1
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
             raise InvalidArgumentError(f"must be an integer >= 0, got {quoted(version)}", field="version")
         return version
 
-    def _layouts(self, args: dict[str, Any]) -> list[BucketLayout]:
-        for key in ("names", "dtypes", "shapes"):
-            if key not in args:
-                raise InvalidArgumentError("is required", field=key)
-        return self._layout_cache.get(args)
+    def _layouts(self, wire: WireLayout) -> list[BucketLayout]:
+        return self._layout_cache.get(wire)
 
     def _check(self, layouts: list[BucketLayout]) -> int:
         """Validate every tensor against the model; returns how many tensors the update has."""
@@ -229,7 +216,6 @@ class WeightUpdater:
         Raises ``FailedPreconditionError`` (and marks the weights invalid) if it fails after a tensor
         was handed to the loader; earlier failures leave the weights as they were.
         """
-        core = self._core
         handed = 0
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
@@ -238,10 +224,11 @@ class WeightUpdater:
                 handed += 1
                 yield item
 
+        runner = self._runner
         try:
-            written = core.runner.model.load_weights(counted())
-            if core.runner.device.type == "cuda":
-                torch.cuda.synchronize(core.runner.device)  # device-side failures surface here
+            written = runner.model.load_weights(counted())
+            if runner.device.type == "cuda":
+                torch.cuda.synchronize(runner.device)  # device-side failures surface here
         except Exception as e:
             cause = e.message if isinstance(e, RolloutError) else f"{type(e).__name__}: {e}"
             if handed == 0:
@@ -250,23 +237,12 @@ class WeightUpdater:
                 raise FailedPreconditionError(f"{what} failed before any weight was written: {cause}") from e
             msg = (f"the weights are invalid after a failed update ({what}: {cause}; {handed} of {total} tensors "
                    "were written); push a full set of weights")
-            core.generation_blockers[BLOCKER] = msg
+            self._gate.block(Blocker.WEIGHTS_INVALID, msg)
+            self._scheduler.new_kv_epoch()  # the weights changed: no prefix computed before is valid
             logger.error(msg)
             raise FailedPreconditionError(msg) from e
         if written >= self._checker.param_names:
-            core.generation_blockers.pop(BLOCKER, None)
-        core.set_weight_version(version)
+            self._gate.clear(Blocker.WEIGHTS_INVALID)
+        self._scheduler.new_weights(version)
         logger.info("weights updated to version %d (%s, %d tensors)", version, what, total)
         return version
-
-
-def attach_weight_updates(core: EngineCore) -> None:
-    """Register the weight-update operations on ``core.controls``."""
-    updater = WeightUpdater(core)
-    core.controls.update({
-        "init_weight_update_group": updater.init_group,
-        "destroy_weight_update_group": updater.destroy_group,
-        "update_weights_from_distributed": updater.from_distributed,
-        "update_weights_from_tensor": updater.from_tensor,
-        "update_weights_from_disk": updater.from_disk,
-    })

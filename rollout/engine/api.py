@@ -12,12 +12,28 @@ import queue
 import uuid
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
-from rollout.engine.messages import AddRequest
+from rollout.engine.messages import (
+    AddRequest,
+    CheckIntegrity,
+    Continue,
+    DestroyWeightGroup,
+    FlushCache,
+    GetInfo,
+    InitWeightGroup,
+    Pause,
+    ReleaseMemory,
+    ResumeMemory,
+    UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
+    UpdateWeightsFromTensor,
+)
 from rollout.engine.output_assembly import OutputAssembler
 from rollout.engine.process import start_engine_process, start_engine_thread
 from rollout.engine.request_validation import make_add_request
-from rollout.errors import InvalidArgumentError, error_from_code
+from rollout.errors import InvalidArgumentError, error_from_code, quoted
 from rollout.types import EngineInfo, GenerateOutput, PauseMode, SamplingParams, StreamChunk, as_sampling_params
+from weight_sync.buckets import WireLayout
+from weight_sync.sources import CudaIpcSource, SharedMemorySource, Source, source_from_dict
 
 Prompts = Sequence[int] | Sequence[Sequence[int]] | None
 Texts = str | Sequence[str] | None
@@ -208,50 +224,66 @@ class Engine:
 
     def pause(self, mode: PauseMode | str = PauseMode.ABORT) -> None:
         """Pause generation (ABORT, RETRACT or IN_PLACE); new requests wait until ``continue_``."""
-        self._client.call("pause", mode=PauseMode(mode).value if isinstance(mode, PauseMode) else mode)
+        self._client.call(Pause(_pause_mode(mode)))
 
     def continue_(self) -> None:
         """Resume after ``pause``."""
-        self._client.call("continue")
+        self._client.call(Continue())
 
     def flush_cache(self) -> None:
         """Drop the prefix cache."""
-        self._client.call("flush_cache")
+        self._client.call(FlushCache())
 
     def info(self) -> EngineInfo:
-        return self._client.call("info")
+        """The engine's state: weight version, pause, queues, KV and memory per tag."""
+        return self._client.call(GetInfo())
 
     # ------------------------------------------------------------------ weights and memory
-    def init_weight_update_group(self, **args: Any) -> Any:
-        """Join a trainer's weight-update group (see ``weight_sync``); blocks until it forms."""
-        return self._client.call("init_weight_update_group", **args)
+    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                 group_name: str = "default", backend: str = "nccl",
+                                 timeout_s: float | None = None) -> str:
+        """Join a trainer's weight-update group (see ``weight_sync``); returns once it formed.
+        Generation goes on while the join waits for the trainer."""
+        return self._client.call(InitWeightGroup(master_address, master_port, rank_offset, world_size, group_name,
+                                                 backend, timeout_s))
 
-    def destroy_weight_update_group(self, group_name: str) -> Any:
-        return self._client.call("destroy_weight_update_group", group_name=group_name)
+    def destroy_weight_update_group(self, group_name: str = "default") -> str:
+        """Leave and destroy a weight-update group."""
+        return self._client.call(DestroyWeightGroup(group_name))
 
-    def update_weights_from_distributed(self, **args: Any) -> Any:
-        """Receive weights broadcast by the trainer over a formed group and load them in place."""
-        return self._client.call("update_weights_from_distributed", **args)
+    def update_weights_from_distributed(self, *, names: Sequence[str], dtypes: Sequence[str],
+                                        shapes: Sequence[Sequence[int]], offsets: Sequence[int] | None = None,
+                                        bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
+                                        group_name: str = "default", version: int | None = None) -> int:
+        """Receive weights broadcast by the trainer over a formed group and load them in place;
+        returns the new version (None: the current one + 1)."""
+        layout = WireLayout(names, dtypes, shapes, offsets, bucket_sizes, flat_bucket)
+        return self._client.call(UpdateWeightsFromDistributed(layout, group_name, version))
 
-    def update_weights_from_tensor(self, **args: Any) -> Any:
-        """Load weights shared by a colocated trainer (CUDA IPC handles / shared memory)."""
-        return self._client.call("update_weights_from_tensor", **args)
+    def update_weights_from_tensor(self, *, names: Sequence[str], dtypes: Sequence[str],
+                                   shapes: Sequence[Sequence[int]], sources: Sequence[Any],
+                                   offsets: Sequence[int] | None = None, bucket_sizes: Sequence[int] | None = None,
+                                   flat_bucket: bool = False, version: int | None = None) -> int:
+        """Load weights shared by a colocated trainer: one source per bucket (a ``weight_sync.sources``
+        value or its wire dict, CUDA IPC handle or shared-memory segment)."""
+        layout = WireLayout(names, dtypes, shapes, offsets, bucket_sizes, flat_bucket)
+        return self._client.call(UpdateWeightsFromTensor(layout, parse_sources(sources), version))
 
-    def update_weights_from_disk(self, model_path: str, version: int | None = None) -> Any:
+    def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
         """Reload the weights from a checkpoint directory."""
-        return self._client.call("update_weights_from_disk", model_path=model_path, version=version)
+        return self._client.call(UpdateWeightsFromDisk(model_path, version))
 
-    def release_memory(self, tags: Sequence[str] | None = None) -> Any:
+    def release_memory(self, tags: Sequence[str] | str | None = None) -> Any:
         """Free the GPU memory of these tags (weights, kv_cache, cuda_graph; None: all)."""
-        return self._client.call("release_memory", tags=None if tags is None else list(tags))
+        return self._client.call(ReleaseMemory(_tags(tags)))
 
-    def resume_memory(self, tags: Sequence[str] | None = None) -> Any:
+    def resume_memory(self, tags: Sequence[str] | str | None = None) -> Any:
         """Map released memory back (same addresses); weights return only if they were backed up."""
-        return self._client.call("resume_memory", tags=None if tags is None else list(tags))
+        return self._client.call(ResumeMemory(_tags(tags)))
 
     def check_integrity(self) -> None:
         """Raise if any KV slot leaked or the prefix cache is inconsistent (waits for the loop)."""
-        self._client.call("check_integrity")
+        self._client.call(CheckIntegrity())
 
     def shutdown(self) -> None:
         """Stop the engine; running requests end with reason abort."""
@@ -262,3 +294,25 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _pause_mode(mode: PauseMode | str) -> PauseMode:
+    try:
+        return PauseMode(mode)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"unknown pause mode {quoted(mode)}; use one of {[m.value for m in PauseMode]}", field="mode") from None
+
+
+def _tags(tags: Sequence[str] | str | None) -> tuple[str, ...]:
+    if tags is None:
+        return ()
+    return (tags,) if isinstance(tags, str) else tuple(tags)
+
+
+def parse_sources(sources: Any) -> tuple[Source, ...]:
+    """Bucket sources given as ``weight_sync.sources`` values or their wire dicts."""
+    if not isinstance(sources, (list, tuple)):
+        raise InvalidArgumentError("must be a list with one source per bucket", field="sources")
+    return tuple(s if isinstance(s, (CudaIpcSource, SharedMemorySource)) else source_from_dict(s, f"sources[{i}]")
+                 for i, s in enumerate(sources))

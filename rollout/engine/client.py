@@ -21,7 +21,17 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Iterator
 
-from rollout.engine.messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
+from rollout.engine.messages import (
+    Abort,
+    AddRequest,
+    Command,
+    Control,
+    ControlCommand,
+    ControlReply,
+    Event,
+    RequestFailed,
+    Shutdown,
+)
 from rollout.engine.request_validation import RequestLimits
 from rollout.errors import EngineDeadError, RolloutError, error_from_code, quoted
 from rollout.types import EngineInfo, StreamChunk
@@ -192,22 +202,23 @@ class EngineClient:
             yield ev
 
     # ------------------------------------------------------------------ control
-    def _start_call(self, op: str, args: dict[str, Any]) -> concurrent.futures.Future:
+    def _start_call(self, command: ControlCommand) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             if self._dead:
                 raise EngineDeadError(self._dead)
             call_id = next(self._call_ids)
             self._calls[call_id] = fut
-        self._send(Control(call_id, op, args))
+        self._send(Control(call_id, command))
         return fut
 
-    def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
-        """Run a control operation in the engine loop and return its result (raises its error)."""
-        return self._start_call(op, args).result(timeout)
+    def call(self, command: ControlCommand, timeout: float | None = None) -> Any:
+        """Run a control command in the engine loop and return its result (raises its error)."""
+        return self._start_call(command).result(timeout)
 
-    async def acall(self, op: str, **args: Any) -> Any:
-        return await asyncio.wrap_future(self._start_call(op, args))
+    async def acall(self, command: ControlCommand) -> Any:
+        """``call`` for asyncio callers; cancelling the caller leaves the engine unaffected."""
+        return await asyncio.wrap_future(self._start_call(command))
 
     # ------------------------------------------------------------------ routing
     def _route(self) -> None:
@@ -314,7 +325,7 @@ class EngineClient:
             return
         if self._dead is None:
             try:
-                self.call("shutdown", timeout=timeout)
+                self.call(Shutdown(), timeout=timeout)
             except concurrent.futures.TimeoutError:
                 self.kill(f"the engine did not acknowledge shutdown within {timeout:g} s")
             except RolloutError:

@@ -1,7 +1,9 @@
 """EngineCore: the synchronous engine (scheduler + KV cache + model runner) driven step by step.
 
-It is single-threaded by design: the engine loop (``engine_loop.py``) owns it and feeds it
-commands between steps; nothing else touches it.
+It is single-threaded by design: the engine loop (``loop.py``) owns it and feeds it commands
+between steps; nothing else touches it. Control commands (``messages.py``, one dataclass each) are
+dispatched by one ``match`` in ``handle``: pause modes to the scheduler, weight updates to
+``control.weights``, memory to ``control.memory``. What blocks generation is in one ``GenerationGate``.
 """
 
 from __future__ import annotations
@@ -10,13 +12,33 @@ import gc
 import logging
 import random
 import traceback
-from typing import Any, Callable
+from typing import Any
 
 from rollout import __version__
 from rollout.batch import BatchPlan
 from rollout.cache.manager import KVCacheManager
 from rollout.config import EngineConfig
-from rollout.engine.messages import AddRequest, Event, RequestFailed
+from rollout.control.gate import Blocker, GenerationGate
+from rollout.control.memory import MemoryControl
+from rollout.control.weights import WeightUpdater
+from rollout.engine.messages import (
+    AddRequest,
+    CheckIntegrity,
+    Continue,
+    ControlCommand,
+    DestroyWeightGroup,
+    Event,
+    FlushCache,
+    GetInfo,
+    InitWeightGroup,
+    Pause,
+    ReleaseMemory,
+    RequestFailed,
+    ResumeMemory,
+    UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
+    UpdateWeightsFromTensor,
+)
 from rollout.engine.request_validation import RequestLimits
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, quoted
 from rollout.runner.model_runner import ModelRunner, QueuedStep
@@ -45,50 +67,29 @@ class EngineCore:
         self.stop = StopChecker(tuple(eos), config.context_length, self.tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.cache, self.stop)
         self.scheduler.on_finish = self._on_finish
-        self.weight_version = 0
-        # Why generation is refused right now (e.g. weights invalid, memory released): key -> message.
-        self.generation_blockers: dict[str, str] = {}
+        self.gate = GenerationGate()
+        self.weights = WeightUpdater(config.model, self.runner, self.scheduler, self.gate)
+        self.memory = MemoryControl(self.runner.memory, self.scheduler, self.runner, self.gate)
         self._rng = random.Random(config.seed)
         self._next_uid = 0
         self._events: list[Event] = []
         self._live: dict[str, int] = {}  # request id -> samples not yet finished
         # The launched step whose tokens are not collected yet (overlap scheduling).
         self._queued: tuple[BatchPlan, list[Sequence], QueuedStep] | None = None
-        self.controls: dict[str, Callable[[dict[str, Any]], Any]] = {
-            "pause": lambda a: self.pause(a.get("mode", "abort")),
-            "continue": lambda a: self.continue_(),
-            "flush_cache": lambda a: self.flush_cache(),
-            "info": lambda a: self.info(),
-            "check_integrity": lambda a: self.cache.check_integrity(),
-        }
-        # Extra GetInfo fields contributed by subsystems (memory state per tag, weight groups).
-        self.info_providers: list[Callable[[EngineInfo], None]] = []
-        self._attach_subsystems()
         # A full garbage collection walks every tracked object of the process (torch, triton and the
         # model bring millions): 100+ ms stalls in the middle of decoding. What exists now lives as
         # long as the engine, so it is moved out of the collector's sight until close().
         gc.collect()
         gc.freeze()
 
-    def _attach_subsystems(self) -> None:
-        """Let the weight-update and memory subsystems register their control operations."""
-        from rollout.control.memory import attach_memory_control
-        from rollout.control.weights import attach_weight_updates
-
-        attach_weight_updates(self)
-        attach_memory_control(self)
+    @property
+    def weight_version(self) -> int:
+        """The version of the weights being served (owned by the scheduler, which stamps each step)."""
+        return self.scheduler.weight_version
 
     @property
     def weights_valid(self) -> bool:
-        return "weights" not in self.generation_blockers
-
-    def set_weight_version(self, version: int) -> None:
-        """New weights were written: new tokens carry ``version``, and every prefix computed under
-        earlier weights is dropped (a new KV epoch, even when the caller kept the version)."""
-        self.weight_version = version
-        self.scheduler.weight_version = version
-        self.scheduler.kv_epoch += 1
-        self.cache.evict_namespaces(keep=self.scheduler.kv_epoch)
+        return not self.gate.blocks(Blocker.WEIGHTS_INVALID)
 
     def _build_cache(self) -> KVCacheManager:
         cfg = self.config
@@ -115,8 +116,8 @@ class EngineCore:
             raise InvalidArgumentError(f"request id {quoted(req.request_id)} is already in use", field="request_id")
         if self.scheduler.num_queued + req.sampling.n > self.config.scheduler.max_queued_requests:
             raise ResourceExhaustedError("the request queue is full; retry later")
-        if self.generation_blockers:
-            raise FailedPreconditionError("generation is refused: " + "; ".join(self.generation_blockers.values()))
+        if self.gate.closed:
+            raise FailedPreconditionError("generation is refused: " + self.gate.reason())
         key = hash(tuple(req.input_ids))
         seqs = []
         for i in range(req.sampling.n):
@@ -135,7 +136,7 @@ class EngineCore:
         self.scheduler.abort(None if request_ids is None else set(request_ids))
 
     def has_work(self) -> bool:
-        return self._queued is not None or (not self.generation_blockers and self.scheduler.has_work())
+        return self._queued is not None or (not self.gate.closed and self.scheduler.has_work())
 
     def take_events(self) -> list[Event]:
         events, self._events = self._events, []
@@ -148,7 +149,7 @@ class EngineCore:
         With overlap scheduling the batch is launched and the previous one's tokens are collected
         while it runs; otherwise the batch runs to completion here.
         """
-        picked = self.scheduler.schedule() if not self.generation_blockers else None
+        picked = self.scheduler.schedule() if not self.gate.closed else None
         try:
             queued = None
             if picked is not None:
@@ -220,26 +221,40 @@ class EngineCore:
             self._live[seq.request_id] = left
 
     # ------------------------------------------------------------------ control
-    def pause(self, mode: str) -> None:
-        try:
-            pmode = PauseMode(mode)
-        except ValueError:
-            raise InvalidArgumentError(
-                f"unknown pause mode {quoted(mode)}; use one of {[m.value for m in PauseMode]}", field="mode"
-            ) from None
-        self.scheduler.pause(pmode)
-
-    def continue_(self) -> None:
-        self.scheduler.resume()
-
-    def flush_cache(self) -> None:
-        """Drop the prefix cache (entries locked by running requests go when those finish)."""
-        if self.cache.num_live_seqs() == 0:
-            self.cache.flush()
-        else:
-            # A new epoch: running requests' KV is never cached, later requests cache again.
-            self.scheduler.kv_epoch += 1
-            self.cache.evict_namespaces(keep=self.scheduler.kv_epoch)
+    def handle(self, cmd: ControlCommand) -> Any:
+        """Apply one control command between steps; returns its result (or a ``Background`` whose
+        result the loop replies with later). Raises a typed error for the caller."""
+        match cmd:
+            case Pause(mode=mode):
+                self.scheduler.pause(_pause_mode(mode))
+            case Continue():
+                self.scheduler.resume()
+            case FlushCache():
+                self.scheduler.flush_prefix_cache()
+            case GetInfo():
+                return self.info()
+            case CheckIntegrity():
+                self.cache.check_integrity()
+            case InitWeightGroup():
+                return self.weights.init_group(cmd)
+            case DestroyWeightGroup(group_name=name):
+                return self.weights.destroy_group(name)
+            case UpdateWeightsFromDistributed():
+                self.memory.check_weights_writable()
+                return self.weights.from_distributed(cmd)
+            case UpdateWeightsFromTensor():
+                self.memory.check_weights_writable()
+                return self.weights.from_tensor(cmd)
+            case UpdateWeightsFromDisk():
+                self.memory.check_weights_writable()
+                return self.weights.from_disk(cmd)
+            case ReleaseMemory(tags=tags):
+                return self.memory.release(tags)
+            case ResumeMemory(tags=tags):
+                return self.memory.resume(tags)
+            case _:
+                raise InvalidArgumentError(f"unknown control command {type(cmd).__name__}", field="command")
+        return None
 
     def info(self) -> EngineInfo:
         cfg = self.config
@@ -265,16 +280,8 @@ class EngineCore:
             dtype=cfg.dtype,
             version=__version__,
         )
-        for provide in self.info_providers:
-            provide(info)
+        info.memory = self.memory.states()
         return info
-
-    def control(self, op: str, args: dict[str, Any]) -> Any:
-        """Run a control operation by name (the loop's dispatch point)."""
-        handler = self.controls.get(op)
-        if handler is None:
-            raise InvalidArgumentError(f"unknown control operation {quoted(op)}", field="op")
-        return handler(args)
 
     def shutdown(self) -> None:
         """End every request with reason abort."""
@@ -285,3 +292,12 @@ class EngineCore:
         """Free the device memory of weights, KV and graphs (after ``shutdown``; the core is dead after)."""
         self.runner.close()
         gc.unfreeze()  # what the engine held may be garbage now: let the collector see it again
+
+
+def _pause_mode(mode: Any) -> PauseMode:
+    try:
+        return PauseMode(mode)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"unknown pause mode {quoted(mode)}; use one of {[m.value for m in PauseMode]}", field="mode"
+        ) from None

@@ -17,7 +17,7 @@ from typing import Any, Callable, Protocol
 
 from rollout.engine.core import EngineCore
 from rollout.engine.jobs import Background
-from rollout.engine.messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed
+from rollout.engine.messages import Abort, AddRequest, Command, Control, ControlReply, Event, RequestFailed, Shutdown
 from rollout.errors import RolloutError
 
 logger = logging.getLogger(__name__)
@@ -115,19 +115,21 @@ class EngineLoop:
     def _control(self, cmd: Control) -> list[Event]:
         core = self.core
 
+        name = type(cmd.command).__name__
+
         def run() -> Any:
-            if cmd.op == "shutdown":
+            if isinstance(cmd.command, Shutdown):
                 core.shutdown()
                 self._stopping = True
                 return None
-            result = core.control(cmd.op, cmd.args)
+            result = core.handle(cmd.command)
             if isinstance(result, Background):
-                result.name = cmd.op
+                result.name = name
                 result.start()
                 self._jobs[cmd.call_id] = result
             return result
 
-        replies = self._reply(cmd.call_id, cmd.op, run)
+        replies = self._reply(cmd.call_id, name, run)
         if cmd.call_id in self._jobs:
             return replies[:-1]  # the reply waits for the background work
         return replies

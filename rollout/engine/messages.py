@@ -7,10 +7,12 @@ dataclasses cross that boundary, never client-supplied bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Union
 
 from rollout.types import PauseMode, SamplingParams, StreamChunk
+from weight_sync.buckets import WireLayout
+from weight_sync.sources import Source
 
 
 @dataclass(slots=True)
@@ -33,17 +35,115 @@ class Abort:
     request_ids: list[str] | None = None
 
 
+# ---------------------------------------------------------------------------------------------- control
+# One frozen dataclass per control command; the engine core handles them in one ``match``. Values
+# are checked where they enter (the in-process API, the proto conversion) and again by their handler.
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """Pause generation: ABORT ends running requests, RETRACT requeues them, IN_PLACE freezes them."""
+
+    mode: PauseMode = PauseMode.ABORT
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    """Resume after ``Pause``."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushCache:
+    """Drop the prefix cache."""
+
+
+@dataclass(frozen=True, slots=True)
+class GetInfo:
+    """Report the engine's state (``EngineInfo``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckIntegrity:
+    """Prove that no KV slot leaked (raises on the first problem)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """End every request with reason abort and stop the loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class InitWeightGroup:
+    """Join a trainer's weight-update group as rank ``rank_offset`` (the trainer is rank 0)."""
+
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "default"
+    backend: str = "nccl"
+    timeout_s: float | None = None  # None: the default join and collective timeout
+
+
+@dataclass(frozen=True, slots=True)
+class DestroyWeightGroup:
+    """Leave and destroy a weight-update group."""
+
+    group_name: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateWeightsFromDistributed:
+    """Receive the trainer's broadcast buckets over a formed group and load them in place."""
+
+    layout: WireLayout
+    group_name: str = "default"
+    version: int | None = None  # None: the current version + 1
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateWeightsFromTensor:
+    """Load buckets a colocated trainer shares (one CUDA IPC or shared-memory source per bucket)."""
+
+    layout: WireLayout
+    sources: tuple[Source, ...]
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateWeightsFromDisk:
+    """Reload the weights from a safetensors checkpoint directory."""
+
+    model_path: str
+    version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseMemory:
+    """Give the memory of these tags back (empty: every tag)."""
+
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeMemory:
+    """Map the memory of these tags back (empty: every tag)."""
+
+    tags: tuple[str, ...] = ()
+
+
+ControlCommand = Union[
+    Pause, Continue, FlushCache, GetInfo, CheckIntegrity, Shutdown, InitWeightGroup, DestroyWeightGroup,
+    UpdateWeightsFromDistributed, UpdateWeightsFromTensor, UpdateWeightsFromDisk, ReleaseMemory, ResumeMemory,
+]
+
+
 @dataclass(slots=True)
 class Control:
-    """A control call that gets a ``ControlReply`` with the same ``call_id``.
-
-    ``op`` is one of: "pause" (args: mode), "continue", "flush_cache", "info", "shutdown", and the
-    operations later subsystems register with the loop (weights, memory).
-    """
+    """A control command that gets a ``ControlReply`` with the same ``call_id``."""
 
     call_id: int
-    op: str
-    args: dict[str, Any] = field(default_factory=dict)
+    command: ControlCommand
 
 
 Command = Union[AddRequest, Abort, Control]
@@ -69,8 +169,3 @@ class RequestFailed:
 
 
 Event = Union[StreamChunk, ControlReply, RequestFailed]
-
-
-def pause_args(mode: PauseMode) -> dict[str, Any]:
-    """Arguments of a pause control call."""
-    return {"mode": PauseMode(mode).value}

@@ -39,14 +39,35 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.paused: PauseMode | None = None
-        self.weight_version = 0  # the trainer's label, stamped on each token
-        # Bumped by the engine on every weight write, whatever version label the caller gives: the
-        # prefix cache is keyed by it, so KV computed under old weights is never reused.
+        # The weight version (the trainer's label) has this one owner: each step's plan is stamped with
+        # it when scheduled, and its tokens carry the plan's stamp.
+        self.weight_version = 0
+        # A new epoch on every weight write, whatever version label the caller gives, and on a flush
+        # while requests run: the prefix cache is keyed by it, so old KV is never reused.
         self.kv_epoch = 0
         self._arrivals = 0
         self.num_retractions = 0  # sequences sent back to the queue for lack of KV (a pressure gauge)
         # Called with every sequence that ends (finished, aborted) after its KV is released.
         self.on_finish: Callable[[Sequence], None] = lambda seq: None
+
+    # ------------------------------------------------------------------ weights and prefix cache
+    def new_weights(self, version: int) -> None:
+        """New weights were written: later steps carry ``version``, and no prefix computed under the
+        earlier weights is reused (running requests keep their KV, as an IN_PLACE pause promises)."""
+        self.weight_version = version
+        self.new_kv_epoch()
+
+    def new_kv_epoch(self) -> None:
+        """Stop reusing every cached prefix: later KV is cached under a new epoch."""
+        self.kv_epoch += 1
+        self.cache.evict_namespaces(keep=self.kv_epoch)
+
+    def flush_prefix_cache(self) -> None:
+        """Drop the prefix cache (entries locked by running requests go when those finish)."""
+        if self.cache.num_live_seqs() == 0:
+            self.cache.flush()
+        else:
+            self.new_kv_epoch()  # running requests' KV is never cached; later requests cache again
 
     # ------------------------------------------------------------------ queue management
     def add(self, seqs: Iterable[Sequence]) -> None:
@@ -95,9 +116,14 @@ class Scheduler:
         if mode is PauseMode.ABORT:
             self.abort(None)
         elif mode is PauseMode.RETRACT:
-            for seq in reversed(list(self.running)):
-                self._retract(seq)
+            self.retract_running()
         self.paused = mode
+
+    def retract_running(self) -> None:
+        """Send every running sequence back to the queue, KV freed (it is recomputed when readmitted);
+        the pause mode stays what it was."""
+        for seq in reversed(list(self.running)):
+            self._retract(seq)
 
     def resume(self) -> None:
         self.paused = None
@@ -226,7 +252,7 @@ class Scheduler:
             rows=rows, prefix_lens=prefix, extend_lens=ext, input_ids=ids,
             out_slots=slots, sample=sample, sampling=sampling, seeds=seeds, steps=steps,
             banned=banned, return_logprob=want_lp, return_raw_logprob=want_raw, top_logprobs_num=top_n,
-            future_inputs=future,
+            future_inputs=future, weight_version=self.weight_version,
         )
 
     # ------------------------------------------------------------------ results
@@ -264,7 +290,7 @@ class Scheduler:
             if seq.status is SeqStatus.FINISHED:
                 continue
             seq.output_ids.append(result.token_ids[j])
-            seq.weight_versions.append(self.weight_version)
+            seq.weight_versions.append(plan.weight_version)
             if seq.return_logprob:
                 seq.logprobs.append(result.logprobs[j])
             if seq.return_raw_logprob:

@@ -335,3 +335,15 @@ def error_from_status(code: grpc.StatusCode | None, details: str | None) -> Roll
     """Rebuild a typed error from a gRPC status; ``code`` keeps the status name even without a subclass."""
     name = code.name if code is not None else "UNKNOWN"
     return error_from_code(name, details or name)
+
+
+def memory_to_proto(states: dict[str, dict[str, Any]]) -> pb.MemoryResponse:
+    """``{tag: {"state", "bytes", "backup"}}`` -> MemoryResponse."""
+    return pb.MemoryResponse(memory={
+        tag: pb.MemoryState(state=str(s["state"]), bytes=int(s["bytes"]), backup=bool(s.get("backup", False)))
+        for tag, s in states.items()
+    })
+
+
+def memory_from_proto(msg: pb.MemoryResponse) -> dict[str, dict[str, Any]]:
+    return {tag: {"state": m.state, "bytes": m.bytes, "backup": m.backup} for tag, m in msg.memory.items()}

@@ -1,8 +1,8 @@
-"""Weight-update and memory protos <-> the engine's control-operation arguments (plain dicts).
+"""Weight-update protos <-> the engine's weight commands (``rollout.engine.messages``).
 
-The engine's weight and memory operations take keyword arguments (see ``rollout/weights`` and
-``rollout/control/memory.py``); ``weight_sync`` produces the same keywords on the trainer side.
-These functions are the only place they meet the protos, in both directions.
+Requests become typed commands here (the server side); the clients build the requests from the
+keyword form ``weight_sync`` produces on the trainer side (``layouts_to_args``). These functions are
+the only place the two meet the protos.
 """
 
 from __future__ import annotations
@@ -11,28 +11,35 @@ from collections.abc import Sequence
 from typing import Any
 
 from protos import rollout_pb2 as pb
+from rollout.engine.messages import (
+    DestroyWeightGroup,
+    InitWeightGroup,
+    UpdateWeightsFromDisk,
+    UpdateWeightsFromDistributed,
+    UpdateWeightsFromTensor,
+)
 from rollout.errors import InvalidArgumentError
-
-DEFAULT_TIMEOUT_S = 300.0
+from weight_sync.buckets import WireLayout
+from weight_sync.sources import Source, source_from_dict
 
 
 def _shapes(shapes: Sequence[Sequence[int]]) -> list[pb.TensorShape]:
     return [pb.TensorShape(dims=[int(d) for d in s]) for s in shapes]
 
 
-def _layout_from_proto(msg: Any) -> dict[str, Any]:
-    args: dict[str, Any] = {
-        "names": list(msg.names),
-        "dtypes": list(msg.dtypes),
-        "shapes": [list(s.dims) for s in msg.shapes],
-        "flat_bucket": bool(msg.flat_bucket),
-        "version": msg.version if msg.HasField("version") else None,
-    }
-    if msg.offsets:
-        args["offsets"] = list(msg.offsets)
-    if msg.bucket_sizes:
-        args["bucket_sizes"] = list(msg.bucket_sizes)
-    return args
+def _layout_from_proto(msg: Any) -> WireLayout:
+    return WireLayout(
+        names=list(msg.names),
+        dtypes=list(msg.dtypes),
+        shapes=[list(s.dims) for s in msg.shapes],
+        offsets=list(msg.offsets) or None,
+        bucket_sizes=list(msg.bucket_sizes) or None,
+        flat_bucket=bool(msg.flat_bucket),
+    )
+
+
+def _version(msg: Any) -> int | None:
+    return msg.version if msg.HasField("version") else None
 
 
 def _layout_to_proto(msg: Any, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
@@ -50,19 +57,23 @@ def _layout_to_proto(msg: Any, names: Sequence[str], dtypes: Sequence[str], shap
 
 
 # ---------------------------------------------------------------------------------------------- groups
-def init_group_from_proto(msg: pb.InitWeightUpdateGroupRequest) -> dict[str, Any]:
+def init_group_from_proto(msg: pb.InitWeightUpdateGroupRequest) -> InitWeightGroup:
     if not msg.master_address:
         raise InvalidArgumentError("the trainer's address is required", field="master_address")
-    return {
-        "master_address": msg.master_address,
-        "master_port": int(msg.master_port),
-        "rank_offset": int(msg.rank_offset),
-        "world_size": int(msg.world_size),
-        "group_name": msg.group_name or "default",
-        "backend": msg.backend or "nccl",
+    return InitWeightGroup(
+        master_address=msg.master_address,
+        master_port=int(msg.master_port),
+        rank_offset=int(msg.rank_offset),
+        world_size=int(msg.world_size),
+        group_name=msg.group_name or "default",
+        backend=msg.backend or "nccl",
         # 0 is the proto's "unset"; anything else is checked by the engine (negative, NaN, huge: refused).
-        "timeout_s": DEFAULT_TIMEOUT_S if msg.timeout_s == 0 else float(msg.timeout_s),
-    }
+        timeout_s=None if msg.timeout_s == 0 else float(msg.timeout_s),
+    )
+
+
+def destroy_group_from_proto(msg: pb.DestroyWeightUpdateGroupRequest) -> DestroyWeightGroup:
+    return DestroyWeightGroup(msg.group_name or "default")
 
 
 def init_group_to_proto(master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -74,8 +85,8 @@ def init_group_to_proto(master_address: str, master_port: int, rank_offset: int,
 
 
 # ---------------------------------------------------------------------------------------------- updates
-def distributed_from_proto(msg: pb.UpdateWeightsFromDistributedRequest) -> dict[str, Any]:
-    return {"group_name": msg.group_name or "default", **_layout_from_proto(msg)}
+def distributed_from_proto(msg: pb.UpdateWeightsFromDistributedRequest) -> UpdateWeightsFromDistributed:
+    return UpdateWeightsFromDistributed(_layout_from_proto(msg), msg.group_name or "default", _version(msg))
 
 
 def distributed_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
@@ -86,15 +97,15 @@ def distributed_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes:
     return _layout_to_proto(msg, names, dtypes, shapes, offsets, bucket_sizes, flat_bucket, version)
 
 
-def _source_from_proto(src: pb.TensorSource) -> dict[str, Any]:
+def _source_from_proto(src: pb.TensorSource) -> Source:
     kind = src.WhichOneof("source")
     if kind == "cuda_ipc":
         m = src.cuda_ipc
-        return {"cuda_ipc": {"device_index": m.device_index, "handle": bytes(m.handle), "offset": m.offset,
-                             "size": m.size}}
+        return source_from_dict({"cuda_ipc": {"device_index": m.device_index, "handle": bytes(m.handle),
+                                              "offset": m.offset, "size": m.size}})
     if kind == "shared_memory":
         m = src.shared_memory
-        return {"shared_memory": {"name": m.name, "offset": m.offset, "size": m.size}}
+        return source_from_dict({"shared_memory": {"name": m.name, "offset": m.offset, "size": m.size}})
     raise InvalidArgumentError("each source needs cuda_ipc or shared_memory", field="sources")
 
 
@@ -108,8 +119,9 @@ def _source_to_proto(src: dict[str, Any] | pb.TensorSource) -> pb.TensorSource:
     raise InvalidArgumentError("each source needs cuda_ipc or shared_memory", field="sources")
 
 
-def tensor_from_proto(msg: pb.UpdateWeightsFromTensorRequest) -> dict[str, Any]:
-    return {"sources": [_source_from_proto(s) for s in msg.sources], **_layout_from_proto(msg)}
+def tensor_from_proto(msg: pb.UpdateWeightsFromTensorRequest) -> UpdateWeightsFromTensor:
+    sources = tuple(_source_from_proto(s) for s in msg.sources)
+    return UpdateWeightsFromTensor(_layout_from_proto(msg), sources, _version(msg))
 
 
 def tensor_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
@@ -120,20 +132,7 @@ def tensor_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes: Sequ
     return _layout_to_proto(msg, names, dtypes, shapes, offsets, bucket_sizes, flat_bucket, version)
 
 
-def disk_from_proto(msg: pb.UpdateWeightsFromDiskRequest) -> dict[str, Any]:
+def disk_from_proto(msg: pb.UpdateWeightsFromDiskRequest) -> UpdateWeightsFromDisk:
     if not msg.model_path:
         raise InvalidArgumentError("a checkpoint directory is required", field="model_path")
-    return {"model_path": msg.model_path, "version": msg.version if msg.HasField("version") else None}
-
-
-# ---------------------------------------------------------------------------------------------- memory
-def memory_to_proto(states: dict[str, dict[str, Any]]) -> pb.MemoryResponse:
-    """``{tag: {"state", "bytes", "backup"}}`` -> MemoryResponse."""
-    return pb.MemoryResponse(memory={
-        tag: pb.MemoryState(state=str(s["state"]), bytes=int(s["bytes"]), backup=bool(s.get("backup", False)))
-        for tag, s in states.items()
-    })
-
-
-def memory_from_proto(msg: pb.MemoryResponse) -> dict[str, dict[str, Any]]:
-    return {tag: {"state": m.state, "bytes": m.bytes, "backup": m.backup} for tag, m in msg.memory.items()}
+    return UpdateWeightsFromDisk(msg.model_path, _version(msg))

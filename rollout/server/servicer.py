@@ -16,7 +16,15 @@ import grpc
 
 from protos import rollout_pb2 as pb
 from protos import rollout_pb2_grpc
-from rollout.engine.messages import pause_args
+from rollout.engine.messages import (
+    Continue,
+    ControlCommand,
+    FlushCache,
+    GetInfo,
+    Pause,
+    ReleaseMemory,
+    ResumeMemory,
+)
 from rollout.errors import (
     EngineDeadError,
     InvalidArgumentError,
@@ -228,7 +236,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
     ) -> pb.PauseGenerationResponse:
         engine = self._control_engine("PauseGeneration")
         mode = convert.pause_mode_from_proto(request.mode)
-        await engine.acall("pause", **pause_args(mode))
+        await engine.acall(Pause(mode))
         # Chunks the pause flushed (the step in flight) are written before this reply, so no token
         # reaches a client after its pause returned.
         await engine.quiesce()
@@ -238,34 +246,34 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
     async def ContinueGeneration(
         self, request: pb.ContinueGenerationRequest, context: grpc.aio.ServicerContext
     ) -> pb.ContinueGenerationResponse:
-        await self._control_engine("ContinueGeneration").acall("continue")
+        await self._control_engine("ContinueGeneration").acall(Continue())
         return pb.ContinueGenerationResponse()
 
     @_unary
     async def FlushCache(
         self, request: pb.FlushCacheRequest, context: grpc.aio.ServicerContext
     ) -> pb.FlushCacheResponse:
-        await self._control_engine("FlushCache").acall("flush_cache")
+        await self._control_engine("FlushCache").acall(FlushCache())
         return pb.FlushCacheResponse()
 
     @_unary
     async def GetInfo(
         self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetInfoResponse:
-        info = await self._engine_or_raise().acall("info")
+        info = await self._engine_or_raise().acall(GetInfo())
         return convert.info_to_proto(info)
 
     # ------------------------------------------------------------------ weights and memory
-    async def _weights_call(self, rpc: str, op: str, args: dict[str, Any]) -> pb.UpdateWeightsResponse:
-        version = await self._control_engine(rpc).acall(op, **args)
+    async def _weights_call(self, rpc: str, command: ControlCommand) -> pb.UpdateWeightsResponse:
+        version = await self._control_engine(rpc).acall(command)
         return pb.UpdateWeightsResponse(weight_version=int(version))
 
     @_unary
     async def InitWeightUpdateGroup(
         self, request: pb.InitWeightUpdateGroupRequest, context: grpc.aio.ServicerContext
     ) -> pb.WeightGroupResponse:
-        args = convert_weights.init_group_from_proto(request)
-        name = await self._control_engine("InitWeightUpdateGroup").acall("init_weight_update_group", **args)
+        command = convert_weights.init_group_from_proto(request)
+        name = await self._control_engine("InitWeightUpdateGroup").acall(command)
         return pb.WeightGroupResponse(group_name=str(name))
 
     @_unary
@@ -273,40 +281,37 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
         self, request: pb.DestroyWeightUpdateGroupRequest, context: grpc.aio.ServicerContext
     ) -> pb.WeightGroupResponse:
         name = await self._control_engine("DestroyWeightUpdateGroup").acall(
-            "destroy_weight_update_group", group_name=request.group_name or "default")
+            convert_weights.destroy_group_from_proto(request))
         return pb.WeightGroupResponse(group_name=str(name))
 
     @_unary
     async def UpdateWeightsFromDistributed(
         self, request: pb.UpdateWeightsFromDistributedRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateWeightsResponse:
-        return await self._weights_call("UpdateWeightsFromDistributed", "update_weights_from_distributed",
-                                        convert_weights.distributed_from_proto(request))
+        return await self._weights_call("UpdateWeightsFromDistributed", convert_weights.distributed_from_proto(request))
 
     @_unary
     async def UpdateWeightsFromTensor(
         self, request: pb.UpdateWeightsFromTensorRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateWeightsResponse:
-        return await self._weights_call("UpdateWeightsFromTensor", "update_weights_from_tensor",
-                                        convert_weights.tensor_from_proto(request))
+        return await self._weights_call("UpdateWeightsFromTensor", convert_weights.tensor_from_proto(request))
 
     @_unary
     async def UpdateWeightsFromDisk(
         self, request: pb.UpdateWeightsFromDiskRequest, context: grpc.aio.ServicerContext
     ) -> pb.UpdateWeightsResponse:
-        return await self._weights_call("UpdateWeightsFromDisk", "update_weights_from_disk",
-                                        convert_weights.disk_from_proto(request))
+        return await self._weights_call("UpdateWeightsFromDisk", convert_weights.disk_from_proto(request))
 
     @_unary
     async def ReleaseMemory(
         self, request: pb.ReleaseMemoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.MemoryResponse:
-        states = await self._control_engine("ReleaseMemory").acall("release_memory", tags=list(request.tags))
-        return convert_weights.memory_to_proto(states)
+        states = await self._control_engine("ReleaseMemory").acall(ReleaseMemory(tuple(request.tags)))
+        return convert.memory_to_proto(states)
 
     @_unary
     async def ResumeMemory(
         self, request: pb.ResumeMemoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.MemoryResponse:
-        states = await self._control_engine("ResumeMemory").acall("resume_memory", tags=list(request.tags))
-        return convert_weights.memory_to_proto(states)
+        states = await self._control_engine("ResumeMemory").acall(ResumeMemory(tuple(request.tags)))
+        return convert.memory_to_proto(states)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from rollout.client import AsyncRolloutClient
-from rollout.engine.messages import AddRequest
+from rollout.engine.messages import AddRequest, Continue, Pause
 from rollout.engine.process import start_engine_thread
 from rollout.types import PauseMode, SamplingParams
 
@@ -49,10 +49,10 @@ def test_no_token_after_pause_in_process(tiny_model) -> None:
             return client.astream(AddRequest(f"r{i}", [i + 1, i + 2, i + 3], LONG, stream=True))
 
         async def pause(mode: PauseMode) -> None:
-            await client.acall("pause", mode=mode.value)
+            await client.acall(Pause(mode))
 
         async def resume() -> None:
-            await client.acall("continue")
+            await client.acall(Continue())
 
         asyncio.run(_count_while_paused(stream_of, pause, resume))
     finally:

@@ -9,10 +9,11 @@ import grpc
 import pytest
 
 from rollout.client import AsyncRolloutClient
+from rollout.engine.messages import Continue, GetInfo, Pause
 from rollout.engine.request_validation import RequestLimits
 from rollout.errors import RolloutError
 from rollout.server.servicer import RolloutServicer, add_to_server
-from rollout.types import FinishReason, StreamChunk
+from rollout.types import FinishReason, PauseMode, StreamChunk
 
 
 class ScriptedEngine:
@@ -22,16 +23,16 @@ class ScriptedEngine:
     tokenizer = None
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.calls: list[Any] = []
         self.aborted: list[list[str] | None] = []
 
     def abort(self, request_ids: list[str] | None) -> None:
         self.aborted.append(request_ids)
 
-    async def acall(self, op: str, **args: Any) -> Any:
-        if op == "info":
+    async def acall(self, command: Any) -> Any:
+        if isinstance(command, GetInfo):
             raise RuntimeError("info exploded")
-        self.calls.append((op, args))
+        self.calls.append(command)
 
     async def quiesce(self, timeout: float = 2.0) -> bool:
         return True
@@ -74,7 +75,7 @@ async def _scenario() -> None:
             assert info.value.code == "INTERNAL" and "RuntimeError: info exploded" in str(info.value)
             await client.pause("retract")
             await client.continue_()
-            assert engine.calls == [("pause", {"mode": "retract"}), ("continue", {})]
+            assert engine.calls == [Pause(PauseMode.RETRACT), Continue()]
 
             # ... and in the middle of a stream.
             got = []

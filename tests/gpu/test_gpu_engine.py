@@ -34,7 +34,7 @@ def test_cuda_graph_replay_equals_eager(qwen3_dir) -> None:
                 max_total_tokens=1 << 15) as eager:
         ref = eager.generate(ps, sp, return_logprob=True)
     with Engine(qwen3_dir, device="cuda", attention_backend="triton", max_total_tokens=1 << 15) as graphed:
-        assert graphed._client.call("info").device == "cuda"
+        assert graphed.info().device == "cuda"
         outs = graphed.generate(ps, sp, return_logprob=True)
         graphed.check_integrity()
     for o, r in zip(outs, ref):

@@ -45,7 +45,7 @@ def other_process_allocates(nbytes: int) -> None:
 
 def test_regions_release_to_the_driver_and_resume_at_the_same_addresses() -> None:
     clean_allocator()
-    saver = MemorySaver("cuda", backup_tags=["weights"])
+    saver = MemorySaver("cuda", ("weights", "kv_cache", "cuda_graph"), backup_tags=["weights"])
     n = 256 << 20  # elements
     base_free = free_bytes()
     w = saver.region("weights").empty((n,), torch.bfloat16)  # 512 MiB

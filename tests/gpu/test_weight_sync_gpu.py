@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import weight_sync
-from rollout import SamplingParams
-from rollout.engine.process import start_engine_process
+from rollout import Engine, SamplingParams
 from rollout.errors import InvalidArgumentError
 from tests.weight_helpers import client_outputs as engine_outputs
 from tests.weight_helpers import perturb_checkpoint
@@ -37,12 +36,12 @@ def client_outputs(client) -> list[list[int]]:
 
 def test_ipc_update_equals_engine_loaded_from_disk(model_dir, perturbed) -> None:
     weights, path = perturbed
-    reference = start_engine_process(path, **OPTS)
+    reference = Engine(path, separate_process=True, **OPTS)
     try:
         want = client_outputs(reference)
     finally:
         reference.shutdown()
-    engine = start_engine_process(model_dir, **OPTS)
+    engine = Engine(model_dir, separate_process=True, **OPTS)
     try:
         assert client_outputs(engine) != want
         trainer = {n: t.to("cuda", torch.bfloat16) for n, t in weights.items()}
@@ -52,7 +51,7 @@ def test_ipc_update_equals_engine_loaded_from_disk(model_dir, perturbed) -> None
         trainer["model.norm.weight"] = trainer["model.norm.weight"].cpu()
         assert weight_sync.push_tensors_ipc([engine], trainer.items(), version=4) == 4
         assert client_outputs(engine) == want
-        assert engine.call("info").weight_version == 4
+        assert engine.info().weight_version == 4
         # The same allocations again: handles are opened and closed once per update.
         assert weight_sync.push_tensors_ipc([engine], trainer.items(), bucket_bytes=4096) == 5
         assert client_outputs(engine) == want
@@ -60,7 +59,7 @@ def test_ipc_update_equals_engine_loaded_from_disk(model_dir, perturbed) -> None
         bad["model.norm.weight"] = torch.zeros(3, device="cuda", dtype=torch.bfloat16)
         with pytest.raises(InvalidArgumentError, match="model.norm.weight"):
             weight_sync.push_tensors_ipc([engine], bad.items(), version=6)
-        info = engine.call("info")
+        info = engine.info()
         assert info.weight_version == 5 and info.weights_valid
         assert client_outputs(engine) == want
     finally:
@@ -93,31 +92,31 @@ def test_colocated_cycle_release_train_push_resume(model_dir, perturbed) -> None
     """generate, pause, release(kv_cache, weights), a training step taking most of the GPU in another
     process, resume(weights), push new weights over CUDA IPC, resume(kv_cache), generate correctly."""
     weights, path = perturbed
-    reference = start_engine_process(path, **OPTS)
+    reference = Engine(path, separate_process=True, **OPTS)
     try:
         want = client_outputs(reference)
     finally:
         reference.shutdown()
     # The KV pool is sized from free memory, as in a real deployment.
-    engine = start_engine_process(model_dir, device="cuda", dtype="bfloat16", kv_memory_fraction=0.6)
+    engine = Engine(model_dir, separate_process=True, device="cuda", dtype="bfloat16", kv_memory_fraction=0.6)
     try:
         before = client_outputs(engine)
         assert before != want
-        engine.call("pause", mode="retract")
+        engine.pause("retract")
         free0 = torch.cuda.mem_get_info()[0]
-        states = engine.call("release_memory", tags=["kv_cache", "weights"])
+        states = engine.release_memory(["kv_cache", "weights"])
         assert states["kv_cache"]["state"] == "released" and states["weights"]["state"] == "released"
         freed = torch.cuda.mem_get_info()[0] - free0
         share = training_step_in_another_process(0.9)
         print(f"released {freed / 2**30:.2f} GiB; the training step held {share:.0%} of the GPU")
         assert share > 0.5
-        engine.call("resume_memory", tags=["weights"])
+        engine.resume_memory(["weights"])
         trainer = {n: t.to("cuda", torch.bfloat16) for n, t in weights.items()}
         assert weight_sync.push_tensors_ipc([engine], trainer.items(), version=11) == 11
-        engine.call("resume_memory", tags=["kv_cache"])
-        engine.call("continue")
+        engine.resume_memory(["kv_cache"])
+        engine.continue_()
         assert client_outputs(engine) == want
-        info = engine.call("info")
+        info = engine.info()
         assert info.weight_version == 11 and info.weights_valid
         assert all(m["state"] == "active" for m in info.memory.values())
     finally:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import weight_sync
-from rollout import SamplingParams
-from rollout.engine.process import start_engine_process
+from rollout import Engine, SamplingParams
 from rollout.errors import InvalidArgumentError
 from tests.weight_helpers import client_outputs as engine_outputs
 from tests.weight_helpers import perturb_checkpoint
@@ -37,12 +36,12 @@ def client_outputs(client) -> list[list[int]]:
 
 def test_nccl_push_between_two_gpus(model_dir, perturbed) -> None:
     weights, path = perturbed
-    reference = start_engine_process(path, **OPTS)
+    reference = Engine(path, separate_process=True, **OPTS)
     try:
         want = client_outputs(reference)
     finally:
         reference.shutdown()
-    engine = start_engine_process(model_dir, **OPTS)
+    engine = Engine(model_dir, separate_process=True, **OPTS)
     try:
         assert client_outputs(engine) != want
         trainer = [(n, t.to("cuda:0", torch.bfloat16)) for n, t in weights.items()]
@@ -57,7 +56,7 @@ def test_nccl_push_between_two_gpus(model_dir, perturbed) -> None:
                 group.push(bad.items(), version=9)
             assert group.push(trainer, version=4) == 4  # the group survived the rejection
             assert client_outputs(engine) == want
-        assert engine.call("info").weight_version == 4
+        assert engine.info().weight_version == 4
         # Destroyed and formed again.
         with weight_sync.connect([engine], backend="nccl", timeout_s=120, device="cuda:0") as again:
             assert again.push(trainer) == 5

@@ -105,7 +105,7 @@ def test_misuse_fails_fast_with_a_clear_error() -> None:
 
 
 def test_saver_releases_by_tag_and_rejects_unknown_tags() -> None:
-    saver = MemorySaver("cpu", backup_tags=["weights"])
+    saver = MemorySaver("cpu", ("weights", "kv_cache", "cuda_graph"), backup_tags=["weights"])
     w = saver.region("weights").empty((16,), torch.float32)
     kv = saver.region("kv_cache").empty((32,), torch.float32)
     w.fill_(7.0)
@@ -123,7 +123,7 @@ def test_saver_releases_by_tag_and_rejects_unknown_tags() -> None:
     with pytest.raises(UnknownTagError, match="'bogus'"):
         saver.region("bogus")
     with pytest.raises(UnknownTagError, match="'optimizer'"):
-        MemorySaver("cpu", backup_tags=["optimizer"])
+        MemorySaver("cpu", ("weights", "kv_cache", "cuda_graph"), backup_tags=["optimizer"])
 
 
 class FakeDriver:

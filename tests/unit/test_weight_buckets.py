@@ -9,6 +9,7 @@ from rollout.errors import InvalidArgumentError
 from weight_sync.buckets import (
     ALIGN,
     LayoutCache,
+    WireLayout,
     bucket_views,
     layouts_from_args,
     layouts_to_args,
@@ -142,19 +143,19 @@ def test_layout_cache_reparses_whenever_the_wire_form_changes() -> None:
     layouts, _ = pack_all(tensors, 512)
     args = layouts_to_args(layouts)
     cache = LayoutCache()
-    assert cache.get(args) == layouts
-    assert cache.get({k: list(v) for k, v in args.items()}) == layouts  # equal lists: the cached layout
+    assert cache.get(WireLayout(**args)) == layouts
+    assert cache.get(WireLayout(**{k: list(v) for k, v in args.items()})) == layouts  # equal lists: the cached layout
     # The caller changes its own lists afterwards: the cache kept a copy, so this is a new layout.
     args["shapes"][0].append(1)
     args["shapes"][0].append(1)
-    changed = cache.get(args)
+    changed = cache.get(WireLayout(**args))
     assert changed[0].tensors[0].shape == tuple(args["shapes"][0]) != layouts[0].tensors[0].shape
     # Bad input is rejected every time, also right after a good layout was cached.
     args["dtypes"][0] = "complex64"
     for _ in range(2):
         with pytest.raises(InvalidArgumentError):
-            cache.get(args)
-    assert cache.get(layouts_to_args(layouts)) == layouts
+            cache.get(WireLayout(**args))
+    assert cache.get(WireLayout(**layouts_to_args(layouts))) == layouts
 
 
 def test_cuda_ipc_handle_keeps_all_64_bytes() -> None:

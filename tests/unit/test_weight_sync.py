@@ -18,7 +18,6 @@ import torch
 import weight_sync
 from rollout import Engine, SamplingParams
 from rollout.config import ModelConfig
-from rollout.engine.process import start_engine_process
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from rollout.models.loader import iter_checkpoint
 from tests.hf_oracle import hf_greedy
@@ -67,7 +66,7 @@ def client_outputs(client) -> list[list[int]]:
 
 def test_gloo_push_to_two_engines_matches_transformers(model_dir, perturbed, expected) -> None:
     weights, _ = perturbed
-    other = start_engine_process(model_dir, **ENGINE_OPTS)  # a server-style engine process
+    other = Engine(model_dir, separate_process=True, **ENGINE_OPTS)  # a server-style engine process
     try:
         with Engine(model_dir, **ENGINE_OPTS) as engine:
             assert outputs(engine) == expected["old"]
@@ -79,7 +78,7 @@ def test_gloo_push_to_two_engines_matches_transformers(model_dir, perturbed, exp
                 assert client_outputs(other) == expected["new"]
                 outs = engine.generate(PROMPTS[0], GREEDY)
                 assert outs[0].weight_versions == [7] * len(outs[0].output_ids)
-                assert engine.info().weight_version == 7 and other.call("info").weight_version == 7
+                assert engine.info().weight_version == 7 and other.info().weight_version == 7
                 # Groups can be used again, then destroyed and formed again.
                 assert group.push(iter_checkpoint(model_dir), version=8) == 8
                 assert outputs(engine) == expected["old"]
@@ -314,7 +313,7 @@ def test_bad_arguments_are_rejected_by_name(model_dir) -> None:
     with Engine(model_dir, **ENGINE_OPTS) as engine:
         with pytest.raises(NotFoundError, match="group_name"):
             engine.update_weights_from_distributed(group_name="nope", names=[], dtypes=[], shapes=[], version=1)
-        with pytest.raises(InvalidArgumentError, match="bucket_byts"):
+        with pytest.raises(TypeError, match="bucket_byts"):  # a typed signature: Python names the keyword
             engine.update_weights_from_tensor(names=[], dtypes=[], shapes=[], sources=[], bucket_byts=1)
         with pytest.raises(InvalidArgumentError, match="backend"):
             engine.init_weight_update_group(master_address="127.0.0.1", master_port=1234, rank_offset=1,
