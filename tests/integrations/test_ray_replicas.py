@@ -20,7 +20,7 @@ from integrations.ray import RolloutRouter, RolloutServerConfig, create_rollout_
 from rollout import Engine  # noqa: E402
 from rollout.client import RolloutClient  # noqa: E402
 from rollout.errors import FailedPreconditionError, InvalidArgumentError  # noqa: E402
-from rollout.types import PauseMode, SamplingParams  # noqa: E402
+from rollout.types import FinishReason, PauseMode, SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -155,6 +155,22 @@ def test_release_and_resume_round_trip(replicas, group, models, expected):
     assert greedy(actor) == expected["second"]
 
 
+def test_abort_and_flush_through_the_actor(replicas):
+    actor = replicas.actors[0]
+    long = SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True)
+    ref = actor.generate.remote(PROMPTS[2], long, request_id="long-one")
+    deadline = time.monotonic() + STEP_S
+    while ray.get(actor.info.remote(), timeout=STEP_S).num_running == 0:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.02)
+    ray.get(actor.abort.remote("long-one"), timeout=STEP_S)
+    [out] = ray.get(ref, timeout=STEP_S)
+    assert out.finish_reason == FinishReason.ABORT and 0 < len(out.output_ids) < long.max_new_tokens
+    assert ray.get(actor.info.remote(), timeout=STEP_S).kv_cached_tokens > 0
+    ray.get(actor.flush_cache.remote(), timeout=STEP_S)
+    assert ray.get(actor.info.remote(), timeout=STEP_S).kv_cached_tokens == 0
+
+
 def test_router_keeps_each_group_on_one_replica(replicas, infos):
     prompts = [[300 + i, 7, 8, 9, 10, 11, 12] for i in range(4)]
     group_sp = {"n": 4, "max_new_tokens": 3, "seed": 0}
@@ -187,7 +203,7 @@ def test_router_keeps_each_group_on_one_replica(replicas, infos):
             c.close()
 
 
-def test_colocated_replica_on_a_trainer_bundle_dies_with_its_actor(ray_cluster, models):
+def test_colocated_replica_on_a_trainer_bundle(ray_cluster, models):
     trainer_pg = ray.util.placement_group([{"CPU": 1}, {"CPU": 1}])
     ray.get(trainer_pg.ready(), timeout=STEP_S)
     try:
@@ -203,14 +219,13 @@ def test_colocated_replica_on_a_trainer_bundle_dies_with_its_actor(ray_cluster, 
             trainer_pg, placement_group_bundle_index=1)
         trainer_step = ray.remote(num_cpus=0.5, scheduling_strategy=pg_strategy)(_trainer_step)
         assert ray.get(trainer_step.remote(), timeout=STEP_S) == "stepped"
-        assert len(ray.get(reps.actors[0].generate.remote([5, 6, 7], {"max_new_tokens": 2}), timeout=STEP_S)) == 1
-        # Killed without a shutdown call, the actor still takes its server down (Ray ends a dead worker's
-        # children; the server's parent-death signal covers Ray versions and failures where it does not).
-        ray.kill(reps.actors[0])
-        deadline = time.monotonic() + STEP_S
-        while _running(info.server_pid):
-            assert time.monotonic() < deadline, "the server outlived its actor"
-            time.sleep(0.1)
+        actor = reps.actors[0]
+        assert len(ray.get(actor.generate.remote([5, 6, 7], {"max_new_tokens": 2}), timeout=STEP_S)) == 1
+        assert ray.get(actor.shutdown.remote(), timeout=STEP_S) == 0  # the server stopped cleanly
+        assert not _running(info.server_pid) and not ray.get(actor.server_alive.remote(), timeout=STEP_S)
+        with pytest.raises(FailedPreconditionError, match="shut down"):
+            ray.get(actor.generate.remote([5, 6, 7]), timeout=STEP_S)
+        reps.shutdown()  # again: harmless; ends the actor
     finally:
         ray.util.remove_placement_group(trainer_pg)
 
