@@ -49,7 +49,7 @@ class RolloutServerConfig:
         object.__setattr__(self, "extra_args", tuple(self.extra_args))
         if not isinstance(self.model, str) or not self.model:
             raise InvalidArgumentError("must be a model directory", field="model")
-        if self.device.split(":")[0] not in _DEVICES:
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in _DEVICES:
             raise InvalidArgumentError(f"must be cpu, cuda or cuda:N (got {self.device!r})", field="device")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise InvalidArgumentError(f"must be one of {_DTYPES} (got {self.dtype!r})", field="dtype")
