@@ -47,7 +47,7 @@ from tokenizers import Tokenizer
 
 import weight_sync
 from rollout.client import AsyncRolloutClient, RolloutClient
-from rollout.models.random_init import write_random_model
+from rollout.testing.random_model import write_random_model
 from rollout.types import FinishReason, PauseMode
 
 

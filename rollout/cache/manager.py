@@ -23,8 +23,8 @@ import torch
 
 from rollout.cache.allocator import PageAllocator
 from rollout.cache.radix_tree import RadixCache
-from rollout.cache.tree_node import TreeNode
 from rollout.cache.req_table import ReqToTokenTable
+from rollout.cache.tree_node import TreeNode
 from rollout.errors import InvalidArgumentError, OutOfRangeError
 
 
