@@ -1,10 +1,16 @@
-"""The KV pool: one K and one V tensor per layer, indexed by token slot."""
+"""The KV pool: one K and one V tensor per layer, indexed by token slot; and how many slots it gets."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from rollout.config import EngineConfig
+
+CPU_DEFAULT_KV_BYTES = 1 << 30  # the KV budget on CPU when none is configured
+CPU_MAX_DEFAULT_SLOTS = 1 << 18
 
 # (shape, dtype, count) -> ``count`` zero-filled tensors of that shape: where the K/V buffers live.
 KVAllocator = Callable[[tuple[int, ...], torch.dtype, int], list[torch.Tensor]]
@@ -54,3 +60,32 @@ class KVPool:
     @staticmethod
     def bytes_per_slot(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def kv_pool_slots(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """Token slots of the KV pool: ``max_total_tokens`` when configured, else what memory allows (on a
+    GPU, ``kv_memory_fraction`` of the memory free once the weights are placed). Whole pages, plus
+    page 0, the padding page that is never handed out."""
+    cache = config.cache
+    page = cache.page_size
+    if cache.max_total_tokens is not None:
+        tokens = cache.max_total_tokens
+    else:
+        m = config.model
+        per_slot = KVPool.bytes_per_slot(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # weights moved into their region: return the old blocks first
+            free, _ = torch.cuda.mem_get_info(device)
+            tokens = int(free * cache.kv_memory_fraction) // per_slot
+        else:
+            tokens = min(CPU_DEFAULT_KV_BYTES // per_slot, CPU_MAX_DEFAULT_SLOTS)
+    pages = max(tokens // page, 1)
+    return (pages + 1) * page
+
+
+def create_kv_pool(config: EngineConfig, dtype: torch.dtype, device: torch.device,
+                   allocate: KVAllocator | None = None) -> KVPool:
+    """The engine's KV pool, sized by ``kv_pool_slots`` (call after the weights are placed)."""
+    m = config.model
+    return KVPool(m.num_hidden_layers, kv_pool_slots(config, dtype, device), m.num_key_value_heads, m.head_dim,
+                  dtype, device, allocate=allocate)

@@ -67,3 +67,9 @@ class ReqToTokenTable:
             if self.table.is_cuda and not src.is_cuda:
                 src = src.pin_memory()
             self.table[row, start : start + n].copy_(src, non_blocking=True)
+
+    def write_tokens(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        """Record one step's new tokens: ``table[rows[t], positions[t]] = slots[t]`` (device tensors,
+        (T,) each). One scatter queued on the device; the model runner calls it before the forward,
+        so every write to the table stays in this class."""
+        self.table[rows, positions] = slots

@@ -59,7 +59,7 @@ class EngineCore:
         self.tokenizer = Tokenizer.from_model_dir(config.model_path)
         self.runner = ModelRunner(config)
         self.cache = self._build_cache()
-        self.runner.bind_req_table(self.cache.req_table.table, self.cache.req_table.padding_row)
+        self.runner.bind_req_table(self.cache.req_table)
         self.runner.capture_cuda_graphs()
         if self.runner.device.type == "cuda":
             self.runner.warm_logits(config.scheduler.max_running_requests)

@@ -12,7 +12,8 @@ import torch
 
 from rollout.attention.registry import create_attention_backend, default_attention_backend
 from rollout.batch import BatchPlan, ForwardBatch, StepResult
-from rollout.cache.kv_pool import KVPool
+from rollout.cache.kv_pool import create_kv_pool
+from rollout.cache.req_table import ReqToTokenTable
 from rollout.config import EngineConfig
 from rollout.control.memory_placement import EngineMemory
 from rollout.models.loader import load_model
@@ -24,8 +25,6 @@ from rollout.types import TopLogprobs
 logger = logging.getLogger(__name__)
 
 # KV budget on a CPU device when the caller gives none.
-CPU_DEFAULT_KV_BYTES = 1 << 30
-CPU_MAX_DEFAULT_SLOTS = 1 << 18
 # Cap of the KV index buffer that decode graphs read (entries of all requests in one step).
 MAX_GRAPH_KV_ENTRIES = 1 << 24
 _LOGITS_SIZES = default_graph_batch_sizes(1024)
@@ -102,10 +101,8 @@ class ModelRunner:
         self.memory = EngineMemory(self.device, config.cache.memory_backup_tags)
         self.model = self._load_model()
         self.memory.place_weights(self.model)
-        self.num_slots = self._num_kv_slots()
-        m = config.model
-        self.kv_pool = KVPool(m.num_hidden_layers, self.num_slots, m.num_key_value_heads, m.head_dim,
-                              self.dtype, self.device, allocate=self.memory.allocate_kv)
+        self.kv_pool = create_kv_pool(config, self.dtype, self.device, allocate=self.memory.allocate_kv)
+        self.num_slots = self.kv_pool.num_slots
         backend = config.attention_backend
         if backend == "auto":
             backend = default_attention_backend(self.device)
@@ -158,26 +155,6 @@ class ModelRunner:
         model.eval()
         return model
 
-    def _num_kv_slots(self) -> int:
-        """Token slots of the KV pool: the configured size, else what memory allows."""
-        cfg = self.config
-        page = cfg.cache.page_size
-        if cfg.cache.max_total_tokens is not None:
-            tokens = cfg.cache.max_total_tokens
-        else:
-            m = cfg.model
-            per_slot = KVPool.bytes_per_slot(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, self.dtype)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # weights moved into their region: return the old blocks first
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * cfg.cache.kv_memory_fraction)
-                tokens = budget // per_slot
-            else:
-                tokens = min(CPU_DEFAULT_KV_BYTES // per_slot, CPU_MAX_DEFAULT_SLOTS)
-        pages = max(tokens // page, 1)
-        # +1 page: page 0 is the padding page, never handed out.
-        return (pages + 1) * page
-
     def close(self) -> None:
         """Drop graphs, KV and weights and return their memory to the device."""
         self.graphs = None
@@ -187,11 +164,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def bind_req_table(self, table: torch.Tensor, padding_row: int) -> None:
-        """Use the cache manager's request->slot table to find each request's KV (``padding_row``:
-        the row that no request holds, for CUDA-graph padding)."""
-        self.req_table = table
-        self.padding_row = padding_row
+    def bind_req_table(self, req_table: ReqToTokenTable) -> None:
+        """Use the cache manager's request->slot table to find each request's KV (its padding row
+        is the one no request holds, for CUDA-graph padding). The runner reads the table and asks it
+        to record each step's new tokens; it never writes the tensor itself."""
+        self._req_table = req_table
+        self.req_table = req_table.table
+        self.padding_row = req_table.padding_row
 
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
@@ -305,8 +284,7 @@ class ModelRunner:
         batch = graphs.static_batch(gbs)
         if plan.future_inputs:
             batch.input_ids.copy_(self._resolve_inputs(batch.input_ids))
-        assert self.req_table is not None
-        self.req_table[batch.req_rows, batch.positions] = batch.out_cache_loc
+        self._req_table.write_tokens(batch.req_rows, batch.positions, batch.out_cache_loc)
         return graphs.replay(gbs)
 
     def _build_batch(self, plan: BatchPlan) -> ForwardBatch:
@@ -337,7 +315,7 @@ class ModelRunner:
             host_segments_to_device([plan.rows, token_rows, plan.out_slots, positions, seq_lens, qo_indptr,
                                      plan.input_ids, sampled, kv_indptr], self.device))
         # Record the new tokens' slots in the table before anything reads it.
-        self.req_table[token_rows_d, positions_d] = out_loc
+        self._req_table.write_tokens(token_rows_d, positions_d, out_loc)
         kv_indices = None
         if not table_mode:
             # Every entry's whole KV run, gathered from the table: kv position j of entry i is
