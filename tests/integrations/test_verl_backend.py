@@ -9,6 +9,7 @@ placement groups form on a CPU machine; the engine runs on CPU.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import numpy as np
@@ -170,6 +171,34 @@ def test_weight_update_sequence_loads_new_weights_tagged_with_the_step(verl_setu
     ckpt.sleep_replicas()
     ckpt.wake_up_replicas()
     assert _generate(server, prompt).token_ids == expected_b
+
+
+def test_hybrid_update_sequence_through_the_adapter(verl_setup):
+    """What verl's trainer worker does in hybrid mode (ActorRolloutRefWorker.update_weights with the
+    "naive" checkpoint engine), with our adapter made by verl's get_rollout_class: the replica slept
+    (weights released, so generation is refused), then resume(["weights"]), update_weights with
+    the trainer's tensors, resume(["kv_cache"]). verl's trainer worker itself needs CUDA + NCCL."""
+    import ray.exceptions
+
+    config, manager, model_a, _ = verl_setup
+    server = manager.get_replicas()[0].server_handle
+    prompt = [9, 8, 7, 6]
+    expected_a = _greedy_reference(model_a, prompt)
+    adapter = get_rollout_class(BACKEND_NAME, "async")(
+        config=config.actor_rollout_ref.rollout, model_config=config.actor_rollout_ref.model, device_mesh=None)
+
+    asyncio.run(adapter.release())  # a hybrid sleep: KV cache and weights
+    with pytest.raises(ray.exceptions.RayTaskError, match="weights were released"):
+        _generate(server, prompt)
+    asyncio.run(adapter.resume(["weights"]))
+    trainer_tensors = (pair for pair in _hf_tensors(model_a))  # a generator, as the model engine gives
+    asyncio.run(adapter.update_weights(trainer_tensors, peft_config=None, base_sync_done=True, global_steps=9))
+    asyncio.run(adapter.resume(["kv_cache"]))
+
+    out = _generate(server, prompt)
+    assert out.token_ids == expected_a
+    assert out.extra_fields["weight_versions"] == [9] * len(out.token_ids)
+    assert ray.get(server.get_global_steps.remote(), timeout=CALL_TIMEOUT_S) == 9
 
 
 def test_abort_with_reject_refuses_new_requests_until_resume(verl_setup):
