@@ -32,7 +32,7 @@ from rollout.models.random_init import write_random_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT_LEN, RESPONSE_LEN = 24, 6
-CALL_TIMEOUT_S = 120  # a Ray call that waits on the engine fails in minutes, never hangs
+CALL_TIMEOUT_S = 60  # a Ray call that waits on the engine fails in a minute, never hangs
 
 
 def test_backend_is_in_both_verl_registries():
