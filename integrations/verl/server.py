@@ -22,7 +22,7 @@ from typing import Any
 from integrations.verl.requests import LengthBudget, check_prompt, empty_fields, to_generate_call, token_fields
 from integrations.verl.server_process import ServerProcess, server_options
 from rollout.client import AsyncRolloutClient
-from rollout.errors import FailedPreconditionError, UnavailableError
+from rollout.errors import FailedPreconditionError, UnavailableError, UnimplementedError
 from rollout.types import PauseMode
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,6 @@ class RolloutServer:
 
         kwargs.pop("priority", None)
         if image_data or video_data or kwargs.get("audio_data"):
-            from rollout.errors import UnimplementedError
-
             raise UnimplementedError("multimodal inputs are not supported", field="image_data")
         client = self._require_client()
         if self._reject:
