@@ -19,7 +19,6 @@ import torch
 pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
 
 import ray  # noqa: E402
-from rollout.models.random_init import write_random_model  # noqa: E402
 from verl import DataProto  # noqa: E402
 from verl.workers.rollout.base import get_rollout_class  # noqa: E402
 from verl.workers.rollout.replica import RolloutReplicaRegistry  # noqa: E402
@@ -29,6 +28,7 @@ from integrations.verl.adapter import ServerAdapter  # noqa: E402
 from integrations.verl.replica import RolloutServerReplica  # noqa: E402
 from rollout import Engine, SamplingParams  # noqa: E402
 from rollout.errors import InvalidArgumentError, UnimplementedError  # noqa: E402
+from rollout.testing.random_model import write_random_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT_LEN, RESPONSE_LEN = 24, 6
