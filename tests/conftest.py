@@ -38,3 +38,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def engine_cores(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The ``EngineCore`` of every in-thread engine built during the test, in order (to look at
+    the pool's buffers and the runner directly)."""
+    import rollout.engine.process as engine_process
+
+    cores: list = []
+    build = engine_process._build_core
+
+    def keep(model_path, options):
+        cores.append(build(model_path, options))
+        return cores[-1]
+
+    monkeypatch.setattr(engine_process, "_build_core", keep)
+    return cores

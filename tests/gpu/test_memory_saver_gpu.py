@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-import rollout.engine.process as engine_process
 from memory_saver import MemorySaver, MemoryState
 from rollout import Engine, SamplingParams
 
@@ -103,15 +102,8 @@ def model_dir(tiny_model_dir):
                           init_std=0.08, dtype="bfloat16")
 
 
-def test_engine_release_all_frees_95_percent_and_resumes_identically(model_dir, monkeypatch) -> None:
-    cores = []
-    build = engine_process._build_core
-
-    def keep(model_path, options):
-        cores.append(build(model_path, options))
-        return cores[-1]
-
-    monkeypatch.setattr(engine_process, "_build_core", keep)
+def test_engine_release_all_frees_95_percent_and_resumes_identically(model_dir, engine_cores) -> None:
+    cores = engine_cores
     clean_allocator()
     base_free = free_bytes()
     prompts = [[7, 8, 9, 10, 11], [300, 301, 302], [5] * 40]

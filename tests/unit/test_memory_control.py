@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rollout.engine.process as engine_process
 from rollout import Engine, SamplingParams
 from rollout.config import CacheConfig
 from rollout.control.memory_placement import EngineMemory
@@ -194,15 +193,8 @@ def test_allocate_kv_hands_out_views_that_release_frees() -> None:
     assert all(int(t.count_nonzero()) == 0 for t in kv)  # no backup for kv_cache: zeros, not the old ones
 
 
-def test_engine_release_frees_the_kv_pool_buffers_and_resume_restores_them(tiny_model_dir, monkeypatch) -> None:
-    cores = []
-    build = engine_process._build_core
-
-    def keep(model_path, options):
-        cores.append(build(model_path, options))
-        return cores[-1]
-
-    monkeypatch.setattr(engine_process, "_build_core", keep)
+def test_engine_release_frees_the_kv_pool_buffers_and_resume_restores_them(tiny_model_dir, engine_cores) -> None:
+    cores = engine_cores
     with Engine(tiny_model_dir("qwen3"), **OPTS) as engine:
         ref = outputs(engine)
         runner = cores[0].runner
