@@ -27,7 +27,10 @@ def _load_vocab_rows(param: nn.Parameter, loaded: torch.Tensor, vocab_size: int,
     rows = param.shape[0]
     start = tp.rank * rows
     n = max(0, min(rows, vocab_size - start))  # real rows in this slice
-    load_slice(param.data[:n], loaded, 0, vocab_size, start, name)
+    if n > 0:
+        load_slice(param.data[:n], loaded, 0, vocab_size, start, name)
+    elif loaded.shape[0] != vocab_size:  # a slice of padding only still checks what was sent
+        load_slice(param.data, loaded, 0, vocab_size, 0, name)
     param.data[n:].zero_()
 
 
@@ -106,5 +109,5 @@ class LMHead(nn.Module):
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)  # (N, padded vocab), slices in rank order
             if logits.shape[-1] != self.vocab_size:
-                logits = logits[:, : self.vocab_size]
+                logits = logits[..., : self.vocab_size]  # drop the last slice's padding rows
         return logits.float() if upcast else logits
