@@ -159,6 +159,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         prefix: str = "",
         tp: TPGroup = SINGLE,
     ) -> None:
+        if any(size % tp.size for size in output_sizes):  # each rank takes a slice of every projection
+            raise InvalidArgumentError(f"{output_sizes} not all divisible by tp_size {tp.size}", field=prefix)
         self.output_sizes = list(output_sizes)
         super().__init__(
             input_size,

@@ -190,3 +190,5 @@ def test_bad_group_and_head_counts_are_typed_errors():
         TPGroup(2, 2)
     with pytest.raises(InvalidArgumentError, match="num_key_value_heads"):
         QKVParallelLinear(8, 2, 6, 3, tp=_rank(0), **KW)  # 3 kv heads over 2 ranks
+    with pytest.raises(InvalidArgumentError, match="not all divisible"):
+        MergedColumnParallelLinear(4, [3, 5], prefix="gate_up", tp=_rank(0), **KW)  # sum divides, parts do not
