@@ -1,9 +1,10 @@
-"""Linear layers named and shaped for tensor parallelism (``tp_size`` is 1 in this build).
+"""Linear layers split across the ranks of a ``TPGroup`` (the single-rank group by default).
 
-Every parameter carries ``weight_loader(param, loaded_weight, shard_id=None)``, which copies a full
-checkpoint tensor (or one of the checkpoint tensors fused into it) into this rank's slice of the
-parameter in place. Parameters are never replaced, so their addresses stay valid for CUDA graphs
-and for weight refits.
+Every parameter carries ``weight_loader(param, loaded_weight, shard_id=None)``, which copies this
+rank's slice of a full checkpoint tensor (or of one of the checkpoint tensors fused into it) into
+the parameter in place. Parameters are never replaced, so their addresses stay valid for CUDA graphs
+and for weight refits. Column-parallel layers need no communication; the row-parallel layer sums
+its partial outputs over the group.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rollout.distributed.tp import SINGLE, TPGroup, kv_heads_per_rank
 from rollout.errors import InvalidArgumentError
 from rollout.layers.fused_ops import use_fused
 
@@ -37,12 +39,24 @@ def new_param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device |
     return param
 
 
-def _tp_slice(loaded: torch.Tensor, dim: int, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This rank's contiguous block of ``loaded`` along ``dim`` (the whole tensor when tp_size is 1)."""
-    if tp_size == 1:
-        return loaded
-    size = loaded.shape[dim] // tp_size
-    return loaded.narrow(dim, tp_rank * size, size)
+def load_slice(dst: torch.Tensor, loaded: torch.Tensor, dim: int, full: int, start: int, name: str) -> None:
+    """Copy rows ``[start, start + dst.shape[dim])`` along ``dim`` of ``loaded`` into ``dst``.
+
+    ``loaded`` is the full tensor, ``full`` long along ``dim``; the error names the full shape
+    expected. When ``dst`` is the whole of it (one rank) the tensor is copied as it is.
+    """
+    if loaded.dim() != dst.dim() or loaded.shape[dim] != full:
+        expected = tuple(full if d == dim else n for d, n in enumerate(dst.shape))
+        raise InvalidArgumentError(f"shape mismatch: expected {expected}, got {tuple(loaded.shape)}", field=name)
+    copy_checked(dst, loaded if full == dst.shape[dim] else loaded.narrow(dim, start, dst.shape[dim]), name)
+
+
+def _check_rows(param: torch.Tensor, loaded: torch.Tensor, full: int, name: str) -> None:
+    """Raise unless ``loaded`` is a fused tensor of ``full`` rows shaped like ``param`` otherwise."""
+    if loaded.dim() != param.dim() or loaded.shape[0] != full or loaded.shape[1:] != param.shape[1:]:
+        raise InvalidArgumentError(
+            f"shape mismatch: expected {(full, *param.shape[1:])}, got {tuple(loaded.shape)}", field=name
+        )
 
 
 class _LinearBase(nn.Module):
@@ -56,13 +70,13 @@ class _LinearBase(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         prefix: str,
-        tp_rank: int,
-        tp_size: int,
+        tp: TPGroup,
     ) -> None:
         super().__init__()
         self.prefix = prefix
-        self.tp_rank = tp_rank
-        self.tp_size = tp_size
+        self.tp = tp
+        self.tp_rank = tp.rank
+        self.tp_size = tp.size
         self.weight = new_param((out_per_rank, in_per_rank), dtype, device, self.weight_loader)
         self.bias = new_param((out_per_rank,), dtype, device, self.weight_loader) if bias else None
 
@@ -74,12 +88,15 @@ class _LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if x.dim() == 2 and 0 < x.shape[0] <= SKINNY_ROWS and x.dtype in _SKINNY_DTYPES and use_fused(x):
             from rollout.layers.skinny import skinny_linear
 
-            return skinny_linear(x, self.weight, self.bias)  # decode of a few rows: weight-read bound
-        return F.linear(x, self.weight, self.bias)
+            return skinny_linear(x, self.weight, bias)  # decode of a few rows: weight-read bound
+        return F.linear(x, self.weight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, self.bias)
 
 
 class ReplicatedLinear(_LinearBase):
@@ -95,7 +112,7 @@ class ReplicatedLinear(_LinearBase):
         device: torch.device | str,
         prefix: str = "",
     ) -> None:
-        super().__init__(input_size, output_size, bias, dtype, device, prefix, 0, 1)
+        super().__init__(input_size, output_size, bias, dtype, device, prefix, SINGLE)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         copy_checked(param.data, loaded, self._name(param))
@@ -113,17 +130,15 @@ class ColumnParallelLinear(_LinearBase):
         dtype: torch.dtype,
         device: torch.device | str,
         prefix: str = "",
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        tp: TPGroup = SINGLE,
     ) -> None:
-        if output_size % tp_size:
-            raise InvalidArgumentError(f"{output_size} not divisible by tp_size {tp_size}", field=prefix)
-        super().__init__(input_size, output_size // tp_size, bias, dtype, device, prefix, tp_rank, tp_size)
+        if output_size % tp.size:
+            raise InvalidArgumentError(f"{output_size} not divisible by tp_size {tp.size}", field=prefix)
+        super().__init__(input_size, output_size // tp.size, bias, dtype, device, prefix, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        if loaded.shape[0] != param.shape[0] * self.tp_size:
-            copy_checked(param.data, loaded, self._name(param))  # raises with both shapes
-        copy_checked(param.data, _tp_slice(loaded, 0, self.tp_rank, self.tp_size), self._name(param))
+        rows = param.shape[0]
+        load_slice(param.data, loaded, 0, rows * self.tp_size, rows * self.tp_rank, self._name(param))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -142,9 +157,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         dtype: torch.dtype,
         device: torch.device | str,
         prefix: str = "",
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        tp: TPGroup = SINGLE,
     ) -> None:
+        if any(size % tp.size for size in output_sizes):  # each rank takes a slice of every projection
+            raise InvalidArgumentError(f"{output_sizes} not all divisible by tp_size {tp.size}", field=prefix)
         self.output_sizes = list(output_sizes)
         super().__init__(
             input_size,
@@ -153,28 +169,35 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             dtype=dtype,
             device=device,
             prefix=prefix,
-            tp_rank=tp_rank,
-            tp_size=tp_size,
+            tp=tp,
         )
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         if shard_id is None:  # an already-fused tensor, e.g. a refit by our own names
-            super().weight_loader(param, loaded)
+            if self.tp_size == 1:
+                super().weight_loader(param, loaded)
+                return
+            # Each rank's rows are a slice of every projection, not one block of the fused tensor.
+            _check_rows(param, loaded, sum(self.output_sizes), self._name(param))
+            for i, part in enumerate(loaded.split(self.output_sizes, dim=0)):
+                self.weight_loader(param, part, i)
             return
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise InvalidArgumentError(f"unknown shard {shard_id!r}", field=self._name(param))
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
         dst = param.data.narrow(0, offset, size)
-        if loaded.shape[0] != self.output_sizes[shard_id]:
-            copy_checked(dst, loaded, self._name(param, shard_id))
-        copy_checked(dst, _tp_slice(loaded, 0, self.tp_rank, self.tp_size), self._name(param, shard_id))
+        load_slice(dst, loaded, 0, self.output_sizes[shard_id], size * self.tp_rank, self._name(param, shard_id))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections fused along the output; ``shard_id`` is "q", "k" or "v".
 
-    Rank r holds its query heads, then its kv heads of k, then of v.
+    Rank r holds its query heads, then its kv heads of k, then of v. With fewer kv heads than ranks
+    each kv head is replicated: the ranks whose query heads share a kv head all hold that head::
+
+        Hq=4, Hkv=1, tp=2:   rank 0: q heads 0,1  kv head 0     rank 1: q heads 2,3  kv head 0
+        Hq=8, Hkv=2, tp=4:   ranks 0,1 hold kv head 0; ranks 2,3 hold kv head 1
     """
 
     def __init__(
@@ -188,37 +211,49 @@ class QKVParallelLinear(ColumnParallelLinear):
         dtype: torch.dtype,
         device: torch.device | str,
         prefix: str = "",
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        tp: TPGroup = SINGLE,
     ) -> None:
+        if num_heads % tp.size:
+            raise InvalidArgumentError(f"{num_heads} heads not divisible by tp_size {tp.size}", field=prefix)
         self.head_dim = head_dim
-        self.num_heads = num_heads // tp_size
-        self.num_kv_heads = max(1, num_kv_heads // tp_size)
+        self.num_heads = num_heads // tp.size
+        self.num_kv_heads = kv_heads_per_rank(num_kv_heads, tp.size)
+        # This rank's first kv head: its own block, or the replicated head of its group of ranks.
+        kv_start = tp.rank * self.num_kv_heads if num_kv_heads >= tp.size else tp.rank // (tp.size // num_kv_heads)
         q_out, kv_out = self.num_heads * head_dim, self.num_kv_heads * head_dim
         self.shard_ranges = {"q": (0, q_out), "k": (q_out, kv_out), "v": (q_out + kv_out, kv_out)}
+        # shard -> (rows of the full checkpoint tensor, first row this rank takes from it)
+        self.full_rows = {
+            "q": (num_heads * head_dim, tp.rank * q_out),
+            "k": (num_kv_heads * head_dim, kv_start * head_dim),
+            "v": (num_kv_heads * head_dim, kv_start * head_dim),
+        }
         super().__init__(
             hidden_size,
-            (q_out + 2 * kv_out) * tp_size,
+            (q_out + 2 * kv_out) * tp.size,
             bias,
             dtype=dtype,
             device=device,
             prefix=prefix,
-            tp_rank=tp_rank,
-            tp_size=tp_size,
+            tp=tp,
         )
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         if shard_id is None:
-            super().weight_loader(param, loaded)
+            if self.tp_size == 1:
+                super().weight_loader(param, loaded)
+                return
+            # A fused [q; k; v] tensor of the whole model: split it and take this rank's heads of each.
+            sizes = [self.full_rows[s][0] for s in ("q", "k", "v")]
+            _check_rows(param, loaded, sum(sizes), self._name(param))
+            for part_id, part in zip(("q", "k", "v"), loaded.split(sizes, dim=0), strict=True):
+                self.weight_loader(param, part, part_id)
             return
         if shard_id not in self.shard_ranges:
             raise InvalidArgumentError(f"unknown shard {shard_id!r}", field=self._name(param))
         offset, size = self.shard_ranges[shard_id]
-        dst = param.data.narrow(0, offset, size)
-        name = self._name(param, shard_id)
-        if loaded.shape[0] != size * self.tp_size:
-            copy_checked(dst, loaded, name)
-        copy_checked(dst, _tp_slice(loaded, 0, self.tp_rank, self.tp_size), name)
+        full, start = self.full_rows[shard_id]
+        load_slice(param.data.narrow(0, offset, size), loaded, 0, full, start, self._name(param, shard_id))
 
 
 class RowParallelLinear(_LinearBase):
@@ -236,15 +271,21 @@ class RowParallelLinear(_LinearBase):
         dtype: torch.dtype,
         device: torch.device | str,
         prefix: str = "",
-        tp_rank: int = 0,
-        tp_size: int = 1,
+        tp: TPGroup = SINGLE,
     ) -> None:
-        if input_size % tp_size:
-            raise InvalidArgumentError(f"{input_size} not divisible by tp_size {tp_size}", field=prefix)
-        super().__init__(input_size // tp_size, output_size, bias, dtype, device, prefix, tp_rank, tp_size)
+        if input_size % tp.size:
+            raise InvalidArgumentError(f"{input_size} not divisible by tp_size {tp.size}", field=prefix)
+        super().__init__(input_size // tp.size, output_size, bias, dtype, device, prefix, tp)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        if param is self.bias or loaded.dim() != 2 or loaded.shape[1] != param.shape[1] * self.tp_size:
+        if param is self.bias:
             copy_checked(param.data, loaded, self._name(param))
             return
-        copy_checked(param.data, _tp_slice(loaded, 1, self.tp_rank, self.tp_size), self._name(param))
+        cols = param.shape[1]
+        load_slice(param.data, loaded, 1, cols * self.tp_size, cols * self.tp_rank, self._name(param))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return self._matmul(x, self.bias)
+        out = self.tp.all_reduce(self._matmul(x, None))  # (T, out): the sum of every rank's part
+        return out if self.bias is None else out + self.bias

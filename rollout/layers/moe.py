@@ -7,6 +7,11 @@ Expert weights are stacked so one fused kernel can serve all experts::
 
 ``fused_experts`` is the one entry point for the expert computation; the torch loop below is its
 reference and CPU path, and ``kernels.moe`` holds the Triton path used on CUDA.
+
+Tensor parallelism splits every expert's intermediate dim ``I`` over the ranks: rank r holds rows
+[r*I/n, (r+1)*I/n) of w1 and of w3 (so its w13 is its gate slice then its up slice) and the same
+columns of w2. Each rank's combined output is a partial sum over its slice; one all-reduce after
+the combine completes it.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.errors import InvalidArgumentError
-from rollout.layers.linear import ReplicatedLinear, copy_checked, new_param
+from rollout.layers.linear import ReplicatedLinear, copy_checked, load_slice, new_param
 
 
 def select_experts(
@@ -82,6 +88,7 @@ class FusedMoE(nn.Module):
     ``weight_loader(param, loaded, shard_id=None, expert_id=None)``: ``shard_id`` "w1" / "w3" fill the
     gate / up half of ``w13[expert_id]``, "w2" fills ``w2[expert_id]``; with both None the whole
     stacked tensor is copied (HF's fused ``experts.gate_up_proj`` / ``experts.down_proj`` layout).
+    Every loaded tensor is the full (unsplit) one; the loader takes this rank's slice of it.
     """
 
     def __init__(
@@ -93,11 +100,19 @@ class FusedMoE(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         prefix: str = "",
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
+        if intermediate_size % tp.size:
+            raise InvalidArgumentError(
+                f"{intermediate_size} not divisible by tp_size {tp.size}", field=f"{prefix}.intermediate_size"
+            )
         self.prefix = prefix
         self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
+        self.tp = tp
+        self.full_intermediate_size = intermediate_size
+        intermediate_size //= tp.size
+        self.intermediate_size = intermediate_size  # this rank's slice
         self.w13 = new_param(
             (num_experts, 2 * intermediate_size, hidden_size), dtype, device, self.weight_loader
         )
@@ -113,28 +128,42 @@ class FusedMoE(nn.Module):
         leaf = "w13" if param is self.w13 else "w2"
         name = f"{self.prefix}.{leaf}" if self.prefix else leaf
         if shard_id is None and expert_id is None:
-            copy_checked(param.data, loaded, name)
+            if self.tp.size == 1:
+                copy_checked(param.data, loaded, name)
+            else:
+                self._load_stacked(param, loaded, name)
             return
         if expert_id is None or not 0 <= expert_id < self.num_experts:
             raise InvalidArgumentError(
                 f"expert id {expert_id} out of range [0, {self.num_experts})", field=name
             )
         name = f"{name}[{expert_id}, {shard_id}]"
-        inter = self.intermediate_size
+        inter, full, start = self.intermediate_size, self.full_intermediate_size, self.tp.rank * self.intermediate_size
         if shard_id == "w1" and param is self.w13:
-            dst = param.data[expert_id, :inter]
+            load_slice(param.data[expert_id, :inter], loaded, 0, full, start, name)
         elif shard_id == "w3" and param is self.w13:
-            dst = param.data[expert_id, inter:]
+            load_slice(param.data[expert_id, inter:], loaded, 0, full, start, name)
         elif shard_id == "w2" and param is self.w2:
-            dst = param.data[expert_id]
+            load_slice(param.data[expert_id], loaded, 1, full, start, name)
         else:
             raise InvalidArgumentError(f"shard {shard_id!r} does not belong to {leaf}", field=name)
-        copy_checked(dst, loaded, name)
+
+    def _load_stacked(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
+        """This rank's slice of a whole stacked tensor: w13 (E, 2I, H) or w2 (E, H, I)."""
+        inter, full, start = self.intermediate_size, self.full_intermediate_size, self.tp.rank * self.intermediate_size
+        if param is self.w2:
+            load_slice(param.data, loaded, 2, full, start, name)
+            return
+        if loaded.dim() != 3 or loaded.shape[1] != 2 * full:  # raises, naming the full shape
+            load_slice(param.data, loaded, 1, 2 * full, 0, name)
+        load_slice(param.data[:, :inter], loaded[:, :full], 1, full, start, name)  # gate (w1)
+        load_slice(param.data[:, inter:], loaded[:, full:], 1, full, start, name)  # up (w3)
 
     def forward(
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
-        return fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)
+        out = fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)  # (T, H)
+        return out if self.tp.size == 1 else self.tp.all_reduce(out)  # sum of every rank's slice
 
 
 class SparseMoeBlock(nn.Module):
@@ -151,6 +180,7 @@ class SparseMoeBlock(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         prefix: str = "",
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         self.top_k = top_k
@@ -165,6 +195,7 @@ class SparseMoeBlock(nn.Module):
             dtype=dtype,
             device=device,
             prefix=f"{prefix}.experts",
+            tp=tp,
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,9 @@
 Qwen2 adds a bias to q/k/v (``attention_bias``); Qwen3 RMS-normalises each head of q and k before
 the rotary embedding (``qk_norm``). The MLP of each layer is built by a factory so the MoE models
 reuse this decoder with routed experts in place of the dense MLP.
+
+Tensor parallelism is the layers' business: each takes the model's ``TPGroup``, holds its shard and
+does its own communication, so this file only sizes the attention by the heads of this rank.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 
 from rollout.batch import ForwardBatch
 from rollout.config import ModelConfig
+from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.layers.activation import SiluAndMul
 from rollout.layers.attention import Attention
 from rollout.layers.embedding import LMHead, VocabEmbedding
@@ -50,13 +54,14 @@ class LlamaMLP(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         prefix: str,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            hidden_size, [intermediate_size] * 2, dtype=dtype, device=device, prefix=f"{prefix}.gate_up_proj"
+            hidden_size, [intermediate_size] * 2, dtype=dtype, device=device, prefix=f"{prefix}.gate_up_proj", tp=tp
         )
         self.down_proj = RowParallelLinear(
-            intermediate_size, hidden_size, dtype=dtype, device=device, prefix=f"{prefix}.down_proj"
+            intermediate_size, hidden_size, dtype=dtype, device=device, prefix=f"{prefix}.down_proj", tp=tp
         )
         self.act = SiluAndMul()
 
@@ -75,25 +80,32 @@ class LlamaAttention(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         prefix: str,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
-            self.num_heads,
-            self.num_kv_heads,
+            config.num_attention_heads,
+            config.num_key_value_heads,
             bias=config.attention_bias,
             dtype=dtype,
             device=device,
             prefix=f"{prefix}.qkv_proj",
+            tp=tp,
         )
+        self.num_heads = self.qkv_proj.num_heads  # this rank's heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(
-            self.q_size, config.hidden_size, dtype=dtype, device=device, prefix=f"{prefix}.o_proj"
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            dtype=dtype,
+            device=device,
+            prefix=f"{prefix}.o_proj",
+            tp=tp,
         )
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None
@@ -152,11 +164,12 @@ class LlamaDecoderLayer(nn.Module):
         dtype: torch.dtype,
         device: torch.device | str,
         prefix: str,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.self_attn = LlamaAttention(
-            config, layer_id, dtype=dtype, device=device, prefix=f"{prefix}.self_attn"
+            config, layer_id, dtype=dtype, device=device, prefix=f"{prefix}.self_attn", tp=tp
         )
         self.mlp = mlp
         self.input_layernorm = RMSNorm(
@@ -188,11 +201,17 @@ class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm."""
 
     def __init__(
-        self, config: ModelConfig, mlp_factory: MlpFactory, *, dtype: torch.dtype, device: torch.device | str
+        self,
+        config: ModelConfig,
+        mlp_factory: MlpFactory,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(
-            config.vocab_size, config.hidden_size, dtype=dtype, device=device, prefix="model.embed_tokens"
+            config.vocab_size, config.hidden_size, dtype=dtype, device=device, prefix="model.embed_tokens", tp=tp
         )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(
@@ -202,6 +221,7 @@ class LlamaModel(nn.Module):
                 dtype=dtype,
                 device=device,
                 prefix=f"model.layers.{i}",
+                tp=tp,
             )
             for i in range(config.num_hidden_layers)
         )
@@ -232,7 +252,11 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """A dense (or, with another ``mlp_factory``, MoE) causal LM with the engine's model interface."""
+    """A dense (or, with another ``mlp_factory``, MoE) causal LM with the engine's model interface.
+
+    ``tp``: the tensor-parallel group this replica of the model is one rank of (one rank by default);
+    the model then holds this rank's shard of every weight and its logits are the full vocabulary's.
+    """
 
     def __init__(
         self,
@@ -241,20 +265,22 @@ class LlamaForCausalLM(nn.Module):
         device: torch.device | str,
         mlp_factory: MlpFactory | None = None,
         expert_style: str | None = None,
+        tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp
         if mlp_factory is None:
 
             def mlp_factory(layer_id: int, prefix: str) -> nn.Module:
                 return LlamaMLP(
-                    config.hidden_size, config.intermediate_size, dtype=dtype, device=device, prefix=prefix
+                    config.hidden_size, config.intermediate_size, dtype=dtype, device=device, prefix=prefix, tp=tp
                 )
 
-        self.model = LlamaModel(config, mlp_factory, dtype=dtype, device=device)
+        self.model = LlamaModel(config, mlp_factory, dtype=dtype, device=device, tp=tp)
         tie = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(
-            config.vocab_size, config.hidden_size, dtype=dtype, device=device, prefix="lm_head", tie_to=tie
+            config.vocab_size, config.hidden_size, dtype=dtype, device=device, prefix="lm_head", tie_to=tie, tp=tp
         )
         self.name_map = CheckpointNameMap(
             (n for n, _ in self.named_parameters()), config.tie_word_embeddings, expert_style

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from rollout.config import ModelConfig
+from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.errors import InvalidArgumentError, quoted
 from rollout.models.registry import build_model
 
@@ -61,15 +62,21 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> No
 
 
 def load_model(
-    config: ModelConfig, model_path: str, dtype: torch.dtype, device: torch.device | str, load_format: str = "auto"
+    config: ModelConfig,
+    model_path: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    load_format: str = "auto",
+    tp: TPGroup = SINGLE,
 ) -> nn.Module:
     """Build the model for ``config`` and fill every parameter from the checkpoint at ``model_path``.
 
     Raises ``InvalidArgumentError`` naming unexpected keys, keys of the wrong shape, or the
     checkpoint keys of parameters the checkpoint does not provide. ``load_format="dummy"`` skips
-    the checkpoint and fills random weights instead.
+    the checkpoint and fills random weights instead. With ``tp`` each rank reads the whole checkpoint
+    and keeps its own shard of every tensor.
     """
-    model = build_model(config, dtype, device)
+    model = build_model(config, dtype, device, tp)
     if load_format == "dummy":
         init_dummy_weights(model)
         return model.eval()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from rollout.config import ModelConfig
+from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.layers.moe import SparseMoeBlock
 from rollout.models.llama import LlamaForCausalLM, LlamaMLP
 
@@ -20,7 +21,9 @@ def _is_mixtral(config: ModelConfig) -> bool:
 class MoeForCausalLM(LlamaForCausalLM):
     """Qwen3-MoE / Mixtral: routed experts in sparse layers, a dense MLP in the others."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self, config: ModelConfig, dtype: torch.dtype, device: torch.device | str, tp: TPGroup = SINGLE
+    ) -> None:
         mixtral = _is_mixtral(config)
         # Mixtral always renormalises its top-k weights (softmax over the chosen logits).
         renormalize = True if mixtral else config.norm_topk_prob
@@ -36,11 +39,12 @@ class MoeForCausalLM(LlamaForCausalLM):
                     dtype=dtype,
                     device=device,
                     prefix=prefix,
+                    tp=tp,
                 )
             return LlamaMLP(
-                config.hidden_size, config.intermediate_size, dtype=dtype, device=device, prefix=prefix
+                config.hidden_size, config.intermediate_size, dtype=dtype, device=device, prefix=prefix, tp=tp
             )
 
         super().__init__(
-            config, dtype, device, mlp_factory=mlp_factory, expert_style="mixtral" if mixtral else "qwen3_moe"
+            config, dtype, device, mlp_factory=mlp_factory, expert_style="mixtral" if mixtral else "qwen3_moe", tp=tp
         )
