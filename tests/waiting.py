@@ -105,3 +105,12 @@ class DeadlineClient(RolloutClient):
 
     def generate(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         return super().generate(*args, timeout=self.timeout if timeout is None else timeout, **kwargs)
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False

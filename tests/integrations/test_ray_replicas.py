@@ -13,6 +13,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from tests.waiting import process_running
+
 ray = pytest.importorskip("ray")
 
 import weight_sync  # noqa: E402
@@ -230,7 +232,7 @@ def test_colocated_replica_on_a_trainer_bundle(ray_cluster, models):
         actor = reps.actors[0]
         assert len(ray.get(actor.generate.remote([5, 6, 7], {"max_new_tokens": 2}), timeout=STEP_S)) == 1
         assert ray.get(actor.shutdown.remote(), timeout=STEP_S) == 0  # the server stopped cleanly
-        assert not _running(info.server_pid) and not ray.get(actor.server_alive.remote(), timeout=STEP_S)
+        assert not process_running(info.server_pid) and not ray.get(actor.server_alive.remote(), timeout=STEP_S)
         with pytest.raises(FailedPreconditionError, match="shut down"):
             ray.get(actor.generate.remote([5, 6, 7]), timeout=STEP_S)
         reps.shutdown()  # again: harmless; ends the actor
@@ -238,12 +240,6 @@ def test_colocated_replica_on_a_trainer_bundle(ray_cluster, models):
         ray.util.remove_placement_group(trainer_pg)
 
 
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "\nState:\tZ" not in f.read()
-    except FileNotFoundError:
-        return False
 
 
 def _trainer_step() -> str:

@@ -13,6 +13,7 @@ import pytest
 from integrations.ray.routing import PrefixAffinityPolicy
 from integrations.ray.server_process import RolloutServerConfig
 from rollout.errors import InvalidArgumentError
+from tests.waiting import process_running
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -106,17 +107,11 @@ def test_server_process_dies_with_its_parent(tiny_model_dir, tmp_path):
         parent.kill()
         parent.wait(10)
         deadline = time.monotonic() + 20
-        while _running(server_pid):
+        while process_running(server_pid):
             assert time.monotonic() < deadline, "the server outlived its parent"
             time.sleep(0.1)
     finally:
-        if _running(server_pid):
+        if process_running(server_pid):
             os.kill(server_pid, signal.SIGKILL)
 
 
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "\nState:\tZ" not in f.read()
-    except FileNotFoundError:
-        return False
