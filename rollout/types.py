@@ -31,6 +31,15 @@ class PauseMode(str, enum.Enum):
     IN_PLACE = "in_place"  # frozen with their KV, continue where they stopped
 
 
+def parse_pause_mode(mode: PauseMode | str) -> PauseMode:
+    """``mode`` as a ``PauseMode``; INVALID_ARGUMENT naming the modes when it is none of them."""
+    try:
+        return PauseMode(mode)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"unknown pause mode {quoted(mode)}; use one of {[m.value for m in PauseMode]}", field="mode") from None
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one prompt. Defaults match SGLang / vLLM (temperature 1, no filtering)."""

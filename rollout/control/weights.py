@@ -51,12 +51,6 @@ DEFAULT_TIMEOUT_S = 300.0
 MAX_PADDING_PER_TENSOR = 4096
 
 
-def _check_str(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidArgumentError("must be a non-empty string", field=field)
-    return value
-
-
 class WeightUpdater:
     """Owns the weight-update groups of one engine and applies updates to its model."""
 

@@ -30,8 +30,16 @@ from rollout.engine.messages import (
 from rollout.engine.output_assembly import OutputAssembler
 from rollout.engine.process import start_engine_process, start_engine_thread
 from rollout.engine.request_validation import make_add_request
-from rollout.errors import InvalidArgumentError, error_from_code, quoted
-from rollout.types import EngineInfo, GenerateOutput, PauseMode, SamplingParams, StreamChunk, as_sampling_params
+from rollout.errors import InvalidArgumentError, error_from_code
+from rollout.types import (
+    EngineInfo,
+    GenerateOutput,
+    PauseMode,
+    SamplingParams,
+    StreamChunk,
+    as_sampling_params,
+    parse_pause_mode,
+)
 from weight_sync.buckets import WireLayout
 from weight_sync.sources import CudaIpcSource, SharedMemorySource, Source, source_from_dict
 
@@ -224,7 +232,7 @@ class Engine:
 
     def pause(self, mode: PauseMode | str = PauseMode.ABORT) -> None:
         """Pause generation (ABORT, RETRACT or IN_PLACE); new requests wait until ``continue_``."""
-        self._client.call(Pause(_pause_mode(mode)))
+        self._client.call(Pause(parse_pause_mode(mode)))
 
     def continue_(self) -> None:
         """Resume after ``pause``."""
@@ -295,13 +303,6 @@ class Engine:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
-
-def _pause_mode(mode: PauseMode | str) -> PauseMode:
-    try:
-        return PauseMode(mode)
-    except ValueError:
-        raise InvalidArgumentError(
-            f"unknown pause mode {quoted(mode)}; use one of {[m.value for m in PauseMode]}", field="mode") from None
 
 
 def _tags(tags: Sequence[str] | str | None) -> tuple[str, ...]:

@@ -46,7 +46,7 @@ from rollout.scheduler.scheduler import Scheduler
 from rollout.scheduler.sequence import SeqStatus, Sequence
 from rollout.scheduler.stop import StopChecker
 from rollout.tokenizer import Tokenizer
-from rollout.types import EngineInfo, PauseMode, StreamChunk
+from rollout.types import EngineInfo, StreamChunk, parse_pause_mode
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class EngineCore:
         result the loop replies with later). Raises a typed error for the caller."""
         match cmd:
             case Pause(mode=mode):
-                self.scheduler.pause(_pause_mode(mode))
+                self.scheduler.pause(parse_pause_mode(mode))
             case Continue():
                 self.scheduler.resume()
             case FlushCache():
@@ -293,11 +293,3 @@ class EngineCore:
         self.runner.close()
         gc.unfreeze()  # what the engine held may be garbage now: let the collector see it again
 
-
-def _pause_mode(mode: Any) -> PauseMode:
-    try:
-        return PauseMode(mode)
-    except ValueError:
-        raise InvalidArgumentError(
-            f"unknown pause mode {quoted(mode)}; use one of {[m.value for m in PauseMode]}", field="mode"
-        ) from None
