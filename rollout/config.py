@@ -233,14 +233,27 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Tensor / expert parallel sizes (multi-GPU execution arrives with the distributed runner)."""
+    """Tensor / expert parallel sizes: ``tp_size`` engine ranks, one process (and one GPU) each."""
 
     tp_size: int = 1
     ep_size: int = 1
 
     def __post_init__(self) -> None:
-        if self.tp_size != 1 or self.ep_size != 1:
-            raise InvalidArgumentError("only 1 is supported in this build", field="tp_size/ep_size")
+        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or not 1 <= self.tp_size <= 64:
+            raise InvalidArgumentError(f"must be an integer in 1..64, got {quoted(self.tp_size)}", field="tp_size")
+        if self.ep_size != 1:
+            raise InvalidArgumentError("only 1 is supported in this build", field="ep_size")
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Refuse a ``tp_size`` the model's heads cannot be split over."""
+        tp = self.tp_size
+        if model.num_attention_heads % tp:
+            raise InvalidArgumentError(
+                f"{model.num_attention_heads} attention heads do not divide over {tp} ranks", field="tp_size")
+        kv = model.num_key_value_heads
+        if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+            raise InvalidArgumentError(
+                f"{kv} key/value heads and {tp} ranks: one must be a multiple of the other", field="tp_size")
 
 
 @dataclass(frozen=True)
@@ -305,11 +318,17 @@ class EngineConfig:
             raise InvalidArgumentError("must be >= 0", field="cuda_graph_max_bs")
         if self.context_length < 0:
             raise InvalidArgumentError("must be >= 0", field="context_length")
+        self.parallel.check_model(self.model)
         if self.context_length == 0:
             limit = self.model.max_position_embeddings
             if self.model.sliding_window:
                 limit = min(limit, self.model.sliding_window)
             object.__setattr__(self, "context_length", limit)
+
+    @property
+    def request_table_shape(self) -> tuple[int, int]:
+        """(rows, positions) of the request -> KV slot table, the same on every rank."""
+        return self.scheduler.max_running_requests + 1, self.context_length + self.cache.page_size
 
     @classmethod
     def build(cls, model_path: str, **options: Any) -> EngineConfig:

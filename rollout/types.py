@@ -204,3 +204,5 @@ class EngineInfo:
     dtype: str
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # tag -> {state, bytes}
     version: str = ""
+    tp_size: int = 1  # tensor-parallel ranks; a weight group needs tp_size members per engine
+    rank_memory: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per rank (tp_size > 1)

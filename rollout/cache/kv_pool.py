@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.distributed as dist
+
+from rollout.distributed.tp import SINGLE, TPGroup, kv_heads_per_rank
 
 if TYPE_CHECKING:
     from rollout.config import EngineConfig
@@ -62,17 +65,17 @@ class KVPool:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-def kv_pool_slots(config: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
+def kv_pool_slots(config: EngineConfig, dtype: torch.dtype, device: torch.device, num_kv_heads: int) -> int:
     """Token slots of the KV pool: ``max_total_tokens`` when configured, else what memory allows (on a
     GPU, ``kv_memory_fraction`` of the memory free once the weights are placed). Whole pages, plus
-    page 0, the padding page that is never handed out."""
+    page 0, the padding page that is never handed out. ``num_kv_heads``: the heads this rank stores."""
     cache = config.cache
     page = cache.page_size
     if cache.max_total_tokens is not None:
         tokens = cache.max_total_tokens
     else:
         m = config.model
-        per_slot = KVPool.bytes_per_slot(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, dtype)
+        per_slot = KVPool.bytes_per_slot(m.num_hidden_layers, num_kv_heads, m.head_dim, dtype)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # weights moved into their region: return the old blocks first
             free, _ = torch.cuda.mem_get_info(device)
@@ -84,8 +87,17 @@ def kv_pool_slots(config: EngineConfig, dtype: torch.dtype, device: torch.device
 
 
 def create_kv_pool(config: EngineConfig, dtype: torch.dtype, device: torch.device,
-                   allocate: KVAllocator | None = None) -> KVPool:
-    """The engine's KV pool, sized by ``kv_pool_slots`` (call after the weights are placed)."""
+                   allocate: KVAllocator | None = None, tp: TPGroup = SINGLE) -> KVPool:
+    """The engine's KV pool, sized by ``kv_pool_slots`` (call after the weights are placed).
+
+    With tensor-parallel ranks each rank stores its share of the KV heads, and every rank takes the
+    smallest slot count any rank can afford: rank 0 hands out slots for all of them.
+    """
     m = config.model
-    return KVPool(m.num_hidden_layers, kv_pool_slots(config, dtype, device), m.num_key_value_heads, m.head_dim,
-                  dtype, device, allocate=allocate)
+    heads = kv_heads_per_rank(m.num_key_value_heads, tp.size)
+    slots = kv_pool_slots(config, dtype, device, heads)
+    if tp.size > 1:
+        agreed = torch.tensor([slots], dtype=torch.int64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=tp.group)
+        slots = int(agreed.item())
+    return KVPool(m.num_hidden_layers, slots, heads, m.head_dim, dtype, device, allocate=allocate)

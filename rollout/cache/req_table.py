@@ -30,6 +30,9 @@ class ReqToTokenTable:
         # Popped from the end: low rows first, so a lightly loaded engine touches few rows.
         self._free_rows = list(range(max_requests - 1, -1, -1))
         self._row_free = bytearray(b"\x01" * max_requests)
+        # With tensor-parallel ranks the other ranks keep a copy of the table: every ``write`` is also
+        # noted here (row, start, slots) until the engine ships the notes with its next step.
+        self.journal: list[tuple[int, int, list[int]]] | None = None
 
     @property
     def num_free_rows(self) -> int:
@@ -62,11 +65,38 @@ class ReqToTokenTable:
             raise RuntimeError(f"writing request row {row}, which is not in use")
         if start < 0 or start + n > self.max_context:
             raise RuntimeError(f"positions [{start}, {start + n}) exceed max_context {self.max_context}")
+        if n and self.journal is not None:
+            self.journal.append((row, start, slots.reshape(-1).tolist()))
         if n:
             src = slots.reshape(-1)  # (n,)
             if self.table.is_cuda and not src.is_cuda:
                 src = src.pin_memory()
             self.table[row, start : start + n].copy_(src, non_blocking=True)
+
+    def take_journal(self) -> list[tuple[int, int, list[int]]]:
+        """The writes noted since the last call (empty when no journal is kept)."""
+        if not self.journal:
+            return []
+        notes, self.journal = self.journal, []
+        return notes
+
+    def apply_journal(self, notes: list[tuple[int, int, list[int]]]) -> None:
+        """Make the writes another rank's table noted (``take_journal``), in order, in one scatter.
+
+        The rows are held on that rank: this copy keeps no row bookkeeping of its own."""
+        if not notes:
+            return
+        # The last note of a position wins, as it did on the noting rank (a scatter with repeated
+        # indices would keep an unspecified one).
+        last: dict[tuple[int, int], int] = {}
+        for row, start, slots in notes:
+            for i, slot in enumerate(slots):
+                last[(row, start + i)] = slot
+        host = torch.tensor([[r for r, _ in last], [p for _, p in last], list(last.values())], dtype=torch.int64)
+        if self.table.is_cuda:
+            host = host.pin_memory()  # queued behind the device's work, like ``write``
+        dev = host.to(self.device, non_blocking=True)
+        self.table[dev[0], dev[1]] = dev[2]
 
     def write_tokens(self, rows: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
         """Record one step's new tokens: ``table[rows[t], positions[t]] = slots[t]`` (device tensors,

@@ -36,8 +36,10 @@ WEIGHTS_INVALID_MESSAGE = (
 class MemoryControl:
     """``release`` / ``resume`` of the engine's tagged memory, and the memory part of ``GetInfo``."""
 
-    def __init__(self, memory: EngineMemory, scheduler: Scheduler, runner: ModelRunner,
+    def __init__(self, memory: EngineMemory, scheduler: Scheduler | None, runner: ModelRunner,
                  gate: GenerationGate) -> None:
+        # scheduler: None on tensor-parallel ranks other than 0 (rank 0 checks the preconditions
+        # and retracts requests; the others only map and unmap their own memory).
         self.memory = memory
         self._scheduler = scheduler
         self._runner = runner
@@ -45,15 +47,10 @@ class MemoryControl:
 
     def release(self, tags: Any) -> dict[str, dict[str, object]]:
         """Release ``tags`` (None or empty: all); returns the state of every tag."""
-        wanted = self._tags(tags)
-        sched = self._scheduler
-        if sched.paused is None and sched.running:
-            raise FailedPreconditionError(
-                f"cannot release memory while {len(sched.running)} requests are generating; pause first "
-                "(pause mode abort, retract or in_place), then release"
-            )
+        wanted = self.check_release(tags)
         saver = self.memory.saver
-        if "kv_cache" in wanted and saver.region("kv_cache").state is MemoryState.ACTIVE:
+        if "kv_cache" in wanted and saver.region("kv_cache").state is MemoryState.ACTIVE \
+                and self._scheduler is not None:
             self._drop_kv()
         weights = saver.region("weights")
         drop_weights = "weights" in wanted and weights.state is MemoryState.ACTIVE and not weights.backup
@@ -68,6 +65,21 @@ class MemoryControl:
         if self.memory.device.type == "cuda":
             torch.cuda.empty_cache()  # cached activation blocks go back to the driver too
         return self.states()
+
+    def check_release(self, tags: Any) -> tuple[str, ...]:
+        """The tags a release of ``tags`` covers; raises if they are unknown or requests are generating."""
+        wanted = self._tags(tags)
+        sched = self._scheduler
+        if sched is not None and sched.paused is None and sched.running:
+            raise FailedPreconditionError(
+                f"cannot release memory while {len(sched.running)} requests are generating; pause first "
+                "(pause mode abort, retract or in_place), then release"
+            )
+        return wanted
+
+    def check_resume(self, tags: Any) -> tuple[str, ...]:
+        """The tags a resume of ``tags`` covers; raises if they are unknown."""
+        return self._tags(tags)
 
     def resume(self, tags: Any) -> dict[str, dict[str, object]]:
         """Resume ``tags`` (None or empty: all); returns the state of every tag."""
@@ -99,6 +111,7 @@ class MemoryControl:
 
     def _drop_kv(self) -> None:
         """Retract every running request (KV freed, recomputed later) and drop the prefix cache."""
+        assert self._scheduler is not None
         self._scheduler.retract_running()  # back to the queue, first in line; the pause mode is kept
         self._scheduler.flush_prefix_cache()
 

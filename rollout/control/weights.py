@@ -16,7 +16,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from rollout.config import ModelConfig
     from rollout.control.gate import GenerationGate
     from rollout.runner.model_runner import ModelRunner
-    from rollout.scheduler.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +50,20 @@ DEFAULT_TIMEOUT_S = 300.0
 MAX_PADDING_PER_TENSOR = 4096
 
 
-class WeightUpdater:
-    """Owns the weight-update groups of one engine and applies updates to its model."""
+class VersionOwner(Protocol):
+    """Who owns the weight version (the scheduler on rank 0; a rank's own record on the others)."""
 
-    def __init__(self, model_config: ModelConfig, runner: ModelRunner, scheduler: Scheduler,
+    weight_version: int
+
+    def new_weights(self, version: int) -> None: ...
+
+    def new_kv_epoch(self) -> None: ...
+
+
+class WeightUpdater:
+    """Owns the weight-update groups of one engine rank and applies updates to its model shard."""
+
+    def __init__(self, model_config: ModelConfig, runner: ModelRunner, scheduler: VersionOwner,
                  gate: GenerationGate) -> None:
         self._runner = runner
         self._scheduler = scheduler  # owns the weight version; told of every write
@@ -71,13 +80,21 @@ class WeightUpdater:
 
     # ------------------------------------------------------------------ groups
     def init_group(self, cmd: InitWeightGroup) -> Background:
-        """Join a trainer's group as rank ``rank_offset``; the reply (the group's name) comes once the
-        group has formed, and generation goes on while the join waits for the trainer."""
+        """Join a trainer's group as rank ``rank_offset`` (plus this engine rank's index: an engine of
+        ``tp_size`` ranks takes ``rank_offset .. rank_offset + tp_size - 1``); the reply (the group's
+        name) comes once the group has formed, and generation goes on while the join waits."""
         name = cmd.group_name
         if name in self._groups:
             raise FailedPreconditionError(f"group {quoted(name)} exists already; destroy it first")
+        tp = self._runner.tp
+        last = cmd.rank_offset + tp.size - 1 if isinstance(cmd.rank_offset, int) else None
+        if tp.size > 1 and isinstance(cmd.world_size, int) and last is not None and last >= cmd.world_size:
+            raise InvalidArgumentError(
+                f"this engine has {tp.size} ranks, which need group ranks {cmd.rank_offset}..{last}, "
+                f"but world_size is {cmd.world_size}", field="world_size")
         cfg = GroupConfig(
-            master_address=cmd.master_address, master_port=cmd.master_port, rank=cmd.rank_offset,
+            master_address=cmd.master_address, master_port=cmd.master_port,
+            rank=cmd.rank_offset + tp.rank if isinstance(cmd.rank_offset, int) else cmd.rank_offset,
             world_size=cmd.world_size, group_name=name, backend=cmd.backend,
             timeout_s=DEFAULT_TIMEOUT_S if cmd.timeout_s is None else cmd.timeout_s,
         )
@@ -119,7 +136,8 @@ class WeightUpdater:
         group.close()
         return name
 
-    def _drop_group(self, name: str) -> None:
+    def drop_group(self, name: str) -> None:
+        """Leave the group ``name`` if this rank belongs to it (nothing otherwise)."""
         group = self._groups.pop(name, None)
         if group is not None:
             group.close()
@@ -145,7 +163,7 @@ class WeightUpdater:
         try:
             verdict = group.vote(1 if problem else 0)
         except GroupFailedError as e:
-            self._drop_group(name)
+            self.drop_group(name)
             raise FailedPreconditionError(f"{e.message}; the group was destroyed, form a new one") from None
         if problem is not None:
             raise problem
@@ -158,7 +176,7 @@ class WeightUpdater:
         except BaseException as e:
             # Whatever broke, this member's collectives are out of step with the others now.
             group.abort(f"an engine failed to take the update: {type(e).__name__}: {e}")
-            self._drop_group(name)
+            self.drop_group(name)
             raise
 
     def from_tensor(self, cmd: UpdateWeightsFromTensor) -> int:

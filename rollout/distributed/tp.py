@@ -40,6 +40,18 @@ class TPGroup:
             dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
         return x
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite ``x`` on every rank with rank ``src``'s ``x`` and return it (a no-op at size 1)."""
+        if self.size > 1:
+            dist.broadcast(x, src=self._global(src), group=self.group)
+        return x
+
+    def _global(self, rank: int) -> int:
+        """The default group's rank of this group's ``rank`` (collectives name their source globally)."""
+        if self.group is None or self.group is dist.group.WORLD:
+            return rank
+        return dist.get_global_rank(self.group, rank)
+
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Every rank's ``x`` concatenated along ``dim`` in rank order (``x`` itself at size 1)."""
         if self.size == 1:

@@ -55,13 +55,17 @@ class Engine:
     max_running_requests=256, chunked_prefill_size=4096, ...)``: options are the fields of the
     configs in ``rollout.config``; an unknown option raises ``InvalidArgumentError``.
     ``separate_process=True`` runs the engine loop in its own process rather than a thread.
+    ``tp_size=N`` runs N tensor-parallel ranks, one process each (gloo on CPU, NCCL on GPUs
+    ``device``, ``device``+1, ...).
     """
 
     def __init__(self, model_path: str, *, separate_process: bool = False, **options: Any) -> None:
         # separate_process: run the engine loop in a spawned process (as the server does) instead of
         # a thread, so the caller's Python work (e.g. asyncio consumers of many streams) does not
         # compete with the engine loop for the GIL.
-        start = start_engine_process if separate_process else start_engine_thread
+        # With tensor-parallel ranks every rank is a process of its own (rank 0 among them).
+        several_ranks = options.get("tp_size", 1) != 1
+        start = start_engine_process if separate_process or several_ranks else start_engine_thread
         self._client = start(model_path, **options)
         self.tokenizer = self._client.tokenizer
         self.limits = self._client.limits

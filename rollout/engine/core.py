@@ -21,6 +21,7 @@ from rollout.config import EngineConfig
 from rollout.control.gate import Blocker, GenerationGate
 from rollout.control.memory import MemoryControl
 from rollout.control.weights import WeightUpdater
+from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.engine.messages import (
     AddRequest,
     CheckIntegrity,
@@ -39,6 +40,8 @@ from rollout.engine.messages import (
     UpdateWeightsFromDistributed,
     UpdateWeightsFromTensor,
 )
+from rollout.engine.rank_control import RankControl
+from rollout.engine.ranks import Followers
 from rollout.engine.request_validation import RequestLimits
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, quoted
 from rollout.runner.model_runner import ModelRunner, QueuedStep
@@ -54,15 +57,17 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     """Owns every engine component; ``step()`` runs one batch and returns the events it produced."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE, followers: Followers | None = None) -> None:
+        # tp / followers: with tensor-parallel ranks this core is rank 0; the other ranks run the
+        # steps it sends them (``rollout.engine.follower``).
         self.config = config
         self.tokenizer = Tokenizer.from_model_dir(config.model_path)
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, tp)
         self.cache = self._build_cache()
-        self.runner.bind_req_table(self.cache.req_table)
-        self.runner.capture_cuda_graphs()
-        if self.runner.device.type == "cuda":
-            self.runner.warm_logits(config.scheduler.max_running_requests)
+        self.followers = followers
+        if followers is not None:
+            self.cache.req_table.journal = []  # the other ranks' copies of the table follow this one
+        self.runner.prepare(self.cache.req_table)
         eos = config.model.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else ())
         self.stop = StopChecker(tuple(eos), config.context_length, self.tokenizer)
         self.scheduler = Scheduler(config.scheduler, self.cache, self.stop)
@@ -70,6 +75,7 @@ class EngineCore:
         self.gate = GenerationGate()
         self.weights = WeightUpdater(config.model, self.runner, self.scheduler, self.gate)
         self.memory = MemoryControl(self.runner.memory, self.scheduler, self.runner, self.gate)
+        self.ranks = RankControl(followers, self.weights, self.memory, self.gate, self.scheduler)
         self._rng = random.Random(config.seed)
         self._next_uid = 0
         self._events: list[Event] = []
@@ -96,8 +102,8 @@ class EngineCore:
         return KVCacheManager(
             num_slots=self.runner.num_slots,
             page_size=cfg.cache.page_size,
-            max_requests=cfg.scheduler.max_running_requests + 1,
-            max_context=cfg.context_length + cfg.cache.page_size,
+            max_requests=cfg.request_table_shape[0],
+            max_context=cfg.request_table_shape[1],
             device=self.runner.device,
             enable_prefix_cache=cfg.cache.enable_prefix_cache,
         )
@@ -154,6 +160,8 @@ class EngineCore:
             queued = None
             if picked is not None:
                 plan, seqs = picked
+                if self.followers is not None:
+                    self.followers.step(plan, self.cache.req_table.take_journal())
                 queued = (plan, seqs, self.runner.launch(plan))
                 self.scheduler.launched(plan, seqs)
             previous, self._queued = self._queued, queued
@@ -236,22 +244,22 @@ class EngineCore:
             case CheckIntegrity():
                 self.cache.check_integrity()
             case InitWeightGroup():
-                return self.weights.init_group(cmd)
-            case DestroyWeightGroup(group_name=name):
-                return self.weights.destroy_group(name)
+                return self.ranks.init_group(cmd)
+            case DestroyWeightGroup():
+                return self.ranks.destroy_group(cmd)
             case UpdateWeightsFromDistributed():
                 self.memory.check_weights_writable()
-                return self.weights.from_distributed(cmd)
+                return self.ranks.update_weights(cmd, lambda: self.weights.from_distributed(cmd))
             case UpdateWeightsFromTensor():
                 self.memory.check_weights_writable()
-                return self.weights.from_tensor(cmd)
+                return self.ranks.update_weights(cmd, lambda: self.weights.from_tensor(cmd))
             case UpdateWeightsFromDisk():
                 self.memory.check_weights_writable()
-                return self.weights.from_disk(cmd)
-            case ReleaseMemory(tags=tags):
-                return self.memory.release(tags)
-            case ResumeMemory(tags=tags):
-                return self.memory.resume(tags)
+                return self.ranks.update_weights(cmd, lambda: self.weights.from_disk(cmd))
+            case ReleaseMemory():
+                return self.ranks.release(cmd)
+            case ResumeMemory():
+                return self.ranks.resume(cmd)
             case _:
                 raise InvalidArgumentError(f"unknown control command {type(cmd).__name__}", field="command")
         return None
@@ -281,6 +289,8 @@ class EngineCore:
             version=__version__,
         )
         info.memory = self.memory.states()
+        info.tp_size = self.ranks.size
+        info.rank_memory = self.ranks.rank_memory()
         return info
 
     def shutdown(self) -> None:
@@ -290,6 +300,8 @@ class EngineCore:
 
     def close(self) -> None:
         """Free the device memory of weights, KV and graphs (after ``shutdown``; the core is dead after)."""
+        if self.followers is not None:
+            self.followers.stop()
         self.runner.close()
         gc.unfreeze()  # what the engine held may be garbage now: let the collector see it again
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from rollout.engine.client import EngineClient
+from rollout.engine.rank_launch import RankLinks, build_rank0, rank_options, spawn_followers
 from rollout.engine.messages import ControlReply, Event
 from rollout.errors import EngineDeadError, error_from_code
 
@@ -45,10 +46,12 @@ def _recv_from(q: Any) -> Callable[[float], list[Event] | None]:
     return recv
 
 
-def _build_core(model_path: str, options: dict[str, Any]):
+def _build_core(model_path: str, options: dict[str, Any], ranks: RankLinks | None = None):
     from rollout.config import EngineConfig
     from rollout.engine.core import EngineCore
 
+    if ranks is not None:
+        return build_rank0(model_path, options, ranks)
     config = EngineConfig.build(model_path, **options)
     device = torch.device(config.device)
     if device.type != "cuda":
@@ -74,14 +77,15 @@ def start_engine_thread(model_path: str, **options: Any) -> EngineClient:
                         alive=thread.is_alive, on_close=lambda: thread.join(timeout=30), last_beat=heart.last)
 
 
-def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: Any, heart: Heartbeat) -> None:
-    """Entry point of the engine process: build, report readiness (call id 0), loop."""
+def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: Any, heart: Heartbeat,
+                  ranks: RankLinks | None = None) -> None:
+    """Entry point of the engine process (rank 0): build, report readiness (call id 0), loop."""
     from rollout.engine.loop import EngineLoop
     from rollout.errors import RolloutError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
     try:
-        core = _build_core(model_path, options)
+        core = _build_core(model_path, options, ranks)
     except RolloutError as e:
         outbox.put([ControlReply(0, error_code=e.code, error_message=e.message)])
         return
@@ -94,28 +98,47 @@ def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: 
 
 
 def start_engine_process(model_path: str, **options: Any) -> EngineClient:
-    """Run the engine loop in a child process (spawned, so it owns its CUDA context).
+    """Run the engine loop in a child process (spawned, so it owns its CUDA context); with
+    ``tp_size`` > 1 one process per rank, rank 0 running the loop.
 
     Returns once the model is loaded; raises the loader's typed error otherwise.
     """
+    from rollout.config import EngineConfig
+
+    EngineConfig.build(model_path, **options)  # a bad option fails here, before any process starts
     ctx = mp.get_context("spawn")
     inbox, outbox = ctx.Queue(), ctx.Queue()
     heart = Heartbeat(ctx)
-    proc = ctx.Process(target=_process_main, args=(model_path, options, inbox, outbox, heart), name="rollout-engine",
-                       daemon=True)
+    procs, links = spawn_followers(ctx, model_path, options)
+    proc = ctx.Process(target=_process_main, args=(model_path, rank_options(options, links), inbox, outbox, heart,
+                                                   links), name="rollout-engine", daemon=True)
     proc.start()
+    procs.insert(0, proc)
+
+    def kill() -> None:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+
+    def alive() -> bool:
+        return all(p.is_alive() for p in procs)
+
     while True:
         try:
             first = outbox.get(timeout=1.0)
             break
         except queue.Empty:
-            if not proc.is_alive():
+            dead = [r for r, p in enumerate(procs) if not p.is_alive()]
+            if dead:
+                kill()
                 raise EngineDeadError(
-                    f"the engine process exited during start (exit code {proc.exitcode})"
+                    f"engine rank {dead[0]} exited during start (exit code {procs[dead[0]].exitcode})"
+                    if len(procs) > 1 else f"the engine process exited during start (exit code {proc.exitcode})"
                 ) from None
     reply = first[0]
     if reply.error_code:
         proc.join(timeout=10)
+        kill()
         raise error_from_code(reply.error_code, reply.error_message or "")
     info, limits = reply.result
     from rollout.tokenizer import Tokenizer
@@ -123,11 +146,16 @@ def start_engine_process(model_path: str, **options: Any) -> EngineClient:
     tokenizer = Tokenizer.from_model_dir(model_path)
 
     def close() -> None:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5)
+        if alive():  # a normal stop: rank 0 tells the others to stop when its loop ends
+            proc.join(timeout=30)
+            for p in procs[1:]:
+                p.join(timeout=10)
+        # A rank that died leaves the others waiting on it in a collective: they are stopped by force.
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
 
     heart.beat()  # the loop starts beating once it runs; loading the model is not a stall
-    return EngineClient(inbox.put, _recv_from(outbox), info, limits, tokenizer, alive=proc.is_alive, on_close=close,
-                        last_beat=heart.last, kill=proc.kill)
+    return EngineClient(inbox.put, _recv_from(outbox), info, limits, tokenizer, alive=alive, on_close=close,
+                        last_beat=heart.last, kill=kill)

@@ -16,6 +16,7 @@ from rollout.cache.kv_pool import create_kv_pool
 from rollout.cache.req_table import ReqToTokenTable
 from rollout.config import EngineConfig
 from rollout.control.memory_placement import EngineMemory
+from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.models.loader import load_model
 from rollout.runner.cuda_graph import DecodeGraphRunner, default_graph_batch_sizes
 from rollout.sampling.sampler import Sampler
@@ -91,17 +92,23 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 
 class ModelRunner:
-    """Turns a ``BatchPlan`` into tensors, runs the model forward and samples."""
+    """Turns a ``BatchPlan`` into tensors, runs the model forward and samples.
 
-    def __init__(self, config: EngineConfig) -> None:
+    One of ``tp.size`` tensor-parallel ranks: each holds its shard of the model and of the KV heads,
+    and every rank runs the same steps. Rank 0 samples and broadcasts the sampled tokens, so every
+    rank feeds the same inputs to the next step; the others return no tokens.
+    """
+
+    def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE) -> None:
         self.config = config
+        self.tp = tp
         self.device = resolve_device(config.device)
         self.dtype: torch.dtype = getattr(torch, config.dtype)
         # Weights and KV live in releasable regions (release_memory / resume_memory).
         self.memory = EngineMemory(self.device, config.cache.memory_backup_tags)
         self.model = self._load_model()
         self.memory.place_weights(self.model)
-        self.kv_pool = create_kv_pool(config, self.dtype, self.device, allocate=self.memory.allocate_kv)
+        self.kv_pool = create_kv_pool(config, self.dtype, self.device, allocate=self.memory.allocate_kv, tp=tp)
         self.num_slots = self.kv_pool.num_slots
         backend = config.attention_backend
         if backend == "auto":
@@ -114,6 +121,15 @@ class ModelRunner:
         self.graph_bytes = 0  # device memory the decode graphs hold (static buffers + private pool)
         self._graphs_dropped = False
         self._last_tokens: torch.Tensor | None = None  # the last launched step's samples (B,), on the device
+
+    def prepare(self, req_table: ReqToTokenTable) -> None:
+        """Finish the set-up once the request table exists: bind it, capture the decode graphs and
+        load the LM head's kernels. Every rank does this in the same order (each part may run
+        collectives)."""
+        self.bind_req_table(req_table)
+        self.capture_cuda_graphs()
+        if self.device.type == "cuda":
+            self.warm_logits(self.config.scheduler.max_running_requests)
 
     def capture_cuda_graphs(self) -> None:
         """Capture decode graphs when the device and the attention backend allow it."""
@@ -151,7 +167,7 @@ class ModelRunner:
 
     def _load_model(self) -> torch.nn.Module:
         model = load_model(self.config.model, self.config.model_path, self.dtype, self.device,
-                           load_format=self.config.load_format)
+                           load_format=self.config.load_format, tp=self.tp)
         model.eval()
         return model
 
@@ -201,13 +217,16 @@ class ModelRunner:
             self._last_tokens = None
             return QueuedStep(None, None, None, None, None, None)
         logits = self._logits(hidden, sum(plan.sample))  # (B_sample, vocab)
+        if self.tp.rank > 0:  # rank 0 samples; its tokens are this step's inputs to the next
+            self._last_tokens = self.tp.broadcast(torch.empty(logits.shape[0], dtype=torch.int64, device=self.device))
+            return QueuedStep(None, None, None, None, None, None)
         banned = [x or [] for x in plan.banned] if any(plan.banned) else None
         sb = SamplingBatch.build(plan.sampling, plan.seeds, plan.steps, banned, self.device)
         res = self.sampler.sample(
             logits, sb, return_logprob=plan.return_logprob, return_raw_logprob=plan.return_raw_logprob,
             top_logprobs_num=plan.top_logprobs_num,
         )
-        self._last_tokens = res.token_ids
+        self._last_tokens = self.tp.broadcast(res.token_ids)
 
         def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to("cpu", non_blocking=True)

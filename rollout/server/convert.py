@@ -285,12 +285,24 @@ def info_to_proto(info: EngineInfo) -> pb.GetInfoResponse:
         device=info.device,
         dtype=info.dtype,
         version=info.version,
+        tp_size=info.tp_size,
     )
-    for tag, state in info.memory.items():
-        msg.memory[tag].state = str(state.get("state", ""))
-        msg.memory[tag].bytes = int(state.get("bytes", 0))
-        msg.memory[tag].backup = bool(state.get("backup", False))
+    _memory_into(msg.memory, info.memory)
+    for rank, states in enumerate(info.rank_memory):
+        entry = msg.rank_memory.add(rank=rank)
+        _memory_into(entry.memory, states)
     return msg
+
+
+def _memory_into(field: Any, states: dict[str, dict[str, Any]]) -> None:
+    for tag, state in states.items():
+        field[tag].state = str(state.get("state", ""))
+        field[tag].bytes = int(state.get("bytes", 0))
+        field[tag].backup = bool(state.get("backup", False))
+
+
+def _memory_from(field: Any) -> dict[str, dict[str, Any]]:
+    return {tag: {"state": m.state, "bytes": m.bytes, "backup": m.backup} for tag, m in field.items()}
 
 
 def info_from_proto(msg: pb.GetInfoResponse) -> EngineInfo:
@@ -317,8 +329,10 @@ def info_from_proto(msg: pb.GetInfoResponse) -> EngineInfo:
         num_retractions=msg.num_retractions,
         device=msg.device,
         dtype=msg.dtype,
-        memory={tag: {"state": m.state, "bytes": m.bytes, "backup": m.backup} for tag, m in msg.memory.items()},
+        memory=_memory_from(msg.memory),
         version=msg.version,
+        tp_size=msg.tp_size or 1,
+        rank_memory=[_memory_from(r.memory) for r in sorted(msg.rank_memory, key=lambda r: r.rank)],
     )
 
 

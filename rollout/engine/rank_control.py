@@ -1,0 +1,156 @@
+"""Control commands that every engine rank applies, coordinated by rank 0.
+
+Rank 0 checks what it can first (so a bad command reaches no rank), hands the command to the other
+ranks, applies it itself, then waits for their reports and combines them: the caller gets one answer
+for the whole engine. Weight updates are all-or-nothing across ranks: when some ranks took an update
+and others did not, the ranks hold different weights, so the engine marks its weights invalid (no
+generation) until an update succeeds on every rank. With one rank every method is the local call.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from rollout.control.gate import Blocker, GenerationGate
+from rollout.engine.messages import (
+    ControlCommand,
+    DestroyWeightGroup,
+    GetInfo,
+    InitWeightGroup,
+    ReleaseMemory,
+    ResumeMemory,
+)
+from rollout.engine.ranks import Followers, RankReport
+from rollout.errors import FailedPreconditionError, RolloutError, error_from_code
+
+if TYPE_CHECKING:
+    from rollout.control.memory import MemoryControl
+    from rollout.control.weights import VersionOwner, WeightUpdater
+    from rollout.engine.jobs import Background
+
+
+def _error(report: RankReport) -> RolloutError:
+    return error_from_code(report.error_code or "INTERNAL", f"engine rank {report.rank}: {report.error_message}")
+
+
+class RankControl:
+    """Rank 0's side of the commands all ranks apply (``followers`` None: a one-rank engine)."""
+
+    def __init__(self, followers: Followers | None, weights: WeightUpdater, memory: MemoryControl,
+                 gate: GenerationGate, versions: VersionOwner) -> None:
+        self.followers = followers
+        self._weights = weights
+        self._memory = memory
+        self._gate = gate
+        self._versions = versions
+        # The other ranks' memory states, as of their last report (rank 1 first).
+        self._rank_memory: list[dict[str, dict[str, object]]] = []
+
+    @property
+    def size(self) -> int:
+        return 1 if self.followers is None else self.followers.size
+
+    def _everywhere(self, cmd: ControlCommand, local: Callable[[], Any]) -> tuple[Any, BaseException | None,
+                                                                                   list[RankReport]]:
+        """Apply ``cmd`` on the other ranks and ``local()`` here, concurrently; every outcome."""
+        assert self.followers is not None
+        op = self.followers.control(cmd)
+        result, error = None, None
+        try:
+            result = local()
+        except Exception as e:  # noqa: BLE001 - combined with the other ranks' outcomes below
+            error = e
+        reports = self.followers.wait(op)
+        self._rank_memory = [r.memory for r in reports]
+        return result, error, reports
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, cmd: ControlCommand, local: Callable[[], int]) -> int:
+        """A weight update on every rank; the version changes only if every rank took it."""
+        if self.followers is None:
+            return local()
+        result, error, reports = self._everywhere(cmd, local)
+        failed = [r for r in reports if r.error_code]
+        partial = [r for r in reports if not r.weights_valid]
+        if (error is None) != (not failed):  # some ranks took it, some did not
+            who = f"engine rank {failed[0].rank}: {failed[0].error_message}" if failed else (
+                f"engine rank 0: {error}")
+            self._invalidate(f"the weights differ between engine ranks after a failed update ({who}); "
+                             "push a full set of weights")
+        elif partial:
+            self._invalidate(f"engine rank {partial[0].rank} holds partly written weights; push a full set of weights")
+        if error is not None:
+            raise error
+        if failed:
+            raise _error(failed[0])
+        if partial:
+            raise FailedPreconditionError(self._gate.reason())
+        return result
+
+    def _invalidate(self, message: str) -> None:
+        self._gate.block(Blocker.WEIGHTS_INVALID, message)
+        self._versions.new_kv_epoch()
+
+    def init_group(self, cmd: InitWeightGroup) -> Background:
+        """Every rank joins (rank 0 checked the command first); the reply waits for all joins."""
+        job = self._weights.init_group(cmd)
+        if self.followers is None:
+            return job
+        followers = self.followers
+        op = followers.control(cmd)
+        local_join = job.work
+
+        def join_everywhere() -> Any:
+            group, error = None, None
+            try:
+                group = local_join()
+            except Exception as e:  # noqa: BLE001 - re-raised once the other ranks answered
+                error = e
+            failed = [r for r in followers.wait(op) if r.error_code]
+            if error is None and failed:
+                group.close()
+                error = _error(failed[0])
+            if error is not None:
+                raise error
+            return group
+
+        job.work = join_everywhere
+        return job
+
+    def destroy_group(self, cmd: DestroyWeightGroup) -> str:
+        if self.followers is None:
+            return self._weights.destroy_group(cmd.group_name)
+        result, error, _ = self._everywhere(cmd, lambda: self._weights.destroy_group(cmd.group_name))
+        if error is not None:
+            raise error
+        return result
+
+    # ------------------------------------------------------------------ memory
+    def release(self, cmd: ReleaseMemory) -> dict[str, dict[str, object]]:
+        self._memory.check_release(cmd.tags)  # a refused release reaches no rank
+        return self._memory_everywhere(cmd, lambda: self._memory.release(cmd.tags))
+
+    def resume(self, cmd: ResumeMemory) -> dict[str, dict[str, object]]:
+        self._memory.check_resume(cmd.tags)
+        return self._memory_everywhere(cmd, lambda: self._memory.resume(cmd.tags))
+
+    def _memory_everywhere(self, cmd: ControlCommand, local: Callable[[], Any]) -> dict[str, dict[str, object]]:
+        if self.followers is None:
+            return local()
+        result, error, reports = self._everywhere(cmd, local)
+        if any(not r.weights_valid for r in reports) and not self._gate.blocks(Blocker.WEIGHTS_INVALID):
+            self._invalidate(next(r for r in reports if not r.weights_valid).error_message
+                             or "an engine rank released its weights without a backup")
+        if error is not None:
+            raise error
+        failed = [r for r in reports if r.error_code]
+        if failed:
+            raise _error(failed[0])
+        return result
+
+    def rank_memory(self) -> list[dict[str, dict[str, object]]]:
+        """Every rank's memory states, rank 0 first (empty for a one-rank engine)."""
+        if self.followers is None:
+            return []
+        _, _, reports = self._everywhere(GetInfo(), lambda: None)
+        return [self._memory.states(), *(r.memory for r in reports)]
