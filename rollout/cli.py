@@ -19,6 +19,7 @@ _ENGINE_FLAGS = (
     "max_num_batched_tokens",
     "context_length",
     "seed",
+    "tp_size",
 )
 
 
@@ -35,9 +36,9 @@ def _port(text: str) -> int:
 
 def _engine_default(name: str) -> Any:
     """The engine's default for option ``name``, read from the config dataclasses."""
-    from rollout.config import CacheConfig, EngineConfig, SchedulerConfig
+    from rollout.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 
-    for cls in (EngineConfig, CacheConfig, SchedulerConfig):
+    for cls in (EngineConfig, CacheConfig, SchedulerConfig, ParallelConfig):
         for f in dataclasses.fields(cls):
             if f.name == name:
                 return f.default
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help=f"token budget of one step (default: {d('max_num_batched_tokens')})")
     s.add_argument("--context-length", type=int, default=None, help="longest sequence (default: the model's)")
+    s.add_argument("--tp-size", type=int, default=None,
+                   help="tensor-parallel ranks, one process and one GPU each (from --device's index on); "
+                        f"on CPU, gloo ranks (default: {d('tp_size')})")
     s.add_argument("--seed", type=int, default=None,
                    help=f"seed for requests that carry none (default: {d('seed')})")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),

@@ -2,10 +2,9 @@
 
 Both cover every RPC of ``rollout.v1.Rollout`` and speak ``rollout.types``: ``generate`` returns
 ``GenerateOutput`` objects (``n`` per prompt, in sample order), ``generate_batch`` many prompts'
-outputs prompt-major like ``Engine.generate``, ``stream`` yields ``StreamChunk`` objects. A failed
-call raises the ``RolloutError`` subclass of its status (``err.code`` is the status name, e.g.
-"INVALID_ARGUMENT" or "UNAUTHENTICATED") carrying the server's message; a call that finds no server
-at the address raises ``UnavailableError`` ("UNAVAILABLE: cannot connect to ADDRESS ...").
+outputs prompt-major like ``Engine.generate``, ``stream`` yields ``StreamChunk`` objects. A failed call
+raises the ``RolloutError`` subclass of its status (``err.code``: e.g. "INVALID_ARGUMENT") with the
+server's message; no server at the address: ``UnavailableError`` ("UNAVAILABLE: cannot connect ...").
 
     with RolloutClient("127.0.0.1:50051") as client:
         client.wait_ready()
@@ -186,7 +185,7 @@ class RolloutClient:
     # ------------------------------------------------------------------ weights and memory
     def engine_ranks(self) -> int:
         """Engine ranks behind this server that join a weight-update group (one per GPU rank)."""
-        return 1
+        return self.get_info().tp_size
 
     def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
                                  world_size: int, group_name: str = DEFAULT_GROUP, backend: str = "nccl",
@@ -354,11 +353,13 @@ class AsyncRolloutClient:
 
     async def get_info(self) -> EngineInfo:
         """A snapshot of the engine's state."""
-        return convert.info_from_proto(await self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
+        info = convert.info_from_proto(await self._unary(self._stub.GetInfo, pb.GetInfoRequest()))
+        self._tp_size = info.tp_size  # for engine_ranks
+        return info
 
     def engine_ranks(self) -> int:
-        """Engine ranks behind this server that join a weight-update group (one per GPU rank)."""
-        return 1
+        """Engine ranks behind this server in a weight-update group, as of the last ``get_info``."""
+        return getattr(self, "_tp_size", 1)
 
     async def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
                                        world_size: int, group_name: str = DEFAULT_GROUP, backend: str = "nccl",

@@ -251,6 +251,10 @@ class Engine:
         return self._client.call(GetInfo())
 
     # ------------------------------------------------------------------ weights and memory
+    def engine_ranks(self) -> int:
+        """Ranks this engine adds to a weight-update group (its ``tp_size``)."""
+        return self._client.info.tp_size
+
     def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                  group_name: str = "default", backend: str = "nccl",
                                  timeout_s: float | None = None) -> str:

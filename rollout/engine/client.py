@@ -96,9 +96,12 @@ class EngineClient:
         on_close: Callable[[], None] = lambda: None,
         last_beat: Callable[[], float] = time.monotonic,
         kill: Callable[[], None] = lambda: None,
+        pids: tuple[int, ...] = (),
     ) -> None:
         """``send`` / ``recv`` talk to the loop; ``alive`` says whether it still runs; ``last_beat``
-        gives the ``time.monotonic()`` of its last heartbeat; ``kill`` stops it by force."""
+        gives the ``time.monotonic()`` of its last heartbeat; ``kill`` stops it by force; ``pids``:
+        the engine's processes, rank 0 first (empty when the loop is a thread of this process)."""
+        self.pids = pids
         self._send = send
         self._recv = recv
         self._alive = alive

@@ -65,6 +65,7 @@ class EngineCore:
         self.runner = ModelRunner(config, tp)
         self.cache = self._build_cache()
         self.followers = followers
+        self.broken: str | None = None  # why a multi-rank engine cannot go on (the loop then ends)
         if followers is not None:
             self.cache.req_table.journal = []  # the other ranks' copies of the table follow this one
         self.runner.prepare(self.cache.req_table)
@@ -172,7 +173,7 @@ class EngineCore:
         except Exception as exc:  # a bug or device failure: fail the batch, keep serving
             logger.error("forward step failed:\n%s", traceback.format_exc())
             self._queued = None
-            self._fail_running(f"the engine step failed: {type(exc).__name__}: {exc}")
+            self._step_failed(exc)
         return self.take_events()
 
     def drain(self) -> None:
@@ -184,7 +185,7 @@ class EngineCore:
             self._collect(queued)
         except Exception as exc:
             logger.error("forward step failed:\n%s", traceback.format_exc())
-            self._fail_running(f"the engine step failed: {type(exc).__name__}: {exc}")
+            self._step_failed(exc)
 
     def _collect(self, queued: tuple[BatchPlan, list[Sequence], QueuedStep]) -> None:
         plan, seqs, step = queued
@@ -193,11 +194,21 @@ class EngineCore:
             if seq.stream and seq.status is SeqStatus.RUNNING:
                 self._events.append(self._chunk(seq))
 
-    def _fail_running(self, message: str) -> None:
+    def _step_failed(self, exc: BaseException) -> None:
+        """Fail the running requests. With several ranks the engine is broken too: the other ranks ran
+        (or wait in) a step this one did not finish, so no later step could be trusted."""
+        why = f"{type(exc).__name__}: {exc}"
+        if self.followers is None:
+            self._fail_running(f"the engine step failed: {why}", "INTERNAL")
+            return
+        self.broken = f"the engine's ranks fell out of step (an engine rank died or failed: {why}); the engine stops"
+        self._fail_running(self.broken, "UNAVAILABLE")
+
+    def _fail_running(self, message: str, code: str) -> None:
         """Fail every request with a running sample (their KV state is unknown after a failed step)."""
         for rid in self.scheduler.drop_running():
             self._live.pop(rid, None)
-            self._events.append(RequestFailed(rid, "INTERNAL", message))
+            self._events.append(RequestFailed(rid, code, message))
 
     def _chunk(self, seq: Sequence, final: bool = False) -> StreamChunk:
         a, b = seq.emitted, len(seq.output_ids)
@@ -301,7 +312,10 @@ class EngineCore:
     def close(self) -> None:
         """Free the device memory of weights, KV and graphs (after ``shutdown``; the core is dead after)."""
         if self.followers is not None:
-            self.followers.stop()
+            try:
+                self.followers.stop()
+            except Exception:  # a broken world: the launcher stops the other ranks
+                logger.exception("could not tell the other engine ranks to stop")
         self.runner.close()
         gc.unfreeze()  # what the engine held may be garbage now: let the collector see it again
 

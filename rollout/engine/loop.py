@@ -58,6 +58,9 @@ class EngineLoop:
                 events = self.core.step() if self.core.has_work() else self.core.take_events()
                 if events:
                     self.send(events)
+                if self.core.broken:
+                    logger.error("%s", self.core.broken)
+                    self._stopping = True
         finally:
             if self._stopping:
                 self._abandon_jobs()

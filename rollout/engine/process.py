@@ -158,4 +158,4 @@ def start_engine_process(model_path: str, **options: Any) -> EngineClient:
 
     heart.beat()  # the loop starts beating once it runs; loading the model is not a stall
     return EngineClient(inbox.put, _recv_from(outbox), info, limits, tokenizer, alive=alive, on_close=close,
-                        last_beat=heart.last, kill=kill)
+                        last_beat=heart.last, kill=kill, pids=tuple(p.pid for p in procs))

@@ -154,6 +154,9 @@ async def serve_async(
             f"{', token auth' if auth_token else ''}{'' if enable_control else ', control disabled'})",
             flush=True,
         )
+        if len(engine.pids) > 1:
+            logger.info("engine ranks 0..%d run as processes %s", len(engine.pids) - 1,
+                        " ".join(map(str, engine.pids)))
         logger.info(
             "serving %s (context %d, %d KV tokens)",
             model_path,
