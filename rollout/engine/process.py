@@ -12,8 +12,8 @@ from typing import Any, Callable
 import torch
 
 from rollout.engine.client import EngineClient
-from rollout.engine.rank_launch import RankLinks, build_rank0, rank_options, spawn_followers
 from rollout.engine.messages import ControlReply, Event
+from rollout.engine.rank_launch import RankLinks, build_rank0, rank_options, spawn_followers
 from rollout.errors import EngineDeadError, error_from_code
 
 logger = logging.getLogger(__name__)
