@@ -20,6 +20,8 @@ _ENGINE_FLAGS = (
     "context_length",
     "seed",
     "tp_size",
+    "ep_size",
+    "ep_spare_slots",
 )
 
 
@@ -93,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tp-size", type=int, default=None,
                    help="tensor-parallel ranks, one process and one GPU each (from --device's index on); "
                         f"on CPU, gloo ranks (default: {d('tp_size')})")
+    s.add_argument("--ep-size", type=int, default=None,
+                   help="expert-parallel ranks: whole experts per rank, attention tensor-parallel over the same "
+                        f"ranks (default: {d('ep_size')})")
+    s.add_argument("--ep-spare-slots", type=int, default=None,
+                   help=f"extra expert slots per rank for copies of hot experts (default: {d('ep_spare_slots')})")
     s.add_argument("--seed", type=int, default=None,
                    help=f"seed for requests that carry none (default: {d('seed')})")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),

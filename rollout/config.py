@@ -233,20 +233,44 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Tensor / expert parallel sizes: ``tp_size`` engine ranks, one process (and one GPU) each."""
+    """Engine ranks, one process (and one GPU) each.
+
+    ``tp_size`` ranks split attention, dense MLPs and every expert (tensor parallelism);
+    ``ep_size`` ranks split attention the same way but give each rank whole experts (expert
+    parallelism), ``ep_spare_slots`` extra expert slots per rank for copies of hot experts.
+    With both set they must be equal: the same ranks do both.
+    """
 
     tp_size: int = 1
     ep_size: int = 1
+    ep_spare_slots: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.tp_size, bool) or not isinstance(self.tp_size, int) or not 1 <= self.tp_size <= 64:
-            raise InvalidArgumentError(f"must be an integer in 1..64, got {quoted(self.tp_size)}", field="tp_size")
-        if self.ep_size != 1:
-            raise InvalidArgumentError("only 1 is supported in this build", field="ep_size")
+        for name in ("tp_size", "ep_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
+                raise InvalidArgumentError(f"must be an integer in 1..64, got {quoted(v)}", field=name)
+        if self.tp_size > 1 and self.ep_size > 1 and self.tp_size != self.ep_size:
+            raise InvalidArgumentError(
+                f"tp_size {self.tp_size} and ep_size {self.ep_size}: attention is tensor-parallel over the "
+                "expert-parallel ranks, so give one of them or equal values", field="ep_size")
+        if not isinstance(self.ep_spare_slots, int) or not 0 <= self.ep_spare_slots <= 1024:
+            raise InvalidArgumentError(f"must be in 0..1024, got {quoted(self.ep_spare_slots)}", field="ep_spare_slots")
+
+    @property
+    def ranks(self) -> int:
+        """Engine ranks (processes)."""
+        return max(self.tp_size, self.ep_size)
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.ep_size > 1
 
     def check_model(self, model: ModelConfig) -> None:
-        """Refuse a ``tp_size`` the model's heads cannot be split over."""
-        tp = self.tp_size
+        """Refuse a rank count the model's heads cannot be split over."""
+        if self.expert_parallel and not model.is_moe:
+            raise InvalidArgumentError(f"{model.architecture} has no experts to partition", field="ep_size")
+        tp = self.ranks
         if model.num_attention_heads % tp:
             raise InvalidArgumentError(
                 f"{model.num_attention_heads} attention heads do not divide over {tp} ranks", field="tp_size")

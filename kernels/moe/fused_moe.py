@@ -134,8 +134,12 @@ def fused_experts_triton(
     topk_weights: torch.Tensor,  # (T, k)
     topk_ids: torch.Tensor,  # (T, k)
     config: MoeKernelConfig | None = None,
+    skip_negative: bool = False,
 ) -> torch.Tensor:  # (T, H)
-    """Expert MLPs of every token combined with its routing weights, as two grouped GEMMs."""
+    """Expert MLPs of every token combined with its routing weights, as two grouped GEMMs.
+
+    With ``skip_negative`` an id of -1 in ``topk_ids`` (an expert another rank holds) contributes nothing: its rows fall in
+    blocks of a sentinel expert that the kernels skip, and their outputs stay zero."""
     num_tokens, hidden_size = hidden.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -149,7 +153,13 @@ def fused_experts_triton(
     if hidden.dtype != w13.dtype or hidden.stride(-1) != 1:
         hidden = hidden.to(w13.dtype).contiguous()
     cfg = config or default_config(num_rows, num_experts)
-    align: ExpertAlignment = align_tokens_to_experts(topk_ids, num_experts, cfg.block_m)
+    if skip_negative:
+        topk_ids = torch.where(topk_ids < 0, num_experts, topk_ids)
+        align = align_tokens_to_experts(topk_ids, num_experts + 1, cfg.block_m)
+        align = ExpertAlignment(align.sorted_ids, torch.where(align.block_experts == num_experts, -1,
+                                                              align.block_experts), align.block_m, align.num_rows)
+    else:
+        align = align_tokens_to_experts(topk_ids, num_experts, cfg.block_m)
     num_blocks = align.block_experts.shape[0]
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # (N,)
     precision, upcast = dot_precision(hidden.dtype), upcast_dot(hidden)
@@ -161,7 +171,9 @@ def fused_experts_triton(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision, UPCAST=upcast,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    y = torch.empty(num_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)  # (N, H)
+    # Rows of skipped experts are never written: they must read as zero in the sum below.
+    alloc = torch.zeros if skip_negative else torch.empty
+    y = alloc(num_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)  # (N, H)
     _down_kernel[(num_blocks, triton.cdiv(hidden_size, cfg.block_n))](
         act, w2, y, weights, align.sorted_ids, align.block_experts,
         num_rows, hidden_size, inter,

@@ -31,6 +31,8 @@ class RankSetup:
     size: int
     port: int  # rendezvous port on 127.0.0.1
     device: str  # this rank's device ("cpu" or "cuda:N")
+    expert_parallel: bool = False  # MoE layers hold whole experts per rank
+    spare_expert_slots: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,10 +65,12 @@ def rank_devices(device: str, tp_size: int) -> list[str]:
     return [f"cuda:{first + r}" for r in range(tp_size)]
 
 
-def rank_setups(device: str, tp_size: int) -> list[RankSetup]:
+def rank_setups(device: str, ranks: int, expert_parallel: bool = False, spare_expert_slots: int = 0
+                ) -> list[RankSetup]:
     """One ``RankSetup`` per rank, sharing a fresh rendezvous port."""
     port = free_port()
-    return [RankSetup(r, tp_size, port, d) for r, d in enumerate(rank_devices(device, tp_size))]
+    return [RankSetup(r, ranks, port, d, expert_parallel, spare_expert_slots)
+            for r, d in enumerate(rank_devices(device, ranks))]
 
 
 def init_rank(setup: RankSetup) -> RankGroups:
@@ -80,7 +84,8 @@ def init_rank(setup: RankSetup) -> RankGroups:
         rank=setup.rank, world_size=setup.size, timeout=timeout,
     )
     plan = dist.new_group(backend="gloo", timeout=timeout) if cuda else dist.group.WORLD
-    return RankGroups(TPGroup(setup.rank, setup.size, dist.group.WORLD), plan)
+    tp = TPGroup(setup.rank, setup.size, dist.group.WORLD, setup.expert_parallel, setup.spare_expert_slots)
+    return RankGroups(tp, plan)
 
 
 def close_rank() -> None:

@@ -27,6 +27,10 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None
+    # MoE layers: partition the experts over the ranks (each rank whole experts, with this many spare
+    # slots for copies of hot experts) instead of splitting every expert's intermediate dim.
+    expert_parallel: bool = False
+    spare_expert_slots: int = 0
 
     def __post_init__(self) -> None:
         if self.size < 1:

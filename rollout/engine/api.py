@@ -21,6 +21,7 @@ from rollout.engine.messages import (
     GetInfo,
     InitWeightGroup,
     Pause,
+    RebalanceExperts,
     ReleaseMemory,
     ResumeMemory,
     UpdateWeightsFromDisk,
@@ -56,7 +57,7 @@ class Engine:
     configs in ``rollout.config``; an unknown option raises ``InvalidArgumentError``.
     ``separate_process=True`` runs the engine loop in its own process rather than a thread.
     ``tp_size=N`` runs N tensor-parallel ranks, one process each (gloo on CPU, NCCL on GPUs
-    ``device``, ``device``+1, ...).
+    ``device``, ``device``+1, ...); ``ep_size=N`` likewise, with whole experts per rank.
     """
 
     def __init__(self, model_path: str, *, separate_process: bool = False, **options: Any) -> None:
@@ -64,7 +65,7 @@ class Engine:
         # a thread, so the caller's Python work (e.g. asyncio consumers of many streams) does not
         # compete with the engine loop for the GIL.
         # With tensor-parallel ranks every rank is a process of its own (rank 0 among them).
-        several_ranks = options.get("tp_size", 1) != 1
+        several_ranks = options.get("tp_size", 1) != 1 or options.get("ep_size", 1) != 1
         start = start_engine_process if separate_process or several_ranks else start_engine_thread
         self._client = start(model_path, **options)
         self.tokenizer = self._client.tokenizer
@@ -296,6 +297,11 @@ class Engine:
     def resume_memory(self, tags: Sequence[str] | str | None = None) -> Any:
         """Map released memory back (same addresses); weights return only if they were backed up."""
         return self._client.call(ResumeMemory(_tags(tags)))
+
+    def rebalance_experts(self) -> dict[str, float | int]:
+        """Place the experts by the tokens routed since the last rebalance (``ep_size`` > 1): hot experts
+        get copies in the spare slots. Returns balancedness (mean/max rank load) before and after."""
+        return self._client.call(RebalanceExperts())
 
     def check_integrity(self) -> None:
         """Raise if any KV slot leaked or the prefix cache is inconsistent (waits for the loop)."""

@@ -18,6 +18,7 @@ from rollout import __version__
 from rollout.batch import BatchPlan
 from rollout.cache.manager import KVCacheManager
 from rollout.config import EngineConfig
+from rollout.control.experts import ExpertBalancer
 from rollout.control.gate import Blocker, GenerationGate
 from rollout.control.memory import MemoryControl
 from rollout.control.weights import WeightUpdater
@@ -33,6 +34,7 @@ from rollout.engine.messages import (
     GetInfo,
     InitWeightGroup,
     Pause,
+    RebalanceExperts,
     ReleaseMemory,
     RequestFailed,
     ResumeMemory,
@@ -76,7 +78,8 @@ class EngineCore:
         self.gate = GenerationGate()
         self.weights = WeightUpdater(config.model, self.runner, self.scheduler, self.gate)
         self.memory = MemoryControl(self.runner.memory, self.scheduler, self.runner, self.gate)
-        self.ranks = RankControl(followers, self.weights, self.memory, self.gate, self.scheduler)
+        self.ranks = RankControl(followers, self.weights, self.memory, self.gate, self.scheduler,
+                                 ExpertBalancer(self.runner.model))
         self._rng = random.Random(config.seed)
         self._next_uid = 0
         self._events: list[Event] = []
@@ -267,6 +270,8 @@ class EngineCore:
             case UpdateWeightsFromDisk():
                 self.memory.check_weights_writable()
                 return self.ranks.update_weights(cmd, lambda: self.weights.from_disk(cmd))
+            case RebalanceExperts():
+                return self.ranks.rebalance(cmd)
             case ReleaseMemory():
                 return self.ranks.release(cmd)
             case ResumeMemory():

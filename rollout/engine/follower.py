@@ -13,6 +13,7 @@ from typing import Any
 
 from rollout.cache.req_table import ReqToTokenTable
 from rollout.config import EngineConfig
+from rollout.control.experts import ExpertBalancer
 from rollout.control.gate import Blocker, GenerationGate
 from rollout.control.memory import MemoryControl
 from rollout.control.weights import WeightUpdater
@@ -23,6 +24,7 @@ from rollout.engine.messages import (
     DestroyWeightGroup,
     GetInfo,
     InitWeightGroup,
+    RebalanceExperts,
     ReleaseMemory,
     ResumeMemory,
     UpdateWeightsFromDisk,
@@ -65,6 +67,7 @@ class Follower:
         self.version = RankVersion()
         self.weights = WeightUpdater(config.model, self.runner, self.version, self.gate)
         self.memory = MemoryControl(self.runner.memory, None, self.runner, self.gate)
+        self.experts = ExpertBalancer(self.runner.model)
         self._controls = controls
         self._reports = reports
         self._jobs: dict[int, Background] = {}  # op -> a join running beside the loop
@@ -124,6 +127,8 @@ class Follower:
                 return self.memory.release(tags)
             case ResumeMemory(tags=tags):
                 return self.memory.resume(tags)
+            case RebalanceExperts(placements=placements):
+                return self.experts.apply(placements)
             case GetInfo():
                 return None
         raise RuntimeError(f"rank {self.rank} cannot apply {type(command).__name__}")

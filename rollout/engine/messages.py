@@ -132,9 +132,20 @@ class ResumeMemory:
     tags: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class RebalanceExperts:
+    """Place the experts by the tokens counted since the last rebalance (expert parallelism).
+
+    ``placements``: per MoE layer, every rank's slots (logical expert ids, -1 empty); None asks rank
+    0 to compute them, and it sends the other ranks the command with them filled in."""
+
+    placements: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+
+
 ControlCommand = Union[
     Pause, Continue, FlushCache, GetInfo, CheckIntegrity, Shutdown, InitWeightGroup, DestroyWeightGroup,
     UpdateWeightsFromDistributed, UpdateWeightsFromTensor, UpdateWeightsFromDisk, ReleaseMemory, ResumeMemory,
+    RebalanceExperts,
 ]
 
 

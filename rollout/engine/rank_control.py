@@ -9,6 +9,7 @@ generation) until an update succeeds on every rank. With one rank every method i
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Callable
 
 from rollout.control.gate import Blocker, GenerationGate
@@ -17,6 +18,7 @@ from rollout.engine.messages import (
     DestroyWeightGroup,
     GetInfo,
     InitWeightGroup,
+    RebalanceExperts,
     ReleaseMemory,
     ResumeMemory,
 )
@@ -24,6 +26,7 @@ from rollout.engine.ranks import Followers, RankReport
 from rollout.errors import FailedPreconditionError, RolloutError, error_from_code
 
 if TYPE_CHECKING:
+    from rollout.control.experts import ExpertBalancer
     from rollout.control.memory import MemoryControl
     from rollout.control.weights import VersionOwner, WeightUpdater
     from rollout.engine.jobs import Background
@@ -37,8 +40,9 @@ class RankControl:
     """Rank 0's side of the commands all ranks apply (``followers`` None: a one-rank engine)."""
 
     def __init__(self, followers: Followers | None, weights: WeightUpdater, memory: MemoryControl,
-                 gate: GenerationGate, versions: VersionOwner) -> None:
+                 gate: GenerationGate, versions: VersionOwner, experts: ExpertBalancer | None = None) -> None:
         self.followers = followers
+        self._experts = experts
         self._weights = weights
         self._memory = memory
         self._gate = gate
@@ -124,6 +128,25 @@ class RankControl:
         if error is not None:
             raise error
         return result
+
+    # ------------------------------------------------------------------ experts
+    def rebalance(self, cmd: RebalanceExperts) -> dict[str, float | int]:
+        """Rank 0 plans the placements (unless given), every rank moves its experts."""
+        if self._experts is None or not self._experts.enabled:
+            raise FailedPreconditionError("expert rebalancing needs an MoE model served with ep_size > 1")
+        full = RebalanceExperts(cmd.placements or self._experts.plan())
+        if self.followers is None:
+            return asdict(self._experts.apply(full.placements))
+        result, error, reports = self._everywhere(full, lambda: self._experts.apply(full.placements))
+        failed = [r for r in reports if r.error_code]
+        if error is not None or failed:
+            # The ranks may hold different placements now: no output can be trusted.
+            self._invalidate("an expert rebalance failed on some rank; push a full set of weights")
+        if error is not None:
+            raise error
+        if failed:
+            raise _error(failed[0])
+        return asdict(result)
 
     # ------------------------------------------------------------------ memory
     def release(self, cmd: ReleaseMemory) -> dict[str, dict[str, object]]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.errors import InvalidArgumentError
+from rollout.layers.expert_placement import ExpertPlacement
 from rollout.layers.linear import ReplicatedLinear, copy_checked, load_slice, new_param
 
 
@@ -47,10 +48,13 @@ def fused_experts_reference(
     topk_weights: torch.Tensor,  # (T, k)
     topk_ids: torch.Tensor,  # (T, k)
 ) -> torch.Tensor:  # (T, H)
-    """Weighted sum over each token's experts, looping over the experts that received tokens."""
+    """Weighted sum over each token's experts, looping over the experts that received tokens (an id
+    of -1, an expert held by another rank, contributes nothing)."""
     out = torch.zeros_like(hidden)
     inter = w2.shape[2]
     for e in torch.unique(topk_ids).tolist():
+        if e < 0:
+            continue
         token_idx, slot = torch.nonzero(topk_ids == e, as_tuple=True)  # (n,), (n,)
         x = hidden[token_idx]  # (n, H)
         gate_up = F.linear(x, w13[e])  # (n, 2I)
@@ -67,18 +71,19 @@ def fused_experts(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    skip_negative: bool = False,
 ) -> torch.Tensor:
     """Expert MLPs of every token, combined with its routing weights: (T, H) -> (T, H).
 
     CUDA tensors go to the Triton grouped-GEMM kernels when triton is installed; everything else
-    takes the reference loop."""
+    takes the reference loop. ``skip_negative``: ids of -1 (experts on other ranks) may occur."""
     if hidden.is_cuda:
         try:
             from kernels.moe import fused_experts_triton
         except ImportError:  # no triton on this machine
             pass
         else:
-            return fused_experts_triton(hidden, w13, w2, topk_weights, topk_ids)
+            return fused_experts_triton(hidden, w13, w2, topk_weights, topk_ids, skip_negative=skip_negative)
     return fused_experts_reference(hidden, w13, w2, topk_weights, topk_ids)
 
 
@@ -103,20 +108,45 @@ class FusedMoE(nn.Module):
         tp: TPGroup = SINGLE,
     ) -> None:
         super().__init__()
-        if intermediate_size % tp.size:
-            raise InvalidArgumentError(
-                f"{intermediate_size} not divisible by tp_size {tp.size}", field=f"{prefix}.intermediate_size"
-            )
         self.prefix = prefix
         self.num_experts = num_experts
         self.tp = tp
+        self.expert_parallel = tp.expert_parallel and tp.size > 1
         self.full_intermediate_size = intermediate_size
-        intermediate_size //= tp.size
-        self.intermediate_size = intermediate_size  # this rank's slice
-        self.w13 = new_param(
-            (num_experts, 2 * intermediate_size, hidden_size), dtype, device, self.weight_loader
-        )
-        self.w2 = new_param((num_experts, hidden_size, intermediate_size), dtype, device, self.weight_loader)
+        self.placement: ExpertPlacement | None = None
+        if self.expert_parallel:  # whole experts, in this rank's slots (see expert_placement.py)
+            self.placement = ExpertPlacement.contiguous(num_experts, tp.size, tp.spare_expert_slots)
+            stacked = self.placement.slots_per_rank
+            count, rank, slot = self.placement.routing_tables(device)
+            # Updated in place by a rebalance, so CUDA graphs that read them stay valid.
+            self.register_buffer("copy_count", count, persistent=False)
+            self.register_buffer("copy_rank", rank, persistent=False)
+            self.register_buffer("copy_slot", slot, persistent=False)
+        else:
+            if intermediate_size % tp.size:
+                raise InvalidArgumentError(
+                    f"{intermediate_size} not divisible by tp_size {tp.size}", field=f"{prefix}.intermediate_size"
+                )
+            intermediate_size //= tp.size
+            stacked = num_experts
+        self.intermediate_size = intermediate_size  # this rank's slice (all of it with expert parallelism)
+        self.w13 = new_param((stacked, 2 * intermediate_size, hidden_size), dtype, device, self.weight_loader)
+        self.w2 = new_param((stacked, hidden_size, intermediate_size), dtype, device, self.weight_loader)
+
+    def local_slots(self, expert_id: int) -> list[int]:
+        """This rank's slots holding ``expert_id`` (every expert's slot without expert parallelism)."""
+        if self.placement is None:
+            return [expert_id]
+        return [s for s, e in enumerate(self.placement.slots[self.tp.rank]) if e == expert_id]
+
+    def route_local(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """(T, k) expert ids -> this rank's slot serving each (token, k) pair, or -1 where another
+        rank's copy serves it. Copy ``(token + k) % copies``: the same choice on every rank."""
+        t, k = topk_ids.shape
+        pick = (torch.arange(t, device=topk_ids.device)[:, None] + torch.arange(k, device=topk_ids.device))
+        pick = pick % self.copy_count[topk_ids]  # (T, k)
+        rank = self.copy_rank[topk_ids, pick]
+        return torch.where(rank == self.tp.rank, self.copy_slot[topk_ids, pick], -1)
 
     def weight_loader(
         self,
@@ -128,7 +158,9 @@ class FusedMoE(nn.Module):
         leaf = "w13" if param is self.w13 else "w2"
         name = f"{self.prefix}.{leaf}" if self.prefix else leaf
         if shard_id is None and expert_id is None:
-            if self.tp.size == 1:
+            if self.placement is not None:
+                self._load_stacked_experts(param, loaded, name)
+            elif self.tp.size == 1:
                 copy_checked(param.data, loaded, name)
             else:
                 self._load_stacked(param, loaded, name)
@@ -138,32 +170,40 @@ class FusedMoE(nn.Module):
                 f"expert id {expert_id} out of range [0, {self.num_experts})", field=name
             )
         name = f"{name}[{expert_id}, {shard_id}]"
-        inter, full, start = self.intermediate_size, self.full_intermediate_size, self.tp.rank * self.intermediate_size
-        if shard_id == "w1" and param is self.w13:
-            load_slice(param.data[expert_id, :inter], loaded, 0, full, start, name)
-        elif shard_id == "w3" and param is self.w13:
-            load_slice(param.data[expert_id, inter:], loaded, 0, full, start, name)
-        elif shard_id == "w2" and param is self.w2:
-            load_slice(param.data[expert_id], loaded, 1, full, start, name)
-        else:
+        inter, full = self.intermediate_size, self.full_intermediate_size
+        start = 0 if self.placement is not None else self.tp.rank * inter
+        if not ((shard_id in ("w1", "w3") and param is self.w13) or (shard_id == "w2" and param is self.w2)):
             raise InvalidArgumentError(f"shard {shard_id!r} does not belong to {leaf}", field=name)
+        slots = self.local_slots(expert_id)
+        want = (param.shape[1], full) if shard_id == "w2" else (full, param.shape[2])
+        if not slots and tuple(loaded.shape) != want:  # another rank's expert: only its shape is checked
+            raise InvalidArgumentError(f"shape mismatch: expected {want}, got {tuple(loaded.shape)}", field=name)
+        for slot in slots:
+            if shard_id == "w1":
+                load_slice(param.data[slot, :inter], loaded, 0, full, start, name)
+            elif shard_id == "w3":
+                load_slice(param.data[slot, inter:], loaded, 0, full, start, name)
+            else:
+                load_slice(param.data[slot], loaded, 1, full, start, name)
 
-    def _load_stacked(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
-        """This rank's slice of a whole stacked tensor: w13 (E, 2I, H) or w2 (E, H, I)."""
-        inter, full, start = self.intermediate_size, self.full_intermediate_size, self.tp.rank * self.intermediate_size
-        if param is self.w2:
-            load_slice(param.data, loaded, 2, full, start, name)
-            return
-        if loaded.dim() != 3 or loaded.shape[1] != 2 * full:  # raises, naming the full shape
-            load_slice(param.data, loaded, 1, 2 * full, 0, name)
-        load_slice(param.data[:, :inter], loaded[:, :full], 1, full, start, name)  # gate (w1)
-        load_slice(param.data[:, inter:], loaded[:, full:], 1, full, start, name)  # up (w3)
+    def _load_stacked_experts(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
+        """This rank's experts of a whole stacked tensor (E, ...): one copy per slot holding each."""
+        want = (self.num_experts, *param.shape[1:])
+        if tuple(loaded.shape) != want:
+            raise InvalidArgumentError(f"shape {tuple(loaded.shape)} does not match {want}", field=name)
+        for slot, e in enumerate(self.placement.slots[self.tp.rank]):
+            if e >= 0:
+                param.data[slot].copy_(loaded[e])
 
     def forward(
         self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:
-        out = fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)  # (T, H)
-        return out if self.tp.size == 1 else self.tp.all_reduce(out)  # sum of every rank's slice
+        if self.placement is not None:  # this rank's experts only; the all-reduce adds the others'
+            out = fused_experts(hidden, self.w13, self.w2, topk_weights, self.route_local(topk_ids),
+                                skip_negative=True)
+        else:
+            out = fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)  # (T, H)
+        return out if self.tp.size == 1 else self.tp.all_reduce(out)  # sum of every rank's part
 
 
 class SparseMoeBlock(nn.Module):
@@ -198,7 +238,15 @@ class SparseMoeBlock(nn.Module):
             tp=tp,
         )
 
+        # Tokens routed to each expert since the last rebalance (kept with expert parallelism, where
+        # they decide the placement; a scatter on the device, captured in CUDA graphs with the rest).
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=device) if self.experts.placement else None
+        self.register_buffer("expert_counts", counts, persistent=False)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(hidden)  # (T, E)
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
+        if self.expert_counts is not None:
+            flat = topk_ids.reshape(-1)
+            self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat))
         return self.experts(hidden, topk_weights, topk_ids)  # (T, H)
