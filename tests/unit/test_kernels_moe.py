@@ -107,3 +107,22 @@ def test_fused_experts_entry_point():
     """``fused_experts`` (Triton on CUDA, the reference loop on CPU) matches the reference."""
     x, w13, w2, weights, ids = make_moe(9, 8, 2, 32, 16, torch.float32, seed=2)
     check(fused_experts(x, w13, w2, weights, ids), x, w13, w2, weights, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_of_other_ranks_are_skipped(dtype):
+    """Expert parallelism: ids of -1 (another rank's experts) add nothing, and their rows stay zero."""
+    x, w13, w2, weights, ids = make_moe(24, 6, 3, 32, 16, dtype, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    elsewhere = (torch.rand(ids.shape, generator=gen) < 0.5).to(ids.device)
+    ids = torch.where(elsewhere, -1, ids)
+    ids[0] = -1  # a token served entirely elsewhere
+    out = fused_experts_triton(x, w13, w2, weights, ids, skip_negative=True)
+    check(out, x, w13, w2, weights, ids)
+    assert torch.all(out[0] == 0)
+    # Only the kept pairs count: the same as giving the skipped pairs zero weight.
+    kept = torch.where(elsewhere, 0, ids)
+    zeroed = torch.where(elsewhere, torch.zeros_like(weights), weights)
+    zeroed[0] = 0
+    ref = fused_experts_reference(x, w13, w2, zeroed, torch.where(ids < 0, 0, kept))
+    assert torch.allclose(out.float(), ref.float(), atol=2e-2 * ref.abs().max().item())
