@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--chunked-prefill-size", type=int, default=None, help="longest prompt chunk per step")
     ap.add_argument("--kv-memory-fraction", type=float, default=None, help="share of free GPU memory for KV")
     ap.add_argument("--attention-backend", default=None, help="torch | triton | flashinfer (default: engine's)")
+    ap.add_argument("--tp-size", type=int, default=None, help="tensor-parallel ranks (GPUs from --device on)")
+    ap.add_argument("--ep-size", type=int, default=None, help="expert-parallel ranks (MoE shapes)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--separate-process", action="store_true",
                     help="engine loop in its own process (no GIL shared with the streams' consumer)")
@@ -106,7 +108,7 @@ def main() -> None:
                    separate_process=args.separate_process)
     if args.attention_backend:
         options["attention_backend"] = args.attention_backend
-    for name in ("max_num_batched_tokens", "chunked_prefill_size", "kv_memory_fraction"):
+    for name in ("max_num_batched_tokens", "chunked_prefill_size", "kv_memory_fraction", "tp_size", "ep_size"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if not args.model and args.shape != "tiny":
