@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe.align import ExpertAlignment, align_tokens_to_experts
+from kernels.moe.align import ExpertAlignment
+from kernels.moe.align_triton import align_tokens_to_experts_triton
 from kernels.triton_utils import dot_precision, mma, upcast_dot
 
 
@@ -138,8 +139,8 @@ def fused_experts_triton(
 ) -> torch.Tensor:  # (T, H)
     """Expert MLPs of every token combined with its routing weights, as two grouped GEMMs.
 
-    With ``skip_negative`` an id of -1 in ``topk_ids`` (an expert another rank holds) contributes nothing: its rows fall in
-    blocks of a sentinel expert that the kernels skip, and their outputs stay zero."""
+    With ``skip_negative`` an id of -1 in ``topk_ids`` (an expert another rank holds) contributes
+    nothing: its rows fall in blocks of a sentinel expert that the kernels skip, and stay zero."""
     num_tokens, hidden_size = hidden.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -155,11 +156,11 @@ def fused_experts_triton(
     cfg = config or default_config(num_rows, num_experts)
     if skip_negative:
         topk_ids = torch.where(topk_ids < 0, num_experts, topk_ids)
-        align = align_tokens_to_experts(topk_ids, num_experts + 1, cfg.block_m)
+        align = align_tokens_to_experts_triton(topk_ids, num_experts + 1, cfg.block_m)
         align = ExpertAlignment(align.sorted_ids, torch.where(align.block_experts == num_experts, -1,
                                                               align.block_experts), align.block_m, align.num_rows)
     else:
-        align = align_tokens_to_experts(topk_ids, num_experts, cfg.block_m)
+        align = align_tokens_to_experts_triton(topk_ids, num_experts, cfg.block_m)
     num_blocks = align.block_experts.shape[0]
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # (N,)
     precision, upcast = dot_precision(hidden.dtype), upcast_dot(hidden)

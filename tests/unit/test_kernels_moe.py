@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kernels.moe import MoeKernelConfig, align_tokens_to_experts, default_config, fused_experts_triton  # noqa: E402
+from kernels.moe.align_triton import align_tokens_to_experts_triton  # noqa: E402
 from rollout.layers.moe import fused_experts, fused_experts_reference, select_experts  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,10 +54,16 @@ def test_alignment_example():
     assert align.num_rows == 6
 
 
-@pytest.mark.parametrize("tokens,experts,top_k,block_m", [(1, 8, 1, 16), (37, 16, 4, 16), (200, 8, 2, 64)])
-def test_alignment_groups_every_row_once(tokens, experts, top_k, block_m):
+@pytest.mark.parametrize("align_fn", [align_tokens_to_experts, align_tokens_to_experts_triton])
+@pytest.mark.parametrize("tokens,experts,top_k,block_m",
+                         [(1, 8, 1, 16), (37, 16, 4, 16), (200, 8, 2, 64), (300, 128, 8, 16), (5, 7, 3, 16)])
+def test_alignment_groups_every_row_once(tokens, experts, top_k, block_m, align_fn):
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)]).to(DEVICE)
-    align = align_tokens_to_experts(ids, experts, block_m)
+    align = align_fn(ids, experts, block_m)
+    if align_fn is align_tokens_to_experts_triton:  # the same blocks as the torch reference
+        ref = align_tokens_to_experts(ids, experts, block_m)
+        assert align.block_experts.tolist() == ref.block_experts.tolist()
+        assert align.sorted_ids.numel() == ref.sorted_ids.numel()
     n = tokens * top_k
     sorted_ids = align.sorted_ids.cpu()
     real = sorted_ids[sorted_ids < n]
