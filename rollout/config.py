@@ -244,6 +244,7 @@ class ParallelConfig:
     tp_size: int = 1
     ep_size: int = 1
     ep_spare_slots: int = 0
+    ep_rebalance_interval: int = 0  # rebalance the experts every this many steps (0: only on request)
 
     def __post_init__(self) -> None:
         for name in ("tp_size", "ep_size"):
@@ -254,6 +255,10 @@ class ParallelConfig:
             raise InvalidArgumentError(
                 f"tp_size {self.tp_size} and ep_size {self.ep_size}: attention is tensor-parallel over the "
                 "expert-parallel ranks, so give one of them or equal values", field="ep_size")
+        if not isinstance(self.ep_rebalance_interval, int) or self.ep_rebalance_interval < 0:
+            raise InvalidArgumentError("must be an integer >= 0", field="ep_rebalance_interval")
+        if self.ep_rebalance_interval and not self.expert_parallel:
+            raise InvalidArgumentError("needs ep_size > 1", field="ep_rebalance_interval")
         if not isinstance(self.ep_spare_slots, int) or not 0 <= self.ep_spare_slots <= 1024:
             raise InvalidArgumentError(f"must be in 0..1024, got {quoted(self.ep_spare_slots)}", field="ep_spare_slots")
 

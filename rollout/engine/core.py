@@ -68,6 +68,7 @@ class EngineCore:
         self.cache = self._build_cache()
         self.followers = followers
         self.broken: str | None = None  # why a multi-rank engine cannot go on (the loop then ends)
+        self._steps_since_rebalance = 0
         if followers is not None:
             self.cache.req_table.journal = []  # the other ranks' copies of the table follow this one
         self.runner.prepare(self.cache.req_table)
@@ -159,6 +160,7 @@ class EngineCore:
         With overlap scheduling the batch is launched and the previous one's tokens are collected
         while it runs; otherwise the batch runs to completion here.
         """
+        self._rebalance_when_due()
         picked = self.scheduler.schedule() if not self.gate.closed else None
         try:
             queued = None
@@ -178,6 +180,21 @@ class EngineCore:
             self._queued = None
             self._step_failed(exc)
         return self.take_events()
+
+    def _rebalance_when_due(self) -> None:
+        """Every ``ep_rebalance_interval`` steps, place the experts by the tokens counted since the last
+        time (between two steps, like a rebalance on request; outputs do not change)."""
+        every = self.config.parallel.ep_rebalance_interval
+        if not every:
+            return
+        self._steps_since_rebalance += 1
+        if self._steps_since_rebalance < every:
+            return
+        self._steps_since_rebalance = 0
+        self.drain()
+        report = self.ranks.rebalance(RebalanceExperts())
+        logger.info("experts rebalanced: balancedness %.3f -> %.3f, %d copies moved",
+                    report["balancedness_before"], report["balancedness_after"], report["moved"])
 
     def drain(self) -> None:
         """Collect the step still running, if any (before anything that needs a quiet engine)."""

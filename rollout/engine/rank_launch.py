@@ -34,9 +34,11 @@ def rank_options(options: dict[str, Any], links: RankLinks | None) -> dict[str, 
 
 def spawn_followers(ctx: Any, model_path: str, options: dict[str, Any]) -> tuple[list[Any], RankLinks | None]:
     """Start ranks 1..N-1 (they wait for rank 0); returns their processes and rank 0's links."""
+    from dataclasses import fields
+
     from rollout.config import ParallelConfig
 
-    par = ParallelConfig(**{k: options[k] for k in ("tp_size", "ep_size", "ep_spare_slots") if k in options})
+    par = ParallelConfig(**{f.name: options[f.name] for f in fields(ParallelConfig) if f.name in options})
     if par.ranks == 1:
         return [], None
     setups = rank_setups(str(options.get("device", "cpu")), par.ranks, par.expert_parallel, par.ep_spare_slots)

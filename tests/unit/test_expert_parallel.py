@@ -48,6 +48,17 @@ def test_two_expert_parallel_ranks_generate_what_one_rank_generates(tiny_model_d
         assert two.info().tp_size == 2
 
 
+def test_periodic_rebalancing_keeps_the_outputs(tiny_model_dir) -> None:
+    path = tiny_model_dir("mixtral", num_experts=5, num_experts_per_tok=2)
+    with Engine(path, ep_size=2, ep_spare_slots=1, **OPTS) as plain:
+        want = _outs(plain)
+        counted = plain.rebalance_experts()["tokens"]
+    with Engine(path, ep_size=2, ep_spare_slots=1, ep_rebalance_interval=3, **OPTS) as periodic:
+        _same(want, _outs(periodic))
+        # Rebalances during the run reset the counts: fewer tokens are left since the last one.
+        assert periodic.rebalance_experts()["tokens"] < counted
+
+
 def test_pushes_land_in_the_right_slots_before_and_after_a_rebalance(tiny_model_dir, tmp_path) -> None:
     path = tiny_model_dir("qwen3_moe", num_experts=7, num_experts_per_tok=3)
     weights, new_dir = perturb_checkpoint(path, str(tmp_path), seed=5)
