@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ep-spare-slots", type=int, default=None,
                    help=f"extra expert slots per rank for copies of hot experts (default: {d('ep_spare_slots')})")
     s.add_argument("--ep-rebalance-interval", type=int, default=None,
-                   help=f"rebalance the experts every N steps, 0: only on request (default: {d('ep_rebalance_interval')})")
+                   help="rebalance the experts every N steps, 0: only on request "
+                        f"(default: {d('ep_rebalance_interval')})")
     s.add_argument("--seed", type=int, default=None,
                    help=f"seed for requests that carry none (default: {d('seed')})")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
