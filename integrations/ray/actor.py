@@ -78,7 +78,8 @@ class RolloutServer:
             raise EngineDeadError(f"the server was not SERVING in time:\n{self._server.log_tail()}") from None
         self._client = client
         pg_id = ray.get_runtime_context().get_placement_group_id()
-        self._info = ReplicaInfo(address, node_ip, tuple(str(g) for g in ray.get_gpu_ids()), client.engine_ranks(),
+        ranks = (await client.get_info()).tp_size  # a server started with --tp-size N joins groups as N ranks
+        self._info = ReplicaInfo(address, node_ip, tuple(str(g) for g in ray.get_gpu_ids()), ranks,
                                  self._server.proc.pid, self._server.log_path, pg_id, self._bundle_index)
         return self._info
 
@@ -145,8 +146,8 @@ class RolloutServer:
 
     # ------------------------------------------------------------------ weights and memory
     async def engine_ranks(self) -> int:
-        """Ranks this replica adds to a weight-update group."""
-        return (await self._c()).engine_ranks()
+        """Ranks this replica adds to a weight-update group (its server's ``--tp-size``)."""
+        return (await (await self._c()).get_info()).tp_size
 
     async def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
                                        world_size: int, group_name: str = DEFAULT_GROUP, backend: str = "nccl",

@@ -242,5 +242,22 @@ def test_colocated_replica_on_a_trainer_bundle(ray_cluster, models):
 
 
 
+def test_a_two_rank_replica_takes_pushes_as_two_ranks(ray_cluster, models, expected):
+    config = RolloutServerConfig(models["first"], max_total_tokens=4096, extra_args=("--tp-size", "2"))
+    reps = create_rollout_actors(config, 1, num_cpus=0.25)
+    try:
+        [info] = reps.ready(timeout_s=120)
+        assert info.engine_ranks == 2
+        [actor] = reps.actors
+        assert greedy(actor) == expected["first"]
+        with weight_sync.connect(reps.weight_targets(timeout_s=60), backend="gloo", master_address="127.0.0.1",
+                                 bucket_bytes=16 << 10, timeout_s=60) as g:
+            assert g.comm.cfg.world_size == 3  # the trainer and both engine ranks
+            assert g.push(weights(models["second"]).items(), version=3) == 3
+            assert greedy(actor) == expected["second"]
+    finally:
+        reps.shutdown()
+
+
 def _trainer_step() -> str:
     return "stepped"
