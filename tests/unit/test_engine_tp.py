@@ -56,6 +56,20 @@ def test_two_ranks_generate_what_one_rank_generates(tiny_model_dir, name: str) -
         assert max(abs(a - b) for a, b in zip(w.output_logprobs, g.output_logprobs)) < TOL
 
 
+def test_three_ranks_generate_what_one_rank_generates(tiny_model_dir) -> None:
+    """Nothing assumes two ranks: three, with three kv heads and an odd vocabulary."""
+    path = tiny_model_dir("qwen3", num_attention_heads=6, num_key_value_heads=3, intermediate_size=96,
+                          vocab_size=385)
+    with Engine(path, **OPTS) as one:
+        want = one.generate(PROMPTS, GREEDY, return_logprob=True)
+    with Engine(path, tp_size=3, **OPTS) as three:
+        got = three.generate(PROMPTS, GREEDY, return_logprob=True)
+        assert len(three.info().rank_memory) == 3
+    for w, g in zip(want, got):
+        assert g.output_ids == w.output_ids
+        assert max(abs(a - b) for a, b in zip(w.output_logprobs, g.output_logprobs)) < TOL
+
+
 def test_a_tp_size_the_heads_cannot_split_over_is_refused_by_name(tiny_model_dir) -> None:
     from rollout.errors import InvalidArgumentError
 
