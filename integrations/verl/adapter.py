@@ -34,13 +34,18 @@ from rollout.errors import UnimplementedError
 
 
 class ServerAdapter(BaseRollout):
-    """Talks to the ``rollout serve`` of replica ``replica_rank`` (default: this worker's rank, as a
-    replica is one rank)."""
+    """Talks to the ``rollout serve`` of replica ``replica_rank`` (default: from this worker's rank:
+    a replica has ``tensor_model_parallel_size`` consecutive ranks, and the first leads it).
+
+    Only the leader talks to the server: the trainer hands every worker the full tensors, and one
+    push reaches every rank of the server (each keeps its shard); the others do nothing."""
 
     def __init__(self, config: Any, model_config: Any, device_mesh: Any, replica_rank: int = -1) -> None:
         super().__init__(config, model_config, device_mesh)
-        self.replica_rank = int(os.environ.get("RANK", "0")) if replica_rank == -1 else replica_rank
-        self.is_leader_rank = True  # every replica has one rank, which leads it
+        tp = int(getattr(config, "tensor_model_parallel_size", 1) or 1)
+        rank = int(os.environ.get("RANK", "0"))
+        self.replica_rank = rank // tp if replica_rank == -1 else replica_rank
+        self.is_leader_rank = replica_rank != -1 or rank % tp == 0
         self._server: Any = None  # the replica's RolloutServer actor
         self._client: RolloutClient | None = None
 
@@ -53,12 +58,16 @@ class ServerAdapter(BaseRollout):
 
     async def resume(self, tags: list[str]) -> None:
         """Map the released memory of ``tags`` ("weights", "kv_cache") back."""
+        if not self.is_leader_rank:
+            return
         client = await self._connect()
         if self.config.free_cache_engine:
             await asyncio.to_thread(client.resume_memory, list(tags))
 
     async def release(self) -> None:
         """Release the KV cache and the weights."""
+        if not self.is_leader_rank:
+            return
         client = await self._connect()
         if self.config.free_cache_engine:
             await asyncio.to_thread(client.release_memory, ALL_TAGS)
@@ -77,6 +86,10 @@ class ServerAdapter(BaseRollout):
         if kwargs.get("peft_config") is not None:
             raise UnimplementedError("LoRA adapters are not served; set model.lora.merge=True",
                                      field="peft_config")
+        if not self.is_leader_rank:
+            async for _ in _items(weights):  # the generator may hold collectives: drain it like the leader
+                pass
+            return
         client = await self._connect()
         version = global_steps if global_steps is not None else await self._next_version(client)
         bucket_bytes = int(self.config.checkpoint_engine.update_weights_bucket_megabytes) << 20

@@ -9,6 +9,7 @@ to ``self.servers``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Any
 
@@ -29,17 +30,19 @@ def server_actor_name(replica_rank: int, kind: str = "") -> str:
 
 
 class RolloutServerReplica(RolloutReplica):
-    """A replica of one rank (the engine has no tensor / pipeline / data parallelism yet)."""
+    """A replica of ``tensor_model_parallel_size`` ranks: one ``rollout serve --tp-size N`` over the
+    GPUs of the replica's N workers (one node; no data or pipeline parallelism inside a replica)."""
 
     def __init__(self, replica_rank: int, config: Any, model_config: Any, gpus_per_node: int = 8,
                  is_reward_model: bool = False, is_teacher_model: bool = False, name_suffix: str = "") -> None:
         super().__init__(replica_rank, config, model_config, gpus_per_node, is_reward_model, is_teacher_model,
                          name_suffix)
-        if self.world_size != 1:
+        tp = int(getattr(self.config, "tensor_model_parallel_size", 1) or 1)
+        if self.world_size != tp:
             raise UnimplementedError(
-                f"a replica is one rank; set tensor_model_parallel_size, data_parallel_size and "
-                f"pipeline_model_parallel_size to 1 (got world size {self.world_size})",
-                field="actor_rollout_ref.rollout.tensor_model_parallel_size")
+                f"a replica's ranks are its tensor-parallel ranks; set data_parallel_size and "
+                f"pipeline_model_parallel_size to 1 (world size {self.world_size}, tensor parallel {tp})",
+                field="actor_rollout_ref.rollout.data_parallel_size")
         self.server_class = ray.remote(RolloutServer)
 
     def _actor_name(self) -> str:
@@ -48,11 +51,17 @@ class RolloutServerReplica(RolloutReplica):
 
     async def launch_servers(self) -> None:
         """Start the server actor next to the replica's worker and its ``rollout serve``."""
-        if len(self.workers) != 1:
-            raise UnimplementedError(f"expected the replica's one worker, got {len(self.workers)}", field="workers")
+        if len(self.workers) != self.world_size:
+            raise UnimplementedError(f"expected the replica's {self.world_size} workers, got {len(self.workers)}",
+                                     field="workers")
         key = get_visible_devices_keyword()
-        node_id, devices = await self.workers[0].__ray_call__.remote(
-            lambda _: (ray.get_runtime_context().get_node_id(), os.environ.get(key, "")))
+        places = await asyncio.gather(*(w.__ray_call__.remote(
+            lambda _: (ray.get_runtime_context().get_node_id(), os.environ.get(key, ""))) for w in self.workers))
+        node_id = places[0][0]
+        if any(n != node_id for n, _ in places):
+            raise UnimplementedError("a replica's ranks must share one node", field="workers")
+        # The server's ranks run on every worker's devices, in worker order (rank r on the r-th).
+        devices = ",".join(d for _, d in places if d)
         platform = get_platform()
         server = self.server_class.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),

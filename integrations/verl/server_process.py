@@ -49,6 +49,7 @@ class ServerOptions:
     max_running_requests: int | None = None
     max_num_batched_tokens: int | None = None
     context_length: int | None = None
+    tp_size: int = 1  # tensor-parallel ranks: the replica's GPUs, visible to the server
     engine_flags: tuple[tuple[str, str], ...] = field(default=())
 
     def argv(self) -> list[str]:
@@ -61,6 +62,8 @@ class ServerOptions:
             args += ["--max-num-batched-tokens", str(self.max_num_batched_tokens)]
         if self.context_length is not None:
             args += ["--context-length", str(self.context_length)]
+        if self.tp_size != 1:
+            args += ["--tp-size", str(self.tp_size)]
         for flag, value in self.engine_flags:
             args += [flag, value]
         return args
@@ -68,7 +71,8 @@ class ServerOptions:
 
 def server_options(model_path: str, rollout_config: Any, device: str) -> ServerOptions:
     """``ServerOptions`` from verl's rollout config (``dtype``, ``max_num_seqs``,
-    ``max_num_batched_tokens``, ``max_model_len`` and ``engine_kwargs.rollout``)."""
+    ``max_num_batched_tokens``, ``max_model_len``, ``tensor_model_parallel_size`` and
+    ``engine_kwargs.rollout``)."""
     dtype = str(getattr(rollout_config, "dtype", "bfloat16"))
     if dtype not in _DTYPES:
         raise InvalidArgumentError(f"must be one of {sorted(_DTYPES)}, got {quoted(dtype)}", field="rollout.dtype")
@@ -87,6 +91,7 @@ def server_options(model_path: str, rollout_config: Any, device: str) -> ServerO
         max_running_requests=getattr(rollout_config, "max_num_seqs", None),
         max_num_batched_tokens=getattr(rollout_config, "max_num_batched_tokens", None),
         context_length=getattr(rollout_config, "max_model_len", None),
+        tp_size=int(getattr(rollout_config, "tensor_model_parallel_size", 1) or 1),
         engine_flags=tuple(flags),
     )
 
