@@ -243,17 +243,62 @@ class ParallelConfig:
             raise InvalidArgumentError("only 1 is supported in this build", field="tp_size/ep_size")
 
 
+# Speculative drafting methods. "oracle" is for benchmarks only: it stands for a drafter whose
+# drafts the target accepts with a given probability, and its output is NOT the target's distribution.
+SPEC_METHODS: tuple[str, ...] = ("ngram", "draft", "oracle")
+# Engine options (``Engine(**options)``, ``rollout serve`` flags) -> SpecConfig fields.
+SPEC_OPTIONS: dict[str, str] = {
+    "speculative_method": "method",
+    "num_draft_tokens": "num_draft_tokens",
+    "draft_model_path": "draft_model_path",
+    "speculative_max_batch_size": "max_batch_size",
+    "speculative_min_acceptance": "min_acceptance",
+    "draft_on_stale_weights": "on_stale_weights",
+    "ngram_max_match": "ngram_max_match",
+    "ngram_min_match": "ngram_min_match",
+    "oracle_acceptance": "oracle_acceptance",
+}
+
+
 @dataclass(frozen=True)
 class SpecConfig:
-    """Speculative decoding (None: off)."""
+    """Speculative decoding (``method=None``: off). Output distribution and logprobs are the target's."""
 
-    method: str | None = None
-    num_draft_tokens: int = 0
+    method: str | None = None  # ngram | draft | oracle (benchmarks only)
+    num_draft_tokens: int = 4  # drafts per sequence per step, at most (adaptive: fewer, or none)
+    draft_model_path: str | None = None  # method "draft": a small HF model dir with the target's tokenizer
+    # Speculate only while at most this many sequences decode: a large batch is compute-bound and
+    # verifying rejected drafts costs more than the forwards it saves.
+    max_batch_size: int = 32
+    # Acceptance rate (accepted / drafted, a running average) under which drafts shrink to one token.
+    min_acceptance: float = 0.3
+    # Method "draft", once the target's weights change and the draft's are not pushed ("draft." names):
+    # "disable" stops speculating (output stays exact, only slower); "keep" drafts with the old draft.
+    on_stale_weights: str = "disable"
+    ngram_max_match: int = 4  # longest suffix looked up in the prompt and output (method "ngram")
+    ngram_min_match: int = 1
+    oracle_acceptance: float = 0.8  # method "oracle": probability each draft is taken as accepted
 
     def __post_init__(self) -> None:
-        if self.method is not None:
-            raise InvalidArgumentError("speculative decoding is not available in this build",
+        if self.method is None:
+            return
+        if self.method not in SPEC_METHODS:
+            raise InvalidArgumentError(f"unknown method {quoted(self.method)}; use one of {list(SPEC_METHODS)}",
                                        field="speculative_method")
+        if not 1 <= self.num_draft_tokens <= 16:
+            raise InvalidArgumentError("must be in [1, 16]", field="num_draft_tokens")
+        if self.method == "draft" and not self.draft_model_path:
+            raise InvalidArgumentError("method 'draft' needs draft_model_path", field="draft_model_path")
+        if self.max_batch_size < 0:
+            raise InvalidArgumentError("must be >= 0", field="speculative_max_batch_size")
+        if not 0.0 <= self.min_acceptance <= 1.0:
+            raise InvalidArgumentError("must be in [0, 1]", field="speculative_min_acceptance")
+        if self.on_stale_weights not in ("disable", "keep"):
+            raise InvalidArgumentError("must be 'disable' or 'keep'", field="draft_on_stale_weights")
+        if not 1 <= self.ngram_min_match <= self.ngram_max_match <= 64:
+            raise InvalidArgumentError("need 1 <= ngram_min_match <= ngram_max_match <= 64", field="ngram_max_match")
+        if not 0.0 <= self.oracle_acceptance <= 1.0:
+            raise InvalidArgumentError("must be in [0, 1]", field="oracle_acceptance")
 
 
 def _check_device(name: Any) -> None:
@@ -323,8 +368,8 @@ class EngineConfig:
             if key in own:
                 top[key] = value
                 continue
-            if key in ("speculative_method", "num_draft_tokens"):
-                spec["method" if key == "speculative_method" else key] = value
+            if key in SPEC_OPTIONS:
+                spec[SPEC_OPTIONS[key]] = value
                 continue
             for g, gcls in groups.items():
                 if key in {f.name for f in fields(gcls)}:

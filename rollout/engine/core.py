@@ -45,6 +45,7 @@ from rollout.runner.model_runner import ModelRunner, QueuedStep
 from rollout.scheduler.scheduler import Scheduler
 from rollout.scheduler.sequence import SeqStatus, Sequence
 from rollout.scheduler.stop import StopChecker
+from rollout.spec.speculator import Speculator
 from rollout.tokenizer import Tokenizer
 from rollout.types import EngineInfo, StreamChunk, parse_pause_mode
 
@@ -70,6 +71,7 @@ class EngineCore:
         self.gate = GenerationGate()
         self.weights = WeightUpdater(config.model, self.runner, self.scheduler, self.gate)
         self.memory = MemoryControl(self.runner.memory, self.scheduler, self.runner, self.gate)
+        self.spec = Speculator(config, self.runner) if config.spec.method is not None else None
         self._rng = random.Random(config.seed)
         self._next_uid = 0
         self._events: list[Event] = []
@@ -149,9 +151,16 @@ class EngineCore:
         With overlap scheduling the batch is launched and the previous one's tokens are collected
         while it runs; otherwise the batch runs to completion here.
         """
+        if self.spec is not None and not self.gate.closed:
+            if self._queued is not None and self.spec.wants_quiet(self.scheduler.running):
+                self.drain()  # drafting needs every last token on the host
+            self.spec.propose(self.scheduler.running, self.cache.available_tokens())
         picked = self.scheduler.schedule() if not self.gate.closed else None
         try:
             queued = None
+            if picked is not None and picked[0].spec is not None:
+                self._speculative_step(*picked)
+                picked = None
             if picked is not None:
                 plan, seqs = picked
                 queued = (plan, seqs, self.runner.launch(plan))
@@ -166,6 +175,15 @@ class EngineCore:
             self._queued = None
             self._fail_running(f"the engine step failed: {type(exc).__name__}: {exc}")
         return self.take_events()
+
+    def _speculative_step(self, plan: BatchPlan, seqs: list[Sequence]) -> None:
+        """Run a step with drafts to completion: the next plan depends on how many were accepted."""
+        assert self.spec is not None and self._queued is None
+        result, accepted = self.spec.run(plan)
+        self.scheduler.launched(plan, seqs)
+        for seq in self.scheduler.collect(plan, seqs, result, accepted):
+            if seq.stream and seq.status is SeqStatus.RUNNING:
+                self._events.append(self._chunk(seq))
 
     def drain(self) -> None:
         """Collect the step still running, if any (before anything that needs a quiet engine)."""

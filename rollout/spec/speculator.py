@@ -1,0 +1,84 @@
+"""Speculator: the engine's speculative-decoding part (drafting before a step, verifying it).
+
+The engine core asks it, before each step, whether the step may speculate (``wants_quiet``: then
+the core first collects the step still running, because drafting needs every sequence's last token
+on the host and the verify needs its KV position settled), lets it ``propose`` drafts onto the
+running sequences (``Sequence.drafts``; the scheduler plans ``1 + len(drafts)`` tokens for them),
+and runs a plan that carries drafts through ``run``. Overlap scheduling is thus off for the steps
+that speculate and stays on for the others (e.g. above ``max_batch_size``, where the policy drafts
+nothing).
+
+Methods: ``ngram`` drafts on the host from the sequence's own tokens; ``oracle`` (benchmarks only)
+drafts placeholders and accepts each with probability ``oracle_acceptance`` regardless of the
+target: its output is not the target's distribution, it only reproduces the cost of a drafter of
+that acceptance rate.
+"""
+
+from __future__ import annotations
+
+from rollout.batch import BatchPlan, StepResult
+from rollout.config import EngineConfig
+from rollout.runner.model_runner import ModelRunner
+from rollout.scheduler.sequence import Sequence
+from rollout.spec.ngram import NgramDrafter, NgramIndex
+from rollout.spec.policy import AdaptivePolicy
+from rollout.spec.verify import Verifier
+
+
+class Speculator:
+    """Drafts for the running sequences and verifies them on the target model."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner) -> None:
+        spec = config.spec
+        assert spec.method is not None
+        self.config = spec
+        self.context_length = config.context_length
+        self.policy = AdaptivePolicy(spec)
+        self.ngram = NgramDrafter(spec.ngram_min_match, spec.ngram_max_match) if spec.method == "ngram" else None
+        oracle = spec.oracle_acceptance if spec.method == "oracle" else None
+        self.verifier = Verifier(runner, oracle_acceptance=oracle)
+
+    def _decoding(self, running: list[Sequence]) -> list[Sequence]:
+        return [s for s in running if not s.in_prompt_prefill]
+
+    def wants_quiet(self, running: list[Sequence]) -> bool:
+        """Whether the next step may speculate (so the step still running must be collected first)."""
+        return self.policy.num_drafts(len(self._decoding(running))) > 0
+
+    def propose(self, running: list[Sequence], free_slots: int) -> None:
+        """Set ``drafts`` on every running sequence (empty where it does not speculate this step).
+
+        Only sequences whose last token is known and whose KV covers all tokens before it draft;
+        drafts never push a sequence past ``max_new_tokens`` or the context, and all drafts of a
+        step fit in ``free_slots`` beside the tokens every sequence computes anyway (drafts never cause retraction).
+        """
+        for seq in running:
+            seq.drafts = []
+        decoding = self._decoding(running)
+        k = self.policy.num_drafts(len(decoding))
+        budget = free_slots - sum(s.tokens_to_compute for s in running)
+        if k == 0 or budget <= 0:
+            return
+        for seq in decoding:
+            if seq.pending or seq.tokens_to_compute != 1:
+                continue
+            # Emitting kk + 1 tokens must stay within max_new_tokens and the context.
+            kk = min(k, seq.sampling.max_new_tokens - seq.num_outputs - 1,
+                     self.context_length - seq.total_len - 1, budget)
+            if kk <= 0:
+                continue
+            if self.ngram is not None:
+                if seq.spec_state is None:
+                    seq.spec_state = NgramIndex()
+                drafts = self.ngram.propose(seq.all_ids, kk, seq.spec_state)
+            else:
+                drafts = [seq.all_ids[-1]] * kk  # placeholders (oracle)
+            seq.drafts = drafts
+            budget -= len(drafts)
+
+    def run(self, plan: BatchPlan) -> tuple[StepResult, list[int]]:
+        """Verify a plan with drafts; returns its rows and the accepted drafts per sampled entry."""
+        assert plan.spec is not None
+        result, accepted = self.verifier.run(plan)
+        self.policy.record(sum(plan.spec.num_drafts), sum(a for a, k in zip(accepted, plan.spec.num_drafts) if k))
+        return result, accepted
