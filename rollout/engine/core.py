@@ -154,7 +154,7 @@ class EngineCore:
         if self.spec is not None and not self.gate.closed:
             if self._queued is not None and self.spec.wants_quiet(self.scheduler.running):
                 self.drain()  # drafting needs every last token on the host
-            self.spec.propose(self.scheduler.running, self.cache.available_tokens())
+            self.spec.propose(self.scheduler.running, self.cache.available_tokens(), self.scheduler.weight_version)
         picked = self.scheduler.schedule() if not self.gate.closed else None
         try:
             queued = None
@@ -179,7 +179,7 @@ class EngineCore:
     def _speculative_step(self, plan: BatchPlan, seqs: list[Sequence]) -> None:
         """Run a step with drafts to completion: the next plan depends on how many were accepted."""
         assert self.spec is not None and self._queued is None
-        result, accepted = self.spec.run(plan)
+        result, accepted = self.spec.run(plan, seqs)
         self.scheduler.launched(plan, seqs)
         for seq in self.scheduler.collect(plan, seqs, result, accepted):
             if seq.stream and seq.status is SeqStatus.RUNNING:
@@ -308,6 +308,8 @@ class EngineCore:
 
     def close(self) -> None:
         """Free the device memory of weights, KV and graphs (after ``shutdown``; the core is dead after)."""
+        if self.spec is not None:
+            self.spec.close()
         self.runner.close()
         gc.unfreeze()  # what the engine held may be garbage now: let the collector see it again
 
