@@ -37,6 +37,19 @@ if TYPE_CHECKING:
 
 
 @dataclass(slots=True)
+class SpecPlan:
+    """The drafted tokens a step verifies (speculative decoding).
+
+    Sampled entry ``i`` ends with ``num_drafts[i]`` draft inputs; its last ``num_drafts[i] + 1``
+    tokens are each sampled (one verify row each, entry-major), the draft inputs being checked
+    against those samples by the exact rule of ``sampling/rejection.py``.
+    """
+
+    num_drafts: list[int]  # per sampled entry (0: a plain sample)
+    banned: list[list[int] | None]  # per verify row: ids it must not produce (before min_new_tokens)
+
+
+@dataclass(slots=True)
 class BatchPlan:
     """The token work of one forward step.
 
@@ -63,6 +76,7 @@ class BatchPlan:
     top_logprobs_num: int
     future_inputs: bool = False  # some input_ids refer to the previous step's samples
     weight_version: int = 0  # the weights this step runs under; its tokens carry it
+    spec: SpecPlan | None = None  # drafts to verify; such a step is collected before the next is planned
 
     @property
     def num_tokens(self) -> int:

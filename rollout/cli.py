@@ -23,6 +23,11 @@ _ENGINE_FLAGS = (
     "ep_size",
     "ep_spare_slots",
     "ep_rebalance_interval",
+    "speculative_method",
+    "num_draft_tokens",
+    "draft_model_path",
+    "speculative_max_batch_size",
+    "draft_on_stale_weights",
 )
 
 
@@ -106,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {d('ep_rebalance_interval')})")
     s.add_argument("--seed", type=int, default=None,
                    help=f"seed for requests that carry none (default: {d('seed')})")
+    s.add_argument("--speculative-method", default=None, choices=("ngram", "draft", "oracle"),
+                   help="speculative decoding: ngram (lookup in the prompt and output), draft (a small model, "
+                        "--draft-model-path), oracle (benchmarks only: not the target's distribution) "
+                        "(default: off)")
+    s.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="most tokens drafted per sequence per step (default: 4)")
+    s.add_argument("--draft-model-path", default=None, help="HF model directory of the draft model")
+    s.add_argument("--speculative-max-batch-size", type=int, default=None,
+                   help="speculate only while at most this many sequences decode (default: 32)")
+    s.add_argument("--draft-on-stale-weights", default=None, choices=("disable", "keep"),
+                   help="draft model not updated after a target update: stop speculating or keep drafting "
+                        "(default: disable)")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="(default: %(default)s)")
     return parser

@@ -1,182 +1,24 @@
 """Frozen configuration dataclasses.
 
-``ModelConfig`` is read from a Hugging Face ``config.json``; the others are engine options. Every
+``ModelConfig`` (``rollout.model_config``) is read from a Hugging Face ``config.json``; the others are
+engine options. Every
 user-facing option is checked in ``__post_init__`` and a bad value raises ``InvalidArgumentError``
 naming the option.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from rollout.errors import InvalidArgumentError, quoted
+from rollout.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeConfig
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "MEMORY_TAGS", "ModelConfig", "RopeConfig", "CacheConfig", "SchedulerConfig",
+           "ParallelConfig", "SpecConfig", "EngineConfig"]
 
 # The engine's releasable memory, by tag: model parameters, the KV pool, CUDA-graph buffers.
 MEMORY_TAGS: tuple[str, ...] = ("weights", "kv_cache", "cuda_graph")
-
-# Architectures whose checkpoints we can load, mapped to the model family that implements them.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "llama",
-    "Qwen3ForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen3MoeForCausalLM": "moe",
-    "MixtralForCausalLM": "moe",
-}
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """Rotary embedding parameters (HF ``rope_theta`` / ``rope_scaling``)."""
-
-    theta: float = 10000.0
-    # "default" or "llama3" (Llama 3.1 frequency scaling) or "linear".
-    scaling_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The shape of a decoder-only transformer, as read from a Hugging Face config.json."""
-
-    architecture: str  # e.g. "Qwen3ForCausalLM"
-    model_type: str  # e.g. "qwen3"
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int  # dense MLP width (also Mixtral's per-expert width)
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    max_position_embeddings: int
-    rope: RopeConfig = field(default_factory=RopeConfig)
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q/k/v projections (Qwen2: always)
-    qk_norm: bool = False  # per-head RMSNorm of q and k before rotary (Qwen3)
-    # Mixture of experts; num_experts == 0 means dense.
-    num_experts: int = 0
-    num_experts_per_tok: int = 0
-    moe_intermediate_size: int = 0
-    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
-    mlp_only_layers: tuple[int, ...] = ()  # Qwen3-MoE layers that use a dense MLP
-    decoder_sparse_step: int = 1
-    # Attention window (Mistral); we attend fully, so the context is capped at the window.
-    sliding_window: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
-    torch_dtype: str = "float32"
-
-    @property
-    def family(self) -> str:
-        """Model family implementing this architecture: "llama" (dense) or "moe"."""
-        return SUPPORTED_ARCHITECTURES[self.architecture]
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
-
-    def layer_is_sparse(self, layer_id: int) -> bool:
-        """Whether ``layer_id`` uses routed experts (Qwen3-MoE can mix dense layers in)."""
-        if not self.is_moe or layer_id in self.mlp_only_layers:
-            return False
-        return (layer_id + 1) % self.decoder_sparse_step == 0
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token over all layers, at the model dtype."""
-        itemsize = 2 if self.torch_dtype in ("bfloat16", "float16") else 4
-        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
-
-    @classmethod
-    def from_pretrained(cls, model_path: str) -> ModelConfig:
-        """Read ``config.json`` (and ``generation_config.json`` for EOS ids) from a model directory."""
-        cfg_path = os.path.join(model_path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise InvalidArgumentError(f"no config.json in {quoted(model_path)}", field="model_path")
-        with open(cfg_path) as f:
-            hf = json.load(f)
-        gen: dict[str, Any] = {}
-        gen_path = os.path.join(model_path, "generation_config.json")
-        if os.path.isfile(gen_path):
-            with open(gen_path) as f:
-                gen = json.load(f)
-        return cls.from_hf_dict(hf, gen)
-
-    @classmethod
-    def from_hf_dict(cls, hf: dict[str, Any], gen: dict[str, Any] | None = None) -> ModelConfig:
-        """Build from the parsed config.json (and optional generation_config.json)."""
-        gen = gen or {}
-        archs = hf.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-        if arch is None:
-            raise InvalidArgumentError(
-                f"unsupported architectures {archs}; supported: {sorted(SUPPORTED_ARCHITECTURES)}",
-                field="architectures",
-            )
-        model_type = hf.get("model_type", "")
-        heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        head_dim = hf.get("head_dim") or hidden // heads
-        rope_params = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or {}
-        if not scaling and rope_params.get("rope_type", "default") != "default":
-            scaling = rope_params
-        theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        scaling_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-        if scaling_type not in ("default", "llama3", "linear"):
-            raise InvalidArgumentError(f"rope scaling {quoted(scaling_type)} is not supported", field="rope_scaling")
-        rope = RopeConfig(
-            theta=float(theta),
-            scaling_type=scaling_type,
-            factor=float(scaling.get("factor", 1.0)),
-            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
-        )
-        eos = gen.get("eos_token_id", hf.get("eos_token_id"))
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        num_experts = int(hf.get("num_experts", hf.get("num_local_experts", 0)) or 0)
-        if model_type == "mixtral" or arch == "MixtralForCausalLM":
-            moe_inter = int(hf["intermediate_size"])
-        else:
-            moe_inter = int(hf.get("moe_intermediate_size", 0) or 0)
-        dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-        return cls(
-            architecture=arch,
-            model_type=model_type,
-            vocab_size=int(hf["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_hidden_layers=int(hf["num_hidden_layers"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(head_dim),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-            rope=rope,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
-            num_experts=num_experts,
-            num_experts_per_tok=int(hf.get("num_experts_per_tok", 0) or 0),
-            moe_intermediate_size=moe_inter,
-            # HF's Qwen3-MoE defaults to False when the key is absent; Mixtral always renormalises.
-            norm_topk_prob=bool(hf.get("norm_topk_prob", arch != "Qwen3MoeForCausalLM")),
-            sliding_window=int(hf["sliding_window"]) if hf.get("sliding_window") and hf.get(
-                "use_sliding_window", True) else None,
-            mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
-            decoder_sparse_step=int(hf.get("decoder_sparse_step", 1) or 1),
-            eos_token_ids=eos_ids,
-            bos_token_id=hf.get("bos_token_id"),
-            torch_dtype=str(dtype),
-        )
 
 
 @dataclass(frozen=True)
@@ -285,17 +127,62 @@ class ParallelConfig:
                 f"{kv} key/value heads and {tp} ranks: one must be a multiple of the other", field="tp_size")
 
 
+# Speculative drafting methods. "oracle" is for benchmarks only: it stands for a drafter whose
+# drafts the target accepts with a given probability, and its output is NOT the target's distribution.
+SPEC_METHODS: tuple[str, ...] = ("ngram", "draft", "oracle")
+# Engine options (``Engine(**options)``, ``rollout serve`` flags) -> SpecConfig fields.
+SPEC_OPTIONS: dict[str, str] = {
+    "speculative_method": "method",
+    "num_draft_tokens": "num_draft_tokens",
+    "draft_model_path": "draft_model_path",
+    "speculative_max_batch_size": "max_batch_size",
+    "speculative_min_acceptance": "min_acceptance",
+    "draft_on_stale_weights": "on_stale_weights",
+    "ngram_max_match": "ngram_max_match",
+    "ngram_min_match": "ngram_min_match",
+    "oracle_acceptance": "oracle_acceptance",
+}
+
+
 @dataclass(frozen=True)
 class SpecConfig:
-    """Speculative decoding (None: off)."""
+    """Speculative decoding (``method=None``: off). Output distribution and logprobs are the target's."""
 
-    method: str | None = None
-    num_draft_tokens: int = 0
+    method: str | None = None  # ngram | draft | oracle (benchmarks only)
+    num_draft_tokens: int = 4  # drafts per sequence per step, at most (adaptive: fewer, or none)
+    draft_model_path: str | None = None  # method "draft": a small HF model dir with the target's tokenizer
+    # Speculate only while at most this many sequences decode: a large batch is compute-bound and
+    # verifying rejected drafts costs more than the forwards it saves.
+    max_batch_size: int = 32
+    # Acceptance rate (accepted / drafted, a running average) under which drafts shrink to one token.
+    min_acceptance: float = 0.3
+    # Method "draft", once the target's weights change and the draft's are not pushed ("draft." names):
+    # "disable" stops speculating (output stays exact, only slower); "keep" drafts with the old draft.
+    on_stale_weights: str = "disable"
+    ngram_max_match: int = 4  # longest suffix looked up in the prompt and output (method "ngram")
+    ngram_min_match: int = 1
+    oracle_acceptance: float = 0.8  # method "oracle": probability each draft is taken as accepted
 
     def __post_init__(self) -> None:
-        if self.method is not None:
-            raise InvalidArgumentError("speculative decoding is not available in this build",
+        if self.method is None:
+            return
+        if self.method not in SPEC_METHODS:
+            raise InvalidArgumentError(f"unknown method {quoted(self.method)}; use one of {list(SPEC_METHODS)}",
                                        field="speculative_method")
+        if not 1 <= self.num_draft_tokens <= 16:
+            raise InvalidArgumentError("must be in [1, 16]", field="num_draft_tokens")
+        if self.method == "draft" and not self.draft_model_path:
+            raise InvalidArgumentError("method 'draft' needs draft_model_path", field="draft_model_path")
+        if self.max_batch_size < 0:
+            raise InvalidArgumentError("must be >= 0", field="speculative_max_batch_size")
+        if not 0.0 <= self.min_acceptance <= 1.0:
+            raise InvalidArgumentError("must be in [0, 1]", field="speculative_min_acceptance")
+        if self.on_stale_weights not in ("disable", "keep"):
+            raise InvalidArgumentError("must be 'disable' or 'keep'", field="draft_on_stale_weights")
+        if not 1 <= self.ngram_min_match <= self.ngram_max_match <= 64:
+            raise InvalidArgumentError("need 1 <= ngram_min_match <= ngram_max_match <= 64", field="ngram_max_match")
+        if not 0.0 <= self.oracle_acceptance <= 1.0:
+            raise InvalidArgumentError("must be in [0, 1]", field="oracle_acceptance")
 
 
 def _check_device(name: Any) -> None:
@@ -348,6 +235,10 @@ class EngineConfig:
         if self.context_length < 0:
             raise InvalidArgumentError("must be >= 0", field="context_length")
         self.parallel.check_model(self.model)
+        if self.spec.method is not None and self.parallel.ranks > 1:
+            # The verify and draft steps run on rank 0's runner alone; the other ranks never see them.
+            raise InvalidArgumentError("speculative decoding runs on one rank for now; use tp_size = ep_size = 1",
+                                       field="speculative_method")
         if self.context_length == 0:
             limit = self.model.max_position_embeddings
             if self.model.sliding_window:
@@ -371,8 +262,8 @@ class EngineConfig:
             if key in own:
                 top[key] = value
                 continue
-            if key in ("speculative_method", "num_draft_tokens"):
-                spec["method" if key == "speculative_method" else key] = value
+            if key in SPEC_OPTIONS:
+                spec[SPEC_OPTIONS[key]] = value
                 continue
             for g, gcls in groups.items():
                 if key in {f.name for f in fields(gcls)}:

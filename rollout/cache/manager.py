@@ -165,6 +165,17 @@ class KVCacheManager:
         self._own_pages += total
         return True
 
+    def truncate(self, seq: SeqHandle, num_tokens: int) -> None:
+        """Give back the sequence's own pages past position ``num_tokens`` (the slots of rejected
+        draft tokens); pages the tree owns are never among them."""
+        self._check_live(seq)
+        keep = max(-(-num_tokens // self.page_size), seq.num_tree_pages)
+        extra = seq.pages[keep:]
+        if extra:
+            self.allocator.free(torch.tensor(extra, dtype=torch.int64))
+            self._own_pages -= len(extra)
+            del seq.pages[keep:]
+
     def cache_prefix(self, seq: SeqHandle, tokens: Sequence[int]) -> None:
         """Put the full pages of ``tokens`` (all tokens whose KV is computed) into the tree.
 

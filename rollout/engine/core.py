@@ -50,6 +50,7 @@ from rollout.runner.model_runner import ModelRunner, QueuedStep
 from rollout.scheduler.scheduler import Scheduler
 from rollout.scheduler.sequence import SeqStatus, Sequence
 from rollout.scheduler.stop import StopChecker
+from rollout.spec.speculator import Speculator
 from rollout.tokenizer import Tokenizer
 from rollout.types import EngineInfo, StreamChunk, parse_pause_mode
 
@@ -81,6 +82,7 @@ class EngineCore:
         self.memory = MemoryControl(self.runner.memory, self.scheduler, self.runner, self.gate)
         self.ranks = RankControl(followers, self.weights, self.memory, self.gate, self.scheduler,
                                  ExpertBalancer(self.runner.model))
+        self.spec = Speculator(config, self.runner) if config.spec.method is not None else None
         self._rng = random.Random(config.seed)
         self._next_uid = 0
         self._events: list[Event] = []
@@ -161,9 +163,16 @@ class EngineCore:
         while it runs; otherwise the batch runs to completion here.
         """
         self._rebalance_when_due()
+        if self.spec is not None and not self.gate.closed:
+            if self._queued is not None and self.spec.wants_quiet(self.scheduler.running):
+                self.drain()  # drafting needs every last token on the host
+            self.spec.propose(self.scheduler.running, self.cache.available_tokens(), self.scheduler.weight_version)
         picked = self.scheduler.schedule() if not self.gate.closed else None
         try:
             queued = None
+            if picked is not None and picked[0].spec is not None:
+                self._speculative_step(*picked)
+                picked = None
             if picked is not None:
                 plan, seqs = picked
                 if self.followers is not None:
@@ -195,6 +204,14 @@ class EngineCore:
         report = self.ranks.rebalance(RebalanceExperts())
         logger.info("experts rebalanced: balancedness %.3f -> %.3f, %d copies moved",
                     report["balancedness_before"], report["balancedness_after"], report["moved"])
+    def _speculative_step(self, plan: BatchPlan, seqs: list[Sequence]) -> None:
+        """Run a step with drafts to completion: the next plan depends on how many were accepted."""
+        assert self.spec is not None and self._queued is None
+        result, accepted = self.spec.run(plan, seqs)
+        self.scheduler.launched(plan, seqs)
+        for seq in self.scheduler.collect(plan, seqs, result, accepted):
+            if seq.stream and seq.status is SeqStatus.RUNNING:
+                self._events.append(self._chunk(seq))
 
     def drain(self) -> None:
         """Collect the step still running, if any (before anything that needs a quiet engine)."""
@@ -338,6 +355,8 @@ class EngineCore:
                 self.followers.stop()
             except Exception:  # a broken world: the launcher stops the other ranks
                 logger.exception("could not tell the other engine ranks to stop")
+        if self.spec is not None:
+            self.spec.close()
         self.runner.close()
         gc.unfreeze()  # what the engine held may be garbage now: let the collector see it again
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Iterable
 
-from rollout.batch import BatchPlan, StepResult
+from rollout.batch import BatchPlan, SpecPlan, StepResult
 from rollout.cache.manager import KVCacheManager
 from rollout.config import SchedulerConfig
 from rollout.scheduler.sequence import SeqStatus, Sequence
@@ -147,7 +147,7 @@ class Scheduler:
         for seq in cands:
             if left <= 0:
                 break
-            n = min(seq.tokens_to_compute, left, chunk)
+            n = min(seq.tokens_to_compute + len(seq.drafts), left, chunk)
             work.append((seq, n))
             left -= n
         if work and self.cache.ensure_capacity_all([s.handle for s, _ in work],
@@ -158,7 +158,7 @@ class Scheduler:
             cands = list(cands)  # retraction shrinks self.running; keep cands in step with it
         while i < len(cands) and budget > 0:
             seq = cands[i]
-            n = min(seq.tokens_to_compute, budget, chunk)
+            n = min(seq.tokens_to_compute + len(seq.drafts), budget, chunk)
             while not self.cache.ensure_capacity(seq.handle, seq.num_computed + n):
                 victim = self.running[-1]
                 self._retract(victim)
@@ -224,27 +224,34 @@ class Scheduler:
         want_lp = want_raw = False
         future = False
         top_n = 0
+        num_drafts: list[int] = []
+        row_banned: list[list[int] | None] = []
         for seq, n in picked:
             start = seq.num_computed
             rows.append(seq.handle.row)
             prefix.append(start)
             ext.append(n)
             known = seq.seq_len
-            if start + n > known:
+            k = max(start + n - seq.total_len, 0)  # draft inputs (a short budget may cut some)
+            end = start + n - k
+            if end > known:
                 # The last input is the pending token: a reference to its row of the last step's samples.
                 ids.extend(seq.token_slice(start, known))
                 ids.append(-1 - seq.pending_row)
                 future = True
             else:
-                ids.extend(seq.token_slice(start, start + n))
+                ids.extend(seq.token_slice(start, end))
+            ids.extend(seq.drafts[:k])
             slots.extend(self.cache.slot_list(seq.handle, start, start + n))
-            samples = start + n == seq.total_len
+            samples = end == seq.total_len
             sample.append(samples)
             if samples:
                 sampling.append(seq.sampling)
                 seeds.append(seq.seed)
                 steps.append(seq.num_outputs)
                 banned.append(self.stop.banned_ids(seq))
+                num_drafts.append(k)
+                row_banned.extend(self.stop.banned_ids(seq, ahead=j) for j in range(k + 1))
                 want_lp |= seq.return_logprob
                 want_raw |= seq.return_raw_logprob
                 top_n = max(top_n, seq.top_logprobs_num)
@@ -253,6 +260,7 @@ class Scheduler:
             out_slots=slots, sample=sample, sampling=sampling, seeds=seeds, steps=steps,
             banned=banned, return_logprob=want_lp, return_raw_logprob=want_raw, top_logprobs_num=top_n,
             future_inputs=future, weight_version=self.weight_version,
+            spec=SpecPlan(num_drafts, row_banned) if any(num_drafts) else None,
         )
 
     # ------------------------------------------------------------------ results
@@ -274,35 +282,54 @@ class Scheduler:
                 if seq.kv_epoch == self.kv_epoch:
                     self.cache.cache_prefix(seq.handle, seq.all_ids[:seq.num_computed])
 
-    def collect(self, plan: BatchPlan, seqs: list[Sequence], result: StepResult) -> list[Sequence]:
+    def collect(self, plan: BatchPlan, seqs: list[Sequence], result: StepResult,
+                accepted: list[int] | None = None) -> list[Sequence]:
         """Record a finished step's sampled tokens; returns the sequences that got a new token.
 
         A sequence that finished or was aborted while the step ran drops its token; one retracted
         meanwhile keeps it (it was sampled from complete KV) and is readmitted with it.
+
+        A speculative step (``plan.spec``) has ``num_drafts[j] + 1`` result rows per sampled entry
+        ``j``, of which the first ``accepted[j] + 1`` are new tokens; they are appended one by one
+        with the stop checks between them, so a stop inside an accepted run ends it there. The KV
+        slots of rejected drafts are given back.
         """
         out: list[Sequence] = []
         j = -1
+        row = 0
         for seq, sampled in zip(seqs, plan.sample):
             if not sampled:
                 continue
             j += 1
             seq.pending -= 1
+            k = plan.spec.num_drafts[j] if plan.spec is not None else 0
+            first, row = row, row + k + 1
             if seq.status is SeqStatus.FINISHED:
                 continue
-            seq.output_ids.append(result.token_ids[j])
-            seq.weight_versions.append(plan.weight_version)
-            if seq.return_logprob:
-                seq.logprobs.append(result.logprobs[j])
-            if seq.return_raw_logprob:
-                seq.raw_logprobs.append(result.raw_logprobs[j])
-            if seq.top_logprobs_num:
-                top = result.top_logprobs[j]
-                k = seq.top_logprobs_num
-                seq.top_logprobs.append(TopLogprobs(top.token_ids[:k], top.logprobs[:k]))
+            taken = accepted[j] if k else 0
+            # Only the drafts accepted have KV that is the sequence's (the last new token has none yet).
+            seq.num_computed -= k - taken
+            for r in range(first, first + taken + 1):
+                self._append(seq, result, r, plan.weight_version)
+                if self.stop.check(seq):
+                    self._finish(seq)
+                    break
+            if k and seq.status is SeqStatus.RUNNING:
+                self.cache.truncate(seq.handle, seq.num_computed)
             out.append(seq)
-            if self.stop.check(seq):
-                self._finish(seq)
         return out
+
+    def _append(self, seq: Sequence, result: StepResult, r: int, version: int) -> None:
+        seq.output_ids.append(result.token_ids[r])
+        seq.weight_versions.append(version)
+        if seq.return_logprob:
+            seq.logprobs.append(result.logprobs[r])
+        if seq.return_raw_logprob:
+            seq.raw_logprobs.append(result.raw_logprobs[r])
+        if seq.top_logprobs_num:
+            top = result.top_logprobs[r]
+            k = seq.top_logprobs_num
+            seq.top_logprobs.append(TopLogprobs(top.token_ids[:k], top.logprobs[:k]))
 
     # ------------------------------------------------------------------ internals
     def _retract(self, seq: Sequence) -> None:
@@ -311,6 +338,7 @@ class Scheduler:
         self.cache.release(seq.handle, seq.all_ids[:seq.num_computed], cache=seq.kv_epoch == self.kv_epoch)
         self.num_retractions += 1
         seq.handle = None
+        seq.drafts = []
         seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)

@@ -59,6 +59,8 @@ class Sequence:
     stop_text_len: int = 0  # decoded-text length already scanned for stop strings
     pending: int = 0  # sampled tokens of queued steps not yet in output_ids
     pending_row: int = -1  # row of the pending token among the last queued step's samples
+    drafts: list[int] = field(default_factory=list)  # tokens proposed for the next step to verify
+    spec_state: Any = None  # the drafter's own per-sequence state (e.g. an n-gram index)
 
     @property
     def all_ids(self) -> list[int]:

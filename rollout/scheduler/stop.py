@@ -19,9 +19,10 @@ class StopChecker:
         self.context_length = context_length
         self.tokenizer = tokenizer
 
-    def banned_ids(self, seq: Sequence) -> list[int] | None:
-        """Token ids masked out of the next draw: stop ids until ``min_new_tokens`` are produced."""
-        if seq.num_outputs >= seq.sampling.min_new_tokens:
+    def banned_ids(self, seq: Sequence, ahead: int = 0) -> list[int] | None:
+        """Token ids masked out of the next draw (``ahead``: of the draw that many tokens later, for
+        verifying drafts): stop ids until ``min_new_tokens`` are produced."""
+        if seq.num_outputs + ahead >= seq.sampling.min_new_tokens:
             return None
         ids = set(seq.sampling.stop_token_ids)
         if not seq.sampling.ignore_eos:

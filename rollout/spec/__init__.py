@@ -1,0 +1,2 @@
+"""Speculative decoding: drafters (n-gram lookup, a draft model, a benchmark-only oracle), the
+adaptive policy that decides how many tokens to draft, and the verify step on the target model."""

@@ -1,0 +1,50 @@
+"""How many tokens to draft in the next step (adaptive speculation).
+
+Verifying ``k`` drafts costs a forward over ``k + 1`` tokens per sequence. At small batch a decode
+step is bound by reading the weights, so those extra tokens are nearly free and every accepted draft
+saves a whole step; at large batch the step is compute-bound and rejected drafts cost real time.
+So the policy drafts
+
+- nothing while more than ``max_batch_size`` sequences decode,
+- at most 2 tokens while more than half of that decode,
+- 1 token while the running acceptance rate is under ``min_acceptance`` (it keeps probing, so a
+  workload whose drafts start to match gets its full ``k`` back),
+- ``num_draft_tokens`` otherwise.
+"""
+
+from __future__ import annotations
+
+from rollout.config import SpecConfig
+
+# Weight of the latest step in the running acceptance rate.
+ACCEPTANCE_EMA = 0.1
+
+
+class AdaptivePolicy:
+    """Per-step draft length from the batch size and the acceptance seen so far."""
+
+    def __init__(self, config: SpecConfig) -> None:
+        self.config = config
+        self.acceptance = 1.0  # accepted / drafted, exponential moving average; start optimistic
+        self.drafted = 0  # totals, for info and benchmarks
+        self.accepted = 0
+
+    def num_drafts(self, num_decoding: int) -> int:
+        """Drafts per sequence for a step in which ``num_decoding`` sequences decode (0: no speculation)."""
+        cfg = self.config
+        if num_decoding == 0 or num_decoding > cfg.max_batch_size:
+            return 0
+        k = cfg.num_draft_tokens
+        if 2 * num_decoding > cfg.max_batch_size:
+            k = min(k, 2)
+        if self.acceptance < cfg.min_acceptance:
+            k = 1
+        return k
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """Account for one verify step: ``drafted`` tokens proposed, ``accepted`` of them taken."""
+        if drafted <= 0:
+            return
+        self.drafted += drafted
+        self.accepted += accepted
+        self.acceptance += ACCEPTANCE_EMA * (accepted / drafted - self.acceptance)

@@ -1,0 +1,125 @@
+"""Speculator: the engine's speculative-decoding part (drafting before a step, verifying it).
+
+The engine core asks it, before each step, whether the step may speculate (``wants_quiet``: then
+the core first collects the step still running, because drafting needs every sequence's last token
+on the host and the verify needs its KV position settled), lets it ``propose`` drafts onto the
+running sequences (``Sequence.drafts``; the scheduler plans ``1 + len(drafts)`` tokens for them),
+and runs a plan that carries drafts through ``run``. Overlap scheduling is thus off for the steps
+that speculate and stays on for the others (e.g. above ``max_batch_size``, where the policy drafts
+nothing).
+
+Methods: ``ngram`` drafts on the host from the sequence's own tokens; ``draft`` runs a small model
+(``draft_model.py``) on the device; ``oracle`` (benchmarks only)
+drafts placeholders and accepts each with probability ``oracle_acceptance`` regardless of the
+target: its output is not the target's distribution, it only reproduces the cost of a drafter of
+that acceptance rate.
+
+Weight updates: the target's path is unchanged. The draft model's weights are not updated by it;
+once the target's version moves on, ``on_stale_weights="disable"`` (the default) stops drafting
+(the output stays exact either way: only the acceptance rate depends on the drafter), ``"keep"``
+drafts on with the old draft.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+
+from rollout.batch import BatchPlan, StepResult
+from rollout.config import EngineConfig
+from rollout.runner.model_runner import ModelRunner
+from rollout.scheduler.sequence import Sequence
+from rollout.spec.draft_model import DraftModel
+from rollout.spec.ngram import NgramDrafter, NgramIndex
+from rollout.spec.policy import AdaptivePolicy
+from rollout.spec.verify import Verifier
+
+
+class Speculator:
+    """Drafts for the running sequences and verifies them on the target model."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner) -> None:
+        spec = config.spec
+        assert spec.method is not None
+        self.config = spec
+        self.context_length = config.context_length
+        self.policy = AdaptivePolicy(spec)
+        self.ngram = NgramDrafter(spec.ngram_min_match, spec.ngram_max_match) if spec.method == "ngram" else None
+        oracle = spec.oracle_acceptance if spec.method == "oracle" else None
+        self.verifier = Verifier(runner, oracle_acceptance=oracle)
+        self.draft = DraftModel(config, runner.num_slots) if spec.method == "draft" else None
+        self.draft_version: int | None = None  # the target version the draft was last current with
+
+    def stale(self, weight_version: int) -> bool:
+        """Whether the draft model lags the target's weights and must not draft (see the module doc)."""
+        if self.draft is None or self.config.on_stale_weights == "keep":
+            return False
+        if self.draft_version is None:
+            self.draft_version = weight_version
+        return weight_version != self.draft_version
+
+    def _decoding(self, running: list[Sequence]) -> list[Sequence]:
+        return [s for s in running if not s.in_prompt_prefill]
+
+    def wants_quiet(self, running: list[Sequence]) -> bool:
+        """Whether the next step may speculate (so the step still running must be collected first)."""
+        return self.policy.num_drafts(len(self._decoding(running))) > 0
+
+    def propose(self, running: list[Sequence], free_slots: int, weight_version: int = 0) -> None:
+        """Set ``drafts`` on every running sequence (empty where it does not speculate this step).
+
+        Only sequences whose last token is known and whose KV covers all tokens before it draft;
+        drafts never push a sequence past ``max_new_tokens`` or the context, and all drafts of a
+        step fit in ``free_slots`` beside the tokens every sequence computes anyway (drafts never cause retraction).
+        """
+        for seq in running:
+            seq.drafts = []
+        if self.draft is not None:
+            self.draft.forget_others(running)
+        decoding = self._decoding(running)
+        k = 0 if self.stale(weight_version) else self.policy.num_drafts(len(decoding))
+        budget = free_slots - sum(s.tokens_to_compute for s in running)
+        if k == 0 or budget <= 0:
+            return
+        for seq in decoding:
+            if seq.pending or seq.tokens_to_compute != 1:
+                continue
+            # Emitting kk + 1 tokens must stay within max_new_tokens and the context.
+            kk = min(k, seq.sampling.max_new_tokens - seq.num_outputs - 1,
+                     self.context_length - seq.total_len - 1, budget)
+            if kk <= 0:
+                continue
+            if self.ngram is not None:
+                if seq.spec_state is None:
+                    seq.spec_state = NgramIndex()
+                drafts = self.ngram.propose(seq.all_ids, kk, seq.spec_state)
+            elif self.draft is not None and not self.draft.reserve(seq, k):  # all draft k forwards
+                continue
+            else:
+                drafts = [0] * kk  # placeholders: drafted on the device (draft model) or never checked (oracle)
+            seq.drafts = drafts
+            budget -= len(drafts)
+
+    def run(self, plan: BatchPlan, seqs: list[Sequence]) -> tuple[StepResult, list[int]]:
+        """Verify a plan with drafts; returns its rows and the accepted drafts per sampled entry."""
+        spec = plan.spec
+        assert spec is not None
+        if self.draft is None:
+            result, accepted = self.verifier.run(plan)
+        else:
+            sampled = [s for s, x in zip(seqs, plan.sample) if x]
+            firsts = [0, *accumulate(k + 1 for k in spec.num_drafts)]
+            picked = [(s, k, spec.banned[f: f + k]) for s, k, f in zip(sampled, spec.num_drafts, firsts) if k]
+            drafters = [s for s, _, _ in picked]
+            ks = [k for _, k, _ in picked]
+            kmax = max(ks)
+            banned = [b + [None] * (kmax - len(b)) for _, _, b in picked]
+            drafts = self.draft.draft(drafters, ks, banned)
+            result, accepted = self.verifier.run(plan, drafts.tokens, drafts.probs)
+            self.draft.accepted(drafters, ks, [a for a, k in zip(accepted, spec.num_drafts) if k])
+        self.policy.record(sum(spec.num_drafts), sum(a for a, k in zip(accepted, spec.num_drafts) if k))
+        return result, accepted
+
+    def close(self) -> None:
+        """Free the draft model's memory."""
+        if self.draft is not None:
+            self.draft.close()
