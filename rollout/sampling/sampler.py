@@ -16,15 +16,15 @@ Semantics, per row of the ``(B, V)`` logits (upcast to float32):
    the kept set is their intersection (never empty: the most probable token stays), and the draw
    (same uniform) is from the kept tokens renormalised; its ``logprobs`` entry is the log of the
    token's renormalised probability. ``filtered.py`` states the exact rules: integer weights make
-   every sum exact, whatever the order of addition, so any implementation can match them token for
-   token.
+   every sum exact, so the fused kernel reproduces the torch code token for token.
 
 ``raw_logprobs`` and the top alternatives are taken from the log-softmax of the logits as given,
 before banning, temperature and filtering. Everything is batched tensor work; greedy-only batches
 skip the draw and filtering, and batches without filters skip the sort.
 
-Batches without filters take one fused kernel on GPU (``kernels.sampling.sample_rows``: the same
-draw and logprob, read straight from the model's logits); the torch code here is its reference.
+On GPU the fused kernels of ``kernels.sampling`` take every batch (``sample_rows`` without filters,
+``sample_rows_filtered`` with them: the same draws and logprobs, read straight from the model's
+logits); the torch code here and in ``filtered.py`` is their reference.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Sampler:
         if top_logprobs_num < 0:
             raise InvalidArgumentError(f"must be >= 0 (got {top_logprobs_num})", field="top_logprobs_num")
         assert logits.dim() == 2 and logits.shape[0] == batch.batch_size, "logits must be (B, V)"
-        if not batch.need_filter and use_fused(logits) and logits.stride(-1) == 1:
+        if use_fused(logits) and logits.stride(-1) == 1:
             token_ids, logprobs = _sample_fused(logits, batch)
             return self._with_raw(logits, token_ids, logprobs if return_logprob else None,
                                   return_raw_logprob, top_logprobs_num)
@@ -109,10 +109,13 @@ class Sampler:
 
 
 def _sample_fused(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and logprobs of an unfiltered batch by the fused kernel, from logits in their own dtype."""
-    from kernels.sampling import sample_rows
+    """Tokens and logprobs by the fused kernels, from logits in their own dtype."""
+    from kernels.sampling import sample_rows, sample_rows_filtered
 
     masked = _apply_banned(logits, batch.banned_token_ids)  # -inf is exact in bf16 / fp16 too
+    if batch.need_filter:
+        return sample_rows_filtered(masked, batch.temperatures, batch.top_ks, batch.top_ps, batch.min_ps,
+                                    batch.uniforms)
     return sample_rows(masked, batch.temperatures, batch.uniforms)
 
 
