@@ -62,6 +62,7 @@ case "${1:-tests}" in
     step bf16_vs_hf 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_engine.py -k bf16
     step bench_attention 120 python3 -m kernels.bench_attention
     step bench_moe 120 python3 -m kernels.bench_moe
+    step bench_sampling 120 python3 -m kernels.bench_sampling
     step offline_qwen3_0.6b 240 python3 examples/offline_throughput.py --shape qwen3-0.6b --attention-backend triton
     step batch1_qwen3_0.6b 120 python3 examples/offline_throughput.py --shape qwen3-0.6b --batch1 \
       --attention-backend triton
