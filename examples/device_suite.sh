@@ -6,6 +6,7 @@
 #   examples/device_suite.sh bench      # kernel and engine benchmarks (1 GPU)
 #   examples/device_suite.sh sync       # memory release/resume and colocated weight-sync benchmarks (1 GPU)
 #   examples/device_suite.sh timeline   # the offline workload step by step, prompt-phase kernels, attention tiles
+#   examples/device_suite.sh rollout    # a GRPO rollout step: makespan, tail, prefix-cache gain (1 GPU)
 #   examples/device_suite.sh moe        # Qwen3-30B-A3B throughput (one H200)
 #   examples/device_suite.sh multi      # multi-GPU tests and the NCCL weight-sync benchmark
 #
@@ -61,12 +62,16 @@ case "${1:-tests}" in
     step bf16_vs_hf 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_engine.py -k bf16
     step bench_attention 120 python3 -m kernels.bench_attention
     step bench_moe 120 python3 -m kernels.bench_moe
+    step bench_sampling 120 python3 -m kernels.bench_sampling
     step offline_qwen3_0.6b 240 python3 examples/offline_throughput.py --shape qwen3-0.6b --attention-backend triton
     step batch1_qwen3_0.6b 120 python3 examples/offline_throughput.py --shape qwen3-0.6b --batch1 \
       --attention-backend triton
     step offline_qwen3_0.6b_proc 240 python3 examples/offline_throughput.py --shape qwen3-0.6b \
       --attention-backend triton --separate-process
     step batch1_llama_8b 180 python3 examples/offline_throughput.py --shape llama-8b --batch1 --attention-backend triton
+    ;;
+  rollout)  # one GRPO rollout step (128 x 8, shared prefix, long tail to 8k), prefix cache on and off
+    TAIL=45 step rollout_qwen3_0.6b 540 python3 examples/rollout_bench.py --shape qwen3-0.6b --attention-backend triton
     ;;
   moe)  # one H200: the Qwen3-30B-A3B anchor (1,000 in / 2,000 out)
     step offline_qwen3_30b_a3b 540 python3 examples/offline_throughput.py --shape qwen3-30b-a3b --num-prompts 256 \

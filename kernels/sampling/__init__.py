@@ -3,6 +3,7 @@
 The torch formulation in ``rollout/sampling/sampler.py`` is the reference they are tested against.
 """
 
+from kernels.sampling.filtered import sample_rows_filtered
 from kernels.sampling.inverse_cdf import sample_rows
 
-__all__ = ["sample_rows"]
+__all__ = ["sample_rows", "sample_rows_filtered"]

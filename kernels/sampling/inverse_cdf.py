@@ -25,6 +25,7 @@ token's bin edge (the torch reference differs from both by as much).
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -157,20 +158,41 @@ def sample_rows(
     draws. Banned ids are expected as ``-inf`` in ``logits`` already. ``block`` (a power of two) and
     ``chunks`` override the ids per load and the chunks per row (tests use them to cross edges).
     """
+    run = launch(logits, temperatures, uniforms, block, chunks)
+    return run.tokens, run.logprobs
+
+
+@dataclass(slots=True)
+class SampleRun:
+    """The outputs of one launch and the per-chunk figures that later kernels (filters) reuse."""
+
+    tokens: torch.Tensor  # (B,) int64
+    logprobs: torch.Tensor  # (B,) float32
+    maxes: torch.Tensor  # (B, MAX_CHUNKS) float32: max of logits / T per chunk (first num_chunks valid)
+    num_chunks: int
+    chunk: int  # ids per chunk, a multiple of block
+    block: int
+
+
+def launch(
+    logits: torch.Tensor, temperatures: torch.Tensor, uniforms: torch.Tensor,
+    block: int | None = None, chunks: int | None = None,
+) -> SampleRun:
+    """``sample_rows``, also returning the chunk layout and the per-chunk maxima."""
     assert logits.dim() == 2 and logits.stride(-1) == 1, "logits must be (B, V) with unit stride"
     b, vocab = logits.shape
     assert temperatures.shape == (b,) and uniforms.shape == (b,) and uniforms.dtype == torch.float64
     dev = logits.device
     tokens = torch.empty(b, dtype=torch.int64, device=dev)
     logprobs = torch.empty(b, dtype=torch.float32, device=dev)
-    if b == 0:
-        return tokens, logprobs
     block = block or min(BLOCK, triton.next_power_of_2(vocab))
+    width = MAX_CHUNKS
+    maxes = torch.empty(b, width, dtype=torch.float32, device=dev)
+    if b == 0:
+        return SampleRun(tokens, logprobs, maxes, 1, vocab, block)
     n = min(chunks or num_chunks(b, vocab, dev, block), MAX_CHUNKS)
     chunk = triton.cdiv(triton.cdiv(vocab, n), block) * block  # a whole number of blocks
     n = triton.cdiv(vocab, chunk)
-    width = MAX_CHUNKS
-    maxes = torch.empty(b, width, dtype=torch.float32, device=dev)
     sums = torch.empty(b, width, dtype=torch.float64, device=dev)
     args = torch.empty(b, width, dtype=torch.int32, device=dev)
     temps = temperatures.to(torch.float32)
@@ -178,4 +200,4 @@ def sample_rows(
                                 NUM_CHUNKS=width, BLOCK=block, num_warps=4)
     _draw_kernel[(b,)](logits, logits.stride(0), temps, uniforms, maxes, sums, args, tokens, logprobs,
                        vocab, chunk, n, NUM_CHUNKS=width, BLOCK=block, num_warps=4)
-    return tokens, logprobs
+    return SampleRun(tokens, logprobs, maxes, n, chunk, block)

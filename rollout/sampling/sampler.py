@@ -6,28 +6,25 @@ Semantics, per row of the ``(B, V)`` logits (upcast to float32):
    part of the distribution sampled from. Ids ``>= V`` cannot be produced and are ignored.
 2. Greedy rows (temperature 0): the token is the argmax of the masked logits; its ``logprobs`` entry
    is the log-softmax of the masked logits at temperature 1, i.e. the model's own log-probability.
-3. Sampling rows: ``p = softmax(logits / T)``. On these temperature-scaled probabilities, sorted in
-   descending order (stable, so ties go to the lower id):
-
-   - top-k keeps the ``k`` first tokens (``k <= 0``: off);
-   - top-p keeps a token iff the mass strictly before it in sorted order is ``< top_p``, the
-     smallest prefix whose mass reaches ``top_p`` (``top_p = 1``: off);
-   - min-p keeps tokens with ``p >= min_p * max(p)``.
-
-   The kept set is the intersection (each filter keeps a prefix of the sorted order, so the most
-   probable token always survives). The kept probabilities are renormalised and one token is drawn;
-   its ``logprobs`` entry is the log of its renormalised probability.
-4. The draw is inverse-CDF sampling: the first token whose cumulative probability (float64, in
-   vocab order) exceeds ``u * total``, with one uniform ``u`` per row that depends only on the row's
-   (seed, step) (see ``noise.py``). A row's token therefore does not depend on the rest of the
-   batch, and a token of zero probability never starts a bin, so it is never drawn.
+3. Sampling rows without filters: ``p = softmax(logits / T)``, drawn by inverse-CDF sampling: the
+   first token whose cumulative probability (float64, in vocab order) exceeds ``u * total``, with
+   one uniform ``u`` per row that depends only on the row's (seed, step) (see ``noise.py``). A row's
+   token therefore does not depend on the rest of the batch, and a token of zero probability never
+   starts a bin, so it is never drawn. Its ``logprobs`` entry is ``log p(token)``.
+4. Sampling rows with top-k, top-p or min-p: the filters are judged on the temperature-scaled
+   distribution, each keeps a prefix of the tokens ranked by probability (ties to the lower id),
+   the kept set is their intersection (never empty: the most probable token stays), and the draw
+   (same uniform) is from the kept tokens renormalised; its ``logprobs`` entry is the log of the
+   token's renormalised probability. ``filtered.py`` states the exact rules: integer weights make
+   every sum exact, so the fused kernel reproduces the torch code token for token.
 
 ``raw_logprobs`` and the top alternatives are taken from the log-softmax of the logits as given,
 before banning, temperature and filtering. Everything is batched tensor work; greedy-only batches
 skip the draw and filtering, and batches without filters skip the sort.
 
-Batches without filters take one fused kernel on GPU (``kernels.sampling.sample_rows``: the same
-draw and logprob, read straight from the model's logits); the torch code here is its reference.
+On GPU the fused kernels of ``kernels.sampling`` take every batch (``sample_rows`` without filters,
+``sample_rows_filtered`` with them: the same draws and logprobs, read straight from the model's
+logits); the torch code here and in ``filtered.py`` is their reference.
 """
 
 from __future__ import annotations
@@ -38,6 +35,7 @@ import torch
 
 from rollout.errors import InvalidArgumentError
 from rollout.layers.fused_ops import use_fused
+from rollout.sampling.filtered import filtered_rows, sample_filtered
 from rollout.sampling.sampling_batch import SamplingBatch
 
 
@@ -71,7 +69,7 @@ class Sampler:
         if top_logprobs_num < 0:
             raise InvalidArgumentError(f"must be >= 0 (got {top_logprobs_num})", field="top_logprobs_num")
         assert logits.dim() == 2 and logits.shape[0] == batch.batch_size, "logits must be (B, V)"
-        if not batch.need_filter and use_fused(logits) and logits.stride(-1) == 1:
+        if use_fused(logits) and logits.stride(-1) == 1:
             token_ids, logprobs = _sample_fused(logits, batch)
             return self._with_raw(logits, token_ids, logprobs if return_logprob else None,
                                   return_raw_logprob, top_logprobs_num)
@@ -111,10 +109,13 @@ class Sampler:
 
 
 def _sample_fused(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and logprobs of an unfiltered batch by the fused kernel, from logits in their own dtype."""
-    from kernels.sampling import sample_rows
+    """Tokens and logprobs by the fused kernels, from logits in their own dtype."""
+    from kernels.sampling import sample_rows, sample_rows_filtered
 
     masked = _apply_banned(logits, batch.banned_token_ids)  # -inf is exact in bf16 / fp16 too
+    if batch.need_filter:
+        return sample_rows_filtered(masked, batch.temperatures, batch.top_ks, batch.top_ps, batch.min_ps,
+                                    batch.uniforms)
     return sample_rows(masked, batch.temperatures, batch.uniforms)
 
 
@@ -152,25 +153,21 @@ def _bans_all(ids: list[int], vocab: int) -> bool:
 def _sample_mixed(
     masked: torch.Tensor, batch: SamplingBatch, return_logprob: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample every row by the exponential race, then put greedy rows' argmax in their place."""
+    """Draw every row from its temperature-scaled distribution, then put greedy rows' argmax and
+    filtered rows' draws (``filtered.py``) in their places."""
     greedy = batch.temperatures == 0  # (B,) bool
     # Greedy rows are divided by 1 so that their log-softmax is the model's own.
     temps = torch.where(greedy, torch.ones_like(batch.temperatures), batch.temperatures)  # (B,)
     logp = torch.log_softmax(masked / temps.unsqueeze(1), dim=-1)  # (B, V)
-
-    sample_logp = logp
+    token_ids = torch.where(greedy, masked.argmax(dim=-1), _inverse_cdf(logp, batch.uniforms))  # (B,)
+    # Greedy rows report the temperature-1 log-softmax, unfiltered sampling rows the scaled one.
+    logprobs = _gather(logp, token_ids) if return_logprob else None
     if batch.need_filter:
-        keep = _filter_mask(logp, batch)  # (B, V) bool
-        sample_logp = logp.masked_fill(~keep, float("-inf"))
-        sample_logp = sample_logp - torch.logsumexp(sample_logp, dim=-1, keepdim=True)  # renormalise
-
-    sampled = _inverse_cdf(sample_logp, batch.uniforms)  # (B,)
-    token_ids = torch.where(greedy, masked.argmax(dim=-1), sampled)  # (B,)
-
-    logprobs = None
-    if return_logprob:
-        # Greedy rows report the unfiltered temperature-1 log-softmax, sampling rows the renormalised one.
-        logprobs = torch.where(greedy, _gather(logp, token_ids), _gather(sample_logp, token_ids))  # (B,)
+        rows = filtered_rows(batch)  # (B,) bool
+        f_tokens, f_logprobs = sample_filtered(masked, batch)
+        token_ids = torch.where(rows, f_tokens, token_ids)
+        if logprobs is not None:
+            logprobs = torch.where(rows, f_logprobs, logprobs)
     return token_ids, logprobs
 
 
@@ -185,37 +182,3 @@ def _inverse_cdf(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     # Keep the target strictly below the total so rounding can never fall past the last bin.
     target = torch.minimum(uniforms.unsqueeze(1) * total, total * (1.0 - 2.0**-52))  # (B, 1)
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=logp.shape[-1] - 1)  # (B,)
-
-
-def _filter_mask(logp: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Which tokens survive top-k, top-p and min-p, all judged on the temperature-scaled probs.
-
-    Each filter keeps a prefix of the descending sort, so they are combined in sorted order and the
-    result scattered back to vocab order::
-
-        sorted probs  | .40 | .25 | .15 | .10 | .06 | .04 |
-        mass before   |  0  | .40 | .65 | .80 | .90 | .96 |   top_p = .7 keeps mass-before < .7
-        rank          |  0  |  1  |  2  |  3  |  4  |  5  |   top_k = 4 keeps rank < 4
-        kept          |  x  |  x  |  x  |     |     |     |
-    """
-    vocab = logp.shape[-1]
-    probs_sorted, order = torch.sort(logp.exp(), dim=-1, descending=True, stable=True)  # (B, V) each
-    rank = torch.arange(vocab, device=logp.device).unsqueeze(0)  # (1, V)
-
-    k = torch.where(batch.top_ks > 0, batch.top_ks, vocab).clamp(max=vocab)  # (B,)
-    keep_sorted = rank < k.unsqueeze(1)  # (B, V)
-
-    # Exclusive prefix sum: the mass of the tokens strictly before each one.
-    cum = probs_sorted.cumsum(dim=-1)  # (B, V)
-    mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # (B, V)
-    # top_p == 1 is off outright: rounding can bring the running mass to 1 before the tail ends.
-    top_p_off = (batch.top_ps >= 1.0).unsqueeze(1)  # (B, 1)
-    keep_sorted &= top_p_off | (mass_before < batch.top_ps.unsqueeze(1))
-
-    keep_sorted &= probs_sorted >= batch.min_ps.unsqueeze(1) * probs_sorted[:, :1]
-    # The most probable token always survives: a top_p below float32's range is 0 on the device, and
-    # "mass before < 0" would otherwise keep nothing (an empty row renormalises to NaN). The limit of
-    # top_p -> 0 is the argmax, which this gives.
-    keep_sorted[:, 0] = True
-
-    return torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)  # (B, V) in vocab order
