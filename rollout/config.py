@@ -17,6 +17,9 @@ from rollout.errors import InvalidArgumentError, quoted
 # The engine's releasable memory, by tag: model parameters, the KV pool, CUDA-graph buffers.
 MEMORY_TAGS: tuple[str, ...] = ("weights", "kv_cache", "cuda_graph")
 
+# Routed expert ids are recorded and returned as int16.
+ROUTED_EXPERT_ID_LIMIT = 1 << 15
+
 # Architectures whose checkpoints we can load, mapped to the model family that implements them.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
@@ -87,6 +90,11 @@ class ModelConfig:
         if not self.is_moe or layer_id in self.mlp_only_layers:
             return False
         return (layer_id + 1) % self.decoder_sparse_step == 0
+
+    @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """The decoder layers with routed experts, in order: the layer axis of routed-expert output."""
+        return tuple(i for i in range(self.num_hidden_layers) if self.layer_is_sparse(i))
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -290,6 +298,9 @@ class EngineConfig:
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (0: off)
     load_format: str = "auto"  # "auto": the checkpoint; "dummy": random weights (benchmarks of large shapes)
     context_length: int = 0  # 0: the model's max_position_embeddings
+    # Record every MoE layer's top-k expert ids with the KV (an int16 row per token slot), so that
+    # requests can ask for them (return_routed_experts); off: no recording at all.
+    enable_return_routed_experts: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -305,6 +316,14 @@ class EngineConfig:
             raise InvalidArgumentError("must be >= 0", field="cuda_graph_max_bs")
         if self.context_length < 0:
             raise InvalidArgumentError("must be >= 0", field="context_length")
+        if self.enable_return_routed_experts and not self.model.moe_layer_ids:
+            raise InvalidArgumentError(
+                f"the model ({self.model.architecture}) has no MoE layers, so it has no routed experts to return",
+                field="enable_return_routed_experts")
+        if self.enable_return_routed_experts and self.model.num_experts > ROUTED_EXPERT_ID_LIMIT:
+            raise InvalidArgumentError(
+                f"{self.model.num_experts} experts do not fit the int16 expert ids of routed-expert output",
+                field="enable_return_routed_experts")
         if self.context_length == 0:
             limit = self.model.max_position_embeddings
             if self.model.sliding_window:

@@ -16,6 +16,8 @@ the combine completes it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,9 @@ from torch import nn
 from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.errors import InvalidArgumentError
 from rollout.layers.linear import ReplicatedLinear, copy_checked, load_slice, new_param
+
+if TYPE_CHECKING:
+    from rollout.batch import ForwardBatch
 
 
 def select_experts(
@@ -167,7 +172,14 @@ class FusedMoE(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router (``gate``) plus experts: the MLP of a sparse decoder layer."""
+    """Router (``gate``) plus experts: the MLP of a sparse decoder layer.
+
+    ``moe_index`` is this layer's place among the model's MoE layers: its column of the step's
+    routed-expert buffer (``ForwardBatch.routed_experts``), which it fills when the batch has one.
+    """
+
+    # The decoder layer passes the batch to MLPs that say so (the routed-expert buffer travels in it).
+    reads_batch = True
 
     def __init__(
         self,
@@ -181,8 +193,10 @@ class SparseMoeBlock(nn.Module):
         device: torch.device | str,
         prefix: str = "",
         tp: TPGroup = SINGLE,
+        moe_index: int = 0,
     ) -> None:
         super().__init__()
+        self.moe_index = moe_index
         self.top_k = top_k
         self.renormalize = renormalize
         self.gate = ReplicatedLinear(
@@ -198,7 +212,11 @@ class SparseMoeBlock(nn.Module):
             tp=tp,
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         router_logits = self.gate(hidden)  # (T, E)
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
+        if batch is not None and batch.routed_experts is not None:
+            # Row t of the static step buffer is token t of the step: a device copy, no allocation and
+            # no host sync, so it is captured by CUDA graphs like any other kernel.
+            batch.routed_experts[: topk_ids.shape[0], self.moe_index].copy_(topk_ids)  # (T, k) -> int16
         return self.experts(hidden, topk_weights, topk_ids)  # (T, H)

@@ -221,7 +221,8 @@ class Scheduler:
     def _plan(self, picked: list[tuple[Sequence, int]]) -> BatchPlan:
         rows, prefix, ext, ids, slots, sample = [], [], [], [], [], []
         sampling, seeds, steps, banned = [], [], [], []
-        want_lp = want_raw = False
+        routed_from: list[int] = []
+        want_lp = want_raw = want_routed = False
         future = False
         top_n = 0
         for seq, n in picked:
@@ -238,6 +239,8 @@ class Scheduler:
             else:
                 ids.extend(seq.token_slice(start, start + n))
             slots.extend(self.cache.slot_list(seq.handle, start, start + n))
+            routed_from.append(seq.routing.want_from(start + n) if seq.routing is not None else -1)
+            want_routed |= routed_from[-1] >= 0
             samples = start + n == seq.total_len
             sample.append(samples)
             if samples:
@@ -253,6 +256,7 @@ class Scheduler:
             out_slots=slots, sample=sample, sampling=sampling, seeds=seeds, steps=steps,
             banned=banned, return_logprob=want_lp, return_raw_logprob=want_raw, top_logprobs_num=top_n,
             future_inputs=future, weight_version=self.weight_version,
+            routed_from=routed_from if want_routed else [],
         )
 
     # ------------------------------------------------------------------ results
@@ -262,6 +266,8 @@ class Scheduler:
         row = 0
         for seq, n, sampled in zip(seqs, plan.extend_lens, plan.sample):
             seq.num_computed += n
+            if seq.routing is not None:
+                seq.routing.launched(seq.num_computed)
             if sampled:
                 seq.pending += 1
                 seq.pending_row = row
@@ -280,6 +286,12 @@ class Scheduler:
         A sequence that finished or was aborted while the step ran drops its token; one retracted
         meanwhile keeps it (it was sampled from complete KV) and is readmitted with it.
         """
+        if result.routed_experts is not None:  # before the tokens: a token that ends a sample needs its row
+            off = 0
+            for i, lo, count in plan.routed_rows():
+                if seqs[i].status is not SeqStatus.FINISHED:
+                    seqs[i].routing.add(lo, result.routed_experts[off: off + count])
+                off += count
         out: list[Sequence] = []
         j = -1
         for seq, sampled in zip(seqs, plan.sample):

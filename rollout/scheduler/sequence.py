@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollout.scheduler.routed_rows import RoutedRows
 from rollout.types import FinishReason, SamplingParams, TopLogprobs
 
 
@@ -59,6 +60,7 @@ class Sequence:
     stop_text_len: int = 0  # decoded-text length already scanned for stop strings
     pending: int = 0  # sampled tokens of queued steps not yet in output_ids
     pending_row: int = -1  # row of the pending token among the last queued step's samples
+    routing: RoutedRows | None = None  # routed experts received so far (when the request asked)
 
     @property
     def all_ids(self) -> list[int]:
