@@ -19,6 +19,7 @@ _ENGINE_FLAGS = (
     "max_num_batched_tokens",
     "context_length",
     "seed",
+    "enable_return_routed_experts",
 )
 
 
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--context-length", type=int, default=None, help="longest sequence (default: the model's)")
     s.add_argument("--seed", type=int, default=None,
                    help=f"seed for requests that carry none (default: {d('seed')})")
+    s.add_argument("--enable-return-routed-experts", action="store_true", default=None,
+                   help="record each MoE layer's top-k expert ids with the KV, so Generate calls can ask for "
+                        "them (return_routed_experts; MoE models only; default: off)")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="(default: %(default)s)")
     return parser
