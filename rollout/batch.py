@@ -25,7 +25,7 @@ gather of every running sequence's whole KV run per step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +33,8 @@ import torch
 from rollout.types import SamplingParams
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from rollout.attention.base import AttentionBackend
 
 
@@ -56,6 +58,10 @@ class BatchPlan:
     Entry ``i`` computes ``extend_lens[i]`` tokens of the sequence in req-table row ``rows[i]``,
     starting at position ``prefix_lens[i]``; ``sample[i]`` says whether its last token's logits are
     sampled (false for a prompt chunk that is not the last).
+
+    ``routed_from`` (empty when no entry asks): entry ``i`` wants the routed experts of its positions
+    ``[routed_from[i], prefix_lens[i] + extend_lens[i])`` (-1: none). The range may start before
+    ``prefix_lens[i]``: positions served from the prefix cache bring the routing kept with their KV.
     """
 
     rows: list[int]
@@ -77,23 +83,36 @@ class BatchPlan:
     future_inputs: bool = False  # some input_ids refer to the previous step's samples
     weight_version: int = 0  # the weights this step runs under; its tokens carry it
     spec: SpecPlan | None = None  # drafts to verify; such a step is collected before the next is planned
+    routed_from: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return len(self.input_ids)
 
+    def routed_rows(self) -> list[tuple[int, int, int]]:
+        """``(entry, first position, row count)`` of each entry that wants routed experts, in entry
+        order: the layout of ``StepResult.routed_experts``."""
+        return [(i, lo, p + n - lo) for i, (lo, p, n) in
+                enumerate(zip(self.routed_from, self.prefix_lens, self.extend_lens)) if 0 <= lo < p + n]
+
 
 class StepResult:
-    """Sampled tokens of one step as Python lists (one entry per sampled sequence)."""
+    """Sampled tokens of one step as Python lists (one entry per sampled sequence).
 
-    __slots__ = ("token_ids", "logprobs", "raw_logprobs", "top_logprobs")
+    ``routed_experts``: (rows, MoE layers, top_k) int16, the rows ``BatchPlan.routed_rows`` lists,
+    concatenated in that order (None when no entry asked).
+    """
+
+    __slots__ = ("token_ids", "logprobs", "raw_logprobs", "top_logprobs", "routed_experts")
 
     def __init__(self, token_ids: list[int], logprobs: list[float] | None = None,
-                 raw_logprobs: list[float] | None = None, top_logprobs: list | None = None) -> None:
+                 raw_logprobs: list[float] | None = None, top_logprobs: list | None = None,
+                 routed_experts: np.ndarray | None = None) -> None:
         self.token_ids = token_ids
         self.logprobs = logprobs
         self.raw_logprobs = raw_logprobs
         self.top_logprobs = top_logprobs
+        self.routed_experts = routed_experts
 
 
 @dataclass(slots=True)
@@ -114,6 +133,9 @@ class ForwardBatch:
     attn_backend: AttentionBackend
     req_rows: torch.Tensor | None = None  # (B,) int64, each request's row of req_table
     req_table: torch.Tensor | None = None  # (R, C) int64: req_table[row, pos] = KV slot
+    # (max step tokens, MoE layers, top_k) int16: row t gets the expert ids each MoE layer picked for
+    # token t (a static buffer; None when the engine records no routing).
+    routed_experts: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -28,6 +28,7 @@ _ENGINE_FLAGS = (
     "draft_model_path",
     "speculative_max_batch_size",
     "draft_on_stale_weights",
+    "enable_return_routed_experts",
 )
 
 
@@ -123,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--draft-on-stale-weights", default=None, choices=("disable", "keep"),
                    help="draft model not updated after a target update: stop speculating or keep drafting "
                         "(default: disable)")
+    s.add_argument("--enable-return-routed-experts", action="store_true", default=None,
+                   help="record each MoE layer's top-k expert ids with the KV, so Generate calls can ask for "
+                        "them (return_routed_experts; MoE models only; default: off)")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="(default: %(default)s)")
     return parser

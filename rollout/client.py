@@ -91,7 +91,7 @@ class RolloutClient:
     def stream(self, prompt: Prompt | None = None, sampling_params: Sampling = None, *,
                input_ids: Sequence[int] | None = None, text: str | None = None, request_id: str | None = None,
                return_logprob: bool = False, return_raw_logprob: bool = False, top_logprobs_num: int = 0,
-               timeout: float | None = None) -> Iterator[StreamChunk]:
+               return_routed_experts: bool = False, timeout: float | None = None) -> Iterator[StreamChunk]:
         """Chunks of all samples as they are generated; closing the iterator early aborts the request.
 
         The call starts at once (before the first ``next``), so many streams can be in flight together.
@@ -99,7 +99,7 @@ class RolloutClient:
         prompt = calls.resolve_prompt(prompt, input_ids, text)
         call = calls.GenerateCall(prompt, sampling_params, request_id=request_id,
                                   return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
-                                  top_logprobs_num=top_logprobs_num)
+                                  top_logprobs_num=top_logprobs_num, return_routed_experts=return_routed_experts)
         responses = self._stub.Generate(call.request, metadata=self._metadata, timeout=timeout)
         return self._read_stream(call, responses)
 
@@ -116,16 +116,17 @@ class RolloutClient:
                  input_ids: Sequence[int] | None = None, text: str | None = None,
                  request_id: str | None = None, return_logprob: bool = False,
                  return_raw_logprob: bool = False, top_logprobs_num: int = 0, return_text: bool = False,
-                 timeout: float | None = None) -> list[GenerateOutput]:
+                 return_routed_experts: bool = False, timeout: float | None = None) -> list[GenerateOutput]:
         """Generate the ``n`` samples of one prompt; returns them in sample order.
 
         The prompt is token ids or text, positionally or as ``input_ids=`` / ``text=``. Each output's
-        ``text`` is set when the prompt is text or ``return_text`` is given.
+        ``text`` is set when the prompt is text or ``return_text`` is given; ``return_routed_experts``
+        decodes the MoE routing into the arrays ``Engine.generate`` returns (see ``GenerateOutput``).
         """
         prompt = calls.resolve_prompt(prompt, input_ids, text)
-        call = calls.GenerateCall(prompt, sampling_params, request_id=request_id,
+        call = calls.GenerateCall(prompt, sampling_params, request_id=request_id, stream=False, return_text=return_text,
                                   return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
-                                  top_logprobs_num=top_logprobs_num, return_text=return_text, stream=False)
+                                  top_logprobs_num=top_logprobs_num, return_routed_experts=return_routed_experts)
         responses = self._stub.Generate(call.request, metadata=self._metadata, timeout=timeout)
         try:
             for msg in responses:
@@ -275,12 +276,12 @@ class AsyncRolloutClient:
                      input_ids: Sequence[int] | None = None, text: str | None = None,
                      request_id: str | None = None, return_logprob: bool = False,
                      return_raw_logprob: bool = False, top_logprobs_num: int = 0,
-                     timeout: float | None = None) -> AsyncIterator[StreamChunk]:
+                     return_routed_experts: bool = False, timeout: float | None = None) -> AsyncIterator[StreamChunk]:
         """Chunks of all samples as they are generated; stopping early or cancelling aborts the request."""
         prompt = calls.resolve_prompt(prompt, input_ids, text)
         call = calls.GenerateCall(prompt, sampling_params, request_id=request_id,
                                   return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
-                                  top_logprobs_num=top_logprobs_num)
+                                  top_logprobs_num=top_logprobs_num, return_routed_experts=return_routed_experts)
         responses = self._stub.Generate(call.request, metadata=self._metadata, timeout=timeout)
         try:
             async for msg in responses:
@@ -294,12 +295,12 @@ class AsyncRolloutClient:
                        input_ids: Sequence[int] | None = None, text: str | None = None,
                        request_id: str | None = None, return_logprob: bool = False,
                        return_raw_logprob: bool = False, top_logprobs_num: int = 0, return_text: bool = False,
-                       timeout: float | None = None) -> list[GenerateOutput]:
+                       return_routed_experts: bool = False, timeout: float | None = None) -> list[GenerateOutput]:
         """Generate the ``n`` samples of one prompt; see ``RolloutClient.generate``."""
         prompt = calls.resolve_prompt(prompt, input_ids, text)
-        call = calls.GenerateCall(prompt, sampling_params, request_id=request_id,
+        call = calls.GenerateCall(prompt, sampling_params, request_id=request_id, stream=False, return_text=return_text,
                                   return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
-                                  top_logprobs_num=top_logprobs_num, return_text=return_text, stream=False)
+                                  top_logprobs_num=top_logprobs_num, return_routed_experts=return_routed_experts)
         responses = self._stub.Generate(call.request, metadata=self._metadata, timeout=timeout)
         try:
             async for msg in responses:

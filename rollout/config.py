@@ -20,6 +20,9 @@ __all__ = ["SUPPORTED_ARCHITECTURES", "MEMORY_TAGS", "ModelConfig", "RopeConfig"
 # The engine's releasable memory, by tag: model parameters, the KV pool, CUDA-graph buffers.
 MEMORY_TAGS: tuple[str, ...] = ("weights", "kv_cache", "cuda_graph")
 
+# Routed expert ids are recorded and returned as int16.
+ROUTED_EXPERT_ID_LIMIT = 1 << 15
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -219,6 +222,9 @@ class EngineConfig:
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (0: off)
     load_format: str = "auto"  # "auto": the checkpoint; "dummy": random weights (benchmarks of large shapes)
     context_length: int = 0  # 0: the model's max_position_embeddings
+    # Record every MoE layer's top-k expert ids with the KV (an int16 row per token slot), so that
+    # requests can ask for them (return_routed_experts); off: no recording at all.
+    enable_return_routed_experts: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -239,6 +245,14 @@ class EngineConfig:
             # The verify and draft steps run on rank 0's runner alone; the other ranks never see them.
             raise InvalidArgumentError("speculative decoding runs on one rank for now; use tp_size = ep_size = 1",
                                        field="speculative_method")
+        if self.enable_return_routed_experts and not self.model.moe_layer_ids:
+            raise InvalidArgumentError(
+                f"the model ({self.model.architecture}) has no MoE layers, so it has no routed experts to return",
+                field="enable_return_routed_experts")
+        if self.enable_return_routed_experts and self.model.num_experts > ROUTED_EXPERT_ID_LIMIT:
+            raise InvalidArgumentError(
+                f"{self.model.num_experts} experts do not fit the int16 expert ids of routed-expert output",
+                field="enable_return_routed_experts")
         if self.context_length == 0:
             limit = self.model.max_position_embeddings
             if self.model.sliding_window:

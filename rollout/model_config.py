@@ -81,6 +81,11 @@ class ModelConfig:
         return (layer_id + 1) % self.decoder_sparse_step == 0
 
     @property
+    def moe_layer_ids(self) -> tuple[int, ...]:
+        """The decoder layers with routed experts, in order: the layer axis of routed-expert output."""
+        return tuple(i for i in range(self.num_hidden_layers) if self.layer_is_sparse(i))
+
+    @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V per token over all layers, at the model dtype."""
         itemsize = 2 if self.torch_dtype in ("bfloat16", "float16") else 4

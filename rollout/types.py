@@ -10,9 +10,12 @@ import enum
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rollout.errors import InvalidArgumentError, quoted
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class FinishReason(str, enum.Enum):
@@ -141,7 +144,19 @@ class TopLogprobs:
 
 @dataclass(slots=True)
 class GenerateOutput:
-    """The final result of one sample."""
+    """The final result of one sample.
+
+    Routed experts (``return_routed_experts``; MoE models): int16 arrays of expert ids, shape
+    ``(rows, MoE layers, top_k)``, the layer axis running over the model's MoE layers in order
+    (``ModelConfig.moe_layer_ids``), each row's ids ordered by router score, highest first. Row ``p``
+    of ``concatenate([prompt_routed_experts, routed_experts])`` is the routing of the token at position
+    ``p`` of prompt + output: ``P + n - 1`` rows for ``P`` prompt and ``n`` output tokens, since the
+    last output token is never fed through the model (SGLang's and vLLM's convention). Split so that
+    ``routed_experts[j]`` belongs to the forward that sampled ``output_ids[j]`` (the routing of the
+    token before it): it lines up with ``output_logprobs[j]`` and ``weight_versions[j]``.
+    ``prompt_routed_experts`` has the ``P - 1`` rows before (empty if the sample ended before its
+    first token); rows of a prefix served from the prefix cache are the ones recorded with its KV.
+    """
 
     request_id: str
     index: int  # which of the n samples of its prompt
@@ -155,6 +170,8 @@ class GenerateOutput:
     output_top_logprobs: list[TopLogprobs] | None = None
     weight_versions: list[int] = field(default_factory=list)  # weight version of each token
     text: str | None = None  # decoded output when the model has a tokenizer
+    routed_experts: np.ndarray | None = None  # (n, L, k) int16, one row per output token
+    prompt_routed_experts: np.ndarray | None = None  # (P - 1, L, k) int16
 
     @property
     def completion_tokens(self) -> int:
@@ -163,7 +180,12 @@ class GenerateOutput:
 
 @dataclass(slots=True)
 class StreamChunk:
-    """New tokens of one sample since its previous chunk; the last chunk has ``finished`` set."""
+    """New tokens of one sample since its previous chunk; the last chunk has ``finished`` set.
+
+    With ``return_routed_experts``, ``routed_experts`` has one row per token of the chunk and the
+    sample's first chunk with a token (or its final chunk, if it has none) carries
+    ``prompt_routed_experts`` (see ``GenerateOutput``).
+    """
 
     request_id: str
     index: int
@@ -178,6 +200,8 @@ class StreamChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    routed_experts: np.ndarray | None = None  # (len(token_ids), L, k) int16
+    prompt_routed_experts: np.ndarray | None = None  # (P - 1, L, k) int16, once per sample
 
 
 @dataclass(slots=True)

@@ -46,3 +46,16 @@ def hf_generate(model_dir: str, prompt: list[int], max_new_tokens: int) -> list[
     out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                          do_sample=False, max_new_tokens=max_new_tokens)
     return out[0, len(prompt):].tolist()
+
+
+@torch.inference_mode()
+def hf_routed_experts(model_dir: str, ids: list[int]):
+    """The router's top-k expert ids (by score, highest first) of every MoE layer for each token of
+    ``ids`` in one forward: a numpy array (len(ids), MoE layers, top_k)."""
+    import numpy as np
+
+    model = load_hf(model_dir)
+    out = model(input_ids=torch.tensor([ids]), output_router_logits=True)
+    k = model.config.num_experts_per_tok
+    # One (T, E) tensor of router logits per MoE layer; softmax keeps their order.
+    return np.stack([torch.topk(logits.float(), k, dim=-1).indices.numpy() for logits in out.router_logits], axis=1)

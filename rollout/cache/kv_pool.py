@@ -76,6 +76,8 @@ def kv_pool_slots(config: EngineConfig, dtype: torch.dtype, device: torch.device
     else:
         m = config.model
         per_slot = KVPool.bytes_per_slot(m.num_hidden_layers, num_kv_heads, m.head_dim, dtype)
+        if config.enable_return_routed_experts:  # each slot's routed-expert row (int16) lives beside its KV
+            per_slot += len(m.moe_layer_ids) * m.num_experts_per_tok * 2
         if device.type == "cuda":
             torch.cuda.empty_cache()  # weights moved into their region: return the old blocks first
             free, _ = torch.cuda.mem_get_info(device)

@@ -83,6 +83,7 @@ class Engine:
         top_logprobs_num: int,
         request_id: str | Sequence[str] | None,
         stream: bool,
+        return_routed_experts: bool = False,
     ) -> list[AddRequest]:
         if input_ids is not None and text is not None:
             raise InvalidArgumentError("give input_ids or text, not both", field="input_ids")
@@ -122,13 +123,15 @@ class Engine:
                 return_raw_logprob=return_raw_logprob,
                 top_logprobs_num=top_logprobs_num,
                 stream=stream,
+                return_routed_experts=return_routed_experts,
             )
             for rid, p, sp in zip(ids, prompts, params)
         ]
 
     def _assembler(self, req: AddRequest) -> OutputAssembler:
         return OutputAssembler(req.request_id, req.sampling.n, logprobs=req.return_logprob,
-                               raw_logprobs=req.return_raw_logprob, top_logprobs=req.top_logprobs_num > 0)
+                               raw_logprobs=req.return_raw_logprob, top_logprobs=req.top_logprobs_num > 0,
+                               routed_experts=req.return_routed_experts)
 
     def _finish(self, outs: list[GenerateOutput]) -> list[GenerateOutput]:
         if self.tokenizer is not None:
@@ -147,14 +150,21 @@ class Engine:
         return_raw_logprob: bool = False,
         top_logprobs_num: int = 0,
         request_id: str | Sequence[str] | None = None,
+        return_routed_experts: bool = False,
     ) -> list[GenerateOutput]:
         """Generate for one prompt or a batch; returns ``n`` outputs per prompt, prompt-major.
 
         ``sampling_params`` is a ``SamplingParams``, a dict of its fields (as the gRPC clients take),
         or a list with one of those per prompt.
+
+        ``return_routed_experts`` (MoE models, engine built with ``enable_return_routed_experts=True``):
+        each output gets ``routed_experts`` (one int16 row ``(MoE layers, top_k)`` per output token,
+        from the forward that sampled it) and ``prompt_routed_experts`` (the ``P - 1`` prompt positions
+        before); together they cover every position but the last token, as in SGLang and vLLM. See
+        ``GenerateOutput``.
         """
         reqs = self._requests(input_ids, text, sampling_params, return_logprob, return_raw_logprob,
-                              top_logprobs_num, request_id, stream=False)
+                              top_logprobs_num, request_id, stream=False, return_routed_experts=return_routed_experts)
         done: queue.Queue = queue.Queue()
         assemblers = {r.request_id: self._assembler(r) for r in reqs}
         submitted: list[str] = []
@@ -184,7 +194,8 @@ class Engine:
         """asyncio version of ``generate``; cancelling it aborts its requests."""
         reqs = self._requests(input_ids, kwargs.pop("text", None), sampling_params,
                               kwargs.pop("return_logprob", False), kwargs.pop("return_raw_logprob", False),
-                              kwargs.pop("top_logprobs_num", 0), kwargs.pop("request_id", None), stream=False)
+                              kwargs.pop("top_logprobs_num", 0), kwargs.pop("request_id", None), stream=False,
+                              return_routed_experts=kwargs.pop("return_routed_experts", False))
         if kwargs:
             raise InvalidArgumentError("unknown argument", field=next(iter(kwargs)))
 
@@ -223,7 +234,7 @@ class Engine:
         reqs = self._requests(
             None if input_ids is None else [list(input_ids)], None if text is None else [text], sampling_params,
             kw.pop("return_logprob", False), kw.pop("return_raw_logprob", False), kw.pop("top_logprobs_num", 0),
-            kw.pop("request_id", None), stream=True,
+            kw.pop("request_id", None), stream=True, return_routed_experts=kw.pop("return_routed_experts", False),
         )
         if kw:
             raise InvalidArgumentError("unknown argument", field=next(iter(kw)))

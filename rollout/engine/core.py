@@ -47,6 +47,7 @@ from rollout.engine.ranks import Followers
 from rollout.engine.request_validation import RequestLimits
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, quoted
 from rollout.runner.model_runner import ModelRunner, QueuedStep
+from rollout.scheduler.routed_rows import RoutedRows
 from rollout.scheduler.scheduler import Scheduler
 from rollout.scheduler.sequence import SeqStatus, Sequence
 from rollout.scheduler.stop import StopChecker
@@ -120,7 +121,8 @@ class EngineCore:
         m = self.config.model
         return RequestLimits(vocab_size=m.vocab_size, context_length=self.config.context_length,
                              max_total_tokens=self.cache.total_slots,
-                             eos_token_ids=tuple(sorted(self.stop.eos_token_ids)))
+                             eos_token_ids=tuple(sorted(self.stop.eos_token_ids)), num_moe_layers=len(m.moe_layer_ids),
+                             routed_experts=self.config.enable_return_routed_experts)
 
     # ------------------------------------------------------------------ requests
     def add(self, req: AddRequest) -> None:
@@ -140,10 +142,17 @@ class EngineCore:
                 uid=self._next_uid, request_id=req.request_id, index=i, prompt_ids=list(req.input_ids),
                 sampling=req.sampling, seed=seed, prompt_key=key, arrival=0,
                 return_logprob=req.return_logprob, return_raw_logprob=req.return_raw_logprob,
-                top_logprobs_num=req.top_logprobs_num, stream=req.stream,
+                top_logprobs_num=req.top_logprobs_num, stream=req.stream, routing=self._routed_rows(req),
             ))
         self._live[req.request_id] = req.sampling.n
         self.scheduler.add(seqs)
+
+    def _routed_rows(self, req: AddRequest) -> RoutedRows | None:
+        """Where one sample of ``req`` gathers its routed experts (None when the request did not ask)."""
+        if not req.return_routed_experts:
+            return None
+        m = self.config.model
+        return RoutedRows(len(req.input_ids), (len(m.moe_layer_ids), m.num_experts_per_tok))
 
     def abort(self, request_ids: list[str] | None) -> None:
         self.scheduler.abort(None if request_ids is None else set(request_ids))
@@ -259,6 +268,8 @@ class EngineCore:
             top_logprobs=seq.top_logprobs[a:b] if seq.top_logprobs_num else None,
             weight_versions=seq.weight_versions[a:b],
         )
+        if seq.routing is not None:
+            chunk.routed_experts, chunk.prompt_routed_experts = seq.routing.for_chunk(a, b, final)
         if final:
             chunk.finished = True
             chunk.finish_reason = seq.finish_reason

@@ -26,6 +26,7 @@ class AddRequest:
     return_raw_logprob: bool = False
     top_logprobs_num: int = 0
     stream: bool = False  # False: one chunk per sample, when it finishes, with all its tokens
+    return_routed_experts: bool = False  # the MoE layers' top-k expert ids of every token
 
 
 @dataclass(slots=True)

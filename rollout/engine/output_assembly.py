@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from rollout.types import FinishReason, GenerateOutput, StreamChunk
 
 
 class OutputAssembler:
     """Collects the chunks of one request's ``n`` samples into ``GenerateOutput``s, in index order."""
 
-    def __init__(self, request_id: str, n: int, *, logprobs: bool, raw_logprobs: bool, top_logprobs: bool) -> None:
+    def __init__(self, request_id: str, n: int, *, logprobs: bool, raw_logprobs: bool, top_logprobs: bool,
+                 routed_experts: bool = False) -> None:
         self.outputs = [
             GenerateOutput(
                 request_id=request_id, index=i, prompt_tokens=0, output_ids=[],
@@ -19,6 +22,8 @@ class OutputAssembler:
             )
             for i in range(n)
         ]
+        # Each sample's routed-expert pieces, joined into one array when it finishes.
+        self._routed: list[list[np.ndarray]] | None = [[] for _ in range(n)] if routed_experts else None
         self.left = n
 
     def add(self, chunk: StreamChunk) -> bool:
@@ -32,10 +37,18 @@ class OutputAssembler:
             out.output_raw_logprobs.extend(chunk.raw_logprobs)
         if out.output_top_logprobs is not None and chunk.top_logprobs is not None:
             out.output_top_logprobs.extend(chunk.top_logprobs)
+        if self._routed is not None:
+            if chunk.routed_experts is not None:
+                self._routed[chunk.index].append(chunk.routed_experts)
+            if chunk.prompt_routed_experts is not None:
+                out.prompt_routed_experts = chunk.prompt_routed_experts
         if chunk.finished:
             out.finish_reason = chunk.finish_reason or FinishReason.ABORT
             out.matched_stop = chunk.matched_stop
             out.prompt_tokens = chunk.prompt_tokens
             out.cached_tokens = chunk.cached_tokens
+            if self._routed is not None and self._routed[chunk.index]:
+                out.routed_experts = np.concatenate(self._routed[chunk.index])
+                self._routed[chunk.index] = []
             self.left -= 1
         return self.left == 0

@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from rollout.engine.messages import AddRequest
-from rollout.errors import InvalidArgumentError, OutOfRangeError, ResourceExhaustedError, quoted
+from rollout.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    OutOfRangeError,
+    ResourceExhaustedError,
+    quoted,
+)
 from rollout.types import SamplingParams
 
 if TYPE_CHECKING:
@@ -29,6 +35,8 @@ class RequestLimits:
     context_length: int
     max_total_tokens: int
     eos_token_ids: tuple[int, ...] = ()  # masked with the stop ids until min_new_tokens (unless ignore_eos)
+    num_moe_layers: int = 0  # 0: a dense model
+    routed_experts: bool = False  # the engine records routed experts (enable_return_routed_experts)
 
 
 MAX_TEXT_CHARS_PER_TOKEN = 64  # a text prompt longer than this per token of context cannot fit it
@@ -87,6 +95,7 @@ def make_add_request(
     return_raw_logprob: bool = False,
     top_logprobs_num: int = 0,
     stream: bool = True,
+    return_routed_experts: bool = False,
 ) -> AddRequest:
     """Validate one prompt and its options; raise a typed error naming the field at fault."""
     if not isinstance(request_id, str) or not request_id:
@@ -109,6 +118,8 @@ def make_add_request(
         raise InvalidArgumentError("stop strings need a tokenizer.json", field="stop")
     if not 0 <= top_logprobs_num <= MAX_TOP_LOGPROBS:
         raise InvalidArgumentError(f"must be in [0, {MAX_TOP_LOGPROBS}]", field="top_logprobs_num")
+    if return_routed_experts:
+        _check_routed_experts(limits)
     total = len(ids) + sampling.max_new_tokens
     if total > limits.context_length:
         raise OutOfRangeError(
@@ -130,4 +141,16 @@ def make_add_request(
         return_raw_logprob=bool(return_raw_logprob),
         top_logprobs_num=int(top_logprobs_num),
         stream=stream,
+        return_routed_experts=bool(return_routed_experts),
     )
+
+
+def _check_routed_experts(limits: RequestLimits) -> None:
+    """Refuse ``return_routed_experts`` on a dense model, or on an engine that does not record routing."""
+    if limits.num_moe_layers == 0:
+        raise InvalidArgumentError("the model has no MoE layers, so there are no routed experts to return",
+                                   field="return_routed_experts")
+    if not limits.routed_experts:
+        raise FailedPreconditionError(
+            "this engine does not record routed experts; start it with enable_return_routed_experts=True "
+            "(rollout serve --enable-return-routed-experts)", field="return_routed_experts")

@@ -16,6 +16,8 @@ the combine completes it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,9 @@ from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.errors import InvalidArgumentError
 from rollout.layers.expert_placement import ExpertPlacement
 from rollout.layers.linear import ReplicatedLinear, copy_checked, load_slice, new_param
+
+if TYPE_CHECKING:
+    from rollout.batch import ForwardBatch
 
 
 def select_experts(
@@ -207,7 +212,14 @@ class FusedMoE(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router (``gate``) plus experts: the MLP of a sparse decoder layer."""
+    """Router (``gate``) plus experts: the MLP of a sparse decoder layer.
+
+    ``moe_index`` is this layer's place among the model's MoE layers: its column of the step's
+    routed-expert buffer (``ForwardBatch.routed_experts``), which it fills when the batch has one.
+    """
+
+    # The decoder layer passes the batch to MLPs that say so (the routed-expert buffer travels in it).
+    reads_batch = True
 
     def __init__(
         self,
@@ -221,8 +233,10 @@ class SparseMoeBlock(nn.Module):
         device: torch.device | str,
         prefix: str = "",
         tp: TPGroup = SINGLE,
+        moe_index: int = 0,
     ) -> None:
         super().__init__()
+        self.moe_index = moe_index
         self.top_k = top_k
         self.renormalize = renormalize
         self.gate = ReplicatedLinear(
@@ -243,10 +257,14 @@ class SparseMoeBlock(nn.Module):
         counts = torch.zeros(num_experts, dtype=torch.int64, device=device) if self.experts.placement else None
         self.register_buffer("expert_counts", counts, persistent=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         router_logits = self.gate(hidden)  # (T, E)
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
         if self.expert_counts is not None:
             flat = topk_ids.reshape(-1)
             self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat))
+        if batch is not None and batch.routed_experts is not None:
+            # Row t of the static step buffer is token t of the step: a device copy, no allocation and
+            # no host sync, so it is captured by CUDA graphs like any other kernel.
+            batch.routed_experts[: topk_ids.shape[0], self.moe_index].copy_(topk_ids)  # (T, k) -> int16
         return self.experts(hidden, topk_weights, topk_ids)  # (T, H)

@@ -172,6 +172,7 @@ class LlamaDecoderLayer(nn.Module):
             config, layer_id, dtype=dtype, device=device, prefix=f"{prefix}.self_attn", tp=tp
         )
         self.mlp = mlp
+        self._mlp_reads_batch = bool(getattr(mlp, "reads_batch", False))  # e.g. MoE: records its routing
         self.input_layernorm = RMSNorm(
             config.hidden_size, eps, dtype=dtype, device=device, prefix=f"{prefix}.input_layernorm"
         )
@@ -194,7 +195,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(rope, hidden, batch)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return (self.mlp(hidden, batch) if self._mlp_reads_batch else self.mlp(hidden)), residual
 
 
 class LlamaModel(nn.Module):

@@ -28,6 +28,8 @@ class MoeForCausalLM(LlamaForCausalLM):
         # Mixtral always renormalises its top-k weights (softmax over the chosen logits).
         renormalize = True if mixtral else config.norm_topk_prob
 
+        moe_layers = config.moe_layer_ids
+
         def mlp_factory(layer_id: int, prefix: str) -> nn.Module:
             if config.layer_is_sparse(layer_id):
                 return SparseMoeBlock(
@@ -40,6 +42,7 @@ class MoeForCausalLM(LlamaForCausalLM):
                     device=device,
                     prefix=prefix,
                     tp=tp,
+                    moe_index=moe_layers.index(layer_id),
                 )
             return LlamaMLP(
                 config.hidden_size, config.intermediate_size, dtype=dtype, device=device, prefix=prefix, tp=tp

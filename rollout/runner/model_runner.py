@@ -19,6 +19,7 @@ from rollout.control.memory_placement import EngineMemory
 from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.models.loader import load_model
 from rollout.runner.cuda_graph import DecodeGraphRunner, default_graph_batch_sizes
+from rollout.runner.routed_experts import RoutedExpertsRecorder
 from rollout.sampling.sampler import Sampler
 from rollout.sampling.sampling_batch import SamplingBatch
 from rollout.types import TopLogprobs
@@ -43,6 +44,7 @@ class QueuedStep:
     top_ids: torch.Tensor | None
     top_logprobs: torch.Tensor | None
     done: torch.cuda.Event | None
+    routed_experts: torch.Tensor | None = None  # (R, L, k) int16 on its way to the host
 
 
 def host_segments_to_device(segments: list[list[int] | torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -114,6 +116,7 @@ class ModelRunner:
         if backend == "auto":
             backend = default_attention_backend(self.device)
         self.attn_backend = create_attention_backend(backend, self.kv_pool)
+        self.routing = self._routing_recorder()
         self.sampler = Sampler()
         self.req_table: torch.Tensor | None = None  # (max_requests + 1, max_context) int64, bound later
         self.padding_row = 0
@@ -141,7 +144,8 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
         self.graphs = DecodeGraphRunner(self.model, self.attn_backend, max_bs, max_kv, self.device,
-                                        req_table=self.req_table, padding_row=self.padding_row)
+                                        req_table=self.req_table, padding_row=self.padding_row,
+                                        routed_experts=self.routing.step if self.routing is not None else None)
         self.graphs.capture()
         torch.cuda.synchronize(self.device)
         self.graph_bytes = max(torch.cuda.memory_reserved(self.device) - before, 0)
@@ -171,10 +175,21 @@ class ModelRunner:
         model.eval()
         return model
 
+    def _routing_recorder(self) -> RoutedExpertsRecorder | None:
+        """The routed-expert buffers when the engine records routing (``enable_return_routed_experts``)."""
+        cfg = self.config
+        if not cfg.enable_return_routed_experts:
+            return None
+        sch = cfg.scheduler
+        return RoutedExpertsRecorder(self.num_slots, max(sch.max_num_batched_tokens, sch.max_running_requests),
+                                     len(cfg.model.moe_layer_ids), cfg.model.num_experts_per_tok, self.device,
+                                     allocate=self.memory.allocate_kv)
+
     def close(self) -> None:
         """Drop graphs, KV and weights and return their memory to the device."""
         self.graphs = None
         self.req_table = None
+        self.routing = None
         del self.attn_backend, self.kv_pool, self.model
         self.memory.saver.close()
         if self.device.type == "cuda":
@@ -211,11 +226,15 @@ class ModelRunner:
             else:
                 self.attn_backend.prepare(batch)
                 hidden = self.model(batch)  # (T, hidden)
+            if self.routing is not None:
+                self.routing.record(batch.out_cache_loc)
             if batch.logits_indices.numel() != hidden.shape[0]:  # else every row is sampled, in order
                 hidden = hidden[batch.logits_indices]
+        routed = self.routing.gather(plan, self.req_table) if self.routing is not None else None
         if not any(plan.sample):
             self._last_tokens = None
-            return QueuedStep(None, None, None, None, None, None)
+            return QueuedStep(None, None, None, None, None, self._done_event() if routed is not None else None,
+                              routed)
         logits = self._logits(hidden, sum(plan.sample))  # (B_sample, vocab)
         if self.tp.rank > 0:  # rank 0 samples; its tokens are this step's inputs to the next
             self._last_tokens = self.tp.broadcast(torch.empty(logits.shape[0], dtype=torch.int64, device=self.device))
@@ -231,19 +250,24 @@ class ModelRunner:
         def to_host(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to("cpu", non_blocking=True)
 
-        done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
         return QueuedStep(to_host(res.token_ids), to_host(res.logprobs), to_host(res.raw_logprobs),
-                          to_host(res.top_ids), to_host(res.top_logprobs), done)
+                          to_host(res.top_ids), to_host(res.top_logprobs), self._done_event(), routed)
+
+    def _done_event(self) -> torch.cuda.Event | None:
+        """An event after the step's copies to the host (None off CUDA, where they are done already)."""
+        if self.device.type != "cuda":
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
 
     def collect(self, step: QueuedStep) -> StepResult:
         """Wait for a launched step's tokens and return them as lists."""
-        if step.token_ids is None:
-            return StepResult([])
         if step.done is not None:
             step.done.synchronize()
+        routed = step.routed_experts.numpy() if step.routed_experts is not None else None
+        if step.token_ids is None:
+            return StepResult([], routed_experts=routed)
         top = None
         if step.top_ids is not None:
             top = [TopLogprobs(i, lp) for i, lp in zip(step.top_ids.tolist(), step.top_logprobs.tolist())]
@@ -252,6 +276,7 @@ class ModelRunner:
             step.logprobs.tolist() if step.logprobs is not None else None,
             step.raw_logprobs.tolist() if step.raw_logprobs is not None else None,
             top,
+            routed,
         )
 
     def _logits(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
@@ -304,7 +329,10 @@ class ModelRunner:
         if plan.future_inputs:
             batch.input_ids.copy_(self._resolve_inputs(batch.input_ids))
         self._req_table.write_tokens(batch.req_rows, batch.positions, batch.out_cache_loc)
-        return graphs.replay(gbs)
+        hidden = graphs.replay(gbs)
+        if self.routing is not None:
+            self.routing.record(batch.out_cache_loc)  # padding rows write slot 0, never handed out
+        return hidden
 
     def _build_batch(self, plan: BatchPlan) -> ForwardBatch:
         """The step's device tensors, with the new tokens' slots written into the request table."""
@@ -360,4 +388,5 @@ class ModelRunner:
             attn_backend=self.attn_backend,
             req_rows=rows,
             req_table=self.req_table,
+            routed_experts=self.routing.step if self.routing is not None else None,
         )

@@ -221,7 +221,8 @@ class Scheduler:
     def _plan(self, picked: list[tuple[Sequence, int]]) -> BatchPlan:
         rows, prefix, ext, ids, slots, sample = [], [], [], [], [], []
         sampling, seeds, steps, banned = [], [], [], []
-        want_lp = want_raw = False
+        routed_from: list[int] = []
+        want_lp = want_raw = want_routed = False
         future = False
         top_n = 0
         num_drafts: list[int] = []
@@ -243,6 +244,9 @@ class Scheduler:
                 ids.extend(seq.token_slice(start, end))
             ids.extend(seq.drafts[:k])
             slots.extend(self.cache.slot_list(seq.handle, start, start + n))
+            # Routing rows of drafted tokens are not recorded (speculation and routed experts are exclusive).
+            routed_from.append(seq.routing.want_from(end) if seq.routing is not None else -1)
+            want_routed |= routed_from[-1] >= 0
             samples = end == seq.total_len
             sample.append(samples)
             if samples:
@@ -261,6 +265,7 @@ class Scheduler:
             banned=banned, return_logprob=want_lp, return_raw_logprob=want_raw, top_logprobs_num=top_n,
             future_inputs=future, weight_version=self.weight_version,
             spec=SpecPlan(num_drafts, row_banned) if any(num_drafts) else None,
+            routed_from=routed_from if want_routed else [],
         )
 
     # ------------------------------------------------------------------ results
@@ -270,6 +275,8 @@ class Scheduler:
         row = 0
         for seq, n, sampled in zip(seqs, plan.extend_lens, plan.sample):
             seq.num_computed += n
+            if seq.routing is not None:
+                seq.routing.launched(seq.num_computed)
             if sampled:
                 seq.pending += 1
                 seq.pending_row = row
@@ -294,6 +301,12 @@ class Scheduler:
         with the stop checks between them, so a stop inside an accepted run ends it there. The KV
         slots of rejected drafts are given back.
         """
+        if result.routed_experts is not None:  # before the tokens: a token that ends a sample needs its row
+            off = 0
+            for i, lo, count in plan.routed_rows():
+                if seqs[i].status is not SeqStatus.FINISHED:
+                    seqs[i].routing.add(lo, result.routed_experts[off: off + count])
+                off += count
         out: list[Sequence] = []
         j = -1
         row = 0

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from rollout.scheduler.routed_rows import RoutedRows
 from rollout.types import FinishReason, SamplingParams, TopLogprobs
 
 
@@ -61,6 +62,7 @@ class Sequence:
     pending_row: int = -1  # row of the pending token among the last queued step's samples
     drafts: list[int] = field(default_factory=list)  # tokens proposed for the next step to verify
     spec_state: Any = None  # the drafter's own per-sequence state (e.g. an n-gram index)
+    routing: RoutedRows | None = None  # routed experts received so far (when the request asked)
 
     @property
     def all_ids(self) -> list[int]:

@@ -31,16 +31,16 @@ class GenerateCall:
 
     def __init__(self, prompt: Prompt, sampling_params: Sampling, *, request_id: str | None = None,
                  return_logprob: bool = False, return_raw_logprob: bool = False, top_logprobs_num: int = 0,
-                 return_text: bool = False, stream: bool = True) -> None:
+                 return_text: bool = False, stream: bool = True, return_routed_experts: bool = False) -> None:
         sampling_params = as_sampling_params(sampling_params)
         self.request_id = request_id or uuid.uuid4().hex  # known up front, so the caller can abort it
         self.want_text = return_text or isinstance(prompt, str)
         self.flags = dict(logprobs=return_logprob, raw_logprobs=return_raw_logprob,
-                          top_logprobs=top_logprobs_num > 0)
+                          top_logprobs=top_logprobs_num > 0, routed_experts=return_routed_experts)
         self.request = convert.generate_request_to_proto(
             prompt, sampling_params, request_id=self.request_id, return_logprob=return_logprob,
             return_raw_logprob=return_raw_logprob, top_logprobs_num=top_logprobs_num, stream=stream,
-            return_text=return_text)
+            return_text=return_text, return_routed_experts=return_routed_experts)
         self.assembler = OutputAssembler(self.request_id, sampling_params.n, **self.flags)
 
     def chunk(self, msg: pb.GenerateResponse) -> StreamChunk:

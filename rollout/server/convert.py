@@ -10,6 +10,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import grpc
+import numpy as np
 
 from protos import rollout_pb2 as pb
 from rollout.engine.messages import AddRequest
@@ -111,6 +112,7 @@ def add_request_from_proto(
         return_raw_logprob=msg.return_raw_logprob,
         top_logprobs_num=msg.top_logprobs_num,
         stream=msg.stream if msg.HasField("stream") else True,
+        return_routed_experts=msg.return_routed_experts,
     )
 
 
@@ -124,9 +126,11 @@ def generate_request_to_proto(
     top_logprobs_num: int = 0,
     stream: bool = True,
     return_text: bool = False,
+    return_routed_experts: bool = False,
 ) -> pb.GenerateRequest:
     """Build a ``GenerateRequest`` from token ids or a text prompt."""
     msg = pb.GenerateRequest(
+        return_routed_experts=return_routed_experts,
         request_id=request_id,
         sampling_params=sampling_to_proto(sampling_params),
         return_logprob=return_logprob,
@@ -149,6 +153,27 @@ def generate_request_to_proto(
 
 # ---------------------------------------------------------------------------------------------
 # Stream chunks
+
+# The wire dtypes of IntArray, little-endian whatever the machine.
+_WIRE_DTYPES = {"int16": np.dtype("<i2"), "int32": np.dtype("<i4"), "int64": np.dtype("<i8")}
+
+
+def int_array_to_proto(arr: np.ndarray) -> pb.IntArray:
+    """Pack an integer array (routed expert ids: int16) as little-endian bytes plus its shape."""
+    wire = _WIRE_DTYPES[np.dtype(arr.dtype).name]
+    return pb.IntArray(data=np.ascontiguousarray(arr, dtype=wire).tobytes(), shape=arr.shape, dtype=wire.name)
+
+
+def int_array_from_proto(msg: pb.IntArray, field: str) -> np.ndarray:
+    """Unpack an ``IntArray``; a dtype or byte count that does not fit its shape is refused by ``field``."""
+    wire = _WIRE_DTYPES.get(msg.dtype)
+    if wire is None:
+        raise InvalidArgumentError(f"unknown dtype {quoted(msg.dtype)}; known: {sorted(_WIRE_DTYPES)}", field=field)
+    shape = tuple(msg.shape)
+    if any(d < 0 for d in shape) or len(msg.data) != int(np.prod(shape, dtype=np.int64)) * wire.itemsize:
+        raise InvalidArgumentError(f"{len(msg.data)} bytes do not hold a {msg.dtype} array of shape {shape}",
+                                   field=field)
+    return np.frombuffer(msg.data, dtype=wire).astype(wire.newbyteorder("=")).reshape(shape)  # writable, native
 
 
 def finish_reason_to_proto(reason: FinishReason | None) -> int:
@@ -191,6 +216,10 @@ def chunk_to_proto(chunk: StreamChunk, text: str | None = None) -> pb.GenerateRe
         msg.matched_stop_token_id = chunk.matched_stop
     if text is not None:
         msg.text = text
+    if chunk.routed_experts is not None:
+        msg.routed_experts.CopyFrom(int_array_to_proto(chunk.routed_experts))
+    if chunk.prompt_routed_experts is not None:
+        msg.prompt_routed_experts.CopyFrom(int_array_to_proto(chunk.prompt_routed_experts))
     return msg
 
 
@@ -200,6 +229,7 @@ def chunk_from_proto(
     logprobs: bool = False,
     raw_logprobs: bool = False,
     top_logprobs: bool = False,
+    routed_experts: bool = False,
 ) -> StreamChunk:
     """Unpack one response; the flags say which optional lists the request asked for (else None)."""
     kind = msg.WhichOneof("matched_stop")
@@ -220,6 +250,10 @@ def chunk_from_proto(
         prompt_tokens=msg.prompt_tokens,
         completion_tokens=msg.completion_tokens,
         cached_tokens=msg.cached_tokens,
+        routed_experts=int_array_from_proto(msg.routed_experts, "routed_experts")
+        if routed_experts and msg.HasField("routed_experts") else None,
+        prompt_routed_experts=int_array_from_proto(msg.prompt_routed_experts, "prompt_routed_experts")
+        if routed_experts and msg.HasField("prompt_routed_experts") else None,
     )
 
 

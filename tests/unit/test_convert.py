@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import grpc
+import numpy as np
 import pytest
 
 from protos import rollout_pb2 as pb
@@ -231,3 +232,31 @@ def test_error_codes_map_both_ways():
     err = convert.error_from_status(grpc.StatusCode.DATA_LOSS, "lost")
     assert type(err) is errors.RolloutError and err.code == "DATA_LOSS"
     assert convert.status_code(err) is grpc.StatusCode.DATA_LOSS
+
+
+def test_routed_experts_travel_as_little_endian_int16_bytes_and_shape():
+    rows = np.array([[[3, 300], [7, 1]], [[32767, 0], [5, 2]]], dtype=np.int16)  # (2 tokens, 2 layers, k=2)
+    chunk = StreamChunk(request_id="r", index=0, token_ids=[4, 5], weight_versions=[1, 1], routed_experts=rows,
+                        prompt_routed_experts=rows[:0])
+    msg = pb.GenerateResponse.FromString(convert.chunk_to_proto(chunk).SerializeToString())
+    assert msg.routed_experts.dtype == "int16" and list(msg.routed_experts.shape) == [2, 2, 2]
+    assert msg.routed_experts.data == rows.astype("<i2").tobytes()  # little-endian whatever the host
+    back = convert.chunk_from_proto(msg, routed_experts=True)
+    np.testing.assert_array_equal(back.routed_experts, rows)
+    assert back.prompt_routed_experts.shape == (0, 2, 2)
+    assert convert.chunk_from_proto(msg).routed_experts is None  # not asked for: not decoded
+    plain = pb.GenerateResponse.FromString(convert.chunk_to_proto(StreamChunk("r", 0, [4])).SerializeToString())
+    assert not plain.HasField("routed_experts") and not plain.HasField("prompt_routed_experts")
+    assert convert.generate_request_to_proto([1, 2], return_routed_experts=True).return_routed_experts
+
+
+@pytest.mark.parametrize("data, shape, dtype, why", [
+    (b"\x00" * 6, [2, 2], "int16", "bytes do not hold"),
+    (b"\x00" * 8, [2, 2], "uint7", "unknown dtype"),
+    (b"", [-1], "int16", "bytes do not hold"),
+])
+def test_bad_routed_expert_arrays_are_refused(data, shape, dtype, why):
+    msg = pb.GenerateResponse(routed_experts=pb.IntArray(data=data, shape=shape, dtype=dtype))
+    with pytest.raises(errors.InvalidArgumentError, match=why) as e:
+        convert.chunk_from_proto(msg, routed_experts=True)
+    assert e.value.field == "routed_experts"
