@@ -39,10 +39,8 @@ DEFAULT_GROUP = "weight_update"
 
 
 class RolloutClient:
-    """Blocking client; thread-safe (one channel shared by all calls).
-
-    ``target`` is "host:port"; ``token`` the server's shared auth token; ``tls_ca`` a CA certificate
-    file to connect with TLS; ``timeout`` the default deadline of unary calls in seconds.
+    """Blocking client; thread-safe (one channel shared by all calls). ``target`` is "host:port";
+    ``token`` the server's auth token; ``tls_ca`` a CA file for TLS; ``timeout`` the unary deadline (s).
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str | None = None,

@@ -191,6 +191,17 @@ class FusedMoE(nn.Module):
             else:
                 load_slice(param.data[slot], loaded, 1, full, start, name)
 
+    def _load_stacked(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
+        """This rank's slice of a whole stacked tensor: w13 (E, 2I, H) or w2 (E, H, I)."""
+        inter, full, start = self.intermediate_size, self.full_intermediate_size, self.tp.rank * self.intermediate_size
+        if param is self.w2:
+            load_slice(param.data, loaded, 2, full, start, name)
+            return
+        if loaded.dim() != 3 or loaded.shape[1] != 2 * full:  # raises, naming the full shape
+            load_slice(param.data, loaded, 1, 2 * full, 0, name)
+        load_slice(param.data[:, :inter], loaded[:, :full], 1, full, start, name)  # gate (w1)
+        load_slice(param.data[:, inter:], loaded[:, full:], 1, full, start, name)  # up (w3)
+
     def _load_stacked_experts(self, param: nn.Parameter, loaded: torch.Tensor, name: str) -> None:
         """This rank's experts of a whole stacked tensor (E, ...): one copy per slot holding each."""
         want = (self.num_experts, *param.shape[1:])

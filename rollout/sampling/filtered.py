@@ -51,12 +51,9 @@ def token_weights(logits: torch.Tensor, temperatures: torch.Tensor) -> tuple[tor
     return y, e, (e * WEIGHT_SCALE).to(torch.int64)  # exact scaling, then truncation: floor
 
 
-def sample_filtered(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens (B,) int64 and logprobs (B,) float32 of every row under the rules above.
-
-    ``logits`` (B, V) carry banned ids as ``-inf`` already. Rows without filters are computed too
-    (every filter off keeps every token); the caller takes only the rows of ``filtered_rows``.
-    """
+def _kept_weights(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1 and 2: every token's weight ``w`` (B, V) int64 and whether it is kept (B, V) bool,
+    both in vocab order."""
     vocab = logits.shape[-1]
     y, e, w = token_weights(logits, batch.temperatures)  # (B, V) each
     _, order = torch.sort(y, dim=-1, descending=True, stable=True)  # (B, V): rank -> id
@@ -72,8 +69,16 @@ def sample_filtered(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.T
     threshold = batch.top_ps.double() * w_total.double()  # (B,)
     keep &= (batch.top_ps >= 1.0).unsqueeze(1) | (w_before.double() < threshold.unsqueeze(1))
     keep[:, 0] = True
+    return w, torch.empty_like(keep).scatter_(1, order, keep)  # kept, in vocab order
 
-    kept = torch.empty_like(keep).scatter_(1, order, keep)  # (B, V) in vocab order
+
+def sample_filtered(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (B,) int64 and logprobs (B,) float32 of every row under the rules above.
+
+    ``logits`` (B, V) carry banned ids as ``-inf`` already. Rows without filters are computed too
+    (every filter off keeps every token); the caller takes only the rows of ``filtered_rows``.
+    """
+    w, kept = _kept_weights(logits, batch)
     cum = torch.where(kept, w, 0).cumsum(dim=-1)  # (B, V) exact
     total = cum[:, -1]  # (B,) >= 2^40: rank 0 has e = 1
     target = torch.minimum((batch.uniforms * total.double()).to(torch.int64), total - 1)  # (B,)
@@ -81,3 +86,12 @@ def sample_filtered(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.T
     w_tok = w.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
     logprobs = (torch.log(w_tok.double()) - torch.log(total.double())).float()
     return tokens, logprobs
+
+
+def filtered_logprobs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """(B, V) float32: the log-probabilities ``log(w / W)`` of the distribution each row is drawn from
+    under the rules above (-inf for tokens it never draws); what speculative decoding verifies against."""
+    w, kept = _kept_weights(logits, batch)
+    w = torch.where(kept, w, 0)
+    total = w.sum(dim=-1, keepdim=True)  # (B, 1)
+    return (torch.log(w.double()) - torch.log(total.double())).float()

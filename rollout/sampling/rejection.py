@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
+from rollout.sampling.filtered import filtered_logprobs, filtered_rows
 from rollout.sampling.noise import mix_seed, uniform_draws
-from rollout.sampling.sampler import _apply_banned, _filter_mask, _inverse_cdf
+from rollout.sampling.sampler import _apply_banned, _inverse_cdf
 from rollout.sampling.sampling_batch import SamplingBatch
 
 # Salts that give the accept test and the residual draw random streams of their own, independent
@@ -95,9 +96,9 @@ def sampling_logprobs(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch
     report = torch.log_softmax(masked / temps.unsqueeze(1), dim=-1)  # (R, V)
     sample = report
     if batch.need_filter:
-        keep = _filter_mask(report, batch)  # (R, V)
-        sample = report.masked_fill(~keep, float("-inf"))
-        sample = sample - torch.logsumexp(sample, dim=-1, keepdim=True)
+        # Filtered rows: the sampler's exact integer rules (sampling/filtered.py), renormalised.
+        rows = filtered_rows(batch).unsqueeze(1)  # (R, 1)
+        sample = torch.where(rows, filtered_logprobs(masked, batch), report)
         report = torch.where(greedy.unsqueeze(1), report, sample)
     if bool(greedy.any()):
         point = torch.full_like(sample, float("-inf"))

@@ -48,6 +48,21 @@ def test_two_expert_parallel_ranks_generate_what_one_rank_generates(tiny_model_d
         assert two.info().tp_size == 2
 
 
+def test_routed_experts_with_two_ranks_equal_one_rank(tiny_model_dir) -> None:
+    """Replay data does not depend on where the experts run (rank 0 records the router's choice)."""
+    path = tiny_model_dir("qwen3_moe", num_experts=7, num_experts_per_tok=3)
+    with Engine(path, enable_return_routed_experts=True, **OPTS) as one:
+        want = one.generate(PROMPTS, GREEDY, return_routed_experts=True)
+    with Engine(path, ep_size=2, ep_spare_slots=1, enable_return_routed_experts=True, **OPTS) as two:
+        two.generate(PROMPTS, GREEDY)
+        two.rebalance_experts()
+        got = two.generate(PROMPTS, GREEDY, return_routed_experts=True)
+    for w, g in zip(want, got):
+        assert g.output_ids == w.output_ids
+        assert (g.routed_experts == w.routed_experts).all()
+        assert (g.prompt_routed_experts == w.prompt_routed_experts).all()
+
+
 def test_periodic_rebalancing_keeps_the_outputs(tiny_model_dir) -> None:
     path = tiny_model_dir("mixtral", num_experts=5, num_experts_per_tok=2)
     with Engine(path, ep_size=2, ep_spare_slots=1, **OPTS) as plain:
