@@ -17,6 +17,7 @@ from rollout.cache.req_table import ReqToTokenTable
 from rollout.config import EngineConfig
 from rollout.control.memory_placement import EngineMemory
 from rollout.distributed.tp import SINGLE, TPGroup
+from rollout.layers.batch_invariant import set_numerics
 from rollout.models.loader import load_model
 from rollout.runner.cuda_graph import DecodeGraphRunner, default_graph_batch_sizes
 from rollout.sampling.sampler import Sampler
@@ -112,9 +113,9 @@ class ModelRunner:
         self.num_slots = self.kv_pool.num_slots
         backend = config.attention_backend
         if backend == "auto":
-            backend = default_attention_backend(self.device)
-        self.attn_backend = create_attention_backend(backend, self.kv_pool)
-        self.sampler = Sampler()
+            backend = default_attention_backend(self.device, config.deterministic)
+        self.attn_backend = create_attention_backend(backend, self.kv_pool, config.deterministic)
+        self.sampler = Sampler(deterministic=config.deterministic)
         self.req_table: torch.Tensor | None = None  # (max_requests + 1, max_context) int64, bound later
         self.padding_row = 0
         self.graphs: DecodeGraphRunner | None = None
@@ -169,7 +170,7 @@ class ModelRunner:
         model = load_model(self.config.model, self.config.model_path, self.dtype, self.device,
                            load_format=self.config.load_format, tp=self.tp)
         model.eval()
-        return model
+        return set_numerics(model, batch_invariant=self.config.deterministic, fp32_lm_head=self.config.fp32_lm_head)
 
     def close(self) -> None:
         """Drop graphs, KV and weights and return their memory to the device."""

@@ -15,8 +15,8 @@ Semantics, per row of the ``(B, V)`` logits (upcast to float32):
    - min-p keeps tokens with ``p >= min_p * max(p)``.
 
    The kept set is the intersection (each filter keeps a prefix of the sorted order, so the most
-   probable token always survives). The kept probabilities are renormalised and one token is drawn;
-   its ``logprobs`` entry is the log of its renormalised probability.
+   probable token always survives). The kept probabilities of a row with a filter are renormalised
+   and one token is drawn; its ``logprobs`` entry is the log of its renormalised probability.
 4. The draw is inverse-CDF sampling: the first token whose cumulative probability (float64, in
    vocab order) exceeds ``u * total``, with one uniform ``u`` per row that depends only on the row's
    (seed, step) (see ``noise.py``). A row's token therefore does not depend on the rest of the
@@ -28,6 +28,8 @@ skip the draw and filtering, and batches without filters skip the sort.
 
 Batches without filters take one fused kernel on GPU (``kernels.sampling.sample_rows``: the same
 draw and logprob, read straight from the model's logits); the torch code here is its reference.
+``Sampler(deterministic=True)`` picks the kernel or the torch code per row, by the row's own
+parameters, and fixes the kernel's vocabulary chunks, so a row's bits never depend on the batch.
 """
 
 from __future__ import annotations
@@ -53,7 +55,12 @@ class SampleResult:
 
 
 class Sampler:
-    """Turns a step's logits into tokens and logprobs; stateless, so one instance serves any batch."""
+    """Turns a step's logits into tokens and logprobs; stateless, so one instance serves any batch.
+
+    ``deterministic``: every row's token and logprobs are the same bits whatever the other rows are."""
+
+    def __init__(self, deterministic: bool = False) -> None:
+        self.deterministic = deterministic
 
     def sample(
         self,
@@ -71,8 +78,13 @@ class Sampler:
         if top_logprobs_num < 0:
             raise InvalidArgumentError(f"must be >= 0 (got {top_logprobs_num})", field="top_logprobs_num")
         assert logits.dim() == 2 and logits.shape[0] == batch.batch_size, "logits must be (B, V)"
-        if not batch.need_filter and use_fused(logits) and logits.stride(-1) == 1:
-            token_ids, logprobs = _sample_fused(logits, batch)
+        fused = use_fused(logits) and logits.stride(-1) == 1
+        if fused and not batch.need_filter:
+            token_ids, logprobs = _sample_fused(logits, batch, self.deterministic)
+            return self._with_raw(logits, token_ids, logprobs if return_logprob else None,
+                                  return_raw_logprob, top_logprobs_num)
+        if fused and self.deterministic and not all(batch.filtered_rows):
+            token_ids, logprobs = _sample_split(logits, batch)
             return self._with_raw(logits, token_ids, logprobs if return_logprob else None,
                                   return_raw_logprob, top_logprobs_num)
         raw = logits.float()  # (B, V); a no-op view when already float32, so never write into it
@@ -110,12 +122,38 @@ class Sampler:
         )
 
 
-def _sample_fused(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and logprobs of an unfiltered batch by the fused kernel, from logits in their own dtype."""
+def _sample_fused(
+    logits: torch.Tensor, batch: SamplingBatch, fixed_chunks: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and logprobs of an unfiltered batch by the fused kernel, from logits in their own dtype.
+
+    ``fixed_chunks``: split every row's vocabulary into as many chunks as it takes, not as many as
+    fill the GPU at this batch size (the chunk edges set the kernel's summation order)."""
     from kernels.sampling import sample_rows
+    from kernels.sampling.inverse_cdf import BLOCK, MAX_CHUNKS
 
     masked = _apply_banned(logits, batch.banned_token_ids)  # -inf is exact in bf16 / fp16 too
-    return sample_rows(masked, batch.temperatures, batch.uniforms)
+    chunks = min(-(-logits.shape[-1] // BLOCK), MAX_CHUNKS) if fixed_chunks else None
+    return sample_rows(masked, batch.temperatures, batch.uniforms, chunks=chunks)
+
+
+def _sample_split(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and logprobs (B,) of a batch mixing rows with and without filters: the rows without
+    take the fused kernel, the others the torch code, so a row's path is its own choice."""
+    plain = [i for i, f in enumerate(batch.filtered_rows) if not f]
+    kept = [i for i, f in enumerate(batch.filtered_rows) if f]
+    token_ids = torch.empty(batch.batch_size, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(batch.batch_size, dtype=torch.float32, device=logits.device)
+    for rows, fused in ((plain, True), (kept, False)):
+        sub = batch.select(rows)
+        index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+        if fused:
+            tok, lp = _sample_fused(logits[index], sub, fixed_chunks=True)
+        else:
+            tok, lp = _sample_mixed(_apply_banned(logits[index].float(), sub.banned_token_ids), sub, True)
+        token_ids[index] = tok
+        logprobs[index] = lp
+    return token_ids, logprobs
 
 
 def _gather(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -161,8 +199,11 @@ def _sample_mixed(
     sample_logp = logp
     if batch.need_filter:
         keep = _filter_mask(logp, batch)  # (B, V) bool
-        sample_logp = logp.masked_fill(~keep, float("-inf"))
-        sample_logp = sample_logp - torch.logsumexp(sample_logp, dim=-1, keepdim=True)  # renormalise
+        # Renormalise the rows with a filter only: a row's logprobs must not depend on its neighbours'
+        # filters. log_softmax works row by row on every device; a logsumexp reduction may split a
+        # row differently as the batch grows.
+        renormed = torch.log_softmax(logp.masked_fill(~keep, float("-inf")), dim=-1)  # (B, V)
+        sample_logp = torch.where(batch.filtered.unsqueeze(1), renormed, logp)
 
     sampled = _inverse_cdf(sample_logp, batch.uniforms)  # (B,)
     token_ids = torch.where(greedy, masked.argmax(dim=-1), sampled)  # (B,)
