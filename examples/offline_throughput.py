@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--attention-backend", default=None, help="torch | triton | flashinfer (default: engine's)")
     ap.add_argument("--tp-size", type=int, default=None, help="tensor-parallel ranks (GPUs from --device on)")
     ap.add_argument("--ep-size", type=int, default=None, help="expert-parallel ranks (MoE shapes)")
+    ap.add_argument("--deterministic", action="store_true", help="batch-invariant kernels (Engine deterministic=True)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--separate-process", action="store_true",
                     help="engine loop in its own process (no GIL shared with the streams' consumer)")
@@ -105,7 +106,7 @@ def main() -> None:
 
     path = model_dir(args)
     options = dict(device=args.device, dtype=args.dtype, max_running_requests=args.max_running_requests,
-                   separate_process=args.separate_process)
+                   separate_process=args.separate_process, deterministic=args.deterministic)
     if args.attention_backend:
         options["attention_backend"] = args.attention_backend
     for name in ("max_num_batched_tokens", "chunked_prefill_size", "kv_memory_fraction", "tp_size", "ep_size"):
@@ -130,7 +131,8 @@ def main() -> None:
         figures["ms_per_token"] = figures["mean_itl_ms"]
     engine.shutdown()
     title = (f"{'batch-1 latency' if args.batch1 else 'offline throughput'}: {args.shape if not args.model else path}"
-             f", {args.dtype}, {args.device}, temperature {args.temperature}, ignore_eos, warm-up {args.warmup}")
+             f", {args.dtype}, {args.device}, temperature {args.temperature}, ignore_eos, warm-up {args.warmup}"
+             f"{', deterministic' if args.deterministic else ''}")
     print(format_report(title, {"in-process": figures}))
     if args.batch1:
         print(f"{'Decode ms per token (mean ITL)':<34}{figures['ms_per_token']:>14.3f}")

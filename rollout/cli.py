@@ -29,6 +29,8 @@ _ENGINE_FLAGS = (
     "speculative_max_batch_size",
     "draft_on_stale_weights",
     "enable_return_routed_experts",
+    "deterministic",
+    "fp32_lm_head",
 )
 
 
@@ -110,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ep-rebalance-interval", type=int, default=None,
                    help="rebalance the experts every N steps, 0: only on request "
                         f"(default: {d('ep_rebalance_interval')})")
+    s.add_argument("--deterministic", action="store_const", const=True, default=None,
+                   help="batch-invariant kernels: a request's tokens and logprobs are bitwise the same whatever "
+                        "the batch, the chunking or the prefix cache (dense models, one rank; slower)")
+    s.add_argument("--fp32-lm-head", action="store_const", const=True, default=None,
+                   help="logits from a float32 LM head (closer to a float32 trainer's logprobs)")
     s.add_argument("--seed", type=int, default=None,
                    help=f"seed for requests that carry none (default: {d('seed')})")
     s.add_argument("--speculative-method", default=None, choices=("ngram", "draft", "oracle"),

@@ -221,6 +221,8 @@ class EngineConfig:
     seed: int = 0  # seeds sampling of requests that carry no seed of their own
     cuda_graph_max_bs: int = 256  # decode batches up to this size replay CUDA graphs (0: off)
     load_format: str = "auto"  # "auto": the checkpoint; "dummy": random weights (benchmarks of large shapes)
+    deterministic: bool = False  # batch-invariant kernels: see rollout.layers.batch_invariant
+    fp32_lm_head: bool = False  # logits from float32 hidden states and LM head weights (not the model dtype)
     context_length: int = 0  # 0: the model's max_position_embeddings
     # Record every MoE layer's top-k expert ids with the KV (an int16 row per token slot), so that
     # requests can ask for them (return_routed_experts); off: no recording at all.
@@ -238,6 +240,11 @@ class EngineConfig:
             raise InvalidArgumentError("must be 'auto' or 'dummy'", field="load_format")
         if self.cuda_graph_max_bs < 0:
             raise InvalidArgumentError("must be >= 0", field="cuda_graph_max_bs")
+        # Not covered: expert kernels, cross-rank sums (order follows message size), flashinfer's splits.
+        why = ("dense models" if self.model.is_moe else "one rank" if self.parallel.ranks > 1
+               else "torch or triton attention" if self.attention_backend == "flashinfer" else None)
+        if self.deterministic and why:
+            raise InvalidArgumentError(f"deterministic mode needs {why}", field="deterministic")
         if self.context_length < 0:
             raise InvalidArgumentError("must be >= 0", field="context_length")
         self.parallel.check_model(self.model)

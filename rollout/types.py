@@ -230,3 +230,4 @@ class EngineInfo:
     version: str = ""
     tp_size: int = 1  # tensor-parallel ranks; a weight group needs tp_size members per engine
     rank_memory: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per rank (tp_size > 1)
+    deterministic: bool = False  # batch-invariant kernels: a request's bits do not depend on the batch

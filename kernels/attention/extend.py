@@ -11,6 +11,13 @@ walks the KV in ``BLOCK_N`` tiles with an online softmax::
 
 Heads vary fastest in the grid, so the q heads of one kv head run together and share K/V tiles
 in L2.
+
+Batch invariance: a query row's result depends only on its own KV and on the tile shape. KV tiles
+start at position 0 whatever the row's chunk, and tiles past the row's position are fully masked
+(they leave its running max, sum and output unchanged), so the same query gives the same bits in
+a long prompt, in a chunk after a cached prefix, or alone in a decode step, as long as the tiles
+are the same: ``deterministic=True`` fixes them (``DETERMINISTIC_TILES``) and sends every tile
+through the masked path, so no row's tile takes the unmasked code in one split and not another.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ def _extend_kernel(
     scale_log2,
     stride_qt, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALL_MASKED: tl.constexpr,
 ):
     head = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
@@ -90,7 +97,7 @@ def _extend_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Positions before prefix + m0 are visible to every row of the tile: whole tiles there skip masking.
-    full_end = (prefix + m0) // BLOCK_N * BLOCK_N
+    full_end = 0 if ALL_MASKED else (prefix + m0) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)
     for start in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
@@ -124,6 +131,11 @@ def default_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int
     return 64, 32, 4, 2
 
 
+# (block_m, block_n, num_warps, num_stages) of deterministic mode, for decode steps and prompts alike:
+# 16 query rows, the fewest a tensor-core tile takes, so that a decode step wastes little.
+DETERMINISTIC_TILES = {torch.float32: (16, 16, 4, 2), torch.bfloat16: (16, 64, 4, 2), torch.float16: (16, 64, 4, 2)}
+
+
 def extend_attention(
     q: torch.Tensor,  # (T, Hq, D)
     k_buf: torch.Tensor,  # (num_slots, Hkv, D)
@@ -140,11 +152,13 @@ def extend_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:  # (T, Hq, D)
     """Causal attention of every request's new tokens over its prefix and themselves.
 
     ``max_extend_len`` (>= every request's new-token count, a host-side number) sizes the grid.
-    Tile options left ``None`` take ``default_tiles``."""
+    Tile options left ``None`` take ``default_tiles`` (``DETERMINISTIC_TILES`` when ``deterministic``:
+    a row's bits then depend on nothing but its own query and KV)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     assert num_q_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
@@ -156,7 +170,7 @@ def extend_attention(
     batch = qo_indptr.shape[0] - 1
     if batch == 0 or num_tokens == 0 or max_extend_len <= 0:
         return out
-    dm, dn, dw, ds = default_tiles(head_dim, q.dtype)
+    dm, dn, dw, ds = DETERMINISTIC_TILES[q.dtype] if deterministic else default_tiles(head_dim, q.dtype)
     block_m, block_n, num_warps = block_m or dm, block_n or dn, num_warps or dw
     num_stages = num_stages or ds
     grid = (num_q_heads, triton.cdiv(max_extend_len, block_m), batch)
@@ -167,6 +181,6 @@ def extend_attention(
         out.stride(0), out.stride(1),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_dim), PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q),
-        num_warps=num_warps, num_stages=num_stages,
+        ALL_MASKED=deterministic, num_warps=num_warps, num_stages=num_stages,
     )
     return out

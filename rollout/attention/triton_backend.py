@@ -1,12 +1,16 @@
 """Triton attention backend: the paged kernels of ``kernels.attention`` behind the backend ABC.
 
 Decode steps (one new token per request) use the split-KV decode kernel; anything else uses the
-extend kernel. The decode path is CUDA-graph safe: ``forward`` performs no host sync and allocates
-nothing whose size depends on tensor values. Each request's split count lives in a buffer of
-``max_batch_size`` rows (written in ``prepare``, read by the kernels at a fixed address), and the
-partial results go to a workspace sized for every batch up to ``max_batch_size`` on the first
-decode step (the graph warm-up, before any capture). Neither buffer is ever replaced: a batch
-larger than ``max_batch_size`` (never graphed) gets buffers of its own for that step.
+extend kernel. ``deterministic``: every step uses the extend kernel with fixed tiles and no KV
+splits (the decode kernel's split count follows the batch size), so a query's bits do not depend
+on the batch, the chunking or a prefix hit.
+
+The decode path is CUDA-graph safe: ``forward`` performs no host sync and allocates nothing whose
+size depends on tensor values. Each request's split count lives in a buffer of ``max_batch_size``
+rows (written in ``prepare``, read by the kernels at a fixed address), and the partial results go
+to a workspace sized for every batch up to ``max_batch_size`` on the first decode step (the graph
+warm-up, before any capture). Neither buffer is ever replaced: a batch larger than
+``max_batch_size`` (never graphed) gets buffers of its own for that step.
 
 The kernels find each request's KV slots in the engine's request table when the batch carries it
 (``req_table`` / ``req_rows``: run ``b`` starts at ``req_rows[b] * max_context`` of the flattened
@@ -60,8 +64,10 @@ class TritonAttentionBackend(AttentionBackend):
         max_batch_size: int = 256,
         max_kv_splits: int = 16,
         min_split_tokens: int = 128,
+        deterministic: bool = False,
     ) -> None:
         super().__init__(kv_pool)
+        self.deterministic = deterministic
         if kv_pool.device.type != "cuda" and not interpreting():
             raise InvalidArgumentError(
                 f"the triton backend needs a CUDA device, got {kv_pool.device} "
@@ -112,7 +118,7 @@ class TritonAttentionBackend(AttentionBackend):
                 kv_lens = torch.sub(indptr[1:], indptr[:-1], out=self._kv_lens[:bs])
             else:
                 kv_starts, kv_lens = runs_from_indptr(indptr)
-        if not decode:
+        if not decode or self.deterministic:
             self._plan = _StepPlan(False, bs, 0, max(batch.extend_lens_cpu, default=0), None,
                                    kv_indices, kv_starts, kv_lens)
             return
@@ -143,7 +149,7 @@ class TritonAttentionBackend(AttentionBackend):
         if not plan.is_decode:
             return extend_attention(
                 q, k_buf, v_buf, batch.qo_indptr, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
-                plan.max_extend_len,
+                plan.max_extend_len, deterministic=self.deterministic,
             ).to(q.dtype)
         assert plan.num_splits is not None
         mid_o, mid_lse = self._decode_workspace(plan, q.shape[1], q.shape[2])

@@ -348,6 +348,7 @@ class EngineCore:
             device=cfg.device,
             dtype=cfg.dtype,
             version=__version__,
+            deterministic=cfg.deterministic,
         )
         info.memory = self.memory.states()
         info.tp_size = self.ranks.size

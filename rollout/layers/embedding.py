@@ -102,10 +102,20 @@ class LMHead(nn.Module):
         name = f"{self.prefix}.weight" if self.prefix else "weight"
         _load_vocab_rows(param, loaded, self.vocab_size, self.tp, name)
 
+    batch_invariant = False  # rows computed independently of the batch (set_batch_invariant)
+    fp32 = False  # float32 hidden states and weights, float32 logits (EngineConfig.fp32_lm_head)
+
     def forward(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
-        """(N, hidden) -> (N, vocab) logits: the matmul runs in the model dtype (as in HF); ``upcast``
-        hands them on in float32 (the values are the same, the sampler reads either)."""
-        logits = F.linear(hidden, self.weight)  # (N, vocab / tp)
+        """(N, hidden) -> (N, vocab) logits: the matmul runs in the model dtype (as in HF) unless
+        ``fp32``; ``upcast`` hands them on in float32 (the values are the same, the sampler reads either)."""
+        if self.batch_invariant:
+            from rollout.layers.batch_invariant import invariant_linear
+
+            logits = invariant_linear(hidden, self.weight, fp32=self.fp32)  # (N, vocab / tp)
+        elif self.fp32:
+            logits = F.linear(hidden.float(), self.weight.float())  # (N, vocab / tp) float32
+        else:
+            logits = F.linear(hidden, self.weight)  # (N, vocab / tp)
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)  # (N, padded vocab), slices in rank order
             if logits.shape[-1] != self.vocab_size:

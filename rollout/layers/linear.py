@@ -62,6 +62,8 @@ def _check_rows(param: torch.Tensor, loaded: torch.Tensor, full: int, name: str)
 class _LinearBase(nn.Module):
     """``y = x W^T + b`` with ``W`` of shape (out_per_rank, in_per_rank)."""
 
+    batch_invariant = False  # rows computed independently of the batch (set_batch_invariant)
+
     def __init__(
         self,
         in_per_rank: int,
@@ -89,6 +91,10 @@ class _LinearBase(nn.Module):
         raise NotImplementedError
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.batch_invariant:
+            from rollout.layers.batch_invariant import invariant_linear
+
+            return invariant_linear(x, self.weight, bias)
         if x.dim() == 2 and 0 < x.shape[0] <= SKINNY_ROWS and x.dtype in _SKINNY_DTYPES and use_fused(x):
             from rollout.layers.skinny import skinny_linear
 

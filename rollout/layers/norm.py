@@ -12,6 +12,8 @@ from rollout.layers.linear import ShardId, copy_checked, new_param
 class RMSNorm(nn.Module):
     """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension."""
 
+    batch_invariant = False  # CPU: on fixed row tiles (see rollout.layers.batch_invariant)
+
     def __init__(
         self,
         hidden_size: int,
@@ -46,7 +48,13 @@ class RMSNorm(nn.Module):
             from kernels.fused import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps, residual.contiguous() if residual is not None else None)
+        norm = self._norm
+        if self.batch_invariant:
+            from rollout.layers.batch_invariant import on_row_tiles
+
+            def norm(rows: torch.Tensor) -> torch.Tensor:
+                return on_row_tiles(self._norm, rows)
         if residual is None:
-            return self._norm(x)
+            return norm(x)
         summed = x + residual  # in the model dtype, as HF adds its residual
-        return self._norm(summed), summed
+        return norm(summed), summed

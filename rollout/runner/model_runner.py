@@ -17,6 +17,7 @@ from rollout.cache.req_table import ReqToTokenTable
 from rollout.config import EngineConfig
 from rollout.control.memory_placement import EngineMemory
 from rollout.distributed.tp import SINGLE, TPGroup
+from rollout.layers.batch_invariant import set_numerics
 from rollout.models.loader import load_model
 from rollout.runner.cuda_graph import DecodeGraphRunner, default_graph_batch_sizes
 from rollout.runner.routed_experts import RoutedExpertsRecorder
@@ -114,10 +115,10 @@ class ModelRunner:
         self.num_slots = self.kv_pool.num_slots
         backend = config.attention_backend
         if backend == "auto":
-            backend = default_attention_backend(self.device)
-        self.attn_backend = create_attention_backend(backend, self.kv_pool)
+            backend = default_attention_backend(self.device, config.deterministic)
+        self.attn_backend = create_attention_backend(backend, self.kv_pool, config.deterministic)
         self.routing = self._routing_recorder()
-        self.sampler = Sampler()
+        self.sampler = Sampler(deterministic=config.deterministic)
         self.req_table: torch.Tensor | None = None  # (max_requests + 1, max_context) int64, bound later
         self.padding_row = 0
         self.graphs: DecodeGraphRunner | None = None
@@ -173,7 +174,7 @@ class ModelRunner:
         model = load_model(self.config.model, self.config.model_path, self.dtype, self.device,
                            load_format=self.config.load_format, tp=self.tp)
         model.eval()
-        return model
+        return set_numerics(model, batch_invariant=self.config.deterministic, fp32_lm_head=self.config.fp32_lm_head)
 
     def _routing_recorder(self) -> RoutedExpertsRecorder | None:
         """The routed-expert buffers when the engine records routing (``enable_return_routed_experts``)."""

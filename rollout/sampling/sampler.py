@@ -25,6 +25,9 @@ skip the draw and filtering, and batches without filters skip the sort.
 On GPU the fused kernels of ``kernels.sampling`` take every batch (``sample_rows`` without filters,
 ``sample_rows_filtered`` with them: the same draws and logprobs, read straight from the model's
 logits); the torch code here and in ``filtered.py`` is their reference.
+``Sampler(deterministic=True)`` fixes the unfiltered kernel's vocabulary chunks and, in a batch that
+mixes rows with and without filters, picks the path per row, so a row's bits never depend on the
+batch (the filtered rules are exact integer sums, whatever the chunking).
 """
 
 from __future__ import annotations
@@ -51,7 +54,12 @@ class SampleResult:
 
 
 class Sampler:
-    """Turns a step's logits into tokens and logprobs; stateless, so one instance serves any batch."""
+    """Turns a step's logits into tokens and logprobs; stateless, so one instance serves any batch.
+
+    ``deterministic``: every row's token and logprobs are the same bits whatever the other rows are."""
+
+    def __init__(self, deterministic: bool = False) -> None:
+        self.deterministic = deterministic
 
     def sample(
         self,
@@ -69,8 +77,12 @@ class Sampler:
         if top_logprobs_num < 0:
             raise InvalidArgumentError(f"must be >= 0 (got {top_logprobs_num})", field="top_logprobs_num")
         assert logits.dim() == 2 and logits.shape[0] == batch.batch_size, "logits must be (B, V)"
-        if use_fused(logits) and logits.stride(-1) == 1:
-            token_ids, logprobs = _sample_fused(logits, batch)
+        fused = use_fused(logits) and logits.stride(-1) == 1
+        if fused:
+            if self.deterministic and batch.need_filter and not all(batch.filtered_rows):
+                token_ids, logprobs = _sample_split(logits, batch)
+            else:
+                token_ids, logprobs = _sample_fused(logits, batch, self.deterministic)
             return self._with_raw(logits, token_ids, logprobs if return_logprob else None,
                                   return_raw_logprob, top_logprobs_num)
         raw = logits.float()  # (B, V); a no-op view when already float32, so never write into it
@@ -108,15 +120,41 @@ class Sampler:
         )
 
 
-def _sample_fused(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokens and logprobs by the fused kernels, from logits in their own dtype."""
+def _sample_fused(
+    logits: torch.Tensor, batch: SamplingBatch, fixed_chunks: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and logprobs by the fused kernels, from logits in their own dtype.
+
+    ``fixed_chunks``: split every row's vocabulary into as many chunks as it takes, not as many as
+    fill the GPU at this batch size (the chunk edges set the unfiltered kernel's summation order)."""
     from kernels.sampling import sample_rows, sample_rows_filtered
+    from kernels.sampling.inverse_cdf import BLOCK, MAX_CHUNKS
 
     masked = _apply_banned(logits, batch.banned_token_ids)  # -inf is exact in bf16 / fp16 too
     if batch.need_filter:
         return sample_rows_filtered(masked, batch.temperatures, batch.top_ks, batch.top_ps, batch.min_ps,
                                     batch.uniforms)
-    return sample_rows(masked, batch.temperatures, batch.uniforms)
+    chunks = min(-(-logits.shape[-1] // BLOCK), MAX_CHUNKS) if fixed_chunks else None
+    return sample_rows(masked, batch.temperatures, batch.uniforms, chunks=chunks)
+
+
+def _sample_split(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens and logprobs (B,) of a batch mixing rows with and without filters: the rows without
+    take the fused kernel, the others the torch code, so a row's path is its own choice."""
+    plain = [i for i, f in enumerate(batch.filtered_rows) if not f]
+    kept = [i for i, f in enumerate(batch.filtered_rows) if f]
+    token_ids = torch.empty(batch.batch_size, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(batch.batch_size, dtype=torch.float32, device=logits.device)
+    for rows, fused in ((plain, True), (kept, False)):
+        sub = batch.select(rows)
+        index = torch.tensor(rows, dtype=torch.int64).to(logits.device, non_blocking=True)
+        if fused:
+            tok, lp = _sample_fused(logits[index], sub, fixed_chunks=True)
+        else:
+            tok, lp = _sample_mixed(_apply_banned(logits[index].float(), sub.banned_token_ids), sub, True)
+        token_ids[index] = tok
+        logprobs[index] = lp
+    return token_ids, logprobs
 
 
 def _gather(values: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,9 @@ class SamplingBatch:
     banned_token_ids: list[list[int]] | None  # per row ids masked to -inf (stop ids before min_new_tokens)
     all_greedy: bool
     need_filter: bool  # any sampling row uses top_k / top_p / min_p
+    filtered: torch.Tensor  # (B,) bool: this row samples with top_k / top_p / min_p
+    filtered_rows: list[bool]  # the same on the host
+    greedy_rows: list[bool]  # temperature 0, on the host
 
     @property
     def batch_size(self) -> int:
@@ -65,16 +68,14 @@ class SamplingBatch:
 
         temps = [0.0 if p.temperature < GREEDY_TEMPERATURE_EPS else float(p.temperature) for p in params]
         greedy = [t == 0.0 for t in temps]
-        need_filter = any(
-            not g and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
-            for p, g in zip(params, greedy, strict=True)
-        )
+        filtered = [not g and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
+                    for p, g in zip(params, greedy, strict=True)]
         # One float64 host tensor (top-k values are exact in it) and one copy to the device, from
         # pinned memory on CUDA so that it does not wait for the device's queue.
         host = torch.tensor(
             [temps, [p.top_k for p in params], [p.top_p for p in params], [p.min_p for p in params],
-             uniform_draws(seeds, steps)], dtype=torch.float64,
-        ).reshape(5, n)
+             uniform_draws(seeds, steps), filtered], dtype=torch.float64,
+        ).reshape(6, n)
         device = torch.device(device)
         if device.type == "cuda":
             host = host.pin_memory()
@@ -87,5 +88,20 @@ class SamplingBatch:
             uniforms=rows[4],
             banned_token_ids=banned_rows,
             all_greedy=all(greedy),
-            need_filter=need_filter,
+            need_filter=any(filtered),
+            filtered=rows[5] > 0,
+            filtered_rows=filtered,
+            greedy_rows=greedy,
+        )
+
+    def select(self, rows: list[int]) -> SamplingBatch:
+        """The batch of these rows only, in this order."""
+        index = torch.tensor(rows, dtype=torch.int64).to(self.temperatures.device, non_blocking=True)
+        banned = None if self.banned_token_ids is None else [self.banned_token_ids[i] for i in rows]
+        filtered = [self.filtered_rows[i] for i in rows]
+        greedy = [self.greedy_rows[i] for i in rows]
+        return SamplingBatch(
+            self.temperatures[index], self.top_ks[index], self.top_ps[index], self.min_ps[index],
+            self.uniforms[index], banned if banned and any(banned) else None, all(greedy), any(filtered),
+            self.filtered[index], filtered, greedy,
         )

@@ -320,6 +320,7 @@ def info_to_proto(info: EngineInfo) -> pb.GetInfoResponse:
         dtype=info.dtype,
         version=info.version,
         tp_size=info.tp_size,
+        deterministic=info.deterministic,
     )
     _memory_into(msg.memory, info.memory)
     for rank, states in enumerate(info.rank_memory):
@@ -367,6 +368,7 @@ def info_from_proto(msg: pb.GetInfoResponse) -> EngineInfo:
         version=msg.version,
         tp_size=msg.tp_size or 1,
         rank_memory=[_memory_from(r.memory) for r in sorted(msg.rank_memory, key=lambda r: r.rank)],
+        deterministic=msg.deterministic,
     )
 
 

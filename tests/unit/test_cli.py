@@ -33,3 +33,11 @@ def test_help_shows_the_defaults(capsys) -> None:
                   "(default: 127.0.0.1)", "(default: cpu)", "(default: float32)", "(default: 16384)",
                   "(default: 4096)", "(default: 256)", "(default: INFO)"):
         assert shown in text, text
+
+
+def test_deterministic_flags_reach_the_engine_options() -> None:
+    from rollout.cli import build_parser, engine_options
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--deterministic", "--fp32-lm-head"])
+    assert engine_options(args) == {"deterministic": True, "fp32_lm_head": True}
+    assert engine_options(build_parser().parse_args(["serve", "--model", "m"])) == {}

@@ -204,6 +204,7 @@ def test_info_round_trip():
         dtype="float32",
         memory={"weights": {"state": "active", "bytes": 123, "backup": True}},
         version="0.1.0",
+        deterministic=True,
     )
     msg = pb.GetInfoResponse.FromString(convert.info_to_proto(info).SerializeToString())
     assert convert.info_from_proto(msg) == info
