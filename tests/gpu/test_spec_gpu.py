@@ -27,7 +27,7 @@ def test_greedy_equals_plain_on_gpu(model_dirs, method: str, dtype: str) -> None
     sp = SamplingParams(temperature=0.0, max_new_tokens=48, ignore_eos=True, n=2)
     common = dict(device="cuda", dtype=dtype, attention_backend="triton", max_total_tokens=1 << 14)
     with Engine(target, **common) as engine:
-        ref = engine.generate(PROMPTS, sp, return_logprob=True)
+        ref = engine.generate(PROMPTS, sp, return_logprob=True, top_logprobs_num=2)
     opts = dict(speculative_method=method, num_draft_tokens=4)
     if method == "draft":
         opts["draft_model_path"] = draft
@@ -35,10 +35,16 @@ def test_greedy_equals_plain_on_gpu(model_dirs, method: str, dtype: str) -> None
         outs = engine.generate(PROMPTS, sp, return_logprob=True)
         engine.check_integrity()
         assert engine.info().kv_used_tokens == 0
-    # bf16 logits of a verify forward (several tokens per sequence) and of a decode step may round
-    # apart on near-ties; float32 must agree everywhere.
-    same = sum(o.output_ids == r.output_ids for o, r in zip(outs, ref))
-    assert same == len(ref) if dtype == "float32" else same >= len(ref) - 1
+    for o, r in zip(outs, ref):
+        if dtype == "float32":
+            assert o.output_ids == r.output_ids
+            continue
+        # bf16: a verify forward (several tokens per sequence) and a decode step round apart, so on
+        # a random model's near-flat distribution greedy may part at a near-tie, and only there.
+        j = next((i for i, (a, b) in enumerate(zip(o.output_ids, r.output_ids)) if a != b), None)
+        if j is not None:
+            top = r.output_top_logprobs[j]
+            assert top.logprobs[0] - top.logprobs[1] < 0.1, (j, top, o.output_ids[j])
     for o, r in zip(outs, ref):
         if o.output_ids == r.output_ids:
             assert o.output_logprobs == pytest.approx(r.output_logprobs, abs=1e-3 if dtype == "float32" else 5e-2)
