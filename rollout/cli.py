@@ -53,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     # the engine's own default instead.
     d = _engine_default
     s.add_argument(
-        "--model", default=None, help="HF model directory (default: the embedded tiny Qwen3 model)"
-    )
+        "--model", default=None,
+        help="Hugging Face model directory, or a Hub id such as Qwen/Qwen3-0.6B (fetched into the Hub cache; "
+             "HF_HUB_OFFLINE=1 uses the cache only) (default: the embedded tiny Qwen3 model, random weights, "
+             "written to $ROLLOUT_CACHE or ~/.cache/rollout on first use)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind; 127.0.0.1 is loopback only (default: %(default)s)")
     s.add_argument("--port", type=_port, default=50051, help="port to bind; 0 picks a free one (default: %(default)s)")

@@ -31,6 +31,7 @@ from rollout.engine.output_assembly import OutputAssembler
 from rollout.engine.process import start_engine_process, start_engine_thread
 from rollout.engine.request_validation import make_add_request
 from rollout.errors import InvalidArgumentError, error_from_code
+from rollout.model_source import resolve_model_path
 from rollout.types import (
     EngineInfo,
     GenerateOutput,
@@ -49,20 +50,26 @@ Sampling = SamplingParams | Mapping[str, Any] | None  # a dict is checked like S
 
 
 class Engine:
-    """An inference engine over one Hugging Face model directory.
+    """An inference engine over one Hugging Face model.
 
     ``Engine("path/to/model", device="cpu", dtype="float32", page_size=1, max_total_tokens=None,
     max_running_requests=256, chunked_prefill_size=4096, ...)``: options are the fields of the
     configs in ``rollout.config``; an unknown option raises ``InvalidArgumentError``.
     ``separate_process=True`` runs the engine loop in its own process rather than a thread.
+
+    The model is a directory, a Hugging Face Hub id (``"Qwen/Qwen3-0.6B"``: fetched into the Hub
+    cache, or taken from it when offline), or nothing: ``Engine()`` runs the embedded default model,
+    a small Qwen3-shaped model with random weights, a byte-level tokenizer and a chat template,
+    written under ``$ROLLOUT_CACHE`` (default ``~/.cache/rollout``) on first use. Its text is
+    random; it is there to try the API and the service anywhere without a download.
     """
 
-    def __init__(self, model_path: str, *, separate_process: bool = False, **options: Any) -> None:
+    def __init__(self, model_path: str | None = None, *, separate_process: bool = False, **options: Any) -> None:
         # separate_process: run the engine loop in a spawned process (as the server does) instead of
         # a thread, so the caller's Python work (e.g. asyncio consumers of many streams) does not
         # compete with the engine loop for the GIL.
         start = start_engine_process if separate_process else start_engine_thread
-        self._client = start(model_path, **options)
+        self._client = start(resolve_model_path(model_path), **options)
         self.tokenizer = self._client.tokenizer
         self.limits = self._client.limits
         self._ids = itertools.count()

@@ -16,7 +16,7 @@ import contextlib
 import functools
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +27,9 @@ from protos import rollout_pb2
 from rollout.errors import EngineDeadError, InvalidArgumentError, quoted
 from rollout.server.auth import TokenAuthInterceptor
 from rollout.server.servicer import RolloutServicer, add_to_server
+
+if TYPE_CHECKING:
+    from rollout.engine.client import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,19 @@ async def _watch(engine: Any, health: health_aio.HealthServicer, stall_s: float)
         await asyncio.sleep(min(ENGINE_WATCH_S, stall_s / 4))
 
 
+def _load_engine(model_path: str | None, engine_options: dict[str, Any]) -> EngineClient:
+    """Find the model (the default one, a directory, or a Hub id to fetch) and start its engine process."""
+    from rollout.engine.process import start_engine_process
+    from rollout.model_source import resolve_model_path
+
+    path = resolve_model_path(model_path)
+    if model_path is None:
+        logger.info("no --model given: using the embedded default model at %s", path)
+    elif path != model_path:
+        logger.info("%s is in the Hugging Face cache at %s", model_path, path)
+    return start_engine_process(path, **engine_options)
+
+
 async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
     for name in ("", SERVICE_NAME):
         await health.set(name, status)
@@ -99,17 +115,10 @@ async def serve_async(
         raise ValueError(f"engine_stall_timeout must be a positive number of seconds, got {engine_stall_timeout!r}")
     if not isinstance(max_request_mb, int) or not 1 <= max_request_mb <= 2047:
         raise ValueError(f"max_request_mb must be in 1..2047, got {max_request_mb!r}")
-    from rollout.engine.process import start_engine_process
-
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         # gRPC would bind some other port for an out-of-range number rather than refuse it.
         raise InvalidArgumentError(f"must be an integer in 0..65535 (got {quoted(port)})", field="port")
 
-    if model_path is None:
-        from rollout.default_model import default_model_path
-
-        model_path = default_model_path()
-        logger.info("no --model given: using the embedded default model at %s", model_path)
     creds = _credentials(tls_cert, tls_key)
     loop = asyncio.get_running_loop()
     if stop_event is None:
@@ -135,9 +144,7 @@ async def serve_async(
     engine = None
     died = False
     try:
-        load = loop.run_in_executor(
-            None, functools.partial(start_engine_process, model_path, **engine_options)
-        )
+        load = loop.run_in_executor(None, functools.partial(_load_engine, model_path, engine_options))
         stop_wait = asyncio.ensure_future(stop_event.wait())
         await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
@@ -156,7 +163,7 @@ async def serve_async(
         )
         logger.info(
             "serving %s (context %d, %d KV tokens)",
-            model_path,
+            engine.info.model_path,
             engine.info.context_length,
             engine.info.kv_total_tokens,
         )
@@ -198,7 +205,8 @@ def serve(
     max_request_mb: int = MAX_REQUEST_MB,
     **engine_options: Any,
 ) -> None:
-    """Serve ``rollout.v1.Rollout`` for the model at ``model_path`` (None: the embedded default model).
+    """Serve ``rollout.v1.Rollout`` for the model at ``model_path``: a directory, a Hugging Face Hub id
+    (fetched into the Hub cache), or None for the embedded default model.
 
     Blocks until SIGTERM or SIGINT. ``engine_options`` go to the engine (device, dtype, page_size,
     max_total_tokens, max_running_requests, chunked_prefill_size, ...). Raises the engine's error
