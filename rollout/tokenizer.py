@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from rollout.chat_template import ChatTemplate, token_content
 from rollout.errors import InvalidArgumentError
@@ -78,6 +79,18 @@ class Tokenizer:
         can be sampled) decode to nothing."""
         size = self.vocab_size
         return self._tok.decode([i for i in ids if 0 <= i < size], skip_special_tokens=skip_special_tokens)
+
+    def decode_stream(self, skip_special_tokens: bool = True) -> Callable[[int], str | None]:
+        """A function that takes one sample's ids in order and returns the text each adds, or None while
+        the bytes of a character are still incomplete (the tokenizers library's ``DecodeStream``)."""
+        stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        size = self.vocab_size
+
+        def step(token_id: int) -> str | None:
+            # Ids past the tokenizer's vocabulary (padded rows of the model's) decode to nothing, as in decode.
+            return stream.step(self._tok, token_id) if 0 <= token_id < size else None
+
+        return step
 
     def token_to_id(self, token: str) -> int | None:
         """Id of one token string, or None if it is not in the vocabulary."""

@@ -220,6 +220,9 @@ class StreamChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # The text these tokens add to the sample's output, where the front end was asked to decode
+    # (``rollout.detokenize``): never half a character; the deltas of a sample joined are its text.
+    text: str | None = None
 
 
 @dataclass(slots=True)

@@ -11,6 +11,7 @@ import itertools
 import queue
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
+from rollout.detokenize import TextDeltas
 from rollout.engine.messages import (
     AddRequest,
     CheckIntegrity,
@@ -153,9 +154,14 @@ class Engine:
         **kwargs: Any,
     ) -> Iterator[StreamChunk]:
         """Chunks of new tokens for one prompt (all its ``n`` samples, told apart by ``index``); the
-        prompt keywords are those of ``generate``."""
+        prompt keywords are those of ``generate``. With a tokenizer, each chunk's ``text`` is the text
+        its tokens add (never half a character; a sample's chunks joined give its whole text)."""
         req = self._one_stream_request(input_ids, sampling_params, kwargs)
-        yield from self._client.stream(req)
+        deltas = TextDeltas(self.tokenizer) if self.tokenizer is not None else None
+        for chunk in self._client.stream(req):
+            if deltas is not None:
+                deltas.add(chunk)
+            yield chunk
 
     async def async_stream(
         self,
@@ -165,7 +171,10 @@ class Engine:
     ) -> AsyncIterator[StreamChunk]:
         """asyncio version of ``stream``."""
         req = self._one_stream_request(input_ids, sampling_params, kwargs)
+        deltas = TextDeltas(self.tokenizer) if self.tokenizer is not None else None
         async for chunk in self._client.astream(req):
+            if deltas is not None:
+                deltas.add(chunk)
             yield chunk
 
     def _one_stream_request(self, input_ids: Any, sampling_params: Any, kw: dict[str, Any]) -> AddRequest:

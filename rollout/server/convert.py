@@ -14,7 +14,9 @@ import grpc
 from protos import rollout_pb2 as pb
 from rollout.engine.messages import AddRequest
 from rollout.errors import InvalidArgumentError, RolloutError, error_from_code, quoted
+from rollout.server.convert_chat import chat_from_proto, chat_to_proto
 from rollout.types import (
+    ChatPrompt,
     EngineInfo,
     FinishReason,
     PauseMode,
@@ -104,6 +106,7 @@ def add_request_from_proto(
         request_id,
         input_ids=list(msg.input_ids) or None,
         text=msg.text or None,
+        chat=chat_from_proto(msg),
         sampling=sampling,
         limits=limits,
         tokenizer=tokenizer,
@@ -115,7 +118,7 @@ def add_request_from_proto(
 
 
 def generate_request_to_proto(
-    prompt: Sequence[int] | str,
+    prompt: Sequence[int] | str | ChatPrompt,
     sampling_params: SamplingParams | Mapping[str, Any] | None = None,
     *,
     request_id: str = "",
@@ -125,7 +128,7 @@ def generate_request_to_proto(
     stream: bool = True,
     return_text: bool = False,
 ) -> pb.GenerateRequest:
-    """Build a ``GenerateRequest`` from token ids or a text prompt."""
+    """Build a ``GenerateRequest`` from token ids, a text prompt or a chat."""
     msg = pb.GenerateRequest(
         request_id=request_id,
         sampling_params=sampling_to_proto(sampling_params),
@@ -137,6 +140,8 @@ def generate_request_to_proto(
     )
     if isinstance(prompt, str):
         msg.text = prompt
+    elif isinstance(prompt, ChatPrompt):
+        chat_to_proto(prompt, msg)
     else:
         try:
             msg.input_ids.extend(prompt)
@@ -167,7 +172,8 @@ def finish_reason_from_proto(value: int) -> FinishReason | None:
 
 
 def chunk_to_proto(chunk: StreamChunk, text: str | None = None) -> pb.GenerateResponse:
-    """Pack one ``StreamChunk`` (``text``: the sample's decoded output, on its last chunk)."""
+    """Pack one ``StreamChunk`` (``text``: the sample's decoded output, on its last chunk; the chunk's
+    own ``text``, when set, goes out as ``text_delta``)."""
     msg = pb.GenerateResponse(
         request_id=chunk.request_id,
         index=chunk.index,
@@ -191,6 +197,8 @@ def chunk_to_proto(chunk: StreamChunk, text: str | None = None) -> pb.GenerateRe
         msg.matched_stop_token_id = chunk.matched_stop
     if text is not None:
         msg.text = text
+    if chunk.text:
+        msg.text_delta = chunk.text
     return msg
 
 
@@ -200,8 +208,9 @@ def chunk_from_proto(
     logprobs: bool = False,
     raw_logprobs: bool = False,
     top_logprobs: bool = False,
+    text: bool = False,
 ) -> StreamChunk:
-    """Unpack one response; the flags say which optional lists the request asked for (else None)."""
+    """Unpack one response; the flags say which optional values the request asked for (else None)."""
     kind = msg.WhichOneof("matched_stop")
     matched: int | str | None = None if kind is None else getattr(msg, kind)
     return StreamChunk(
@@ -220,6 +229,7 @@ def chunk_from_proto(
         prompt_tokens=msg.prompt_tokens,
         completion_tokens=msg.completion_tokens,
         cached_tokens=msg.cached_tokens,
+        text=msg.text_delta if text else None,
     )
 
 
