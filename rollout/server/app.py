@@ -29,7 +29,8 @@ from rollout.server.auth import TokenAuthInterceptor
 from rollout.server.servicer import RolloutServicer, add_to_server
 
 if TYPE_CHECKING:
-    from rollout.engine.client import EngineClient
+    from rollout.engine.client import EngineClient, EngineObserver
+    from rollout.server.http.serve import HttpServer
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,26 @@ async def _watch(engine: Any, health: health_aio.HealthServicer, stall_s: float)
         await asyncio.sleep(min(ENGINE_WATCH_S, stall_s / 4))
 
 
-def _load_engine(model_path: str | None, engine_options: dict[str, Any]) -> EngineClient:
+def _http_server(port: int | None, model_name: str | None, host: str, auth_token: str | None,
+                 tls_cert: str | None, tls_key: str | None, stall_s: float, max_request_mb: int) -> HttpServer | None:
+    """The OpenAI-compatible front end on ``port`` (None: none), its socket bound now."""
+    if port is None:
+        return None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidArgumentError(f"must be an integer in 0..65535 (got {quoted(port)})", field="http_port")
+    from rollout.default_model import DEFAULT_MODEL_NAME
+    from rollout.server.http.app import HttpState
+    from rollout.server.http.serve import HttpServer
+    from rollout.server.metrics import ServerMetrics
+
+    name = model_name or DEFAULT_MODEL_NAME
+    state = HttpState(name, auth_token, ServerMetrics(name), stall_timeout_s=stall_s)
+    return HttpServer(state, host, port, max_request_bytes=max_request_mb * 1024 * 1024, grace_s=SHUTDOWN_GRACE_S,
+                      tls_cert=tls_cert, tls_key=tls_key)
+
+
+def _load_engine(model_path: str | None, engine_options: dict[str, Any],
+                 observer: EngineObserver | None = None) -> EngineClient:
     """Find the model (the default one, a directory, or a Hub id to fetch) and start its engine process."""
     from rollout.engine.process import start_engine_process
     from rollout.model_source import resolve_model_path
@@ -89,7 +109,7 @@ def _load_engine(model_path: str | None, engine_options: dict[str, Any]) -> Engi
         logger.info("no --model given: using the embedded default model at %s", path)
     elif path != model_path:
         logger.info("%s is in the Hugging Face cache at %s", model_path, path)
-    return start_engine_process(path, **engine_options)
+    return start_engine_process(path, observer=observer, **engine_options)
 
 
 async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
@@ -108,6 +128,8 @@ async def serve_async(
     stop_event: asyncio.Event | None = None,
     engine_stall_timeout: float = ENGINE_STALL_S,
     max_request_mb: int = MAX_REQUEST_MB,
+    http_port: int | None = None,
+    served_model_name: str | None = None,
     **engine_options: Any,
 ) -> None:
     """Run the server until ``stop_event`` is set (or SIGTERM / SIGINT when none is given)."""
@@ -120,6 +142,8 @@ async def serve_async(
         raise InvalidArgumentError(f"must be an integer in 0..65535 (got {quoted(port)})", field="port")
 
     creds = _credentials(tls_cert, tls_key)
+    http = _http_server(http_port, served_model_name or model_path, host, auth_token, tls_cert, tls_key,
+                        engine_stall_timeout, max_request_mb)
     loop = asyncio.get_running_loop()
     if stop_event is None:
         stop_event = asyncio.Event()
@@ -140,11 +164,13 @@ async def serve_async(
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
+    http_task = asyncio.ensure_future(http.run()) if http is not None else None
 
     engine = None
     died = False
     try:
-        load = loop.run_in_executor(None, functools.partial(_load_engine, model_path, engine_options))
+        observer = http.state.metrics if http is not None else None
+        load = loop.run_in_executor(None, functools.partial(_load_engine, model_path, engine_options, observer))
         stop_wait = asyncio.ensure_future(stop_event.wait())
         await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
@@ -153,6 +179,8 @@ async def serve_async(
         if stop_event.is_set():
             return
         servicer.attach(engine)
+        if http is not None:
+            http.state.engine = engine
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         # The exact form of this line is what scripts wait for (port 0 picks a free port); it comes
         # only once the model is loaded and health is SERVING, never for a server that fails to start.
@@ -161,6 +189,8 @@ async def serve_async(
             f"{', token auth' if auth_token else ''}{'' if enable_control else ', control disabled'})",
             flush=True,
         )
+        if http is not None:
+            print(f"rollout HTTP server (OpenAI API) at {http.url}", flush=True)
         logger.info(
             "serving %s (context %d, %d KV tokens)",
             engine.info.model_path,
@@ -177,6 +207,8 @@ async def serve_async(
             logger.info("shutting down: aborting running requests")
     finally:
         servicer.begin_shutdown()
+        if http is not None:
+            http.state.shutting_down = True
         await health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(server.stop(SHUTDOWN_GRACE_S))
         if engine is not None:
@@ -186,6 +218,9 @@ async def serve_async(
             # Aborted requests send their final chunks; the streams end before the grace runs out.
             engine.abort(None)
         await stopping
+        if http is not None and http_task is not None:
+            http.stop()  # its streams ended with the abort above
+            await asyncio.wait({http_task}, timeout=SHUTDOWN_GRACE_S + 1)
         if engine is not None:
             await loop.run_in_executor(None, functools.partial(engine.shutdown, ENGINE_STOP_S))
         logger.info("server stopped")
@@ -203,11 +238,15 @@ def serve(
     enable_control: bool = True,
     engine_stall_timeout: float = ENGINE_STALL_S,
     max_request_mb: int = MAX_REQUEST_MB,
+    http_port: int | None = None,
+    served_model_name: str | None = None,
     **engine_options: Any,
 ) -> None:
     """Serve ``rollout.v1.Rollout`` for the model at ``model_path``: a directory, a Hugging Face Hub id
     (fetched into the Hub cache), or None for the embedded default model.
 
+    With ``http_port``, the OpenAI-compatible HTTP API (``rollout.server.http``) is served there too,
+    on the same engine, host, token and TLS, under ``served_model_name`` (default: ``model_path``).
     Blocks until SIGTERM or SIGINT. ``engine_options`` go to the engine (device, dtype, page_size,
     max_total_tokens, max_running_requests, chunked_prefill_size, ...). Raises the engine's error
     if the model cannot be loaded, and ``EngineDeadError`` if the engine process dies while serving.
@@ -216,6 +255,7 @@ def serve(
         asyncio.run(
             serve_async(
                 model_path, host, port, auth_token, tls_cert, tls_key, enable_control,
-                engine_stall_timeout=engine_stall_timeout, max_request_mb=max_request_mb, **engine_options
+                engine_stall_timeout=engine_stall_timeout, max_request_mb=max_request_mb, http_port=http_port,
+                served_model_name=served_model_name, **engine_options
             )
         )
