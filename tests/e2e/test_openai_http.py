@@ -151,3 +151,26 @@ def test_auth_guards_everything_but_health(server, oai):
         assert no_token.status_code == 401 and no_token.headers["www-authenticate"] == "Bearer"
         assert http.get("/v1/nothing", headers={"authorization": f"Bearer {TOKEN}"}).json()["error"]["code"] == \
             "NOT_FOUND"
+
+
+def test_openai_shaped_messages_reach_the_template_as_transformers_takes_them(oai, engine):
+    # The API sends tool-call arguments as JSON text and content as parts; templates get objects and text.
+    sent = [
+        {"role": "user", "content": [{"type": "text", "text": "What is"}, {"type": "text", "text": "1+2?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"},
+    ]
+    rendered = [
+        {"role": "user", "content": "What is\n1+2?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"},
+    ]
+    out = oai.chat.completions.create(model=SERVED_MODEL, messages=sent, tools=TOOLS, max_tokens=2)
+    text = engine.tokenizer.apply_chat_template(rendered, tools=TOOLS)
+    assert out.model_extra["prompt_token_ids"] == engine.tokenizer.encode(text, add_special_tokens=False)
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model=SERVED_MODEL, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    assert "only text content parts" in info.value.body["message"]
