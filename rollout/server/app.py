@@ -24,7 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos import rollout_pb2
-from rollout.errors import EngineDeadError, InvalidArgumentError, quoted
+from rollout.errors import EngineDeadError, InvalidArgumentError, UnimplementedError, quoted
 from rollout.server.auth import TokenAuthInterceptor
 from rollout.server.servicer import RolloutServicer, add_to_server
 
@@ -88,9 +88,14 @@ def _http_server(port: int | None, model_name: str | None, host: str, auth_token
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise InvalidArgumentError(f"must be an integer in 0..65535 (got {quoted(port)})", field="http_port")
     from rollout.default_model import DEFAULT_MODEL_NAME
-    from rollout.server.http.app import HttpState
-    from rollout.server.http.serve import HttpServer
-    from rollout.server.metrics import ServerMetrics
+
+    try:
+        from rollout.server.http.app import HttpState
+        from rollout.server.http.serve import HttpServer
+        from rollout.server.metrics import ServerMetrics
+    except ImportError as e:
+        raise UnimplementedError(f"--http-port needs the http extra ({e}): pip install 'rollout[http]' "
+                                 "(from a checkout: pip install -e '.[http]')") from None
 
     name = model_name or DEFAULT_MODEL_NAME
     state = HttpState(name, auth_token, ServerMetrics(name), stall_timeout_s=stall_s)
