@@ -114,12 +114,13 @@ def test_a_client_that_leaves_a_stream_aborts_its_request(http, client, idle):
     idle()
 
 
-def test_a_client_that_leaves_a_plain_request_aborts_it(http, client, idle):
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream-before-its-first-token"])
+def test_a_client_that_leaves_a_waiting_request_aborts_it(http, client, idle, stream):
     idle()
     before = scrape(http)
     client.pause("in_place")  # the request waits, so only the client's leaving can end it
     try:
-        body = {"model": SERVED_MODEL, "prompt": "hi", "max_tokens": 8}
+        body = {"model": SERVED_MODEL, "prompt": "hi", "max_tokens": 8, "stream": stream}
         with pytest.raises(httpx.ReadTimeout):
             http.post("/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
         _wait_for_abort(http, before)

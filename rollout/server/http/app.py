@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -124,6 +124,23 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> tuple[bool, Any]:
+    """Run ``work`` until it ends or the client disconnects, whichever is first; returns (finished,
+    result). Work cut short is cancelled, which aborts its engine requests."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False, None
+    return True, task.result()  # raises the engine's error
+
+
 async def _merged(engine: EngineClient, call: EngineCall) -> AsyncIterator[tuple[int, StreamChunk]]:
     """The chunks of every prompt of ``call`` as they come, with the prompt's position; closing this
     early aborts every request left."""
@@ -179,20 +196,14 @@ class _Generation:
     async def respond(self, request: Request) -> Response:
         if self.stream:
             # The first chunk is awaited here, so a request the engine refuses gets its HTTP status.
-            first = await self.events.__anext__()
+            finished, first = await _unless_disconnected(request, self.events.__anext__())
+            if not finished:
+                await self.events.aclose()
+                return Response(status_code=499)  # nobody reads it: the client left
             return StreamingResponse(self._stream(first), media_type="text/event-stream")
-        consume = asyncio.ensure_future(self._consume())
-        gone = asyncio.ensure_future(_until_disconnected(request))
-        try:
-            await asyncio.wait({consume, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not consume.done():
-                consume.cancel()  # the client left: abort its requests
-                await asyncio.gather(consume, return_exceptions=True)
-        if consume.cancelled():
+        finished, _ = await _unless_disconnected(request, self._consume())
+        if not finished:
             return Response(status_code=499)
-        consume.result()  # raises the engine's error
         tok, model = self.engine.tokenizer, self.state.model_name
         body = (resp.chat_body if self.chat else resp.completion_body)(self.call, model, tok, self.choices,
                                                                        self.logprobs)
