@@ -174,3 +174,17 @@ def test_openai_shaped_messages_reach_the_template_as_transformers_takes_them(oa
         oai.chat.completions.create(model=SERVED_MODEL, max_tokens=2, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
     assert "only text content parts" in info.value.body["message"]
+
+
+def test_a_null_max_tokens_fills_the_context_and_chat_errors_name_chat_fields(server, oai, engine):
+    with httpx.Client(base_url=server.http_url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=60) as http:
+        ids = engine.tokenizer.encode("The quick brown fox")
+        long_prompt = ids * ((engine.limits.context_length - 20) // len(ids))  # leaves 20 tokens or fewer
+        room = engine.limits.context_length - len(long_prompt)
+        reply = http.post("/v1/completions", json={"model": SERVED_MODEL, "prompt": long_prompt, "max_tokens": None,
+                                                   "ignore_eos": True, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] == room
+    with pytest.raises(openai.BadRequestError) as info:
+        oai.chat.completions.create(model=SERVED_MODEL, messages=CHAT, logprobs=True, top_logprobs=100)
+    assert info.value.body["param"] == "top_logprobs"

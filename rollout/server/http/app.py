@@ -32,7 +32,14 @@ from rollout.errors import (
     quoted,
 )
 from rollout.server.http import responses as resp
-from rollout.server.http.errors import HTTP_STATUS, RequestTooLargeError, error_body, error_response
+from rollout.server.http.errors import (
+    CHAT_PARAM,
+    HTTP_STATUS,
+    OPENAI_PARAM,
+    RequestTooLargeError,
+    error_body,
+    error_response,
+)
 from rollout.server.http.schemas import ChatCompletionRequest, CompletionRequest
 from rollout.server.http.to_engine import EngineCall, chat_call, completion_call
 from rollout.server.metrics import ServerMetrics
@@ -243,7 +250,7 @@ def build_app(state: HttpState, max_request_bytes: int) -> FastAPI:
 
     @app.exception_handler(RolloutError)
     async def rollout_error(request: Request, err: RolloutError) -> JSONResponse:
-        response = error_response(err)
+        response = error_response(err, CHAT_PARAM if request.url.path.endswith("/chat/completions") else OPENAI_PARAM)
         if isinstance(err, UnauthenticatedError):
             response.headers["WWW-Authenticate"] = "Bearer"
         return response

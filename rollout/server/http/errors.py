@@ -37,6 +37,7 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
 # Engine field names as the OpenAI API names them, so "param" points at what the caller sent.
 OPENAI_PARAM = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "input_ids": "prompt",
                 "text": "prompt", "top_logprobs_num": "logprobs"}
+CHAT_PARAM = {**OPENAI_PARAM, "input_ids": "messages", "text": "messages", "top_logprobs_num": "top_logprobs"}
 
 
 class RequestTooLargeError(ResourceExhaustedError):
@@ -52,14 +53,14 @@ def error_body(code: str, message: str, param: str | None = None, status: int | 
     return {"error": {"message": clip_message(message), "type": kind, "param": param, "code": code}}
 
 
-def error_response(err: Exception, param_names: dict[str, str] | None = None) -> JSONResponse:
-    """The JSON response of an error: a ``RolloutError`` keeps its status; anything else is INTERNAL."""
+def error_response(err: Exception, param_names: dict[str, str] = OPENAI_PARAM) -> JSONResponse:
+    """The JSON response of an error: a ``RolloutError`` keeps its status; anything else is INTERNAL.
+    ``param_names`` maps engine field names to the endpoint's (``CHAT_PARAM`` for chats)."""
     if not isinstance(err, RolloutError):
         logger.error("request failed", exc_info=err)
         return JSONResponse(error_body("INTERNAL", f"{type(err).__name__}: {err}"), status_code=500)
     code = str(err.code)
     status = getattr(err, "http_status", None) or HTTP_STATUS.get(code, 500)
-    names = {**OPENAI_PARAM, **(param_names or {})}
-    param = names.get(err.field, err.field) if err.field else None
+    param = param_names.get(err.field, err.field) if err.field else None
     message = f"{param}: {err.reason}" if param else err.message
     return JSONResponse(error_body(code, message, param, status), status_code=status)

@@ -76,7 +76,7 @@ class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
+    max_tokens: int | None = 16  # OpenAI's default for completions; null: what is left of the context
     logprobs: int | None = Field(default=None, ge=0)
     echo: bool = False
     suffix: str | None = None

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rollout.engine.request_validation import chat_prompt_ids, make_add_request
+from rollout.engine.request_validation import chat_prompt_ids, check_prompt_size, make_add_request
 from rollout.errors import InvalidArgumentError, OutOfRangeError, quoted
 from rollout.server.http.schemas import UNSUPPORTED, ChatCompletionRequest, CompletionRequest
 from rollout.types import ChatPrompt, SamplingParams
@@ -74,19 +74,29 @@ def completion_call(body: CompletionRequest, engine: EngineClient, warned: set[s
         prompts = list(prompt)
     else:
         prompts = [prompt]
-    if body.max_tokens is None:  # an explicit null: as much as the context allows
-        raise InvalidArgumentError("give max_tokens (the number of tokens to generate)", field="max_new_tokens")
-    sampling = sampling_params(body, body.max_tokens)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    top = body.logprobs or 0
-    adds = [
-        make_add_request(rid if len(prompts) == 1 else f"{rid}-{i}",
-                         input_ids=None if isinstance(p, str) else p, text=p if isinstance(p, str) else None,
-                         sampling=sampling, limits=engine.limits, tokenizer=engine.tokenizer,
-                         return_logprob=body.logprobs is not None, top_logprobs_num=top)
-        for i, p in enumerate(prompts)
-    ]
-    return EngineCall(rid, adds, sampling.stop)
+    adds = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):  # tokenized once, here, so that a null max_tokens can fill the context
+            if engine.tokenizer is None:
+                raise InvalidArgumentError("the model has no tokenizer.json; send token ids", field="text")
+            check_prompt_size(0, len(p), engine.limits)
+            p = engine.tokenizer.encode(p)
+        room = _room(engine, len(p), "prompt")
+        sampling = sampling_params(body, body.max_tokens if body.max_tokens is not None else room)
+        adds.append(make_add_request(rid if len(prompts) == 1 else f"{rid}-{i}", input_ids=p, text=None,
+                                     sampling=sampling, limits=engine.limits, tokenizer=engine.tokenizer,
+                                     return_logprob=body.logprobs is not None, top_logprobs_num=body.logprobs or 0))
+    return EngineCall(rid, adds, adds[0].sampling.stop)
+
+
+def _room(engine: EngineClient, prompt_tokens: int, field: str) -> int:
+    """How many tokens a prompt of this length leaves in the context (the default of a null max_tokens)."""
+    room = min(engine.limits.context_length, engine.limits.max_total_tokens) - prompt_tokens
+    if room < 1:
+        raise OutOfRangeError(f"the prompt has {prompt_tokens} tokens and leaves no room in the context "
+                              f"({engine.limits.context_length} tokens)", field=field)
+    return room
 
 
 def _message(i: int, message: dict[str, Any]) -> dict[str, Any]:
@@ -129,14 +139,8 @@ def chat_call(body: ChatCompletionRequest, engine: EngineClient, warned: set[str
     chat = ChatPrompt([_message(i, m) for i, m in enumerate(body.messages)], body.tools,
                       body.add_generation_prompt, body.chat_template_kwargs or {})
     ids = chat_prompt_ids(chat, engine.tokenizer, engine.limits)
-    room = min(engine.limits.context_length, engine.limits.max_total_tokens) - len(ids)
     max_new = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    if max_new is None:
-        if room < 1:
-            raise OutOfRangeError(f"the rendered prompt has {len(ids)} tokens and leaves no room in the context "
-                                  f"({engine.limits.context_length} tokens)", field="messages")
-        max_new = room
-    sampling = sampling_params(body, max_new)
+    sampling = sampling_params(body, max_new if max_new is not None else _room(engine, len(ids), "messages"))
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     add = make_add_request(rid, input_ids=ids, text=None, sampling=sampling, limits=engine.limits,
                            tokenizer=engine.tokenizer, return_logprob=body.logprobs,
