@@ -69,7 +69,7 @@ async def bench(stream: StreamFn, work: Workload, args: argparse.Namespace) -> d
     warm = Workload.random(args.warmup, 8, 16, 4, 8, args.vocab, seed=1)
     await run_streams(stream, warm.prompts, warm.sampling_params(args.temperature), args.concurrency)
     records, duration = await run_streams(stream, work.prompts, work.sampling_params(args.temperature, args.seed),
-                                          args.concurrency)
+                                          args.concurrency, progress="benchmark")
     return summarize(records, duration)
 
 

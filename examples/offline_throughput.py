@@ -44,8 +44,9 @@ def model_dir(args: argparse.Namespace) -> str:
     return path
 
 
-async def run_workload(engine: Engine, wl: Workload, temperature: float) -> tuple[list[RequestRecord], float]:
-    return await run_streams(engine.async_stream, wl.prompts, wl.sampling_params(temperature))
+async def run_workload(engine: Engine, wl: Workload, temperature: float,
+                       progress: str | None = None) -> tuple[list[RequestRecord], float]:
+    return await run_streams(engine.async_stream, wl.prompts, wl.sampling_params(temperature), progress=progress)
 
 
 def print_roofline(path: str, args: argparse.Namespace, wl: Workload, figures: dict) -> None:
@@ -125,7 +126,7 @@ def main() -> None:
         wl = Workload.random(num, in_lo, in_hi, out_lo, out_hi, vocab, seed=0)
     warm = Workload.random(args.warmup, 16, 32, 8, 16, vocab, seed=1)
     asyncio.run(run_workload(engine, warm, args.temperature))
-    records, duration = asyncio.run(run_workload(engine, wl, args.temperature))
+    records, duration = asyncio.run(run_workload(engine, wl, args.temperature, progress="benchmark"))
     figures = summarize(records, duration)
     if args.batch1:
         figures["ms_per_token"] = figures["mean_itl_ms"]

@@ -56,10 +56,14 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., seed: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "input_ids", "text", "sampling_params", "return_logprob", "top_logprobs_num", "return_raw_logprob", "stream", "return_text", "return_routed_experts")
+    __slots__ = ("request_id", "input_ids", "text", "messages_json", "tools_json", "chat_template_kwargs_json", "add_generation_prompt", "sampling_params", "return_logprob", "top_logprobs_num", "return_raw_logprob", "stream", "return_text", "return_routed_experts")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INPUT_IDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_JSON_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_NUM_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +74,10 @@ class GenerateRequest(_message.Message):
     request_id: str
     input_ids: _containers.RepeatedScalarFieldContainer[int]
     text: str
+    messages_json: str
+    tools_json: str
+    chat_template_kwargs_json: str
+    add_generation_prompt: bool
     sampling_params: SamplingParams
     return_logprob: bool
     top_logprobs_num: int
@@ -77,7 +85,7 @@ class GenerateRequest(_message.Message):
     stream: bool
     return_text: bool
     return_routed_experts: bool
-    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprob: _Optional[bool] = ..., top_logprobs_num: _Optional[int] = ..., return_raw_logprob: _Optional[bool] = ..., stream: _Optional[bool] = ..., return_text: _Optional[bool] = ..., return_routed_experts: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., input_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., messages_json: _Optional[str] = ..., tools_json: _Optional[str] = ..., chat_template_kwargs_json: _Optional[str] = ..., add_generation_prompt: _Optional[bool] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., return_logprob: _Optional[bool] = ..., top_logprobs_num: _Optional[int] = ..., return_raw_logprob: _Optional[bool] = ..., stream: _Optional[bool] = ..., return_text: _Optional[bool] = ..., return_routed_experts: _Optional[bool] = ...) -> None: ...
 
 class IntArray(_message.Message):
     __slots__ = ("data", "shape", "dtype")
@@ -98,7 +106,7 @@ class TopLogprobs(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "index", "token_ids", "logprobs", "raw_logprobs", "top_logprobs", "weight_versions", "finished", "finish_reason", "matched_stop_token_id", "matched_stop_str", "prompt_tokens", "completion_tokens", "cached_tokens", "text", "routed_experts", "prompt_routed_experts")
+    __slots__ = ("request_id", "index", "token_ids", "logprobs", "raw_logprobs", "top_logprobs", "weight_versions", "finished", "finish_reason", "matched_stop_token_id", "matched_stop_str", "prompt_tokens", "completion_tokens", "cached_tokens", "text", "routed_experts", "prompt_routed_experts", "text_delta")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +124,7 @@ class GenerateResponse(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ROUTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ROUTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -133,7 +142,8 @@ class GenerateResponse(_message.Message):
     text: str
     routed_experts: IntArray
     prompt_routed_experts: IntArray
-    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., raw_logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., weight_versions: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., matched_stop_token_id: _Optional[int] = ..., matched_stop_str: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., text: _Optional[str] = ..., routed_experts: _Optional[_Union[IntArray, _Mapping]] = ..., prompt_routed_experts: _Optional[_Union[IntArray, _Mapping]] = ...) -> None: ...
+    text_delta: str
+    def __init__(self, request_id: _Optional[str] = ..., index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., raw_logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobs, _Mapping]]] = ..., weight_versions: _Optional[_Iterable[int]] = ..., finished: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., matched_stop_token_id: _Optional[int] = ..., matched_stop_str: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., text: _Optional[str] = ..., routed_experts: _Optional[_Union[IntArray, _Mapping]] = ..., prompt_routed_experts: _Optional[_Union[IntArray, _Mapping]] = ..., text_delta: _Optional[str] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_ids", "all")

@@ -58,15 +58,20 @@ def _engine_default(name: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``rollout`` command."""
-    parser = argparse.ArgumentParser(prog="rollout", description="RL rollout engine served over gRPC")
+    parser = argparse.ArgumentParser(prog="rollout", description="RL rollout engine served over gRPC "
+                                     "(and optionally an OpenAI-compatible HTTP API)")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve a model over gRPC (rollout.v1.Rollout)")
+    s = sub.add_parser("serve", help="serve a model over gRPC (rollout.v1.Rollout) and optionally HTTP",
+                       description="Serve a model over gRPC (rollout.v1.Rollout); with --http-port also the "
+                                   "OpenAI-compatible HTTP API. Options without a default shown are off unless given.")
     # Engine flags are passed on only when given, so their argparse default is None; their help shows
     # the engine's own default instead.
     d = _engine_default
     s.add_argument(
-        "--model", default=None, help="HF model directory (default: the embedded tiny Qwen3 model)"
-    )
+        "--model", default=None,
+        help="Hugging Face model directory, or a Hub id such as Qwen/Qwen3-0.6B (fetched into the Hub cache; "
+             "HF_HUB_OFFLINE=1 uses the cache only) (default: the embedded tiny Qwen3 model, random weights, "
+             "written to $ROLLOUT_CACHE or ~/.cache/rollout on first use)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind; 127.0.0.1 is loopback only (default: %(default)s)")
     s.add_argument("--port", type=_port, default=50051, help="port to bind; 0 picks a free one (default: %(default)s)")
@@ -74,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'authorization: Bearer <token>' on every call (default: no auth)")
     s.add_argument("--tls-cert", default=None,
                    help="PEM certificate chain (with --tls-key) to serve TLS (default: plaintext)")
-    s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (default: none)")
     s.add_argument(
         "--disable-control",
         action="store_true",
@@ -86,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-request-mb", type=int, default=64,
                    help="largest request accepted, in MiB; larger ones get RESOURCE_EXHAUSTED before parsing "
                         "(default: %(default)s)")
+    s.add_argument("--http-port", type=_port, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health, /metrics) on this port, same engine, host, token and TLS; "
+                        "0 picks a free one (default: off)")
+    s.add_argument("--served-model-name", default=None,
+                   help="model name of the HTTP API (default: --model as given, or the default model's name)")
     s.add_argument("--device", default=None, help=f"cpu, cuda or cuda:N (default: {d('device')})")
     s.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help=f"compute and KV dtype (default: {d('dtype')})")
@@ -93,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"KV token slots per page (default: {d('page_size')})")
     s.add_argument("--max-total-tokens", type=int, default=None,
                    help=f"KV cache capacity in tokens (default: {d('kv_memory_fraction')} of the free GPU memory "
-                        "once the weights are loaded; a fixed budget on CPU)")
+                        "once the weights are loaded; on CPU 1 GiB of KV, at most 262144 tokens)")
     s.add_argument("--max-running-requests", type=int, default=None,
                    help=f"requests decoding at once (default: {d('max_running_requests')})")
     s.add_argument("--chunked-prefill-size", type=int, default=None,
@@ -135,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record each MoE layer's top-k expert ids with the KV, so Generate calls can ask for "
                         "them (return_routed_experts; MoE models only; default: off)")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   help="(default: %(default)s)")
+                   help="log verbosity (default: %(default)s)")
     return parser
 
 
@@ -163,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 enable_control=not args.disable_control,
                 engine_stall_timeout=args.engine_stall_timeout,
                 max_request_mb=args.max_request_mb,
+                http_port=args.http_port,
+                served_model_name=args.served_model_name,
                 **engine_options(args),
             )
         except (RolloutError, OSError, RuntimeError, ValueError) as e:

@@ -29,7 +29,7 @@ from rollout.server import client_calls as calls
 from rollout.server import convert
 from rollout.server import convert_weights as cw
 from rollout.server.auth import bearer_metadata
-from rollout.server.client_calls import Prompt, Sampling
+from rollout.server.client_calls import Messages, Prompt, Sampling
 from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk
 
 __all__ = ["RolloutClient", "AsyncRolloutClient"]
@@ -87,14 +87,13 @@ class RolloutClient:
 
     # ------------------------------------------------------------------ generation
     def stream(self, prompt: Prompt | None = None, sampling_params: Sampling = None, *,
-               input_ids: Sequence[int] | None = None, text: str | None = None, request_id: str | None = None,
-               return_logprob: bool = False, return_raw_logprob: bool = False, top_logprobs_num: int = 0,
-               return_routed_experts: bool = False, timeout: float | None = None) -> Iterator[StreamChunk]:
-        """Chunks of all samples as they are generated; closing the iterator early aborts the request.
-
-        The call starts at once (before the first ``next``), so many streams can be in flight together.
-        """
-        prompt = calls.resolve_prompt(prompt, input_ids, text)
+               input_ids: Sequence[int] | None = None, text: str | None = None, messages: Messages = None,
+               tools: Messages = None, request_id: str | None = None, return_logprob: bool = False,
+               return_raw_logprob: bool = False, top_logprobs_num: int = 0, return_routed_experts: bool = False,
+               timeout: float | None = None) -> Iterator[StreamChunk]:
+        """Chunks of all samples as they come (prompts as in ``generate``); closing the iterator early
+        aborts the request. The call starts at once (before the first ``next``), so many can run together."""
+        prompt = calls.resolve_prompt(prompt, input_ids, text, messages, tools)
         call = calls.GenerateCall(prompt, sampling_params, request_id=request_id,
                                   return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
                                   top_logprobs_num=top_logprobs_num, return_routed_experts=return_routed_experts)
@@ -111,17 +110,18 @@ class RolloutClient:
             responses.cancel()  # no-op when finished; otherwise the server aborts the request
 
     def generate(self, prompt: Prompt | None = None, sampling_params: Sampling = None, *,
-                 input_ids: Sequence[int] | None = None, text: str | None = None,
-                 request_id: str | None = None, return_logprob: bool = False,
+                 input_ids: Sequence[int] | None = None, text: str | None = None, messages: Messages = None,
+                 tools: Messages = None, request_id: str | None = None, return_logprob: bool = False,
                  return_raw_logprob: bool = False, top_logprobs_num: int = 0, return_text: bool = False,
                  return_routed_experts: bool = False, timeout: float | None = None) -> list[GenerateOutput]:
         """Generate the ``n`` samples of one prompt; returns them in sample order.
 
-        The prompt is token ids or text, positionally or as ``input_ids=`` / ``text=``. Each output's
-        ``text`` is set when the prompt is text or ``return_text`` is given; ``return_routed_experts``
-        decodes the MoE routing into the arrays ``Engine.generate`` returns (see ``GenerateOutput``).
+        The prompt is token ids, text or a chat, positionally or as ``input_ids=`` / ``text=`` /
+        ``messages=`` (OpenAI-style dicts, rendered with the model's chat template; ``tools`` go to the
+        template). Each output's ``text`` is set when the prompt is text or a chat, or ``return_text``;
+        ``return_routed_experts`` decodes the MoE routing into ``Engine.generate``'s arrays.
         """
-        prompt = calls.resolve_prompt(prompt, input_ids, text)
+        prompt = calls.resolve_prompt(prompt, input_ids, text, messages, tools)
         call = calls.GenerateCall(prompt, sampling_params, request_id=request_id, stream=False, return_text=return_text,
                                   return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
                                   top_logprobs_num=top_logprobs_num, return_routed_experts=return_routed_experts)
@@ -271,12 +271,12 @@ class AsyncRolloutClient:
             await asyncio.sleep(0.2)
 
     async def stream(self, prompt: Prompt | None = None, sampling_params: Sampling = None, *,
-                     input_ids: Sequence[int] | None = None, text: str | None = None,
-                     request_id: str | None = None, return_logprob: bool = False,
+                     input_ids: Sequence[int] | None = None, text: str | None = None, messages: Messages = None,
+                     tools: Messages = None, request_id: str | None = None, return_logprob: bool = False,
                      return_raw_logprob: bool = False, top_logprobs_num: int = 0,
                      return_routed_experts: bool = False, timeout: float | None = None) -> AsyncIterator[StreamChunk]:
         """Chunks of all samples as they are generated; stopping early or cancelling aborts the request."""
-        prompt = calls.resolve_prompt(prompt, input_ids, text)
+        prompt = calls.resolve_prompt(prompt, input_ids, text, messages, tools)
         call = calls.GenerateCall(prompt, sampling_params, request_id=request_id,
                                   return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
                                   top_logprobs_num=top_logprobs_num, return_routed_experts=return_routed_experts)
@@ -291,11 +291,12 @@ class AsyncRolloutClient:
 
     async def generate(self, prompt: Prompt | None = None, sampling_params: Sampling = None, *,
                        input_ids: Sequence[int] | None = None, text: str | None = None,
-                       request_id: str | None = None, return_logprob: bool = False,
-                       return_raw_logprob: bool = False, top_logprobs_num: int = 0, return_text: bool = False,
-                       return_routed_experts: bool = False, timeout: float | None = None) -> list[GenerateOutput]:
+                       messages: Messages = None, tools: Messages = None, request_id: str | None = None,
+                       return_logprob: bool = False, return_raw_logprob: bool = False, top_logprobs_num: int = 0,
+                       return_text: bool = False, return_routed_experts: bool = False,
+                       timeout: float | None = None) -> list[GenerateOutput]:
         """Generate the ``n`` samples of one prompt; see ``RolloutClient.generate``."""
-        prompt = calls.resolve_prompt(prompt, input_ids, text)
+        prompt = calls.resolve_prompt(prompt, input_ids, text, messages, tools)
         call = calls.GenerateCall(prompt, sampling_params, request_id=request_id, stream=False, return_text=return_text,
                                   return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
                                   top_logprobs_num=top_logprobs_num, return_routed_experts=return_routed_experts)

@@ -1,4 +1,5 @@
-"""The embedded default model: a small Qwen3-shaped model with random weights and a tokenizer.
+"""The embedded default model: a small Qwen3-shaped model with random weights, a tokenizer and a
+chat template (ChatML, with tools).
 
 It lets ``rollout serve`` and the examples run anywhere with no download. It is written once,
 deterministically, under ``$ROLLOUT_CACHE`` (or ``~/.cache/rollout``) and reused afterwards.
@@ -10,8 +11,9 @@ import os
 import shutil
 import tempfile
 
-DEFAULT_MODEL_NAME = "default-qwen3-tiny-v1"
-# The shape is part of the name: change it only together with DEFAULT_MODEL_NAME.
+# v2: the tokenizer carries a chat template. What is written (shape, files) is part of the name:
+# change it only together with DEFAULT_MODEL_NAME, so that caches written before are not reused.
+DEFAULT_MODEL_NAME = "default-qwen3-tiny-v2"
 DEFAULT_MODEL_SHAPE = dict(
     arch="qwen3",
     seed=0,

@@ -96,7 +96,9 @@ class ModelConfig:
         """Read ``config.json`` (and ``generation_config.json`` for EOS ids) from a model directory."""
         cfg_path = os.path.join(model_path, "config.json")
         if not os.path.isfile(cfg_path):
-            raise InvalidArgumentError(f"no config.json in {quoted(model_path)}", field="model_path")
+            raise InvalidArgumentError(
+                f"no config.json in {quoted(model_path)}: give a Hugging Face model directory (config.json, "
+                "*.safetensors, tokenizer.json) or a Hub id such as 'Qwen/Qwen3-0.6B'", field="model_path")
         with open(cfg_path) as f:
             hf = json.load(f)
         gen: dict[str, Any] = {}

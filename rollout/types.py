@@ -134,6 +134,48 @@ def as_sampling_params(value: SamplingParams | Mapping[str, Any] | None) -> Samp
                                field="sampling_params")
 
 
+# Template variables a request may not set: the renderer sets them from the request's own fields.
+_RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "documents", "add_generation_prompt"})
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A conversation to be rendered with the model's chat template (``rollout.chat_template``).
+
+    ``messages`` are OpenAI-style dicts (``role``, ``content``, and whatever else the template reads:
+    ``tool_calls``, ``tool_call_id``, ``reasoning_content``, ...); ``tools`` are JSON schemas handed to
+    the template; ``template_kwargs`` extra template variables (e.g. ``{"enable_thinking": False}``).
+    """
+
+    messages: tuple[Mapping[str, Any], ...]
+    tools: tuple[Mapping[str, Any], ...] | None = None
+    add_generation_prompt: bool = True
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        msgs = self.messages
+        if isinstance(msgs, (str, bytes, Mapping)) or not isinstance(msgs, (list, tuple)) or not msgs:
+            raise InvalidArgumentError("must be a non-empty list of message dicts", field="messages")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not m.get("role"):
+                raise InvalidArgumentError(f"message {i} must be a dict with a string 'role' (got {quoted(m)})",
+                                           field="messages")
+        object.__setattr__(self, "messages", tuple(msgs))
+        if self.tools is not None:
+            if isinstance(self.tools, (str, bytes, Mapping)) or not isinstance(self.tools, (list, tuple)) or any(
+                    not isinstance(t, Mapping) for t in self.tools):
+                raise InvalidArgumentError("must be a list of tool dicts (JSON schemas)", field="tools")
+            object.__setattr__(self, "tools", tuple(self.tools))
+        if not isinstance(self.add_generation_prompt, bool):
+            raise InvalidArgumentError("must be a boolean", field="add_generation_prompt")
+        kw = self.template_kwargs
+        if not isinstance(kw, Mapping) or any(not isinstance(k, str) for k in kw):
+            raise InvalidArgumentError("must be a dict of template variables", field="chat_template_kwargs")
+        reserved = sorted(_RESERVED_TEMPLATE_VARIABLES.intersection(kw))
+        if reserved:
+            raise InvalidArgumentError(f"{reserved} are set from the request itself", field="chat_template_kwargs")
+
+
 @dataclass(slots=True)
 class TopLogprobs:
     """The top-k alternatives at one position, from the raw (unprocessed) logits."""
@@ -202,6 +244,9 @@ class StreamChunk:
     cached_tokens: int = 0
     routed_experts: np.ndarray | None = None  # (len(token_ids), L, k) int16
     prompt_routed_experts: np.ndarray | None = None  # (P - 1, L, k) int16, once per sample
+    # The text these tokens add to the sample's output, where the front end was asked to decode
+    # (``rollout.detokenize``): never half a character; the deltas of a sample joined are its text.
+    text: str | None = None
 
 
 @dataclass(slots=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import queue
-import uuid
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
+from rollout.detokenize import TextDeltas
 from rollout.engine.messages import (
     AddRequest,
     CheckIntegrity,
@@ -30,27 +30,16 @@ from rollout.engine.messages import (
 )
 from rollout.engine.output_assembly import OutputAssembler
 from rollout.engine.process import start_engine_process, start_engine_thread
-from rollout.engine.request_validation import make_add_request
+from rollout.engine.prompts import Messages, PromptInputs, Prompts, Sampling, Texts, build_requests
 from rollout.errors import InvalidArgumentError, error_from_code
-from rollout.types import (
-    EngineInfo,
-    GenerateOutput,
-    PauseMode,
-    SamplingParams,
-    StreamChunk,
-    as_sampling_params,
-    parse_pause_mode,
-)
+from rollout.model_source import resolve_model_path
+from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk, parse_pause_mode
 from weight_sync.buckets import WireLayout
 from weight_sync.sources import CudaIpcSource, SharedMemorySource, Source, source_from_dict
 
-Prompts = Sequence[int] | Sequence[Sequence[int]] | None
-Texts = str | Sequence[str] | None
-Sampling = SamplingParams | Mapping[str, Any] | None  # a dict is checked like SamplingParams.from_dict
-
 
 class Engine:
-    """An inference engine over one Hugging Face model directory.
+    """An inference engine over one Hugging Face model.
 
     ``Engine("path/to/model", device="cpu", dtype="float32", page_size=1, max_total_tokens=None,
     max_running_requests=256, chunked_prefill_size=4096, ...)``: options are the fields of the
@@ -58,75 +47,35 @@ class Engine:
     ``separate_process=True`` runs the engine loop in its own process rather than a thread.
     ``tp_size=N`` runs N tensor-parallel ranks, one process each (gloo on CPU, NCCL on GPUs
     ``device``, ``device``+1, ...); ``ep_size=N`` likewise, with whole experts per rank.
+
+    The model is a directory, a Hugging Face Hub id (``"Qwen/Qwen3-0.6B"``: fetched into the Hub
+    cache, or taken from it when offline), or nothing: ``Engine()`` runs the embedded default model,
+    a small Qwen3-shaped model with random weights, a byte-level tokenizer and a chat template,
+    written under ``$ROLLOUT_CACHE`` (default ``~/.cache/rollout``) on first use. Its text is
+    random; it is there to try the API and the service anywhere without a download.
     """
 
-    def __init__(self, model_path: str, *, separate_process: bool = False, **options: Any) -> None:
+    def __init__(self, model_path: str | None = None, *, separate_process: bool = False, **options: Any) -> None:
         # separate_process: run the engine loop in a spawned process (as the server does) instead of
         # a thread, so the caller's Python work (e.g. asyncio consumers of many streams) does not
         # compete with the engine loop for the GIL.
         # With tensor-parallel ranks every rank is a process of its own (rank 0 among them).
         several_ranks = options.get("tp_size", 1) != 1 or options.get("ep_size", 1) != 1
         start = start_engine_process if separate_process or several_ranks else start_engine_thread
-        self._client = start(model_path, **options)
+        self._client = start(resolve_model_path(model_path), **options)
         self.tokenizer = self._client.tokenizer
         self.limits = self._client.limits
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ building requests
-    def _requests(
-        self,
-        input_ids: Prompts,
-        text: Texts,
-        sampling_params: Sampling | Sequence[Sampling],
-        return_logprob: bool,
-        return_raw_logprob: bool,
-        top_logprobs_num: int,
-        request_id: str | Sequence[str] | None,
-        stream: bool,
-        return_routed_experts: bool = False,
-    ) -> list[AddRequest]:
-        if input_ids is not None and text is not None:
-            raise InvalidArgumentError("give input_ids or text, not both", field="input_ids")
-        if text is not None:
-            prompts: list[Any] = [text] if isinstance(text, str) else list(text)
-        elif input_ids is not None:
-            batch = len(input_ids) > 0 and not isinstance(input_ids[0], int)
-            prompts = [list(p) for p in input_ids] if batch else [list(input_ids)]
-        else:
-            raise InvalidArgumentError("a prompt is required", field="input_ids")
-        if not prompts:
-            raise InvalidArgumentError("no prompts given", field="input_ids")
-        if isinstance(sampling_params, (list, tuple)):  # one per prompt
-            params = [as_sampling_params(p) for p in sampling_params]
-            if len(params) != len(prompts):
-                raise InvalidArgumentError(
-                    f"{len(params)} sampling params for {len(prompts)} prompts", field="sampling_params"
-                )
-        else:  # one for all: SamplingParams, a dict or None
-            params = [as_sampling_params(sampling_params)] * len(prompts)
-        if request_id is None:
-            base = uuid.uuid4().hex[:12]
-            ids = [f"{base}-{next(self._ids)}" for _ in prompts]
-        else:
-            ids = [request_id] if isinstance(request_id, str) else list(request_id)
-            if len(ids) != len(prompts):
-                raise InvalidArgumentError("one request id per prompt", field="request_id")
-        return [
-            make_add_request(
-                rid,
-                input_ids=None if isinstance(p, str) else p,
-                text=p if isinstance(p, str) else None,
-                sampling=sp,
-                limits=self.limits,
-                tokenizer=self.tokenizer,
-                return_logprob=return_logprob,
-                return_raw_logprob=return_raw_logprob,
-                top_logprobs_num=top_logprobs_num,
-                stream=stream,
-                return_routed_experts=return_routed_experts,
-            )
-            for rid, p, sp in zip(ids, prompts, params)
-        ]
+    def _requests(self, inputs: PromptInputs, sampling_params: Sampling | Sequence[Sampling],
+                  request_id: str | Sequence[str] | None, stream: bool, options: dict[str, Any]) -> list[AddRequest]:
+        known = {"return_logprob", "return_raw_logprob", "top_logprobs_num", "return_routed_experts"}
+        for key in options:
+            if key not in known:
+                raise InvalidArgumentError("unknown argument", field=key)
+        return build_requests(inputs, sampling_params, request_id, self.limits, self.tokenizer, self._ids,
+                              stream=stream, **options)
 
     def _assembler(self, req: AddRequest) -> OutputAssembler:
         return OutputAssembler(req.request_id, req.sampling.n, logprobs=req.return_logprob,
@@ -146,6 +95,9 @@ class Engine:
         sampling_params: Sampling | Sequence[Sampling] = None,
         *,
         text: Texts = None,
+        messages: Messages = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         return_logprob: bool = False,
         return_raw_logprob: bool = False,
         top_logprobs_num: int = 0,
@@ -154,8 +106,10 @@ class Engine:
     ) -> list[GenerateOutput]:
         """Generate for one prompt or a batch; returns ``n`` outputs per prompt, prompt-major.
 
-        ``sampling_params`` is a ``SamplingParams``, a dict of its fields (as the gRPC clients take),
-        or a list with one of those per prompt.
+        The prompt is token ids, ``text``, or ``messages``: a conversation of OpenAI-style dicts (or a
+        list of conversations), rendered with the model's chat template, ``tools`` (JSON schemas) and
+        ``chat_template_kwargs`` handed to the template. ``sampling_params`` is a ``SamplingParams``, a
+        dict of its fields (as the gRPC clients take), or a list with one of those per prompt.
 
         ``return_routed_experts`` (MoE models, engine built with ``enable_return_routed_experts=True``):
         each output gets ``routed_experts`` (one int16 row ``(MoE layers, top_k)`` per output token,
@@ -163,8 +117,10 @@ class Engine:
         before); together they cover every position but the last token, as in SGLang and vLLM. See
         ``GenerateOutput``.
         """
-        reqs = self._requests(input_ids, text, sampling_params, return_logprob, return_raw_logprob,
-                              top_logprobs_num, request_id, stream=False, return_routed_experts=return_routed_experts)
+        inputs = PromptInputs(input_ids, text, messages, tools, chat_template_kwargs)
+        options = dict(return_logprob=return_logprob, return_raw_logprob=return_raw_logprob,
+                       top_logprobs_num=top_logprobs_num, return_routed_experts=return_routed_experts)
+        reqs = self._requests(inputs, sampling_params, request_id, False, options)
         done: queue.Queue = queue.Queue()
         assemblers = {r.request_id: self._assembler(r) for r in reqs}
         submitted: list[str] = []
@@ -191,13 +147,9 @@ class Engine:
         sampling_params: Sampling | Sequence[Sampling] = None,
         **kwargs: Any,
     ) -> list[GenerateOutput]:
-        """asyncio version of ``generate``; cancelling it aborts its requests."""
-        reqs = self._requests(input_ids, kwargs.pop("text", None), sampling_params,
-                              kwargs.pop("return_logprob", False), kwargs.pop("return_raw_logprob", False),
-                              kwargs.pop("top_logprobs_num", 0), kwargs.pop("request_id", None), stream=False,
-                              return_routed_experts=kwargs.pop("return_routed_experts", False))
-        if kwargs:
-            raise InvalidArgumentError("unknown argument", field=next(iter(kwargs)))
+        """asyncio version of ``generate`` (same keywords); cancelling it aborts its requests."""
+        inputs = PromptInputs.pop_from(input_ids, kwargs)
+        reqs = self._requests(inputs, sampling_params, kwargs.pop("request_id", None), False, kwargs)
 
         async def one(req: AddRequest) -> list[GenerateOutput]:
             asm = self._assembler(req)
@@ -214,9 +166,15 @@ class Engine:
         sampling_params: Sampling = None,
         **kwargs: Any,
     ) -> Iterator[StreamChunk]:
-        """Chunks of new tokens for one prompt (all its ``n`` samples, told apart by ``index``)."""
+        """Chunks of new tokens for one prompt (all its ``n`` samples, told apart by ``index``); the
+        prompt keywords are those of ``generate``. With a tokenizer, each chunk's ``text`` is the text
+        its tokens add (never half a character; a sample's chunks joined give its whole text)."""
         req = self._one_stream_request(input_ids, sampling_params, kwargs)
-        yield from self._client.stream(req)
+        deltas = TextDeltas(self.tokenizer) if self.tokenizer is not None else None
+        for chunk in self._client.stream(req):
+            if deltas is not None:
+                deltas.add(chunk)
+            yield chunk
 
     async def async_stream(
         self,
@@ -226,18 +184,21 @@ class Engine:
     ) -> AsyncIterator[StreamChunk]:
         """asyncio version of ``stream``."""
         req = self._one_stream_request(input_ids, sampling_params, kwargs)
+        deltas = TextDeltas(self.tokenizer) if self.tokenizer is not None else None
         async for chunk in self._client.astream(req):
+            if deltas is not None:
+                deltas.add(chunk)
             yield chunk
 
     def _one_stream_request(self, input_ids: Any, sampling_params: Any, kw: dict[str, Any]) -> AddRequest:
-        text = kw.pop("text", None)
-        reqs = self._requests(
-            None if input_ids is None else [list(input_ids)], None if text is None else [text], sampling_params,
-            kw.pop("return_logprob", False), kw.pop("return_raw_logprob", False), kw.pop("top_logprobs_num", 0),
-            kw.pop("request_id", None), stream=True, return_routed_experts=kw.pop("return_routed_experts", False),
-        )
-        if kw:
-            raise InvalidArgumentError("unknown argument", field=next(iter(kw)))
+        inputs = PromptInputs.pop_from(input_ids, kw)
+        if inputs.text is not None and not isinstance(inputs.text, str):
+            raise InvalidArgumentError("a stream takes one prompt", field="text")
+        if inputs.input_ids is not None and len(inputs.input_ids) and not isinstance(inputs.input_ids[0], int):
+            raise InvalidArgumentError("a stream takes one prompt", field="input_ids")
+        reqs = self._requests(inputs, sampling_params, kw.pop("request_id", None), True, kw)
+        if len(reqs) != 1:
+            raise InvalidArgumentError("a stream takes one prompt", field="messages")
         return reqs[0]
 
     # ------------------------------------------------------------------ control

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
 from rollout.engine.messages import (
     Abort,
@@ -40,6 +40,18 @@ logger = logging.getLogger(__name__)
 
 Sink = Callable[[StreamChunk | RequestFailed], None]
 _DONE = object()
+
+
+class EngineObserver(Protocol):
+    """Sees what passes through an ``EngineClient`` (the server's metrics): requests as they are
+    submitted, each batch of their events as the router hands it over (router thread), and each
+    control call's duration once its reply arrives. Implementations must be thread-safe and quick."""
+
+    def on_submit(self, req: AddRequest) -> None: ...
+
+    def on_events(self, events: list[StreamChunk | RequestFailed]) -> None: ...
+
+    def on_control(self, command: ControlCommand, seconds: float, error_code: str | None) -> None: ...
 
 
 class _AsyncSink:
@@ -97,10 +109,12 @@ class EngineClient:
         last_beat: Callable[[], float] = time.monotonic,
         kill: Callable[[], None] = lambda: None,
         pids: tuple[int, ...] = (),
+        observer: EngineObserver | None = None,
     ) -> None:
         """``send`` / ``recv`` talk to the loop; ``alive`` says whether it still runs; ``last_beat``
         gives the ``time.monotonic()`` of its last heartbeat; ``kill`` stops it by force; ``pids``:
-        the engine's processes, rank 0 first (empty when the loop is a thread of this process)."""
+        the engine's processes, rank 0 first (empty when the loop is a thread of this process);
+        ``observer`` (optional) is told about requests, events and control calls."""
         self.pids = pids
         self._send = send
         self._recv = recv
@@ -110,8 +124,10 @@ class EngineClient:
         self.limits = limits
         self.tokenizer = tokenizer
         self._lock = threading.Lock()
+        self._observer = observer
         self._sinks: dict[str, tuple[Sink, int]] = {}  # request id -> (sink, samples left)
-        self._calls: dict[int, concurrent.futures.Future] = {}
+        # call id -> (future, command, time.monotonic() when sent)
+        self._calls: dict[int, tuple[concurrent.futures.Future, ControlCommand, float]] = {}
         self._call_ids = itertools.count(1)
         self._dead: str | None = None
         self._closed = False
@@ -132,6 +148,8 @@ class EngineClient:
 
                 raise InvalidArgumentError(f"request id {quoted(req.request_id)} is already in use", field="request_id")
             self._sinks[req.request_id] = (sink, req.sampling.n)
+        if self._observer is not None:
+            self._observer.on_submit(req)
         self._send(req)
 
     def abort(self, request_ids: list[str] | None) -> None:
@@ -211,7 +229,7 @@ class EngineClient:
             if self._dead:
                 raise EngineDeadError(self._dead)
             call_id = next(self._call_ids)
-            self._calls[call_id] = fut
+            self._calls[call_id] = (fut, command, time.monotonic())
         self._send(Control(call_id, command))
         return fut
 
@@ -244,6 +262,8 @@ class EngineClient:
     def _route_events(self, events: list[Event]) -> None:
         """Hand one list of events over, in order; asyncio sinks get one hand-over per loop."""
         batches: dict[asyncio.AbstractEventLoop, list] = {}
+        if self._observer is not None:
+            self._observe(events)
         for ev in events:
             if isinstance(ev, ControlReply):
                 # Chunks produced before the reply (a pause drains the step in flight) go first.
@@ -262,11 +282,23 @@ class EngineClient:
                 logger.warning("dropped %d events for a closed event loop", len(items))
         batches.clear()
 
+    def _observe(self, events: list[Event]) -> None:
+        try:
+            self._observer.on_events([ev for ev in events if not isinstance(ev, ControlReply)])
+        except Exception:  # metrics must never stop the router
+            logger.exception("the engine observer failed")
+
     def _reply(self, ev: ControlReply) -> None:
         with self._lock:
-            fut = self._calls.pop(ev.call_id, None)
-        if fut is None:
+            call = self._calls.pop(ev.call_id, None)
+        if call is None:
             return
+        fut, command, sent = call
+        if self._observer is not None:
+            try:
+                self._observer.on_control(command, time.monotonic() - sent, ev.error_code)
+            except Exception:
+                logger.exception("the engine observer failed")
         if ev.error_code:
             _resolve(fut, error=error_from_code(ev.error_code, ev.error_message or ""))
         else:
@@ -303,7 +335,7 @@ class EngineClient:
                 sink(RequestFailed(rid, EngineDeadError.code, why))
             except Exception:
                 logger.exception("request sink failed")
-        for fut in calls.values():
+        for fut, _, _ in calls.values():
             _resolve(fut, error=EngineDeadError(why))
 
     @property

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from rollout.engine.client import EngineClient
+from rollout.engine.client import EngineClient, EngineObserver
 from rollout.engine.messages import ControlReply, Event
 from rollout.engine.rank_launch import RankLinks, build_rank0, rank_options, spawn_followers
 from rollout.errors import EngineDeadError, error_from_code
@@ -97,11 +97,12 @@ def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: 
     EngineLoop(core, inbox, outbox.put, heart.beat).run()
 
 
-def start_engine_process(model_path: str, **options: Any) -> EngineClient:
+def start_engine_process(model_path: str, *, observer: EngineObserver | None = None, **options: Any) -> EngineClient:
     """Run the engine loop in a child process (spawned, so it owns its CUDA context); with
     ``tp_size`` > 1 one process per rank, rank 0 running the loop.
 
-    Returns once the model is loaded; raises the loader's typed error otherwise.
+    Returns once the model is loaded; raises the loader's typed error otherwise. ``observer`` goes to
+    the ``EngineClient`` (the server's metrics).
     """
     from rollout.config import EngineConfig
 
@@ -158,4 +159,4 @@ def start_engine_process(model_path: str, **options: Any) -> EngineClient:
 
     heart.beat()  # the loop starts beating once it runs; loading the model is not a stall
     return EngineClient(inbox.put, _recv_from(outbox), info, limits, tokenizer, alive=alive, on_close=close,
-                        last_beat=heart.last, kill=kill, pids=tuple(p.pid for p in procs))
+                        last_beat=heart.last, kill=kill, pids=tuple(p.pid for p in procs), observer=observer)

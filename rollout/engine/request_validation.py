@@ -17,7 +17,7 @@ from rollout.errors import (
     ResourceExhaustedError,
     quoted,
 )
-from rollout.types import SamplingParams
+from rollout.types import ChatPrompt, SamplingParams
 
 if TYPE_CHECKING:
     from rollout.tokenizer import Tokenizer
@@ -52,6 +52,17 @@ def check_prompt_size(num_ids: int, text_chars: int, limits: RequestLimits) -> N
         raise OutOfRangeError(
             f"the text prompt has {text_chars} characters, far more than a context of {limits.context_length} "
             "tokens holds", field="text")
+
+
+def chat_prompt_ids(chat: ChatPrompt, tokenizer: Tokenizer | None, limits: RequestLimits) -> list[int]:
+    """The token ids of a conversation: rendered with the model's chat template, then encoded without
+    added special tokens (the template writes them)."""
+    if tokenizer is None:
+        raise InvalidArgumentError("the model has no tokenizer.json; send input_ids", field="messages")
+    text = tokenizer.apply_chat_template(chat.messages, tools=chat.tools,
+                                         add_generation_prompt=chat.add_generation_prompt, **chat.template_kwargs)
+    check_prompt_size(0, len(text), limits)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _check_ids(input_ids: Sequence[int], vocab_size: int) -> list[int]:
@@ -96,14 +107,18 @@ def make_add_request(
     top_logprobs_num: int = 0,
     stream: bool = True,
     return_routed_experts: bool = False,
+    chat: ChatPrompt | None = None,
 ) -> AddRequest:
-    """Validate one prompt and its options; raise a typed error naming the field at fault."""
+    """Validate one prompt (token ids, text, or a ``chat`` rendered with the model's chat template)
+    and its options; raise a typed error naming the field at fault."""
     if not isinstance(request_id, str) or not request_id:
         raise InvalidArgumentError("must be a non-empty string", field="request_id")
-    if input_ids is not None and len(input_ids) > 0 and text:
-        raise InvalidArgumentError("give input_ids or text, not both", field="input_ids")
+    if sum((input_ids is not None and len(input_ids) > 0, bool(text), chat is not None)) > 1:
+        raise InvalidArgumentError("give one of input_ids, text and messages", field="input_ids")
     check_prompt_size(len(input_ids) if input_ids is not None else 0, len(text) if text else 0, limits)
-    if text:
+    if chat is not None:
+        input_ids = chat_prompt_ids(chat, tokenizer, limits)
+    elif text:
         if tokenizer is None:
             raise InvalidArgumentError("the model has no tokenizer.json; send input_ids", field="text")
         input_ids = tokenizer.encode(text)

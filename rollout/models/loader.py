@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import time
 from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from rollout.config import ModelConfig
 from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.errors import InvalidArgumentError, quoted
 from rollout.models.registry import build_model
+
+logger = logging.getLogger(__name__)
 
 _INDEX_FILE = "model.safetensors.index.json"
 
@@ -39,12 +44,25 @@ def checkpoint_files(model_path: str) -> list[str]:
     return paths
 
 
-def iter_checkpoint(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` for every tensor of the checkpoint, one shard open at a time."""
-    for path in checkpoint_files(model_path):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+def iter_checkpoint(model_path: str, progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of the checkpoint, one shard open at a time.
+
+    ``progress``: a progress bar over the checkpoint's bytes (tqdm, on a terminal only) and a log line
+    when done, so a large load shows it is moving."""
+    paths = checkpoint_files(model_path)
+    total = sum(os.path.getsize(p) for p in paths)
+    start = time.monotonic()
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"Loading {len(paths)} safetensors file(s)",
+              disable=None if progress else True, leave=False) as bar:
+        for path in paths:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    bar.update(tensor.numel() * tensor.element_size())
+                    yield name, tensor
+    if progress:
+        seconds = time.monotonic() - start
+        logger.info("read %.2f GB of weights from %d file(s) in %.1f s", total / 1e9, len(paths), seconds)
 
 
 @torch.no_grad()
@@ -83,7 +101,7 @@ def load_model(
     seen: set[str] = set()
 
     def recorded() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in iter_checkpoint(model_path):
+        for name, tensor in iter_checkpoint(model_path, progress=True):
             seen.add(name)
             yield name, tensor
 

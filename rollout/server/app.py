@@ -16,7 +16,7 @@ import contextlib
 import functools
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -24,9 +24,13 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from protos import rollout_pb2
-from rollout.errors import EngineDeadError, InvalidArgumentError, quoted
+from rollout.errors import EngineDeadError, InvalidArgumentError, UnimplementedError, quoted
 from rollout.server.auth import TokenAuthInterceptor
 from rollout.server.servicer import RolloutServicer, add_to_server
+
+if TYPE_CHECKING:
+    from rollout.engine.client import EngineClient, EngineObserver
+    from rollout.server.http.serve import HttpServer
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,43 @@ async def _watch(engine: Any, health: health_aio.HealthServicer, stall_s: float)
         await asyncio.sleep(min(ENGINE_WATCH_S, stall_s / 4))
 
 
+def _http_server(port: int | None, model_name: str | None, host: str, auth_token: str | None,
+                 tls_cert: str | None, tls_key: str | None, stall_s: float, max_request_mb: int) -> HttpServer | None:
+    """The OpenAI-compatible front end on ``port`` (None: none), its socket bound now."""
+    if port is None:
+        return None
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidArgumentError(f"must be an integer in 0..65535 (got {quoted(port)})", field="http_port")
+    from rollout.default_model import DEFAULT_MODEL_NAME
+
+    try:
+        from rollout.server.http.app import HttpState
+        from rollout.server.http.serve import HttpServer
+        from rollout.server.metrics import ServerMetrics
+    except ImportError as e:
+        raise UnimplementedError(f"--http-port needs the http extra ({e}): pip install 'rollout[http]' "
+                                 "(from a checkout: pip install -e '.[http]')") from None
+
+    name = model_name or DEFAULT_MODEL_NAME
+    state = HttpState(name, auth_token, ServerMetrics(name), stall_timeout_s=stall_s)
+    return HttpServer(state, host, port, max_request_bytes=max_request_mb * 1024 * 1024, grace_s=SHUTDOWN_GRACE_S,
+                      tls_cert=tls_cert, tls_key=tls_key)
+
+
+def _load_engine(model_path: str | None, engine_options: dict[str, Any],
+                 observer: EngineObserver | None = None) -> EngineClient:
+    """Find the model (the default one, a directory, or a Hub id to fetch) and start its engine process."""
+    from rollout.engine.process import start_engine_process
+    from rollout.model_source import resolve_model_path
+
+    path = resolve_model_path(model_path)
+    if model_path is None:
+        logger.info("no --model given: using the embedded default model at %s", path)
+    elif path != model_path:
+        logger.info("%s is in the Hugging Face cache at %s", model_path, path)
+    return start_engine_process(path, observer=observer, **engine_options)
+
+
 async def _set_health(health: health_aio.HealthServicer, status: int) -> None:
     for name in ("", SERVICE_NAME):
         await health.set(name, status)
@@ -92,6 +133,8 @@ async def serve_async(
     stop_event: asyncio.Event | None = None,
     engine_stall_timeout: float = ENGINE_STALL_S,
     max_request_mb: int = MAX_REQUEST_MB,
+    http_port: int | None = None,
+    served_model_name: str | None = None,
     **engine_options: Any,
 ) -> None:
     """Run the server until ``stop_event`` is set (or SIGTERM / SIGINT when none is given)."""
@@ -99,18 +142,13 @@ async def serve_async(
         raise ValueError(f"engine_stall_timeout must be a positive number of seconds, got {engine_stall_timeout!r}")
     if not isinstance(max_request_mb, int) or not 1 <= max_request_mb <= 2047:
         raise ValueError(f"max_request_mb must be in 1..2047, got {max_request_mb!r}")
-    from rollout.engine.process import start_engine_process
-
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         # gRPC would bind some other port for an out-of-range number rather than refuse it.
         raise InvalidArgumentError(f"must be an integer in 0..65535 (got {quoted(port)})", field="port")
 
-    if model_path is None:
-        from rollout.default_model import default_model_path
-
-        model_path = default_model_path()
-        logger.info("no --model given: using the embedded default model at %s", model_path)
     creds = _credentials(tls_cert, tls_key)
+    http = _http_server(http_port, served_model_name or model_path, host, auth_token, tls_cert, tls_key,
+                        engine_stall_timeout, max_request_mb)
     loop = asyncio.get_running_loop()
     if stop_event is None:
         stop_event = asyncio.Event()
@@ -131,13 +169,13 @@ async def serve_async(
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     await server.start()
+    http_task = asyncio.ensure_future(http.run()) if http is not None else None
 
     engine = None
     died = False
     try:
-        load = loop.run_in_executor(
-            None, functools.partial(start_engine_process, model_path, **engine_options)
-        )
+        observer = http.state.metrics if http is not None else None
+        load = loop.run_in_executor(None, functools.partial(_load_engine, model_path, engine_options, observer))
         stop_wait = asyncio.ensure_future(stop_event.wait())
         await asyncio.wait({load, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
@@ -146,6 +184,8 @@ async def serve_async(
         if stop_event.is_set():
             return
         servicer.attach(engine)
+        if http is not None:
+            http.state.engine = engine
         await _set_health(health, health_pb2.HealthCheckResponse.SERVING)
         # The exact form of this line is what scripts wait for (port 0 picks a free port); it comes
         # only once the model is loaded and health is SERVING, never for a server that fails to start.
@@ -157,9 +197,11 @@ async def serve_async(
         if len(engine.pids) > 1:
             logger.info("engine ranks 0..%d run as processes %s", len(engine.pids) - 1,
                         " ".join(map(str, engine.pids)))
+        if http is not None:
+            print(f"rollout HTTP server (OpenAI API) at {http.url}", flush=True)
         logger.info(
             "serving %s (context %d, %d KV tokens)",
-            model_path,
+            engine.info.model_path,
             engine.info.context_length,
             engine.info.kv_total_tokens,
         )
@@ -173,6 +215,8 @@ async def serve_async(
             logger.info("shutting down: aborting running requests")
     finally:
         servicer.begin_shutdown()
+        if http is not None:
+            http.state.shutting_down = True
         await health.enter_graceful_shutdown()
         stopping = asyncio.ensure_future(server.stop(SHUTDOWN_GRACE_S))
         if engine is not None:
@@ -182,6 +226,9 @@ async def serve_async(
             # Aborted requests send their final chunks; the streams end before the grace runs out.
             engine.abort(None)
         await stopping
+        if http is not None and http_task is not None:
+            http.stop()  # its streams ended with the abort above
+            await asyncio.wait({http_task}, timeout=SHUTDOWN_GRACE_S + 1)
         if engine is not None:
             await loop.run_in_executor(None, functools.partial(engine.shutdown, ENGINE_STOP_S))
         logger.info("server stopped")
@@ -199,10 +246,15 @@ def serve(
     enable_control: bool = True,
     engine_stall_timeout: float = ENGINE_STALL_S,
     max_request_mb: int = MAX_REQUEST_MB,
+    http_port: int | None = None,
+    served_model_name: str | None = None,
     **engine_options: Any,
 ) -> None:
-    """Serve ``rollout.v1.Rollout`` for the model at ``model_path`` (None: the embedded default model).
+    """Serve ``rollout.v1.Rollout`` for the model at ``model_path``: a directory, a Hugging Face Hub id
+    (fetched into the Hub cache), or None for the embedded default model.
 
+    With ``http_port``, the OpenAI-compatible HTTP API (``rollout.server.http``) is served there too,
+    on the same engine, host, token and TLS, under ``served_model_name`` (default: ``model_path``).
     Blocks until SIGTERM or SIGINT. ``engine_options`` go to the engine (device, dtype, page_size,
     max_total_tokens, max_running_requests, chunked_prefill_size, ...). Raises the engine's error
     if the model cannot be loaded, and ``EngineDeadError`` if the engine process dies while serving.
@@ -211,6 +263,7 @@ def serve(
         asyncio.run(
             serve_async(
                 model_path, host, port, auth_token, tls_cert, tls_key, enable_control,
-                engine_stall_timeout=engine_stall_timeout, max_request_mb=max_request_mb, **engine_options
+                engine_stall_timeout=engine_stall_timeout, max_request_mb=max_request_mb, http_port=http_port,
+                served_model_name=served_model_name, **engine_options
             )
         )

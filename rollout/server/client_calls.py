@@ -13,9 +13,11 @@ from protos import rollout_pb2 as pb
 from rollout.engine.output_assembly import OutputAssembler
 from rollout.errors import EngineDeadError, InvalidArgumentError, RolloutError, UnavailableError
 from rollout.server import convert
-from rollout.types import GenerateOutput, SamplingParams, StreamChunk, as_sampling_params
+from rollout.types import ChatPrompt, GenerateOutput, SamplingParams, StreamChunk, as_sampling_params
 
-Prompt = Sequence[int] | str
+Messages = Sequence[Mapping[str, Any]] | None
+# Token ids, text, or a chat: a ``ChatPrompt`` or a list of message dicts.
+Prompt = Sequence[int] | str | ChatPrompt | Sequence[Mapping[str, Any]]
 Sampling = SamplingParams | Mapping[str, Any] | None
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # How long a call that failed with UNAVAILABLE waits for its channel to be connected before the client
@@ -34,7 +36,9 @@ class GenerateCall:
                  return_text: bool = False, stream: bool = True, return_routed_experts: bool = False) -> None:
         sampling_params = as_sampling_params(sampling_params)
         self.request_id = request_id or uuid.uuid4().hex  # known up front, so the caller can abort it
-        self.want_text = return_text or isinstance(prompt, str)
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], Mapping):
+            prompt = ChatPrompt(prompt)
+        self.want_text = return_text or isinstance(prompt, (str, ChatPrompt))
         self.flags = dict(logprobs=return_logprob, raw_logprobs=return_raw_logprob,
                           top_logprobs=top_logprobs_num > 0, routed_experts=return_routed_experts)
         self.request = convert.generate_request_to_proto(
@@ -44,8 +48,8 @@ class GenerateCall:
         self.assembler = OutputAssembler(self.request_id, sampling_params.n, **self.flags)
 
     def chunk(self, msg: pb.GenerateResponse) -> StreamChunk:
-        """One response as a ``StreamChunk``."""
-        return convert.chunk_from_proto(msg, **self.flags)
+        """One response as a ``StreamChunk`` (its ``text``: the text it adds, when text was asked for)."""
+        return convert.chunk_from_proto(msg, **self.flags, text=self.want_text)
 
     def add(self, msg: pb.GenerateResponse) -> None:
         """Fold one response into the final outputs."""
@@ -60,12 +64,18 @@ class GenerateCall:
         return self.assembler.outputs
 
 
-def resolve_prompt(prompt: Prompt | None, input_ids: Sequence[int] | None, text: str | None) -> Prompt:
-    """The one prompt given positionally or as ``input_ids=`` / ``text=`` (like ``Engine.generate``)."""
-    given = [p for p in (prompt, input_ids, text) if p is not None]
+def resolve_prompt(prompt: Prompt | None, input_ids: Sequence[int] | None, text: str | None,
+                   messages: Messages = None, tools: Messages = None) -> Prompt:
+    """The one prompt given positionally or as ``input_ids=`` / ``text=`` / ``messages=`` (with
+    ``tools``), like ``Engine.generate``."""
+    given = [p for p in (prompt, input_ids, text, messages) if p is not None]
     if len(given) != 1:
-        raise InvalidArgumentError("give exactly one prompt: token ids or text", field="prompt")
-    return given[0]
+        raise InvalidArgumentError("give exactly one prompt: token ids, text or messages", field="prompt")
+    if tools is not None:
+        if messages is None:
+            raise InvalidArgumentError("tools go with messages", field="tools")
+        return ChatPrompt(messages, tools)
+    return ChatPrompt(messages) if messages is not None else given[0]
 
 
 def rpc_error(e: grpc.RpcError, channel: grpc.Channel | None = None, target: str = "") -> RolloutError:

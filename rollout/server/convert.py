@@ -15,7 +15,9 @@ import numpy as np
 from protos import rollout_pb2 as pb
 from rollout.engine.messages import AddRequest
 from rollout.errors import InvalidArgumentError, RolloutError, error_from_code, quoted
+from rollout.server.convert_chat import chat_from_proto, chat_to_proto
 from rollout.types import (
+    ChatPrompt,
     EngineInfo,
     FinishReason,
     PauseMode,
@@ -105,6 +107,7 @@ def add_request_from_proto(
         request_id,
         input_ids=list(msg.input_ids) or None,
         text=msg.text or None,
+        chat=chat_from_proto(msg),
         sampling=sampling,
         limits=limits,
         tokenizer=tokenizer,
@@ -117,7 +120,7 @@ def add_request_from_proto(
 
 
 def generate_request_to_proto(
-    prompt: Sequence[int] | str,
+    prompt: Sequence[int] | str | ChatPrompt,
     sampling_params: SamplingParams | Mapping[str, Any] | None = None,
     *,
     request_id: str = "",
@@ -128,7 +131,7 @@ def generate_request_to_proto(
     return_text: bool = False,
     return_routed_experts: bool = False,
 ) -> pb.GenerateRequest:
-    """Build a ``GenerateRequest`` from token ids or a text prompt."""
+    """Build a ``GenerateRequest`` from token ids, a text prompt or a chat."""
     msg = pb.GenerateRequest(
         return_routed_experts=return_routed_experts,
         request_id=request_id,
@@ -141,6 +144,8 @@ def generate_request_to_proto(
     )
     if isinstance(prompt, str):
         msg.text = prompt
+    elif isinstance(prompt, ChatPrompt):
+        chat_to_proto(prompt, msg)
     else:
         try:
             msg.input_ids.extend(prompt)
@@ -192,7 +197,8 @@ def finish_reason_from_proto(value: int) -> FinishReason | None:
 
 
 def chunk_to_proto(chunk: StreamChunk, text: str | None = None) -> pb.GenerateResponse:
-    """Pack one ``StreamChunk`` (``text``: the sample's decoded output, on its last chunk)."""
+    """Pack one ``StreamChunk`` (``text``: the sample's decoded output, on its last chunk; the chunk's
+    own ``text``, when set, goes out as ``text_delta``)."""
     msg = pb.GenerateResponse(
         request_id=chunk.request_id,
         index=chunk.index,
@@ -220,6 +226,8 @@ def chunk_to_proto(chunk: StreamChunk, text: str | None = None) -> pb.GenerateRe
         msg.routed_experts.CopyFrom(int_array_to_proto(chunk.routed_experts))
     if chunk.prompt_routed_experts is not None:
         msg.prompt_routed_experts.CopyFrom(int_array_to_proto(chunk.prompt_routed_experts))
+    if chunk.text:
+        msg.text_delta = chunk.text
     return msg
 
 
@@ -230,8 +238,9 @@ def chunk_from_proto(
     raw_logprobs: bool = False,
     top_logprobs: bool = False,
     routed_experts: bool = False,
+    text: bool = False,
 ) -> StreamChunk:
-    """Unpack one response; the flags say which optional lists the request asked for (else None)."""
+    """Unpack one response; the flags say which optional values the request asked for (else None)."""
     kind = msg.WhichOneof("matched_stop")
     matched: int | str | None = None if kind is None else getattr(msg, kind)
     return StreamChunk(
@@ -254,6 +263,7 @@ def chunk_from_proto(
         if routed_experts and msg.HasField("routed_experts") else None,
         prompt_routed_experts=int_array_from_proto(msg.prompt_routed_experts, "prompt_routed_experts")
         if routed_experts and msg.HasField("prompt_routed_experts") else None,
+        text=msg.text_delta if text else None,
     )
 
 

@@ -16,6 +16,7 @@ import grpc
 
 from protos import rollout_pb2 as pb
 from protos import rollout_pb2_grpc
+from rollout.detokenize import TextDeltas
 from rollout.engine.messages import (
     Continue,
     ControlCommand,
@@ -209,18 +210,19 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
             raise EngineDeadError("the server is shutting down")
         rid = request.request_id or uuid.uuid4().hex
         add = convert.add_request_from_proto(request, rid, engine.limits, engine.tokenizer)
-        want_text = request.return_text or bool(request.text)
+        want_text = request.return_text or bool(request.text) or bool(request.messages_json)
         if want_text and engine.tokenizer is None:
             raise InvalidArgumentError("the model has no tokenizer.json to decode with", field="return_text")
-        # Decoded text goes on each sample's last chunk, so keep its ids until then.
-        outputs: dict[int, list[int]] = {}
+        # Streamed chunks carry the text they add; each sample's last chunk also its whole text.
+        deltas = TextDeltas(engine.tokenizer) if want_text else None
         async for chunk in engine.astream(add):
             text = None
-            if want_text:
-                ids = outputs.setdefault(chunk.index, [])
-                ids.extend(chunk.token_ids)
+            if deltas is not None:
+                sample = deltas.add(chunk)
                 if chunk.finished:
-                    text = engine.tokenizer.decode(outputs.pop(chunk.index))
+                    text = sample.text
+                if not add.stream:  # one chunk per sample: its delta would repeat the text
+                    chunk.text = None
             yield convert.chunk_to_proto(chunk, text)
 
     @_unary

@@ -13,6 +13,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from rollout.types import SamplingParams, StreamChunk
 
 # Real model shapes for benchmarks with random weights (dicts of write_random_model options).
@@ -89,10 +91,13 @@ StreamFn = Callable[[list[int], SamplingParams], AsyncIterator[StreamChunk]]
 
 
 async def run_streams(stream: StreamFn, prompts: list[list[int]], params: list[SamplingParams],
-                      concurrency: int | None = None) -> tuple[list[RequestRecord], float]:
+                      concurrency: int | None = None, progress: str | None = None,
+                      ) -> tuple[list[RequestRecord], float]:
     """Stream every request (at most ``concurrency`` in flight) and time its chunks; returns records
-    and the wall time. A request fails (``ok`` false) if it raises or ends short of max_new_tokens."""
+    and the wall time. A request fails (``ok`` false) if it raises or ends short of max_new_tokens.
+    ``progress``: the label of a progress bar of finished requests (on stderr, on a terminal only)."""
     gate = asyncio.Semaphore(concurrency or len(prompts) or 1)
+    bar = tqdm(total=len(prompts), desc=progress, unit="req", disable=None if progress else True, leave=False)
 
     async def one(prompt: list[int], sp: SamplingParams) -> RequestRecord:
         async with gate:
@@ -106,10 +111,12 @@ async def run_streams(stream: StreamFn, prompts: list[list[int]], params: list[S
             except Exception as e:  # a failed request is counted, not fatal
                 print(f"request failed: {type(e).__name__}: {e}")
                 rec.ok = False
+            bar.update(1)
             return rec
 
     t0 = time.perf_counter()
-    records = await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)))
+    with bar:
+        records = await asyncio.gather(*(one(p, sp) for p, sp in zip(prompts, params)))
     return list(records), time.perf_counter() - t0
 
 

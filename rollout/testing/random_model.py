@@ -2,7 +2,8 @@
 
 The directory holds config.json, generation_config.json, safetensors weights (one file, or shards
 plus model.safetensors.index.json) with HF tensor names, and a byte-level BPE tokenizer
-(tokenizer.json, tokenizer_config.json). Everything is deterministic in ``seed``.
+(tokenizer.json, tokenizer_config.json with a ChatML chat template that takes tools). Everything is
+deterministic in ``seed``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from rollout.errors import InvalidArgumentError, quoted
+from rollout.testing.chat_format import CHATML_TOOLS_TEMPLATE
 
 ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
@@ -258,6 +260,7 @@ def write_random_model(
         "model_max_length": max_position_embeddings,
         "add_bos_token": False,
         "add_eos_token": False,
+        "chat_template": CHATML_TOOLS_TEMPLATE,
     }
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
         json.dump(tok_cfg, f, indent=2)

@@ -40,6 +40,7 @@ class ServerProcess:
             env=full_env,
         )
         self.address = self._wait_for_address()
+        self._http_url: str | None = None
 
     def log(self) -> str:
         with open(self.log_path) as f:
@@ -56,6 +57,18 @@ class ServerProcess:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"server did not start:\n{self.log()}")
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible HTTP API (a server started with --http-port)."""
+        if self._http_url is None:
+            deadline = time.monotonic() + 10  # printed right after the gRPC line
+            while (m := re.search(r"HTTP server \(OpenAI API\) at (\S+)", self.log())) is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no HTTP address in the server's log:\n{self.log()}")
+                time.sleep(0.05)
+            self._http_url = m.group(1)
+        return self._http_url
 
     def wait_ready(self, token: str | None = None) -> None:
         with RolloutClient(self.address, token=token) as c:
@@ -131,10 +144,14 @@ def start_server(tmp_path_factory) -> Iterator[Callable[..., ServerProcess]]:
         server.stop()
 
 
+SERVED_MODEL = "tiny-qwen3"
+
+
 @pytest.fixture(scope="session")
 def server(start_server, tiny_model) -> ServerProcess:
-    """The shared server: tiny model, token auth on."""
-    return start_server("--model", tiny_model, "--auth-token", TOKEN, token=TOKEN)
+    """The shared server: tiny model, token auth on, the OpenAI-compatible HTTP API beside gRPC."""
+    return start_server("--model", tiny_model, "--auth-token", TOKEN, "--http-port", "0",
+                        "--served-model-name", SERVED_MODEL, token=TOKEN)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+from rollout.default_model import DEFAULT_MODEL_NAME
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -27,8 +29,8 @@ def test_default_model_written_once_atomically_and_deterministically(tmp_path):
     ]
     paths = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    assert paths[0] == paths[1] == os.path.join(cache, "default-qwen3-tiny-v1")
-    assert os.listdir(cache) == ["default-qwen3-tiny-v1"]  # no temporary directory left behind
+    assert paths[0] == paths[1] == os.path.join(cache, DEFAULT_MODEL_NAME)
+    assert os.listdir(cache) == [DEFAULT_MODEL_NAME]  # no temporary directory left behind
 
     from rollout.config import ModelConfig
     from rollout.default_model import default_model_path

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 
+import httpx
 import pytest
 
 from rollout.errors import RolloutError
@@ -15,7 +17,7 @@ from tests.waiting import DeadlineClient
 
 @pytest.fixture(scope="module")
 def locked_server(start_server, tiny_model):
-    return start_server("--model", tiny_model, "--disable-control")
+    return start_server("--model", tiny_model, "--disable-control", "--http-port", "0")
 
 
 def test_control_rpcs_are_denied_when_disabled(locked_server):
@@ -43,10 +45,18 @@ def test_sigterm_aborts_running_streams_and_exits(locked_server):
     children = locked_server.children()
     assert locked_server.engine_pid() in children
     sp = SamplingParams(temperature=0.0, max_new_tokens=1500, ignore_eos=True)
-    with DeadlineClient(locked_server.address) as c:
+    body = {"model": "any", "prompt": [1, 2, 3], "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    body["model"] = httpx.get(f"{locked_server.http_url}/v1/models").json()["data"][0]["id"]
+    with DeadlineClient(locked_server.address) as c, httpx.Client(timeout=30) as http, \
+            http.stream("POST", f"{locked_server.http_url}/v1/completions", json=body) as reply:
+        events = reply.iter_lines()
+        assert next(events).startswith("data: ")
         streams = [c.stream([i + 1, i + 2, i + 3], sp) for i in range(3)]
         received = [list(next(s).token_ids) for s in streams]
         locked_server.proc.send_signal(signal.SIGTERM)
+        # The HTTP stream ends too, with its partial output and reason abort.
+        data = [json.loads(line[6:]) for line in events if line.startswith("data: {")]
+        assert data[-1]["choices"][0]["finish_reason"] == "abort"
         for ids, stream in zip(received, streams):
             last = None
             for ch in stream:

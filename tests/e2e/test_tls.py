@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+import httpx
 import pytest
 
 from rollout.client import RolloutClient
@@ -27,7 +28,8 @@ def certificate(tmp_path_factory) -> tuple[str, str]:
 
 def test_tls_server_serves_trusting_clients_and_refuses_plaintext(tiny_model, certificate, tmp_path) -> None:
     cert, key = certificate
-    server = ServerProcess(["--model", tiny_model, "--tls-cert", cert, "--tls-key", key], str(tmp_path / "log"))
+    server = ServerProcess(["--model", tiny_model, "--tls-cert", cert, "--tls-key", key, "--http-port", "0"],
+                           str(tmp_path / "log"))
     try:
         with RolloutClient(server.address, tls_ca=cert) as client:
             client.wait_ready(120)
@@ -37,5 +39,10 @@ def test_tls_server_serves_trusting_clients_and_refuses_plaintext(tiny_model, ce
             with pytest.raises(RolloutError) as err:
                 plain.generate([5, 6, 7], SamplingParams(max_new_tokens=2))
             assert err.value.code == "UNAVAILABLE"
+        # The HTTP API serves TLS with the same certificate, and nothing in plaintext.
+        assert server.http_url.startswith("https://")
+        assert httpx.get(f"{server.http_url}/health", verify=cert, timeout=10).json() == {"status": "ok"}
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(server.http_url.replace("https://", "http://") + "/health", timeout=10)
     finally:
         assert server.stop() == 0, server.log()
