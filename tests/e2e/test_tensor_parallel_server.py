@@ -13,7 +13,7 @@ import weight_sync
 from rollout.errors import RolloutError
 from rollout.types import SamplingParams
 from tests.unit.test_weight_sync import GREEDY, PROMPTS, expected, perturbed  # noqa: F401 (fixtures)
-from tests.waiting import DeadlineClient
+from tests.waiting import DeadlineClient, process_running
 
 BUCKET = 16 << 10  # several buckets for the tiny model
 
@@ -65,14 +65,6 @@ def test_a_killed_rank_makes_the_server_unavailable_and_exit(start_server, model
     assert server.proc.wait(30) == 1
     assert "engine process died" in server.log()
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{rank0}") and _state(rank0) != "Z":
+    while process_running(rank0):
         assert time.monotonic() < deadline, "rank 0 outlived the server"
         time.sleep(0.05)
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
