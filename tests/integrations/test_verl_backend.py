@@ -68,19 +68,25 @@ def _config(model_dir: str):
 @pytest.fixture(scope="module")
 def verl_setup(tmp_path_factory):
     """Ray with one fake GPU, verl's LLMServerManager with one of our replicas (standalone)."""
-    from verl.workers.rollout.llm_server import LLMServerManager
-
     model_a = write_random_model(str(tmp_path_factory.mktemp("model-a")), "qwen3", seed=0)
     model_b = write_random_model(str(tmp_path_factory.mktemp("model-b")), "qwen3", seed=1)
     config = _config(model_a)
+    yield from serve_replicas(config, num_gpus=1, models=(model_a, model_b))
+
+
+def serve_replicas(config, num_gpus: int, models: tuple[str, str]):
+    """Ray with ``num_gpus`` fake GPUs and verl's LLMServerManager over our replicas (standalone);
+    yields (config, manager, *models) and shuts everything down after."""
+    from verl.workers.rollout.llm_server import LLMServerManager
+
     env = {"VERL_USE_EXTERNAL_MODULES": "integrations.verl", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": env})
     manager = None
     try:
         manager = LLMServerManager.create(config=config, worker_group=None)
-        yield config, manager, model_a, model_b
+        yield (config, manager, *models)
     finally:
         for replica in manager.get_replicas() if manager is not None else []:
             ray.get(replica.server_handle.shutdown.remote(), timeout=CALL_TIMEOUT_S)

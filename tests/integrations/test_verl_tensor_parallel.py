@@ -7,8 +7,6 @@ weights both workers receive reach both engine ranks by one push.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 pytest.importorskip("verl", reason="verl is not installed (pip install -e '.[verl]')")
@@ -19,34 +17,22 @@ from rollout.client import RolloutClient  # noqa: E402
 from rollout.testing.random_model import write_random_model  # noqa: E402
 from tests.integrations.test_verl_backend import (  # noqa: E402
     CALL_TIMEOUT_S,
-    REPO,
     _config,
     _generate,
     _greedy_reference,
     _hf_tensors,
+    serve_replicas,
 )
 
 
 @pytest.fixture(scope="module")
 def tp_setup(tmp_path_factory):
-    from verl.workers.rollout.llm_server import LLMServerManager
-
     model_a = write_random_model(str(tmp_path_factory.mktemp("model-a")), "qwen3", seed=0)
     model_b = write_random_model(str(tmp_path_factory.mktemp("model-b")), "qwen3", seed=1)
     config = _config(model_a)
     config.actor_rollout_ref.rollout.tensor_model_parallel_size = 2
     config.actor_rollout_ref.rollout.n_gpus_per_node = 2
-    env = {"VERL_USE_EXTERNAL_MODULES": "integrations.verl", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-    ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
-    manager = None
-    try:
-        manager = LLMServerManager.create(config=config, worker_group=None)
-        yield config, manager, model_a, model_b
-    finally:
-        for replica in manager.get_replicas() if manager is not None else []:
-            ray.get(replica.server_handle.shutdown.remote(), timeout=CALL_TIMEOUT_S)
-        ray.shutdown()
+    yield from serve_replicas(config, num_gpus=2, models=(model_a, model_b))
 
 
 def test_a_two_rank_replica_serves_and_takes_weights_once(tp_setup):
