@@ -16,11 +16,17 @@ from protos import rollout_pb2 as pb
 from rollout.engine.messages import AddRequest
 from rollout.errors import InvalidArgumentError, RolloutError, error_from_code, quoted
 from rollout.server.convert_chat import chat_from_proto, chat_to_proto
+
+# Re-exported: callers find every conversion here; these live in convert_info.py.
+from rollout.server.convert_info import info_from_proto as info_from_proto
+from rollout.server.convert_info import info_to_proto as info_to_proto
+from rollout.server.convert_info import memory_from_proto as memory_from_proto
+from rollout.server.convert_info import memory_to_proto as memory_to_proto
+from rollout.server.convert_info import pause_mode_from_proto as pause_mode_from_proto
+from rollout.server.convert_info import pause_mode_to_proto as pause_mode_to_proto
 from rollout.types import (
     ChatPrompt,
-    EngineInfo,
     FinishReason,
-    PauseMode,
     SamplingParams,
     StreamChunk,
     TopLogprobs,
@@ -51,12 +57,6 @@ _FINISH_TO_PROTO = {
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
 }
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
-_PAUSE_TO_PROTO = {
-    PauseMode.ABORT: pb.PAUSE_MODE_ABORT,
-    PauseMode.RETRACT: pb.PAUSE_MODE_RETRACT,
-    PauseMode.IN_PLACE: pb.PAUSE_MODE_IN_PLACE,
-}
-_PAUSE_FROM_PROTO = {v: k for k, v in _PAUSE_TO_PROTO.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,31 +271,6 @@ def chunk_from_proto(
 # Control
 
 
-def pause_mode_from_proto(value: int) -> PauseMode:
-    """Proto enum value to ``PauseMode``; UNSPECIFIED (a request that left ``mode`` unset) is ABORT,
-    as in SGLang's pause; unknown values are rejected."""
-    if value == pb.PAUSE_MODE_UNSPECIFIED:
-        return PauseMode.ABORT
-    try:
-        return _PAUSE_FROM_PROTO[value]
-    except KeyError:
-        raise InvalidArgumentError(
-            f"must be ABORT, RETRACT or IN_PLACE (got {value})", field="mode"
-        ) from None
-
-
-def pause_mode_to_proto(mode: PauseMode | str | None) -> int:
-    """``PauseMode`` (or its string value; None = UNSPECIFIED) to the proto enum value."""
-    if mode is None:
-        return pb.PAUSE_MODE_UNSPECIFIED
-    try:
-        return _PAUSE_TO_PROTO[PauseMode(mode)]
-    except ValueError:
-        raise InvalidArgumentError(
-            f"must be abort, retract or in_place (got {quoted(mode)})", field="mode"
-        ) from None
-
-
 def abort_ids_from_proto(msg: pb.AbortRequest) -> list[str] | None:
     """The ids to abort, or None for all; exactly one of ``request_ids`` and ``all`` must be given."""
     if msg.all and msg.request_ids:
@@ -305,81 +280,6 @@ def abort_ids_from_proto(msg: pb.AbortRequest) -> list[str] | None:
     if not msg.request_ids:
         raise InvalidArgumentError("give request ids to abort, or set all", field="request_ids")
     return list(msg.request_ids)
-
-
-def info_to_proto(info: EngineInfo) -> pb.GetInfoResponse:
-    """Pack an ``EngineInfo`` snapshot."""
-    msg = pb.GetInfoResponse(
-        model_path=info.model_path,
-        architecture=info.architecture,
-        context_length=info.context_length,
-        vocab_size=info.vocab_size,
-        weight_version=info.weight_version,
-        weights_valid=info.weights_valid,
-        paused=info.paused,
-        pause_mode=pause_mode_to_proto(info.pause_mode),
-        num_waiting=info.num_waiting,
-        num_running=info.num_running,
-        num_paused=info.num_paused,
-        kv_total_tokens=info.kv_total_tokens,
-        kv_used_tokens=info.kv_used_tokens,
-        kv_cached_tokens=info.kv_cached_tokens,
-        page_size=info.page_size,
-        num_retractions=info.num_retractions,
-        device=info.device,
-        dtype=info.dtype,
-        version=info.version,
-        tp_size=info.tp_size,
-        deterministic=info.deterministic,
-    )
-    _memory_into(msg.memory, info.memory)
-    for rank, states in enumerate(info.rank_memory):
-        entry = msg.rank_memory.add(rank=rank)
-        _memory_into(entry.memory, states)
-    return msg
-
-
-def _memory_into(field: Any, states: dict[str, dict[str, Any]]) -> None:
-    for tag, state in states.items():
-        field[tag].state = str(state.get("state", ""))
-        field[tag].bytes = int(state.get("bytes", 0))
-        field[tag].backup = bool(state.get("backup", False))
-
-
-def _memory_from(field: Any) -> dict[str, dict[str, Any]]:
-    return {tag: {"state": m.state, "bytes": m.bytes, "backup": m.backup} for tag, m in field.items()}
-
-
-def info_from_proto(msg: pb.GetInfoResponse) -> EngineInfo:
-    """Unpack a ``GetInfoResponse``."""
-    mode = (
-        None if msg.pause_mode == pb.PAUSE_MODE_UNSPECIFIED else pause_mode_from_proto(msg.pause_mode).value
-    )
-    return EngineInfo(
-        model_path=msg.model_path,
-        architecture=msg.architecture,
-        context_length=msg.context_length,
-        vocab_size=msg.vocab_size,
-        weight_version=msg.weight_version,
-        weights_valid=msg.weights_valid,
-        paused=msg.paused,
-        pause_mode=mode,
-        num_waiting=msg.num_waiting,
-        num_running=msg.num_running,
-        num_paused=msg.num_paused,
-        kv_total_tokens=msg.kv_total_tokens,
-        kv_used_tokens=msg.kv_used_tokens,
-        kv_cached_tokens=msg.kv_cached_tokens,
-        page_size=msg.page_size,
-        num_retractions=msg.num_retractions,
-        device=msg.device,
-        dtype=msg.dtype,
-        memory=_memory_from(msg.memory),
-        version=msg.version,
-        tp_size=msg.tp_size or 1,
-        rank_memory=[_memory_from(r.memory) for r in sorted(msg.rank_memory, key=lambda r: r.rank)],
-        deterministic=msg.deterministic,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,15 +295,3 @@ def error_from_status(code: grpc.StatusCode | None, details: str | None) -> Roll
     """Rebuild a typed error from a gRPC status; ``code`` keeps the status name even without a subclass."""
     name = code.name if code is not None else "UNKNOWN"
     return error_from_code(name, details or name)
-
-
-def memory_to_proto(states: dict[str, dict[str, Any]]) -> pb.MemoryResponse:
-    """``{tag: {"state", "bytes", "backup"}}`` -> MemoryResponse."""
-    return pb.MemoryResponse(memory={
-        tag: pb.MemoryState(state=str(s["state"]), bytes=int(s["bytes"]), backup=bool(s.get("backup", False)))
-        for tag, s in states.items()
-    })
-
-
-def memory_from_proto(msg: pb.MemoryResponse) -> dict[str, dict[str, Any]]:
-    return {tag: {"state": m.state, "bytes": m.bytes, "backup": m.backup} for tag, m in msg.memory.items()}
