@@ -22,7 +22,7 @@ from rollout.server import convert
 from rollout.server import convert_weights as cw
 from rollout.server.auth import bearer_metadata
 from rollout.server.client_calls import DEFAULT_GROUP, SERVING, Prompt, Sampling
-from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk
+from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk, SwapResult
 
 __all__ = ["AsyncRolloutClient"]
 
@@ -174,20 +174,27 @@ class AsyncRolloutClient:
         request = pb.DestroyWeightUpdateGroupRequest(group_name=group_name)
         return (await self._unary(self._stub.DestroyWeightUpdateGroup, request)).group_name
 
-    async def update_weights_from_distributed(self, **layout: Any) -> int:
-        """Receive tensors broadcast by the trainer; returns the new weight version."""
+    async def update_weights_from_distributed(self, **layout: Any) -> int | SwapResult:
+        """Receive tensors broadcast by the trainer; returns the new weight version
+        (``swap=True``: a ``SwapResult``, see ``Engine.update_weights_from_distributed``)."""
         request = cw.distributed_to_proto(**layout)
-        return (await self._unary(self._stub.UpdateWeightsFromDistributed, request)).weight_version
+        reply = await self._unary(self._stub.UpdateWeightsFromDistributed, request)
+        return cw.update_result_from_proto(reply, request.swap)
 
-    async def update_weights_from_tensor(self, **layout: Any) -> int:
-        """Load colocated tensors shared by handle; returns the new weight version."""
+    async def update_weights_from_tensor(self, **layout: Any) -> int | SwapResult:
+        """Load colocated tensors shared by handle; returns the new weight version
+        (``swap=True``: a ``SwapResult``, see ``Engine.update_weights_from_distributed``)."""
         request = cw.tensor_to_proto(**layout)
-        return (await self._unary(self._stub.UpdateWeightsFromTensor, request)).weight_version
+        reply = await self._unary(self._stub.UpdateWeightsFromTensor, request)
+        return cw.update_result_from_proto(reply, request.swap)
 
-    async def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
-        """Reload weights from a checkpoint directory; returns the new weight version."""
-        request = calls.from_disk_request(model_path, version)
-        return (await self._unary(self._stub.UpdateWeightsFromDisk, request)).weight_version
+    async def update_weights_from_disk(self, model_path: str, version: int | None = None,
+                                       swap: bool = False) -> int | SwapResult:
+        """Reload weights from a checkpoint directory; returns the new weight version (``swap=True``: a
+        ``SwapResult``)."""
+        request = calls.from_disk_request(model_path, version, swap)
+        reply = await self._unary(self._stub.UpdateWeightsFromDisk, request)
+        return cw.update_result_from_proto(reply, swap)
 
     async def release_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Release GPU memory of these tags (None: all)."""

@@ -31,7 +31,7 @@ from rollout.server import convert
 from rollout.server import convert_weights as cw
 from rollout.server.auth import bearer_metadata
 from rollout.server.client_calls import DEFAULT_GROUP, SERVING, Prompt, Sampling
-from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk
+from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk, SwapResult
 
 __all__ = ["RolloutClient", "AsyncRolloutClient", "DEFAULT_GROUP"]
 
@@ -198,21 +198,25 @@ class RolloutClient:
         request = pb.DestroyWeightUpdateGroupRequest(group_name=group_name)
         return self._unary(self._stub.DestroyWeightUpdateGroup, request).group_name
 
-    def update_weights_from_distributed(self, **layout: Any) -> int:
+    def update_weights_from_distributed(self, **layout: Any) -> int | SwapResult:
         """Receive tensors broadcast by the trainer (names, dtypes, shapes, offsets, bucket_sizes,
-        group_name, version); returns the new weight version."""
+        group_name, version); returns the new weight version
+        (``swap=True``: a ``SwapResult``, see ``Engine.update_weights_from_distributed``)."""
         request = cw.distributed_to_proto(**layout)
-        return self._unary(self._stub.UpdateWeightsFromDistributed, request).weight_version
+        return cw.update_result_from_proto(self._unary(self._stub.UpdateWeightsFromDistributed, request), request.swap)
 
-    def update_weights_from_tensor(self, **layout: Any) -> int:
-        """Load colocated tensors shared by handle (layout keywords plus ``sources``); returns the version."""
+    def update_weights_from_tensor(self, **layout: Any) -> int | SwapResult:
+        """Load colocated tensors shared by handle (layout keywords plus ``sources``); returns the version
+        (``swap=True``: a ``SwapResult``)."""
         request = cw.tensor_to_proto(**layout)
-        return self._unary(self._stub.UpdateWeightsFromTensor, request).weight_version
+        return cw.update_result_from_proto(self._unary(self._stub.UpdateWeightsFromTensor, request), request.swap)
 
-    def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
-        """Reload weights from a checkpoint directory; returns the new weight version."""
-        request = calls.from_disk_request(model_path, version)
-        return self._unary(self._stub.UpdateWeightsFromDisk, request).weight_version
+    def update_weights_from_disk(self, model_path: str, version: int | None = None,
+                                 swap: bool = False) -> int | SwapResult:
+        """Reload weights from a checkpoint directory; returns the new weight version (``swap=True``: a
+        ``SwapResult``)."""
+        request = calls.from_disk_request(model_path, version, swap)
+        return cw.update_result_from_proto(self._unary(self._stub.UpdateWeightsFromDisk, request), swap)
 
     def release_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         """Release GPU memory of these tags (None: all); returns the memory state per tag."""
