@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -19,7 +20,13 @@ import weight_sync
 from memory_saver import CudaDriverError
 from rollout import Engine, SamplingParams
 from rollout.config import ModelConfig
+from rollout.control.gate import Blocker, GenerationGate
 from rollout.control.memory_placement import EngineMemory
+from rollout.control.weight_swap import NoRoom
+from rollout.engine.jobs import Background
+from rollout.engine.messages import UpdateWeightsFromDisk
+from rollout.engine.rank_control import RankControl
+from rollout.engine.ranks import RankReport
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from rollout.types import SwapResult
 from tests.hf_oracle import hf_greedy
@@ -200,3 +207,119 @@ def test_partial_swap_keeps_the_other_weights(model_dir, perturbed, expected) ->
         assert logprobs(swapped) == mixed
         assert swapped.update_weights_from_disk(new_dir, swap=True) == SwapResult(2, swapped=True)
         assert outputs(swapped) == expected["new"]
+
+
+def test_every_rank_switches_together(model_dir, perturbed, expected) -> None:
+    """Two tensor-parallel ranks: both receive into shadows and switch at the same step."""
+    weights, _ = perturbed
+    with Engine(model_dir, max_total_tokens=4096, tp_size=2) as engine:
+        streams = Streams(engine, 4)
+        assert streams.advance([0] * 4, 1)
+        with weight_sync.connect([engine], backend="gloo", bucket_bytes=BUCKET, timeout_s=60) as group:
+            assert group.comm.cfg.world_size == 3
+            assert group.push(weights.items(), version=1, swap=True) == SwapResult(1, swapped=True)
+        assert streams.advance(streams.counts(), 2)
+        engine.abort()
+        streams.join()
+        for versions in streams.versions:
+            k = versions.index(1)
+            assert versions == [0] * k + [1] * (len(versions) - k)
+        assert outputs(engine) == expected["new"]
+        assert engine.update_weights_from_disk(model_dir, swap=True) == SwapResult(2, swapped=True)
+        assert outputs(engine) == expected["old"]
+        assert engine.info().weights_valid
+        engine.check_integrity()
+
+
+class _Followers:
+    """Ranks 1 and 2 as rank 0 sees them: every command recorded, each answered with ``reports``."""
+
+    size = 3
+
+    def __init__(self, reports: list[RankReport]) -> None:
+        self.reports = reports
+        self.commands: list[Any] = []
+
+    def control(self, command: Any) -> int:
+        self.commands.append(command)
+        return len(self.commands)
+
+    def wait(self, op: int) -> list[RankReport]:
+        return [replace(r, op=op) for r in self.reports]
+
+
+class _Swap:
+    """Rank 0's own swap, reduced to a log of what rank 0 asked of it."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+    def start(self, cmd: Any) -> Background:
+        return Background(work=lambda: "ready", finish=lambda result: result)
+
+    def drop(self) -> None:
+        self.log.append("drop")
+
+    def failed(self, cmd: Any, error: BaseException) -> None:
+        self.log.append("failed")
+
+    def switch(self) -> SwapResult:
+        self.log.append("switch")
+        return SwapResult(5, swapped=True)
+
+    def fallback(self, cmd: Any, note: str) -> SwapResult:
+        self.log.append("fallback")
+        return SwapResult(5, swapped=False, note=note)
+
+
+class _Versions:
+    def new_kv_epoch(self) -> None:
+        pass
+
+
+def _swap_on_three_ranks(reports: list[RankReport]) -> tuple[Any, _Followers, _Swap, GenerationGate]:
+    """Rank 0 runs a swap update with two other ranks answering ``reports``; returns its outcome."""
+    followers, swap, gate = _Followers(reports), _Swap(), GenerationGate()
+    control = RankControl(followers, None, None, gate, _Versions())  # type: ignore[arg-type]
+    job = control.swap_weights(UpdateWeightsFromDisk("/ckpt", swap=True), swap, lambda: None)  # type: ignore[arg-type]
+    try:
+        outcome: Any = job.finish(job.work())
+    except Exception as e:  # noqa: BLE001 - the test reads it
+        outcome = e
+    return outcome, followers, swap, gate
+
+
+def test_rank_zero_switches_every_rank_or_none() -> None:
+    ready = [RankReport(0, 1, result="ready"), RankReport(0, 2, result="ready")]
+    result, followers, swap, gate = _swap_on_three_ranks(ready)
+    assert result == SwapResult(5, swapped=True) and swap.log == ["switch"]
+    assert [type(c).__name__ for c in followers.commands] == ["UpdateWeightsFromDisk", "SwitchShadow"]
+
+    # One rank without room: every shadow is dropped and every rank takes the pausing path.
+    no_room = [RankReport(0, 1, result="ready"), RankReport(0, 2, result=NoRoom("no room on rank 2"))]
+    result, followers, swap, gate = _swap_on_three_ranks(no_room)
+    assert result == SwapResult(5, swapped=False, note="no room on rank 2") and swap.log == ["drop", "fallback"]
+    sent = followers.commands
+    assert [type(c).__name__ for c in sent] == ["UpdateWeightsFromDisk", "DropShadow", "UpdateWeightsFromDisk"]
+    assert sent[0].swap and not sent[2].swap
+
+    # One rank failing its transfer: every shadow dropped, the error raised, version v serves on.
+    failed = [RankReport(0, 1, result="ready"), RankReport(0, 2, error_code="FAILED_PRECONDITION",
+                                                             error_message="disk read failed")]
+    result, followers, swap, gate = _swap_on_three_ranks(failed)
+    assert isinstance(result, FailedPreconditionError) and "engine rank 2: disk read failed" in str(result)
+    assert swap.log == ["drop"] and type(followers.commands[-1]).__name__ == "DropShadow" and not gate.closed
+
+    # The switch failing on one rank after the others switched: the ranks differ, so generation stops.
+    class SwitchFails(_Followers):
+        def wait(self, op: int) -> list[RankReport]:
+            if type(self.commands[-1]).__name__ != "SwitchShadow":
+                return super().wait(op)
+            return [RankReport(op, 1), RankReport(op, 2, error_code="FAILED_PRECONDITION", error_message="map")]
+
+    followers, swap, gate = SwitchFails(ready), _Swap(), GenerationGate()
+    job = RankControl(followers, None, None, gate, _Versions()).swap_weights(  # type: ignore[arg-type]
+        UpdateWeightsFromDisk("/ckpt", swap=True), swap, lambda: None)  # type: ignore[arg-type]
+    with pytest.raises(FailedPreconditionError, match="engine rank 2: map"):
+        job.finish(job.work())
+    assert gate.blocks(Blocker.WEIGHTS_INVALID) and "differ between engine ranks" in gate.reason()
