@@ -168,7 +168,13 @@ class WeightSwap:
         """The shadow, or None and why there is no room for it."""
         memory = self._runner.memory
         try:
-            arena = memory.shadow_weights_arena()
+            try:
+                arena = memory.shadow_weights_arena()
+            except CudaDriverError:
+                if memory.device.type != "cuda":
+                    raise
+                torch.cuda.empty_cache()  # blocks torch's allocator keeps cached but unused count as room
+                arena = memory.shadow_weights_arena()
         except (CudaDriverError, torch.OutOfMemoryError, MemoryError) as e:
             live = memory.weights_arena.nbytes if memory.weights_arena is not None else 0
             reason = (f"no room for a shadow copy of the weights ({live / 2**30:.2f} GiB) on engine rank "
