@@ -5,6 +5,9 @@
 and takes tensors from them. ``release(tags)`` gives the physical memory back to the driver while
 the virtual addresses stay reserved; ``resume(tags)`` maps new memory at the same addresses (and
 restores a host backup where the tag has one). On CPU the same API frees and re-allocates the storage.
+``region.shadow(arena)`` is a second arena of the same size, and ``arena.adopt(shadow)`` moves the
+shadow's memory behind the arena's addresses (CUDA: an unmap and a map, no copy): the switch of a
+zero-pause weight update.
 """
 
 from memory_saver.arena import Arena, CpuArena, CudaArena, tensor_over

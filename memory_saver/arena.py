@@ -79,6 +79,23 @@ class Arena(ABC):
         self._state = MemoryState.ACTIVE
         return True
 
+    def adopt(self, shadow: Arena) -> None:
+        """Make ``shadow``'s contents this arena's, at this arena's addresses; ``shadow`` is closed after.
+
+        The switch of a zero-pause weight update: ``shadow`` (same size, same kind) was filled while
+        this arena kept serving. On CUDA the shadow's physical memory moves behind this arena's
+        addresses (no copy; CUDA graphs over them stay valid) and this arena's old memory is freed;
+        on CPU the bytes are copied. Nothing may use either arena during the call. On failure this
+        arena holds what it held before.
+        """
+        self._require(MemoryState.ACTIVE, "swap memory into")
+        shadow._require(MemoryState.ACTIVE, "swap memory out of")
+        if type(shadow) is not type(self) or shadow.nbytes != self.nbytes:
+            raise MemoryStateError(f"a shadow must be an arena like this one ({type(self).__name__} of "
+                                   f"{self.nbytes} bytes), got {type(shadow).__name__} of {shadow.nbytes}")
+        self._adopt(shadow)
+        shadow._state = MemoryState.CLOSED
+
     def close(self) -> None:
         """Free everything for good; the arena's tensors must not be used afterwards."""
         if self._state is not MemoryState.CLOSED:
@@ -108,13 +125,17 @@ class Arena(ABC):
     def _close(self) -> None:
         """Free the memory and anything reserved for it."""
 
+    @abstractmethod
+    def _adopt(self, shadow: Arena) -> None:
+        """Take ``shadow``'s contents (its checks done) and free the shadow's memory."""
+
 
 class CpuArena(Arena):
     """An arena in host memory; release frees the storage, resume allocates it again."""
 
-    def __init__(self, tag: str, nbytes: int, backup: bool = False) -> None:
+    def __init__(self, tag: str, nbytes: int, backup: bool = False, zero: bool = True) -> None:
         super().__init__(tag, backup)
-        self.data = torch.zeros(nbytes, dtype=torch.uint8)  # (nbytes,)
+        self.data = (torch.zeros if zero else torch.empty)(nbytes, dtype=torch.uint8)  # (nbytes,)
         self._host: torch.Tensor | None = None
 
     def _release(self) -> None:
@@ -134,6 +155,11 @@ class CpuArena(Arena):
     def _close(self) -> None:
         self.data.untyped_storage().resize_(0)
         self._host = None
+
+    def _adopt(self, shadow: Arena) -> None:
+        # Host memory: no graph holds these addresses, and a copy keeps every view's storage.
+        self.data.copy_(shadow.data)
+        shadow._close()
 
 
 class _CudaArrayInterface:
@@ -172,7 +198,8 @@ def tensor_over(ptr: int, nbytes: int, device: torch.device) -> torch.Tensor:
 class CudaArena(Arena):
     """An arena over a reserved device address range (CUDA virtual memory management)."""
 
-    def __init__(self, tag: str, nbytes: int, device: torch.device, driver: VmmDriver, backup: bool = False) -> None:
+    def __init__(self, tag: str, nbytes: int, device: torch.device, driver: VmmDriver, backup: bool = False,
+                 zero: bool = True) -> None:
         super().__init__(tag, backup)
         assert device.type == "cuda" and device.index is not None, device
         self.device = device
@@ -182,7 +209,8 @@ class CudaArena(Arena):
             try:
                 self._range.map()
                 self.data = tensor_over(self._range.ptr, self._range.nbytes, device)
-                self.data.zero_()
+                if zero:
+                    self.data.zero_()
             except BaseException:
                 self._range.free()
                 raise
@@ -217,3 +245,10 @@ class CudaArena(Arena):
             torch.cuda.synchronize()
             self._range.free()
         self._host = None
+
+    def _adopt(self, shadow: Arena) -> None:
+        assert isinstance(shadow, CudaArena)
+        with torch.cuda.device(self.device):
+            torch.cuda.synchronize()  # no kernel may still read the old memory or write the shadow
+            self._range.take_backing(shadow._range)
+        shadow._host = None

@@ -262,6 +262,42 @@ class VirtualRange:
         handle, self._handle = self._handle, None
         self.driver.release_handle(handle)
 
+    def take_backing(self, other: VirtualRange) -> None:
+        """Put ``other``'s physical memory behind these addresses and release this range's own.
+
+        Afterwards ``ptr`` reads what ``other`` held, and ``other`` is freed (its addresses too).
+        Nothing may run on either range meanwhile. If mapping ``other``'s memory here fails, this
+        range's own memory is mapped back and the error raised: both ranges stay as they were.
+        ::
+
+            before   self.ptr -> A        other.ptr -> B
+            after    self.ptr -> B        (other freed; A released)
+        """
+        if self._freed or other._freed or self._handle is None or other._handle is None:
+            raise RuntimeError("both ranges must be mapped to move memory between them")
+        if other.nbytes != self.nbytes or other.device != self.device:
+            raise ValueError(f"ranges differ: {self.nbytes} bytes on device {self.device} vs {other.nbytes} "
+                             f"on device {other.device}")
+        own, new = self._handle, other._handle
+        self.driver.unmap(self.ptr, self.nbytes)
+        try:
+            self.driver.map(self.ptr, self.nbytes, new)
+            try:
+                self.driver.set_access(self.ptr, self.nbytes, self.device)
+            except BaseException:
+                self.driver.unmap(self.ptr, self.nbytes)
+                raise
+        except BaseException:
+            self.driver.map(self.ptr, self.nbytes, own)  # the old contents come back: nothing changed
+            self.driver.set_access(self.ptr, self.nbytes, self.device)
+            raise
+        self._handle = new
+        # The memory of ``new`` stays alive through this range's mapping; ``other`` lets go of it.
+        self.driver.unmap(other.ptr, other.nbytes)
+        other._handle = None
+        other.free()
+        self.driver.release_handle(own)
+
     def free(self) -> None:
         """Unmap if mapped, then give the addresses back."""
         if self._freed:

@@ -59,6 +59,20 @@ class MemoryRegion:
         self._arenas.append(arena)
         return arena
 
+    def shadow(self, arena: Arena) -> Arena:
+        """A new arena the size of ``arena`` (not zeroed) for ``arena.adopt`` to take over later.
+
+        It is not one of the region's arenas: release and resume do not touch it, and its owner
+        closes it (or has it adopted). CUDA: ``CudaDriverError`` (e.g. CUDA_ERROR_OUT_OF_MEMORY)
+        when the device has no room for it.
+        """
+        if self._state is not MemoryState.ACTIVE or arena.state is not MemoryState.ACTIVE:
+            raise MemoryStateError(f"cannot shadow an arena of region {self.tag!r} that is not active")
+        if self.device.type == "cuda":
+            assert self._driver is not None
+            return CudaArena(self.tag, arena.nbytes, self.device, self._driver, zero=False)
+        return CpuArena(self.tag, arena.nbytes, zero=False)
+
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         """One tensor in an arena of its own (zero-filled)."""
         size = max(1, int(torch.Size(shape).numel()) * dtype.itemsize)

@@ -306,7 +306,7 @@ class WeightGroupResponse(_message.Message):
     def __init__(self, group_name: _Optional[str] = ...) -> None: ...
 
 class UpdateWeightsFromDistributedRequest(_message.Message):
-    __slots__ = ("group_name", "names", "dtypes", "shapes", "version", "flat_bucket", "offsets", "bucket_sizes")
+    __slots__ = ("group_name", "names", "dtypes", "shapes", "version", "flat_bucket", "offsets", "bucket_sizes", "swap")
     GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +315,7 @@ class UpdateWeightsFromDistributedRequest(_message.Message):
     FLAT_BUCKET_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     BUCKET_SIZES_FIELD_NUMBER: _ClassVar[int]
+    SWAP_FIELD_NUMBER: _ClassVar[int]
     group_name: str
     names: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[str]
@@ -323,7 +324,8 @@ class UpdateWeightsFromDistributedRequest(_message.Message):
     flat_bucket: bool
     offsets: _containers.RepeatedScalarFieldContainer[int]
     bucket_sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, group_name: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., version: _Optional[int] = ..., flat_bucket: _Optional[bool] = ..., offsets: _Optional[_Iterable[int]] = ..., bucket_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    swap: bool
+    def __init__(self, group_name: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., version: _Optional[int] = ..., flat_bucket: _Optional[bool] = ..., offsets: _Optional[_Iterable[int]] = ..., bucket_sizes: _Optional[_Iterable[int]] = ..., swap: _Optional[bool] = ...) -> None: ...
 
 class CudaIpcHandle(_message.Message):
     __slots__ = ("device_index", "handle", "offset", "size")
@@ -356,7 +358,7 @@ class TensorSource(_message.Message):
     def __init__(self, cuda_ipc: _Optional[_Union[CudaIpcHandle, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class UpdateWeightsFromTensorRequest(_message.Message):
-    __slots__ = ("names", "dtypes", "shapes", "sources", "version", "flat_bucket", "offsets", "bucket_sizes")
+    __slots__ = ("names", "dtypes", "shapes", "sources", "version", "flat_bucket", "offsets", "bucket_sizes", "swap")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     SHAPES_FIELD_NUMBER: _ClassVar[int]
@@ -365,6 +367,7 @@ class UpdateWeightsFromTensorRequest(_message.Message):
     FLAT_BUCKET_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     BUCKET_SIZES_FIELD_NUMBER: _ClassVar[int]
+    SWAP_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[str]
     shapes: _containers.RepeatedCompositeFieldContainer[TensorShape]
@@ -373,21 +376,28 @@ class UpdateWeightsFromTensorRequest(_message.Message):
     flat_bucket: bool
     offsets: _containers.RepeatedScalarFieldContainer[int]
     bucket_sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[TensorSource, _Mapping]]] = ..., version: _Optional[int] = ..., flat_bucket: _Optional[bool] = ..., offsets: _Optional[_Iterable[int]] = ..., bucket_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    swap: bool
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[TensorSource, _Mapping]]] = ..., version: _Optional[int] = ..., flat_bucket: _Optional[bool] = ..., offsets: _Optional[_Iterable[int]] = ..., bucket_sizes: _Optional[_Iterable[int]] = ..., swap: _Optional[bool] = ...) -> None: ...
 
 class UpdateWeightsFromDiskRequest(_message.Message):
-    __slots__ = ("model_path", "version")
+    __slots__ = ("model_path", "version", "swap")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    SWAP_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     version: int
-    def __init__(self, model_path: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    swap: bool
+    def __init__(self, model_path: _Optional[str] = ..., version: _Optional[int] = ..., swap: _Optional[bool] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
-    __slots__ = ("weight_version",)
+    __slots__ = ("weight_version", "swapped", "note")
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SWAPPED_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     weight_version: int
-    def __init__(self, weight_version: _Optional[int] = ...) -> None: ...
+    swapped: bool
+    note: str
+    def __init__(self, weight_version: _Optional[int] = ..., swapped: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
 
 class ReleaseMemoryRequest(_message.Message):
     __slots__ = ("tags",)

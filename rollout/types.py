@@ -276,3 +276,17 @@ class EngineInfo:
     tp_size: int = 1  # tensor-parallel ranks; a weight group needs tp_size members per engine
     rank_memory: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per rank (tp_size > 1)
     deterministic: bool = False  # batch-invariant kernels: a request's bits do not depend on the batch
+
+
+@dataclass(frozen=True, slots=True)
+class SwapResult:
+    """The answer to a weight update in swap mode (``swap=True``).
+
+    ``swapped``: the new weights were received beside generation and switched to between two steps.
+    False: there was no room for the shadow copy, so the update took the pausing path (generation
+    waited for the transfer); ``note`` says why.
+    """
+
+    weight_version: int
+    swapped: bool
+    note: str = ""

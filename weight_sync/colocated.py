@@ -50,8 +50,12 @@ def push_tensors_shm(
     named_tensors: Iterable[tuple[str, torch.Tensor]],
     version: int | None = None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    swap: bool = False,
 ) -> Any:
-    """Pack the tensors into shared-memory buckets and have every engine load them; returns the new version."""
+    """Pack the tensors into shared-memory buckets and have every engine load them; returns the new version.
+
+    ``swap``: the engines load into a shadow copy while generating and switch between two steps (the
+    result is then a ``SwapResult``)."""
     items = named_tensor_list(named_tensors)
     layouts = plan_buckets(((n, t.dtype, t.shape) for n, t in items), bucket_bytes)
     buffers: list[ExportedBuffer] = []
@@ -63,7 +67,8 @@ def push_tensors_shm(
             pack_bucket(layout, [t for _, t in items[start:start + len(layout.tensors)]], out=buf.tensor)
             start += len(layout.tensors)
         sources = [source_to_dict(SharedMemorySource(b.name, 0, b.nbytes)) for b in buffers]
-        return _call_all(targets, {**layouts_to_args(layouts), "sources": sources, "version": version})
+        return _call_all(targets, {**layouts_to_args(layouts), "sources": sources, "version": version,
+                                   **({"swap": True} if swap else {})})
     finally:
         for buf in buffers:
             buf.close()
@@ -102,6 +107,7 @@ def push_tensors_ipc(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     device: torch.device | str | None = None,
     in_place: bool = True,
+    swap: bool = False,
 ) -> Any:
     """Share the tensors with colocated engines by CUDA IPC; returns the engines' new version.
 
@@ -110,6 +116,7 @@ def push_tensors_ipc(
     ``in_place``) are first packed into CUDA buckets of ``bucket_bytes`` on ``device`` (default: the
     current device), which costs a copy but gives the engine fewer handles to open. Every CUDA
     allocation involved becomes one bucket of the update: its handle and the tensors' offsets in it.
+    ``swap``: the engines read into a shadow copy while generating and switch between two steps.
     """
     items = named_tensor_list(named_tensors)
     dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
@@ -129,6 +136,8 @@ def push_tensors_ipc(
         torch.cuda.synchronize(d)
     layouts, sources = _shared_in_place(shared)
     args = {**layouts_to_args(layouts), "sources": [source_to_dict(s) for s in sources], "version": version}
+    if swap:
+        args["swap"] = True
     result = _call_all(targets, args)
     del packed
     return result

@@ -42,6 +42,12 @@ _ABORT_KEY = "abort"
 _RETIRE_POLL_S = 0.1  # how often a failed group's leftover collectives are looked at
 MAX_TIMEOUT_S = 86400.0  # a day: longer is a mistake (e.g. -1 meaning "forever"), not a plan
 
+# A push's status vote (every member's flag, all get the maximum):
+VOTE_GO = 0  # take the push
+VOTE_FALLBACK = 1  # swap mode, and some engine has no room for a shadow copy: every engine takes this push
+#                    on its pausing path, after a second vote (the trainer votes again, then sends)
+VOTE_REJECT = 2  # some engine rejected the update: nothing is sent
+
 
 class GroupFailedError(FailedPreconditionError):
     """A collective of the group failed or timed out; the group cannot be used any more."""

@@ -34,7 +34,7 @@ from weight_sync.buckets import (
     pipeline_order,
     plan_buckets,
 )
-from weight_sync.group import CommGroup, GroupConfig, GroupFailedError, master_store
+from weight_sync.group import VOTE_FALLBACK, VOTE_GO, CommGroup, GroupConfig, GroupFailedError, master_store
 from weight_sync.targets import as_target
 
 logger = logging.getLogger(__name__)
@@ -120,10 +120,14 @@ class WeightSyncGroup:
         self._plan_cache = (key, order, layouts, wire)
         return order, layouts, wire
 
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int | None:
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None,
+             swap: bool = False) -> Any:
         """Send these tensors (Hugging Face names) to every engine; returns the engines' new version.
 
         The engines switch to the new weights and ``version`` atomically (None: their version + 1).
+        ``swap``: the engines receive into a shadow copy while they keep generating, and switch
+        between two steps; returns the first engine's ``SwapResult`` (``swapped`` False, with a
+        ``note``, when some engine had no room for the shadow and every engine paused for this push).
         Raises ``InvalidArgumentError`` from an engine that rejected a name, shape or dtype (nothing
         was written and the group stays usable), or ``GroupFailedError`` if the transfer broke (the
         group is closed; engines that had written part of the weights refuse to generate until a
@@ -133,6 +137,8 @@ class WeightSyncGroup:
         order, layouts, wire = self._plan(items)
         items = [items[i] for i in order]
         args = {**wire, "group_name": self.group_name, "version": version}
+        if swap:
+            args["swap"] = True
         futures = [self._pool.submit(t.update_weights_from_distributed, **args) for t in self.targets]
         failed: list[BaseException] = []  # in the order the engines answered
         for fut in futures:
@@ -142,7 +148,12 @@ class WeightSyncGroup:
             return f"an engine failed: {type(failed[0]).__name__}: {failed[0]}" if failed else None
 
         try:
-            verdict = self.comm.vote(0, engine_failed)
+            verdict = self.comm.vote(VOTE_GO, engine_failed)
+            if verdict == VOTE_FALLBACK:
+                # An engine had no room for a shadow copy: every engine votes again from its pausing path.
+                logger.warning("group %s: an engine has no room for shadow weights; this push pauses generation",
+                               self.group_name)
+                verdict = self.comm.vote(VOTE_GO, engine_failed)
         except GroupFailedError:
             # An engine failed before taking part (unknown group, memory released, ...): its error says why.
             self.close()

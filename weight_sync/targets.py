@@ -28,8 +28,9 @@ class WeightSyncTarget(Protocol):
     def update_weights_from_distributed(self, *, names: Sequence[str], dtypes: Sequence[str],
                                         shapes: Sequence[Sequence[int]], offsets: Sequence[int] | None = None,
                                         bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
-                                        group_name: str = "default", version: int | None = None) -> Any:
-        """Receive the broadcast buckets of one push."""
+                                        group_name: str = "default", version: int | None = None,
+                                        swap: bool = False) -> Any:
+        """Receive the broadcast buckets of one push (``swap``: beside generation, then switch)."""
         ...
 
     def destroy_weight_update_group(self, group_name: str = "default") -> Any:
@@ -44,8 +45,9 @@ class ColocatedTarget(Protocol):
     def update_weights_from_tensor(self, *, names: Sequence[str], dtypes: Sequence[str],
                                    shapes: Sequence[Sequence[int]], sources: Sequence[Any],
                                    offsets: Sequence[int] | None = None, bucket_sizes: Sequence[int] | None = None,
-                                   flat_bucket: bool = False, version: int | None = None) -> Any:
-        """Load shared buckets, one source per bucket."""
+                                   flat_bucket: bool = False, version: int | None = None,
+                                   swap: bool = False) -> Any:
+        """Load shared buckets, one source per bucket (``swap``: beside generation, then switch)."""
         ...
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from memory_saver import ALIGNMENT, MemorySaver, align_up
+from memory_saver import ALIGNMENT, Arena, MemorySaver, MemoryStateError, align_up
 from rollout.config import MEMORY_TAGS
 
 
@@ -25,6 +25,14 @@ class EngineMemory:
     def __init__(self, device: torch.device | str, backup_tags: Iterable[str] = ()) -> None:
         self.saver = MemorySaver(device, MEMORY_TAGS, backup_tags=backup_tags)
         self.device = self.saver.device
+        self.weights_arena: Arena | None = None  # the one arena every parameter lives in
+
+    def shadow_weights_arena(self) -> Arena:
+        """A new arena the size of the weights arena, for a zero-pause update to fill and switch to
+        (``Arena.adopt``); the caller closes it. Raises ``CudaDriverError`` when the device has no room."""
+        if self.weights_arena is None:
+            raise MemoryStateError("the model has no weights arena")
+        return self.saver.region("weights").shadow(self.weights_arena)
 
     def place_weights(self, model: nn.Module) -> int:
         """Move every parameter of ``model`` into one new ``weights`` arena; returns the arena's bytes.
@@ -37,6 +45,7 @@ class EngineMemory:
             return 0
         total = sum(align_up(p.numel() * p.element_size(), ALIGNMENT) for p in params)
         arena = self.saver.region("weights").allocate(total)
+        self.weights_arena = arena
         with torch.no_grad():
             for p in params:
                 dst = arena.take(p.shape, p.dtype)

@@ -33,7 +33,7 @@ from rollout.engine.messages import (
 )
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, RolloutError, quoted
 from weight_sync.buckets import BucketLayout, LayoutCache, WireLayout, bucket_views
-from weight_sync.group import CommGroup, GroupConfig, GroupFailedError
+from weight_sync.group import VOTE_GO, VOTE_REJECT, CommGroup, GroupConfig, GroupFailedError
 from weight_sync.receiver import receive_buckets
 from weight_sync.sources import CudaIpcSource, SharedMemorySource
 
@@ -58,6 +58,11 @@ class VersionOwner(Protocol):
     def new_weights(self, version: int) -> None: ...
 
     def new_kv_epoch(self) -> None: ...
+
+
+def rejected_elsewhere(group_name: str) -> FailedPreconditionError:
+    return FailedPreconditionError(
+        f"the update was cancelled: another member of group {quoted(group_name)} rejected it; nothing was written")
 
 
 class WeightUpdater:
@@ -142,35 +147,33 @@ class WeightUpdater:
         if group is not None:
             group.close()
 
+    def drop_group_if_broken(self, name: str) -> None:
+        """Leave the group ``name`` if a failed collective broke it (a failed receive beside the loop)."""
+        group = self._groups.get(name)
+        if group is not None and (group.broken or group.closed):
+            self.drop_group(name)
+
     # ------------------------------------------------------------------ updates
     def from_distributed(self, cmd: UpdateWeightsFromDistributed) -> int:
         """Receive the trainer's broadcast buckets over a group and load them in place."""
         name = cmd.group_name
-        group = self._groups.get(name)
-        if group is None:
-            raise self._not_found(name)
+        group = self.group(name)
         problem: RolloutError | None = None
         try:
-            layouts = self._layouts(cmd.layout)
-            version = self._version(cmd.version)
-            for i, layout in enumerate(layouts):
-                if layout.nbytes - layout.payload_bytes > MAX_PADDING_PER_TENSOR * max(len(layout.tensors), 1):
-                    raise InvalidArgumentError(f"bucket {i} is mostly padding ({layout.nbytes} bytes)", field="offsets")
+            layouts, version, _ = self.distributed_layouts(cmd)
             total = self._check(layouts)
         except RolloutError as e:
             problem = e
         # Every member votes before any bucket moves, so a rejected update leaves the group usable.
         try:
-            verdict = group.vote(1 if problem else 0)
+            verdict = group.vote(VOTE_REJECT if problem else VOTE_GO)
         except GroupFailedError as e:
             self.drop_group(name)
             raise FailedPreconditionError(f"{e.message}; the group was destroyed, form a new one") from None
         if problem is not None:
             raise problem
-        if verdict:
-            raise FailedPreconditionError(
-                f"the update was cancelled: another member of group {quoted(name)} rejected it; nothing was written"
-            )
+        if verdict == VOTE_REJECT:
+            raise rejected_elsewhere(name)
         try:
             return self._apply(f"receiving over group {quoted(name)}", receive_buckets(group, layouts), total, version)
         except BaseException as e:
@@ -179,31 +182,77 @@ class WeightUpdater:
             self.drop_group(name)
             raise
 
-    def from_tensor(self, cmd: UpdateWeightsFromTensor) -> int:
-        """Load tensors a colocated trainer shares by CUDA IPC handle or shared-memory segment."""
+    def group(self, name: str) -> CommGroup:
+        """The formed group ``name`` (NOT_FOUND, or FAILED_PRECONDITION while it is still forming)."""
+        group = self._groups.get(name)
+        if group is None:
+            raise self._not_found(name)
+        return group
+
+    def apply(self, cmd: UpdateWeightsFromDistributed | UpdateWeightsFromTensor | UpdateWeightsFromDisk) -> int:
+        """Run the update ``cmd`` in place (between steps: the pausing path)."""
+        if isinstance(cmd, UpdateWeightsFromDistributed):
+            return self.from_distributed(cmd)
+        if isinstance(cmd, UpdateWeightsFromTensor):
+            return self.from_tensor(cmd)
+        return self.from_disk(cmd)
+
+    def distributed_layouts(self, cmd: UpdateWeightsFromDistributed) -> tuple[list[BucketLayout], int, frozenset[str]]:
+        """The buckets of a push, its version and the parameters it covers completely (all checked)."""
+        layouts = self._layouts(cmd.layout)
+        version = self._version(cmd.version)
+        for i, layout in enumerate(layouts):
+            if layout.nbytes - layout.payload_bytes > MAX_PADDING_PER_TENSOR * max(len(layout.tensors), 1):
+                raise InvalidArgumentError(f"bucket {i} is mostly padding ({layout.nbytes} bytes)", field="offsets")
+        return layouts, version, self.covered(layouts)
+
+    def tensor_sources(self, cmd: UpdateWeightsFromTensor) -> tuple[list[BucketLayout], list[Any], int,
+                                                                     frozenset[str]]:
+        """The buckets and sources of a colocated update, its version and the parameters it covers."""
         layouts = self._layouts(cmd.layout)
         version = self._version(cmd.version)
         sources = list(cmd.sources)
         if not all(isinstance(s, (CudaIpcSource, SharedMemorySource)) for s in sources):
             raise InvalidArgumentError("each source must be a CUDA IPC or shared-memory source", field="sources")
-        device = self._runner.device
-        check_sources(sources, layouts, device)
-        total = self._check(layouts)
-        with OpenedSources(sources, layouts, device) as buffers:
+        check_sources(sources, layouts, self._runner.device)
+        return layouts, sources, version, self.covered(layouts)
+
+    def disk_specs(self, cmd: UpdateWeightsFromDisk) -> tuple[str, int, int, frozenset[str]]:
+        """A checkpoint update's directory, version, tensor count and the parameters it covers."""
+        path = cmd.model_path
+        if not isinstance(path, str) or not os.path.isdir(path):
+            raise InvalidArgumentError(f"not a directory: {quoted(path)}", field="model_path")
+        version = self._version(cmd.version)
+        specs = checkpoint_specs(path)
+        return path, version, len(specs), self._checker.check(specs)
+
+    def covered(self, layouts: list[BucketLayout]) -> frozenset[str]:
+        """Check every tensor of ``layouts`` against the model; the parameters they fill completely."""
+        return self._checker.check([(t.name, t.torch_dtype, t.shape) for lay in layouts for t in lay.tensors])
+
+    def mark_loaded(self, written: set[str], version: int, what: str, total: int) -> int:
+        """After a complete write of ``written``: clear an earlier invalid state if it covers every
+        parameter, and make ``version`` current (new KV epoch)."""
+        if written >= self._checker.param_names:
+            self._gate.clear(Blocker.WEIGHTS_INVALID)
+        self._scheduler.new_weights(version)
+        logger.info("weights updated to version %d (%s, %d tensors)", version, what, total)
+        return version
+
+    def from_tensor(self, cmd: UpdateWeightsFromTensor) -> int:
+        """Load tensors a colocated trainer shares by CUDA IPC handle or shared-memory segment."""
+        layouts, sources, version, _ = self.tensor_sources(cmd)
+        total = sum(len(lay.tensors) for lay in layouts)
+        with OpenedSources(sources, layouts, self._runner.device) as buffers:
             named = itertools.chain.from_iterable(bucket_views(lay, buf) for lay, buf in zip(layouts, buffers))
             return self._apply("reading shared tensors", named, total, version)
 
     def from_disk(self, cmd: UpdateWeightsFromDisk) -> int:
         """Reload weights from a safetensors checkpoint directory."""
-        path = cmd.model_path
-        if not isinstance(path, str) or not os.path.isdir(path):
-            raise InvalidArgumentError(f"not a directory: {quoted(path)}", field="model_path")
-        version = self._version(cmd.version)
+        path, version, total, _ = self.disk_specs(cmd)
         from rollout.models.loader import iter_checkpoint
 
-        specs = checkpoint_specs(path)
-        self._checker.check(specs)
-        return self._apply(f"loading {path}", iter_checkpoint(path), len(specs), version)
+        return self._apply(f"loading {path}", iter_checkpoint(path), total, version)
 
     # ------------------------------------------------------------------ shared steps
     def _version(self, version: Any) -> int:
@@ -218,9 +267,8 @@ class WeightUpdater:
 
     def _check(self, layouts: list[BucketLayout]) -> int:
         """Validate every tensor against the model; returns how many tensors the update has."""
-        specs = [(t.name, t.torch_dtype, t.shape) for lay in layouts for t in lay.tensors]
-        self._checker.check(specs)
-        return len(specs)
+        self.covered(layouts)
+        return sum(len(lay.tensors) for lay in layouts)
 
     def _apply(self, what: str, named: Iterable[tuple[str, torch.Tensor]], total: int, version: int) -> int:
         """Stream ``named`` into the model in place; on success make ``version`` current.
@@ -253,8 +301,4 @@ class WeightUpdater:
             self._scheduler.new_kv_epoch()  # the weights changed: no prefix computed before is valid
             logger.error(msg)
             raise FailedPreconditionError(msg) from e
-        if written >= self._checker.param_names:
-            self._gate.clear(Blocker.WEIGHTS_INVALID)
-        self._scheduler.new_weights(version)
-        logger.info("weights updated to version %d (%s, %d tensors)", version, what, total)
-        return version
+        return self.mark_loaded(written, version, what, total)

@@ -33,7 +33,7 @@ from rollout.engine.process import start_engine_process, start_engine_thread
 from rollout.engine.prompts import Messages, PromptInputs, Prompts, Sampling, Texts, build_requests
 from rollout.errors import InvalidArgumentError, error_from_code
 from rollout.model_source import resolve_model_path
-from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk, parse_pause_mode
+from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk, SwapResult, parse_pause_mode
 from weight_sync.buckets import WireLayout
 from weight_sync.sources import CudaIpcSource, SharedMemorySource, Source, source_from_dict
 
@@ -243,24 +243,32 @@ class Engine:
     def update_weights_from_distributed(self, *, names: Sequence[str], dtypes: Sequence[str],
                                         shapes: Sequence[Sequence[int]], offsets: Sequence[int] | None = None,
                                         bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
-                                        group_name: str = "default", version: int | None = None) -> int:
+                                        group_name: str = "default", version: int | None = None,
+                                        swap: bool = False) -> int | SwapResult:
         """Receive weights broadcast by the trainer over a formed group and load them in place;
-        returns the new version (None: the current one + 1)."""
+        returns the new version (None: the current one + 1).
+
+        ``swap``: receive into a shadow copy while generation goes on with the current weights, then
+        switch between two steps (no pause); returns a ``SwapResult`` (which says whether the engine
+        had to take the pausing path for lack of memory)."""
         layout = WireLayout(names, dtypes, shapes, offsets, bucket_sizes, flat_bucket)
-        return self._client.call(UpdateWeightsFromDistributed(layout, group_name, version))
+        return self._client.call(UpdateWeightsFromDistributed(layout, group_name, version, _swap(swap)))
 
     def update_weights_from_tensor(self, *, names: Sequence[str], dtypes: Sequence[str],
                                    shapes: Sequence[Sequence[int]], sources: Sequence[Any],
                                    offsets: Sequence[int] | None = None, bucket_sizes: Sequence[int] | None = None,
-                                   flat_bucket: bool = False, version: int | None = None) -> int:
+                                   flat_bucket: bool = False, version: int | None = None,
+                                   swap: bool = False) -> int | SwapResult:
         """Load weights shared by a colocated trainer: one source per bucket (a ``weight_sync.sources``
-        value or its wire dict, CUDA IPC handle or shared-memory segment)."""
+        value or its wire dict, CUDA IPC handle or shared-memory segment). ``swap``: as for
+        ``update_weights_from_distributed``."""
         layout = WireLayout(names, dtypes, shapes, offsets, bucket_sizes, flat_bucket)
-        return self._client.call(UpdateWeightsFromTensor(layout, parse_sources(sources), version))
+        return self._client.call(UpdateWeightsFromTensor(layout, parse_sources(sources), version, _swap(swap)))
 
-    def update_weights_from_disk(self, model_path: str, version: int | None = None) -> int:
-        """Reload the weights from a checkpoint directory."""
-        return self._client.call(UpdateWeightsFromDisk(model_path, version))
+    def update_weights_from_disk(self, model_path: str, version: int | None = None,
+                                 swap: bool = False) -> int | SwapResult:
+        """Reload the weights from a checkpoint directory. ``swap``: as for ``update_weights_from_distributed``."""
+        return self._client.call(UpdateWeightsFromDisk(model_path, version, _swap(swap)))
 
     def release_memory(self, tags: Sequence[str] | str | None = None) -> Any:
         """Free the GPU memory of these tags (weights, kv_cache, cuda_graph; None: all)."""
@@ -289,6 +297,12 @@ class Engine:
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
 
+
+
+def _swap(swap: Any) -> bool:
+    if not isinstance(swap, bool):
+        raise InvalidArgumentError(f"must be true or false, got {swap!r}", field="swap")
+    return swap
 
 
 def _tags(tags: Sequence[str] | str | None) -> tuple[str, ...]:

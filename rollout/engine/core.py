@@ -21,6 +21,7 @@ from rollout.config import EngineConfig
 from rollout.control.experts import ExpertBalancer
 from rollout.control.gate import Blocker, GenerationGate
 from rollout.control.memory import MemoryControl
+from rollout.control.weight_swap import WeightSwap
 from rollout.control.weights import WeightUpdater
 from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.engine.messages import (
@@ -80,6 +81,7 @@ class EngineCore:
         self.scheduler.on_finish = self._on_finish
         self.gate = GenerationGate()
         self.weights = WeightUpdater(config.model, self.runner, self.scheduler, self.gate)
+        self.swap = WeightSwap(self.weights, self.runner, self.scheduler)
         self.memory = MemoryControl(self.runner.memory, self.scheduler, self.runner, self.gate)
         self.ranks = RankControl(followers, self.weights, self.memory, self.gate, self.scheduler,
                                  ExpertBalancer(self.runner.model))
@@ -203,7 +205,7 @@ class EngineCore:
         """Every ``ep_rebalance_interval`` steps, place the experts by the tokens counted since the last
         time (between two steps, like a rebalance on request; outputs do not change)."""
         every = self.config.parallel.ep_rebalance_interval
-        if not every:
+        if not every or self.swap.busy:  # the shadow was filled under the current placement
             return
         self._steps_since_rebalance += 1
         if self._steps_since_rebalance < every:
@@ -306,20 +308,20 @@ class EngineCore:
                 return self.ranks.init_group(cmd)
             case DestroyWeightGroup():
                 return self.ranks.destroy_group(cmd)
-            case UpdateWeightsFromDistributed():
+            case UpdateWeightsFromDistributed() | UpdateWeightsFromTensor() | UpdateWeightsFromDisk():
                 self.memory.check_weights_writable()
-                return self.ranks.update_weights(cmd, lambda: self.weights.from_distributed(cmd))
-            case UpdateWeightsFromTensor():
-                self.memory.check_weights_writable()
-                return self.ranks.update_weights(cmd, lambda: self.weights.from_tensor(cmd))
-            case UpdateWeightsFromDisk():
-                self.memory.check_weights_writable()
-                return self.ranks.update_weights(cmd, lambda: self.weights.from_disk(cmd))
+                if cmd.swap:  # received beside the loop; switched between two steps
+                    return self.ranks.swap_weights(cmd, self.swap, self.drain)
+                self.swap.check_idle("an update without swap")
+                return self.ranks.update_weights(cmd, lambda: self.weights.apply(cmd))
             case RebalanceExperts():
+                self.swap.check_idle("moving experts")
                 return self.ranks.rebalance(cmd)
             case ReleaseMemory():
+                self.swap.check_idle("releasing memory")
                 return self.ranks.release(cmd)
             case ResumeMemory():
+                self.swap.check_idle("resuming memory")
                 return self.ranks.resume(cmd)
             case _:
                 raise InvalidArgumentError(f"unknown control command {type(cmd).__name__}", field="command")

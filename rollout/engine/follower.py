@@ -9,24 +9,27 @@ A weight-group join runs beside the loop (as on rank 0), and reports when it end
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from rollout.cache.req_table import ReqToTokenTable
 from rollout.config import EngineConfig
 from rollout.control.experts import ExpertBalancer
 from rollout.control.gate import Blocker, GenerationGate
 from rollout.control.memory import MemoryControl
+from rollout.control.weight_swap import NoRoom, WeightSwap
 from rollout.control.weights import WeightUpdater
 from rollout.distributed.rank_setup import RankGroups
 from rollout.distributed.step_channel import Kind, StepChannel
 from rollout.engine.jobs import Background
 from rollout.engine.messages import (
     DestroyWeightGroup,
+    DropShadow,
     GetInfo,
     InitWeightGroup,
     RebalanceExperts,
     ReleaseMemory,
     ResumeMemory,
+    SwitchShadow,
     UpdateWeightsFromDisk,
     UpdateWeightsFromDistributed,
     UpdateWeightsFromTensor,
@@ -66,6 +69,7 @@ class Follower:
         self.gate = GenerationGate()
         self.version = RankVersion()
         self.weights = WeightUpdater(config.model, self.runner, self.version, self.gate)
+        self.swap = WeightSwap(self.weights, self.runner, self.version)
         self.memory = MemoryControl(self.runner.memory, None, self.runner, self.gate)
         self.experts = ExpertBalancer(self.runner.model)
         self._controls = controls
@@ -114,15 +118,20 @@ class Follower:
             case DestroyWeightGroup(group_name=name):
                 self.weights.drop_group(name)
                 return name
-            case UpdateWeightsFromDistributed():
+            case UpdateWeightsFromDistributed() | UpdateWeightsFromTensor() | UpdateWeightsFromDisk():
                 self.memory.check_weights_writable()
-                return self.weights.from_distributed(command)
-            case UpdateWeightsFromTensor():
-                self.memory.check_weights_writable()
-                return self.weights.from_tensor(command)
-            case UpdateWeightsFromDisk():
-                self.memory.check_weights_writable()
-                return self.weights.from_disk(command)
+                if not command.swap:
+                    return self.weights.apply(command)
+                # Received beside this rank's loop; it reports when its shadow is ready (or has no
+                # room), and switches when rank 0 sends SwitchShadow.
+                job = self.swap.start(command)
+                self._start(op, job, summary=lambda r: r if isinstance(r, NoRoom) else "ready")
+                return job
+            case SwitchShadow():
+                return self.swap.switch()
+            case DropShadow():
+                self.swap.drop()
+                return None
             case ReleaseMemory(tags=tags):
                 return self.memory.release(tags)
             case ResumeMemory(tags=tags):
@@ -133,17 +142,20 @@ class Follower:
                 return None
         raise RuntimeError(f"rank {self.rank} cannot apply {type(command).__name__}")
 
-    def _start(self, op: int, job: Background) -> None:
+    def _start(self, op: int, job: Background, summary: Callable[[Any], Any] | None = None) -> None:
         """Run a join beside the loop; its report goes out from its thread the moment it ends (rank 0
         may be idle, sending nothing that would wake this loop). The loop registers the group
         (``_finish_jobs``) before it handles rank 0's next message, which rank 0 only sends after
-        this report."""
+        this report. ``summary`` turns the work's result into the report's (which crosses processes)."""
         work = job.work
 
         def work_and_report() -> Any:
             report = RankReport(op, self.rank)
             try:
-                return work()
+                value = work()
+                if summary is not None:
+                    report.result = summary(value)
+                return value
             except BaseException as e:
                 report.error_code = e.code if isinstance(e, RolloutError) else "INTERNAL"
                 report.error_message = e.message if isinstance(e, RolloutError) else f"{type(e).__name__}: {e}"

@@ -100,6 +100,7 @@ class UpdateWeightsFromDistributed:
     layout: WireLayout
     group_name: str = "default"
     version: int | None = None  # None: the current version + 1
+    swap: bool = False  # receive into a shadow copy while generating; switch between two steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,7 @@ class UpdateWeightsFromTensor:
     layout: WireLayout
     sources: tuple[Source, ...]
     version: int | None = None
+    swap: bool = False  # receive into a shadow copy while generating; switch between two steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,7 @@ class UpdateWeightsFromDisk:
 
     model_path: str
     version: int | None = None
+    swap: bool = False  # receive into a shadow copy while generating; switch between two steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +146,26 @@ class RebalanceExperts:
     placements: tuple[tuple[tuple[int, ...], ...], ...] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SwitchShadow:
+    """Engine ranks > 0: switch to the shadow weights of swap update ``op`` now (rank 0 sends it once
+    every rank reported its shadow ready, so all ranks switch between the same two steps)."""
+
+    op: int
+
+
+@dataclass(frozen=True, slots=True)
+class DropShadow:
+    """Engine ranks > 0: free the shadow weights of swap update ``op`` (it failed on some rank, or
+    the update falls back to the pausing path); the weights being served stay as they are."""
+
+    op: int
+
+
 ControlCommand = Union[
     Pause, Continue, FlushCache, GetInfo, CheckIntegrity, Shutdown, InitWeightGroup, DestroyWeightGroup,
     UpdateWeightsFromDistributed, UpdateWeightsFromTensor, UpdateWeightsFromDisk, ReleaseMemory, ResumeMemory,
-    RebalanceExperts,
+    RebalanceExperts, SwitchShadow, DropShadow,
 ]
 
 

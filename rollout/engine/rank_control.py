@@ -9,21 +9,25 @@ generation) until an update succeeds on every rank. With one rank every method i
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from rollout.control.gate import Blocker, GenerationGate
+from rollout.control.weight_swap import NoRoom, UpdateCommand, WeightSwap
 from rollout.engine.messages import (
     ControlCommand,
     DestroyWeightGroup,
+    DropShadow,
     GetInfo,
     InitWeightGroup,
     RebalanceExperts,
     ReleaseMemory,
     ResumeMemory,
+    SwitchShadow,
 )
 from rollout.engine.ranks import Followers, RankReport
 from rollout.errors import FailedPreconditionError, RolloutError, error_from_code
+from rollout.types import SwapResult
 
 if TYPE_CHECKING:
     from rollout.control.experts import ExpertBalancer
@@ -89,6 +93,72 @@ class RankControl:
             raise _error(failed[0])
         if partial:
             raise FailedPreconditionError(self._gate.reason())
+        return result
+
+    def swap_weights(self, cmd: UpdateCommand, swap: WeightSwap, quiesce: Callable[[], None]) -> Background:
+        """A swap-mode update: every rank receives into its shadow beside the loop; once every rank
+        reported its shadow ready, all switch at the same step boundary (``SwitchShadow`` goes down
+        the step channel after the last step sent). ``quiesce`` collects the step in flight first.
+
+        If any rank failed, every shadow is dropped and version v keeps serving everywhere. If any
+        rank had no room for a shadow, every rank takes the update on the pausing path instead.
+        """
+        job = swap.start(cmd)
+        followers = self.followers
+        op = followers.control(cmd) if followers is not None else 0
+        local = job.work
+
+        def everywhere() -> tuple[Any, BaseException | None, list[RankReport]]:
+            result, error = None, None
+            try:
+                result = local()
+            except Exception as e:  # noqa: BLE001 - combined with the other ranks' outcomes
+                error = e
+            return result, error, followers.wait(op) if followers is not None else []
+
+        def finish(outcome: tuple[Any, BaseException | None, list[RankReport]]) -> SwapResult:
+            result, error, reports = outcome
+            failed = [r for r in reports if r.error_code]
+            if error is None:
+                job_finish(result)
+            if error is not None or failed:
+                self._drop_shadows(op, swap)
+                if error is not None:
+                    swap.failed(cmd, error)
+                    raise error
+                raise _error(failed[0])
+            no_room = [result] if isinstance(result, NoRoom) else []
+            no_room += [r.result for r in reports if isinstance(r.result, NoRoom)]
+            quiesce()
+            if no_room:
+                self._drop_shadows(op, swap)
+                plain = replace(cmd, swap=False)
+                return SwapResult(self.update_weights(plain, lambda: swap.fallback(plain, "").weight_version),
+                                  swapped=False, note=no_room[0].reason)
+            return self._switch_everywhere(op, swap)
+
+        job_finish = job.finish
+        job.work, job.finish = everywhere, finish
+        return job
+
+    def _drop_shadows(self, op: int, swap: WeightSwap) -> None:
+        swap.drop()
+        if self.followers is not None:
+            self.followers.wait(self.followers.control(DropShadow(op)))
+
+    def _switch_everywhere(self, op: int, swap: WeightSwap) -> SwapResult:
+        if self.followers is None:
+            return swap.switch()
+        result, error, reports = self._everywhere(SwitchShadow(op), swap.switch)
+        failed = [r for r in reports if r.error_code]
+        if (error is None) != (not failed):
+            who = f"engine rank {failed[0].rank}: {failed[0].error_message}" if failed else f"engine rank 0: {error}"
+            self._invalidate(f"the weights differ between engine ranks after a failed switch ({who}); "
+                             "push a full set of weights")
+        if error is not None:
+            raise error
+        if failed:
+            raise _error(failed[0])
         return result
 
     def _invalidate(self, message: str) -> None:

@@ -8,6 +8,7 @@ import uuid
 from typing import Any, Mapping, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from protos import rollout_pb2 as pb
 from rollout.engine.output_assembly import OutputAssembler
@@ -26,6 +27,9 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 CONNECT_PROBE_S = 0.5
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+DEFAULT_GROUP = "weight_update"  # the group name the clients use when none is given
 
 
 class GenerateCall:
@@ -160,9 +164,12 @@ def _shapes(shapes: Sequence[Sequence[int]]) -> list[pb.TensorShape]:
     return [pb.TensorShape(dims=list(s)) for s in shapes]
 
 
-def from_disk_request(model_path: str, version: int | None) -> pb.UpdateWeightsFromDiskRequest:
-    """Reload from a checkpoint directory (version None: the server picks current + 1)."""
-    msg = pb.UpdateWeightsFromDiskRequest(model_path=model_path)
+def from_disk_request(model_path: str, version: int | None, swap: bool = False) -> pb.UpdateWeightsFromDiskRequest:
+    """Reload from a checkpoint directory (version None: the server picks current + 1; ``swap``: without
+    a pause, see ``UpdateWeightsFromDistributedRequest.swap``)."""
+    if not isinstance(swap, bool):
+        raise InvalidArgumentError(f"must be true or false, got {swap!r}", field="swap")
+    msg = pb.UpdateWeightsFromDiskRequest(model_path=model_path, swap=swap)
     if version is not None:
         msg.version = version
     return msg

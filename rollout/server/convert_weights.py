@@ -18,7 +18,8 @@ from rollout.engine.messages import (
     UpdateWeightsFromDistributed,
     UpdateWeightsFromTensor,
 )
-from rollout.errors import InvalidArgumentError
+from rollout.errors import InvalidArgumentError, quoted
+from rollout.types import SwapResult
 from weight_sync.buckets import WireLayout
 from weight_sync.sources import Source, source_from_dict
 
@@ -86,14 +87,15 @@ def init_group_to_proto(master_address: str, master_port: int, rank_offset: int,
 
 # ---------------------------------------------------------------------------------------------- updates
 def distributed_from_proto(msg: pb.UpdateWeightsFromDistributedRequest) -> UpdateWeightsFromDistributed:
-    return UpdateWeightsFromDistributed(_layout_from_proto(msg), msg.group_name or "default", _version(msg))
+    return UpdateWeightsFromDistributed(_layout_from_proto(msg), msg.group_name or "default", _version(msg),
+                                        msg.swap)
 
 
 def distributed_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
                          group_name: str = "default", offsets: Sequence[int] | None = None,
                          bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
-                         version: int | None = None) -> pb.UpdateWeightsFromDistributedRequest:
-    msg = pb.UpdateWeightsFromDistributedRequest(group_name=group_name)
+                         version: int | None = None, swap: bool = False) -> pb.UpdateWeightsFromDistributedRequest:
+    msg = pb.UpdateWeightsFromDistributedRequest(group_name=group_name, swap=_swap(swap))
     return _layout_to_proto(msg, names, dtypes, shapes, offsets, bucket_sizes, flat_bucket, version)
 
 
@@ -121,18 +123,40 @@ def _source_to_proto(src: dict[str, Any] | pb.TensorSource) -> pb.TensorSource:
 
 def tensor_from_proto(msg: pb.UpdateWeightsFromTensorRequest) -> UpdateWeightsFromTensor:
     sources = tuple(_source_from_proto(s) for s in msg.sources)
-    return UpdateWeightsFromTensor(_layout_from_proto(msg), sources, _version(msg))
+    return UpdateWeightsFromTensor(_layout_from_proto(msg), sources, _version(msg), msg.swap)
 
 
 def tensor_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
                     sources: Sequence[dict[str, Any] | pb.TensorSource], offsets: Sequence[int] | None = None,
                     bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
-                    version: int | None = None) -> pb.UpdateWeightsFromTensorRequest:
-    msg = pb.UpdateWeightsFromTensorRequest(sources=[_source_to_proto(s) for s in sources])
+                    version: int | None = None, swap: bool = False) -> pb.UpdateWeightsFromTensorRequest:
+    msg = pb.UpdateWeightsFromTensorRequest(sources=[_source_to_proto(s) for s in sources], swap=_swap(swap))
     return _layout_to_proto(msg, names, dtypes, shapes, offsets, bucket_sizes, flat_bucket, version)
 
 
 def disk_from_proto(msg: pb.UpdateWeightsFromDiskRequest) -> UpdateWeightsFromDisk:
     if not msg.model_path:
         raise InvalidArgumentError("a checkpoint directory is required", field="model_path")
-    return UpdateWeightsFromDisk(msg.model_path, _version(msg))
+    return UpdateWeightsFromDisk(msg.model_path, _version(msg), msg.swap)
+
+
+# ---------------------------------------------------------------------------------------------- replies
+def update_result_to_proto(result: int | SwapResult) -> pb.UpdateWeightsResponse:
+    """An update's result: the version, and for a swap request whether it switched without a pause."""
+    if isinstance(result, SwapResult):
+        return pb.UpdateWeightsResponse(weight_version=result.weight_version, swapped=result.swapped,
+                                        note=result.note)
+    return pb.UpdateWeightsResponse(weight_version=int(result))
+
+
+def update_result_from_proto(msg: pb.UpdateWeightsResponse, swap: bool) -> int | SwapResult:
+    """The client's side of ``update_result_to_proto``: the version, or a ``SwapResult`` for a swap request."""
+    if swap:
+        return SwapResult(int(msg.weight_version), msg.swapped, msg.note)
+    return int(msg.weight_version)
+
+
+def _swap(swap: Any) -> bool:
+    if not isinstance(swap, bool):
+        raise InvalidArgumentError(f"must be true or false, got {quoted(swap)}", field="swap")
+    return swap

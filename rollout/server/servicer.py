@@ -267,8 +267,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
 
     # ------------------------------------------------------------------ weights and memory
     async def _weights_call(self, rpc: str, command: ControlCommand) -> pb.UpdateWeightsResponse:
-        version = await self._control_engine(rpc).acall(command)
-        return pb.UpdateWeightsResponse(weight_version=int(version))
+        return convert_weights.update_result_to_proto(await self._control_engine(rpc).acall(command))
 
     @_unary
     async def InitWeightUpdateGroup(

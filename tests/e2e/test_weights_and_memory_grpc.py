@@ -85,3 +85,28 @@ def test_release_resume_cycle_over_grpc(two_servers, model_dir, expected):
     info = c.get_info()
     assert all(m["state"] == "active" for m in info.memory.values())
     assert greedy(c) == before
+
+
+def test_swap_updates_over_grpc(two_servers, model_dir, perturbed, expected):
+    import asyncio
+
+    from rollout.async_client import AsyncRolloutClient
+    from rollout.types import SwapResult
+
+    weights, new_dir = perturbed
+    a, b = two_servers
+    for c in two_servers:
+        assert c.update_weights_from_disk(model_dir, version=20, swap=True) == SwapResult(20, swapped=True)
+        assert greedy(c) == expected["old"]
+    with weight_sync.connect(two_servers, backend="gloo", master_address="127.0.0.1", bucket_bytes=BUCKET,
+                             timeout_s=60) as group:
+        assert group.push(weights.items(), version=21, swap=True) == SwapResult(21, swapped=True)
+    assert greedy(a) == expected["new"] and greedy(b) == expected["new"]
+    assert weight_sync.push_tensors_shm([b], weights.items(), version=22, swap=True) == SwapResult(22, swapped=True)
+
+    async def back_to_old() -> SwapResult:
+        async with AsyncRolloutClient(a.target, timeout=60) as ac:
+            return await ac.update_weights_from_disk(model_dir, version=23, swap=True)
+
+    assert asyncio.run(back_to_old()) == SwapResult(23, swapped=True)
+    assert greedy(a) == expected["old"] and a.get_info().weights_valid

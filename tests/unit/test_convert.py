@@ -261,3 +261,21 @@ def test_bad_routed_expert_arrays_are_refused(data, shape, dtype, why):
     with pytest.raises(errors.InvalidArgumentError, match=why) as e:
         convert.chunk_from_proto(msg, routed_experts=True)
     assert e.value.field == "routed_experts"
+
+
+def test_weight_update_swap_flag_and_result_round_trip():
+    from rollout.server import client_calls
+    from rollout.server import convert_weights as cw
+    from rollout.types import SwapResult
+
+    layout = dict(names=["a"], dtypes=["float32"], shapes=[[2]])
+    assert cw.distributed_from_proto(cw.distributed_to_proto(**layout, swap=True)).swap is True
+    assert cw.distributed_from_proto(cw.distributed_to_proto(**layout)).swap is False
+    src = {"shared_memory": {"name": "seg", "offset": 0, "size": 8}}
+    assert cw.tensor_from_proto(cw.tensor_to_proto(**layout, sources=[src], swap=True)).swap is True
+    assert cw.disk_from_proto(client_calls.from_disk_request("/ckpt", 3, swap=True)).swap is True
+    with pytest.raises(errors.InvalidArgumentError, match="swap"):
+        cw.distributed_to_proto(**layout, swap="yes")
+    result = SwapResult(4, swapped=False, note="no room")
+    assert cw.update_result_from_proto(cw.update_result_to_proto(result), swap=True) == result
+    assert cw.update_result_from_proto(cw.update_result_to_proto(7), swap=False) == 7

@@ -219,3 +219,74 @@ def test_ctypes_structs_match_the_driver_layout() -> None:
     assert ctypes.sizeof(AllocationProp) == 32
     assert AllocationProp.win32HandleMetaData.offset == 16 and AllocationProp.allocFlags.offset == 24
     assert ctypes.sizeof(AccessDesc) == 12
+
+
+def test_take_backing_moves_the_shadow_memory_behind_the_live_addresses() -> None:
+    drv = FakeDriver()
+    live = VirtualRange(drv, device=0, nbytes=3 << 20)
+    shadow = VirtualRange(drv, device=0, nbytes=3 << 20)
+    live.map()
+    shadow.map()
+    new = drv.mapped[shadow.ptr]
+    ptr = live.ptr
+    live.take_backing(shadow)
+    assert live.ptr == ptr and drv.mapped == {ptr: new}  # the same addresses now show the shadow's memory
+    assert drv.live_handles == {new}  # the old weights' memory went back to the driver
+    assert shadow.ptr not in drv.reserved and live.ptr in drv.reserved  # the shadow's addresses are free
+    assert ("set_access", ptr, live.nbytes, 0) in drv.calls[-5:]  # access is set again for the new mapping
+    live.unmap()
+    assert not drv.live_handles
+    with pytest.raises(RuntimeError, match="mapped"):
+        live.take_backing(shadow)
+
+
+@pytest.mark.parametrize("failing", ["map", "set_access"])
+def test_failed_take_backing_leaves_both_ranges_as_they_were(failing: str) -> None:
+    drv = FakeDriver()
+    live = VirtualRange(drv, device=0, nbytes=1 << 20)
+    shadow = VirtualRange(drv, device=0, nbytes=1 << 20)
+    live.map()
+    shadow.map()
+    before = dict(drv.mapped)
+    calls = {"n": 0}
+    real = getattr(drv, failing)
+
+    def fail_once(*args: object) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first call is the switch's; the restore's must go through
+            raise CudaDriverError(failing, "CUDA_ERROR_OUT_OF_MEMORY")
+        real(*args)
+
+    setattr(drv, failing, fail_once)
+    with pytest.raises(CudaDriverError):
+        live.take_backing(shadow)
+    assert drv.mapped == before and drv.live_handles == set(before.values())
+    assert live.mapped and shadow.mapped
+
+
+def test_take_backing_refuses_ranges_of_different_sizes() -> None:
+    drv = FakeDriver()
+    live, shadow = VirtualRange(drv, 0, 1 << 21), VirtualRange(drv, 0, 2 << 21)
+    live.map()
+    shadow.map()
+    with pytest.raises(ValueError, match="differ"):
+        live.take_backing(shadow)
+    assert len(drv.live_handles) == 2
+
+
+def test_cpu_arena_adopts_a_shadow_in_place() -> None:
+    region = MemoryRegion("weights", "cpu")
+    arena = region.allocate(4096)
+    w = arena.take((16,), torch.float32)
+    w.fill_(1.0)
+    shadow = region.shadow(arena)
+    assert shadow.nbytes == arena.nbytes and shadow not in region.arenas
+    shadow.data[:64].view(torch.float32).fill_(2.0)
+    ptr = w.data_ptr()
+    arena.adopt(shadow)
+    assert w.data_ptr() == ptr and torch.equal(w, torch.full((16,), 2.0))  # the old view reads the new bytes
+    assert shadow.state is MemoryState.CLOSED and storage_bytes(shadow.data) == 0
+    with pytest.raises(MemoryStateError):
+        arena.adopt(shadow)
+    with pytest.raises(MemoryStateError, match="shadow"):
+        arena.adopt(CpuArena("weights", 512))
