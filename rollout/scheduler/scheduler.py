@@ -7,7 +7,8 @@ Each step the scheduler builds one batch under a token budget:
    retracted (KV freed, back to the front of the queue, recomputed later) until the rest fit;
 2. waiting sequences are admitted while budget, running slots and KV allow, those whose prompt is
    cached first, with samples of one prompt held back while a sibling computes that prompt so
-   the prompt is computed once and then shared through the prefix cache.
+   the prompt is computed once and then shared through the prefix cache, and likewise prompts
+   that share a long prefix with a prompt being computed (``shared_prefix.py``).
 
 The scheduler works on ``Sequence`` objects and the ``KVCacheManager``; it never touches tensors.
 """
@@ -21,6 +22,7 @@ from rollout.batch import BatchPlan, SpecPlan, StepResult
 from rollout.cache.manager import KVCacheManager
 from rollout.config import SchedulerConfig
 from rollout.scheduler.sequence import SeqStatus, Sequence
+from rollout.scheduler.shared_prefix import MIN_SHARED, InflightPrefixes
 from rollout.scheduler.stop import StopChecker
 from rollout.types import FinishReason, PauseMode, TopLogprobs
 
@@ -181,6 +183,10 @@ class Scheduler:
 
     def _admit(self, picked: list[tuple[Sequence, int]], budget: int, chunk: int) -> int:
         prefilling = {s.prompt_key for s in self.running if s.in_prompt_prefill}
+        inflight = InflightPrefixes()
+        for s in self.running:
+            if s.in_prompt_prefill:
+                inflight.add(s.prompt_ids)
         reserve = sum(s.remaining_new_tokens for s in self.running) * DECODE_RESERVE_RATIO
         deferred: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
@@ -197,6 +203,12 @@ class Scheduler:
                 break
             ids = seq.all_ids
             cached = self.cache.match(handle, ids, max_len=len(ids) - 1)
+            fresh = seq.num_computed == 0 and not seq.output_ids
+            if fresh and min(inflight.shared(ids), len(ids) - 1) >= cached + MIN_SHARED:
+                # Another prompt is computing a long prefix of this one: take it from the cache next.
+                self.cache.release(handle, ids[:cached], cache=False)
+                deferred.append(seq)
+                continue
             n = min(len(ids) - cached, budget, chunk)
             need_free = n + reserve + seq.remaining_new_tokens * DECODE_RESERVE_RATIO
             fits = not self.running or self.cache.available_tokens() >= need_free
@@ -212,6 +224,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             prefilling.add(seq.prompt_key)
+            inflight.add(seq.prompt_ids)
             reserve += seq.remaining_new_tokens * DECODE_RESERVE_RATIO
             picked.append((seq, n))
             budget -= n
