@@ -121,11 +121,10 @@ def info_from_proto(msg: pb.GetInfoResponse) -> EngineInfo:
 
 def memory_to_proto(states: dict[str, dict[str, Any]]) -> pb.MemoryResponse:
     """``{tag: {"state", "bytes", "backup"}}`` -> MemoryResponse."""
-    return pb.MemoryResponse(memory={
-        tag: pb.MemoryState(state=str(s["state"]), bytes=int(s["bytes"]), backup=bool(s.get("backup", False)))
-        for tag, s in states.items()
-    })
+    msg = pb.MemoryResponse()
+    _memory_into(msg.memory, states)
+    return msg
 
 
 def memory_from_proto(msg: pb.MemoryResponse) -> dict[str, dict[str, Any]]:
-    return {tag: {"state": m.state, "bytes": m.bytes, "backup": m.backup} for tag, m in msg.memory.items()}
+    return _memory_from(msg.memory)
