@@ -49,16 +49,22 @@ def prompts(n: int, length: int, repeat: bool, seed: int = 0) -> list[list[int]]
     return out
 
 
-def run(path: str, args: argparse.Namespace, bs: int, options: dict) -> float:
+def run(path: str, args: argparse.Namespace, bs: int, options: dict) -> tuple[float, float | None]:
+    """Output tokens/s, and the mean accepted length (tokens per target forward per sequence
+    while speculating; None without speculation)."""
     sp = SamplingParams(temperature=0.0, max_new_tokens=args.output_len, ignore_eos=True)
     ps = prompts(bs, args.input_len, repeat=options.get("speculative_method") == "ngram")
     with Engine(path, device=args.device, dtype=args.dtype, load_format="dummy",
                 max_running_requests=max(bs, 1), **options) as engine:
         engine.generate(ps[:1], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))  # warm up
         t = time.perf_counter()
+        before = engine.info()
         outs = engine.generate(ps, sp)
         dt = time.perf_counter() - t
-    return sum(len(o.output_ids) for o in outs) / dt
+        after = engine.info()
+    verified = after.spec_verified - before.spec_verified
+    accepted = after.spec_accepted - before.spec_accepted
+    return sum(len(o.output_ids) for o in outs) / dt, (1 + accepted / verified) if verified else None
 
 
 def main() -> None:
@@ -87,12 +93,14 @@ def main() -> None:
                                    speculative_max_batch_size=args.max_spec_batch)
                     if acc is not None:
                         options["oracle_acceptance"] = acc
-                tok_s = run(path, args, bs, options)
+                tok_s, accept_len = run(path, args, bs, options)
                 if method == "none":
                     plain[bs] = tok_s
                 speedup = f"{tok_s / plain[bs]:.2f}x" if bs in plain else "-"
                 label = method if acc is None else f"{method}(a={acc})"
-                print(f"{label:16s} bs={bs:4d}  {tok_s:10.1f} tok/s  vs plain {speedup}", flush=True)
+                length = f"{accept_len:.2f}" if accept_len is not None else "-"
+                print(f"{label:16s} bs={bs:4d}  {tok_s:10.1f} tok/s  vs plain {speedup}  "
+                      f"accepted length {length}", flush=True)
 
 
 if __name__ == "__main__":

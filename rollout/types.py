@@ -276,6 +276,11 @@ class EngineInfo:
     tp_size: int = 1  # tensor-parallel ranks; a weight group needs tp_size members per engine
     rank_memory: list[dict[str, dict[str, Any]]] = field(default_factory=list)  # per rank (tp_size > 1)
     deterministic: bool = False  # batch-invariant kernels: a request's bits do not depend on the batch
+    # Speculative decoding since start: drafts proposed, drafts accepted, and sequence-steps that
+    # verified drafts (mean accepted length, tokens per target forward: 1 + accepted / verified).
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+    spec_verified: int = 0
 
 
 @dataclass(frozen=True, slots=True)

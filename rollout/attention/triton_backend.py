@@ -99,6 +99,9 @@ class TritonAttentionBackend(AttentionBackend):
         decode = batch.is_decode
         fixed = decode and bs <= self.max_batch_size
         if batch.req_table is not None:
+            # Extends (speculative verify steps) are captured in graphs too: their KV starts also
+            # go to the fixed buffer, which no step still in flight can read (stream order).
+            fixed = bs <= self.max_batch_size
             # A captured graph reads seq_lens where the batch keeps them: the graph runner's static
             # batch does, at a fixed address.
             assert batch.req_rows is not None, "a batch with req_table needs req_rows"

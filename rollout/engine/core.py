@@ -355,6 +355,9 @@ class EngineCore:
         info.memory = self.memory.states()
         info.tp_size = self.ranks.size
         info.rank_memory = self.ranks.rank_memory()
+        if self.spec is not None:
+            policy = self.spec.policy
+            info.spec_drafted, info.spec_accepted, info.spec_verified = policy.drafted, policy.accepted, policy.verified
         return info
 
     def shutdown(self) -> None:

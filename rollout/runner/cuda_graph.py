@@ -41,6 +41,17 @@ def default_graph_batch_sizes(max_bs: int) -> list[int]:
     return [s for s in sizes if s <= max_bs] or [max_bs]
 
 
+_LOGITS_SIZES = default_graph_batch_sizes(1024)
+
+
+def logits_rows(n: int) -> int:
+    """The row count the LM head runs at for ``n`` sampled rows: the decode graph sizes (1, 2, 4,
+    then multiples of 8 to 256, of 32 to 1024), then multiples of 256."""
+    if n <= _LOGITS_SIZES[-1]:
+        return _LOGITS_SIZES[bisect.bisect_left(_LOGITS_SIZES, n)]
+    return -(-n // 256) * 256
+
+
 class DecodeGraphRunner:
     """Captured decode forwards for a set of batch sizes, sharing one memory pool."""
 

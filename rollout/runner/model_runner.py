@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import logging
 from dataclasses import dataclass
 from itertools import accumulate
@@ -19,18 +18,18 @@ from rollout.control.memory_placement import EngineMemory
 from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.layers.batch_invariant import set_numerics
 from rollout.models.loader import load_model
-from rollout.runner.cuda_graph import DecodeGraphRunner, default_graph_batch_sizes
+from rollout.runner.cuda_graph import DecodeGraphRunner, logits_rows
+from rollout.runner.devices import resolve_device
 from rollout.runner.routed_experts import RoutedExpertsRecorder
+from rollout.runner.verify_graph import VerifyGraphRunner
 from rollout.sampling.sampler import Sampler
 from rollout.sampling.sampling_batch import SamplingBatch
 from rollout.types import TopLogprobs
 
 logger = logging.getLogger(__name__)
 
-# KV budget on a CPU device when the caller gives none.
 # Cap of the KV index buffer that decode graphs read (entries of all requests in one step).
 MAX_GRAPH_KV_ENTRIES = 1 << 24
-_LOGITS_SIZES = default_graph_batch_sizes(1024)
 # Pads a host-input segment of odd length (see ``host_segments_to_device``).
 _ONE_PAD = torch.zeros(1, dtype=torch.int64)
 
@@ -74,26 +73,6 @@ def host_segments_to_device(segments: list[list[int] | torch.Tensor], device: to
     return views
 
 
-def logits_rows(n: int) -> int:
-    """The row count the LM head runs at for ``n`` sampled rows: the decode graph sizes (1, 2, 4,
-    then multiples of 8 to 256, of 32 to 1024), then multiples of 256."""
-    if n <= _LOGITS_SIZES[-1]:
-        return _LOGITS_SIZES[bisect.bisect_left(_LOGITS_SIZES, n)]
-    return -(-n // 256) * 256
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """The engine's device with its index: ``"cuda"`` means the current CUDA device when it is built.
-
-    Other threads (the engine loop) make this device current before running kernels, which needs
-    an explicit index.
-    """
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
 class ModelRunner:
     """Turns a ``BatchPlan`` into tensors, runs the model forward and samples.
 
@@ -123,6 +102,11 @@ class ModelRunner:
         self.padding_row = 0
         self.graphs: DecodeGraphRunner | None = None
         self.graph_bytes = 0  # device memory the decode graphs hold (static buffers + private pool)
+        # Speculative verify graphs (``verify_graph.py``): the draft lengths to capture, set by the
+        # speculator; captured, dropped and restored with the decode graphs.
+        self.verify_ks: list[int] = []
+        self.verify_max_bs = 0
+        self.verify_graphs: VerifyGraphRunner | None = None
         self._graphs_dropped = False
         self._last_tokens: torch.Tensor | None = None  # the last launched step's samples (B,), on the device
 
@@ -150,6 +134,21 @@ class ModelRunner:
         self.graphs.capture()
         torch.cuda.synchronize(self.device)
         self.graph_bytes = max(torch.cuda.memory_reserved(self.device) - before, 0)
+        self.capture_verify_graphs(self.verify_ks, self.verify_max_bs)
+
+    def capture_verify_graphs(self, ks: list[int], max_bs: int) -> None:
+        """Capture speculative verify graphs for draft lengths ``ks`` up to ``max_bs`` sequences
+        (beside the decode graphs: only where those are captured)."""
+        self.verify_ks, self.verify_max_bs = sorted(set(ks)), max_bs
+        if self.graphs is None or not ks or not max_bs:
+            return
+        before = torch.cuda.memory_reserved(self.device)
+        self.verify_graphs = VerifyGraphRunner(self.model, self.kv_pool, self._req_table, self.verify_ks,
+                                               max_bs, self.device, self.config.context_length,
+                                               self.config.deterministic)
+        self.verify_graphs.capture()
+        torch.cuda.synchronize(self.device)
+        self.graph_bytes += max(torch.cuda.memory_reserved(self.device) - before, 0)
 
     def drop_cuda_graphs(self) -> None:
         """Free the decode graphs and their memory (release of the ``cuda_graph`` tag).
@@ -159,7 +158,7 @@ class ModelRunner:
         """
         if self.graphs is None:
             return
-        self.graphs = None
+        self.graphs = self.verify_graphs = None
         self._graphs_dropped = True
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
@@ -188,7 +187,7 @@ class ModelRunner:
 
     def close(self) -> None:
         """Drop graphs, KV and weights and return their memory to the device."""
-        self.graphs = None
+        self.graphs = self.verify_graphs = None
         self.req_table = None
         self.routing = None
         del self.attn_backend, self.kv_pool, self.model

@@ -28,6 +28,7 @@ class AdaptivePolicy:
         self.acceptance = 1.0  # accepted / drafted, exponential moving average; start optimistic
         self.drafted = 0  # totals, for info and benchmarks
         self.accepted = 0
+        self.verified = 0  # sequence-steps that verified drafts
 
     def num_drafts(self, num_decoding: int) -> int:
         """Drafts per sequence for a step in which ``num_decoding`` sequences decode (0: no speculation)."""
@@ -41,10 +42,12 @@ class AdaptivePolicy:
             k = 1
         return k
 
-    def record(self, drafted: int, accepted: int) -> None:
-        """Account for one verify step: ``drafted`` tokens proposed, ``accepted`` of them taken."""
+    def record(self, drafted: int, accepted: int, sequences: int = 1) -> None:
+        """Account for one verify step: ``drafted`` tokens proposed by ``sequences`` sequences,
+        ``accepted`` of them taken."""
         if drafted <= 0:
             return
         self.drafted += drafted
         self.accepted += accepted
+        self.verified += sequences
         self.acceptance += ACCEPTANCE_EMA * (accepted / drafted - self.acceptance)

@@ -33,6 +33,9 @@ from rollout.spec.ngram import NgramDrafter, NgramIndex
 from rollout.spec.policy import AdaptivePolicy
 from rollout.spec.verify import Verifier
 
+# Largest batch a verify graph is captured for (speculation beyond it is rare: see policy.py).
+MAX_VERIFY_GRAPH_BS = 64
+
 
 class Speculator:
     """Drafts for the running sequences and verifies them on the target model."""
@@ -48,6 +51,11 @@ class Speculator:
         self.verifier = Verifier(runner, oracle_acceptance=oracle)
         self.draft = DraftModel(config, runner.num_slots) if spec.method == "draft" else None
         self.draft_version: int | None = None  # the target version the draft was last current with
+        # The policy's draft lengths (full, halved at large batch, one at low acceptance) get graphs.
+        ks = {spec.num_draft_tokens, min(spec.num_draft_tokens, 2), 1}
+        sched = config.scheduler
+        runner.capture_verify_graphs(sorted(ks), min(spec.max_batch_size, config.cuda_graph_max_bs or 0,
+                                                     sched.max_running_requests, MAX_VERIFY_GRAPH_BS))
 
     def stale(self, weight_version: int) -> bool:
         """Whether the draft model lags the target's weights and must not draft (see the module doc)."""
@@ -116,7 +124,8 @@ class Speculator:
             drafts = self.draft.draft(drafters, ks, banned)
             result, accepted = self.verifier.run(plan, drafts.tokens, drafts.probs)
             self.draft.accepted(drafters, ks, [a for a, k in zip(accepted, spec.num_drafts) if k])
-        self.policy.record(sum(spec.num_drafts), sum(a for a, k in zip(accepted, spec.num_drafts) if k))
+        self.policy.record(sum(spec.num_drafts), sum(a for a, k in zip(accepted, spec.num_drafts) if k),
+                           sum(1 for k in spec.num_drafts if k))
         return result, accepted
 
     def close(self) -> None:

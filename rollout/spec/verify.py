@@ -16,8 +16,8 @@ made on the device and written into the forward's input ids there.
 
 The whole step's results are copied to the host at once; the engine collects a speculative step
 before planning the next (the next inputs depend on how many drafts were accepted), so no step
-refers to these samples on the device. All shapes are fixed by (batch size, k): a CUDA graph per
-(k, batch bucket) can capture the forward as the decode graphs do.
+refers to these samples on the device. A step in which every sequence verifies the same ``k``
+replays a CUDA graph of the forward (``rollout/runner/verify_graph.py``); others run eagerly.
 """
 
 from __future__ import annotations
@@ -89,17 +89,24 @@ class Verifier:
         rows, drafts, draft_pos = verify_rows(plan)
         num_drafts = plan.spec.num_drafts
         layout = DraftLayout(num_drafts)
-        batch = runner._build_batch(plan)
+        flat = None
         if draft_tokens is not None:
             # Row-major picks of (entry, j) from the (N, k) drafts: the draft inputs, then per row.
             k = draft_tokens.shape[1]
             picks = [e * k + j for e, n in enumerate(x for x in num_drafts if x) for j in range(n)]
             flat = draft_tokens.reshape(-1)[torch.tensor(picks, dtype=torch.int64).to(dev)]  # (sum k_i,)
-            batch.input_ids[torch.tensor(draft_pos, dtype=torch.int64).to(dev)] = flat
-        runner.attn_backend.prepare(batch)
-        hidden = runner.model(batch)  # (T, hidden)
-        index = torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)
-        logits = runner._logits(hidden[index], len(rows))  # (R, vocab)
+        graphs = runner.verify_graphs
+        k = graphs.fits(plan) if graphs is not None else None
+        if k is not None:  # every token of the plan is a verify row, in order
+            hidden = graphs.run(plan, k, draft_pos if flat is not None else None, flat)  # (R, hidden)
+        else:
+            batch = runner._build_batch(plan)
+            if flat is not None:
+                batch.input_ids[torch.tensor(draft_pos, dtype=torch.int64).to(dev)] = flat
+            runner.attn_backend.prepare(batch)
+            hidden = runner.model(batch)  # (T, hidden)
+            hidden = hidden[torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)]
+        logits = runner._logits(hidden, len(rows))  # (R, vocab)
         reps = [k + 1 for k in num_drafts]
         seeds = [s for s, r in zip(plan.seeds, reps) for _ in range(r)]
         steps = [s + j for s, r in zip(plan.steps, reps) for j in range(r)]

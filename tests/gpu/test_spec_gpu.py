@@ -22,7 +22,7 @@ def model_dirs(tiny_model_dir) -> tuple[str, str]:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", ["ngram", "draft"])
-def test_greedy_equals_plain_on_gpu(model_dirs, method: str, dtype: str) -> None:
+def test_greedy_equals_plain_on_gpu(model_dirs, engine_cores, method: str, dtype: str) -> None:
     target, draft = model_dirs
     sp = SamplingParams(temperature=0.0, max_new_tokens=48, ignore_eos=True, n=2)
     common = dict(device="cuda", dtype=dtype, attention_backend="triton", max_total_tokens=1 << 14)
@@ -35,6 +35,8 @@ def test_greedy_equals_plain_on_gpu(model_dirs, method: str, dtype: str) -> None
         outs = engine.generate(PROMPTS, sp, return_logprob=True)
         engine.check_integrity()
         assert engine.info().kv_used_tokens == 0
+        graphs = engine_cores[-1].runner.verify_graphs
+        assert graphs is not None and graphs.graphs and graphs.replays > 0, "verify steps did not replay graphs"
     for o, r in zip(outs, ref):
         if dtype == "float32":
             assert o.output_ids == r.output_ids
@@ -58,3 +60,24 @@ def test_oracle_runs_at_batch_128(model_dirs) -> None:
         outs = engine.generate([[i % 900 + 3] * 20 for i in range(128)], sp)
         engine.check_integrity()
     assert all(len(o.output_ids) == 32 for o in outs)
+
+
+def test_verify_graphs_survive_a_memory_release(model_dirs, engine_cores) -> None:
+    """Releasing the graphs' memory drops the verify graphs with the decode graphs; resuming
+    captures both again and speculative steps replay them."""
+    target, _ = model_dirs
+    sp = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+    with Engine(target, device="cuda", dtype="float32", attention_backend="triton",
+                speculative_method="ngram", num_draft_tokens=3) as engine:
+        before = engine.generate(PROMPTS, sp)
+        engine.pause()
+        engine.release_memory(["kv_cache", "cuda_graph"])
+        assert engine_cores[-1].runner.verify_graphs is None
+        engine.resume_memory(["kv_cache", "cuda_graph"])
+        engine.continue_()
+        graphs = engine_cores[-1].runner.verify_graphs
+        assert graphs is not None and graphs.replays == 0
+        engine.flush_cache()
+        after = engine.generate(PROMPTS, sp)
+        assert graphs.replays > 0
+    assert [o.output_ids for o in before] == [o.output_ids for o in after]

@@ -144,7 +144,7 @@ def test_a_cuda_device_without_index_means_the_current_one(monkeypatch) -> None:
     with it (``torch.cuda.set_device("cuda")`` raises, which killed engines started with "cuda")."""
     import torch
 
-    from rollout.runner.model_runner import resolve_device
+    from rollout.runner.devices import resolve_device
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert resolve_device("cuda") == torch.device("cuda", 3)
@@ -186,7 +186,7 @@ def test_host_inputs_land_on_16_byte_aligned_views() -> None:
 def test_the_lm_head_runs_at_few_row_counts() -> None:
     """Sampled rows are padded to a short list of row counts (their cuBLAS kernels are loaded at
     start-up: a first launch waits for the device), never fewer rows than asked for."""
-    from rollout.runner.model_runner import logits_rows
+    from rollout.runner.cuda_graph import logits_rows
 
     counts = {logits_rows(n) for n in range(1, 2049)}
     assert len(counts) <= 64
