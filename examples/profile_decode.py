@@ -2,6 +2,7 @@
 
     python examples/profile_decode.py --shape qwen3-0.6b --batch 256 --context 600
     python examples/profile_decode.py --shape qwen3-0.6b --batch 1
+    python examples/profile_decode.py --shape qwen3-0.6b --batch 256 --deterministic
 
 Runs the engine core directly (no front end): fills ``--batch`` sequences of ``--context`` prompt
 tokens, lets them reach steady decode, then times ``--steps`` steps and profiles a few more with
@@ -27,6 +28,7 @@ def main() -> None:
     ap.add_argument("--no-overlap", action="store_true")
     ap.add_argument("--rows", type=int, default=25, help="kernels listed")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--deterministic", action="store_true", help="batch-invariant kernels")
     args = ap.parse_args()
 
     import argparse as _a
@@ -43,7 +45,8 @@ def main() -> None:
     core = EngineCore(EngineConfig.build(
         path, device=args.device, dtype=dtype, load_format="dummy" if args.shape != "tiny" else "auto",
         attention_backend="triton" if gpu else "torch",
-        max_running_requests=max(args.batch, 1), overlap_schedule=not args.no_overlap))
+        max_running_requests=max(args.batch, 1), overlap_schedule=not args.no_overlap,
+        deterministic=args.deterministic))
 
     def sync() -> None:
         if gpu:

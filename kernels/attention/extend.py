@@ -68,29 +68,41 @@ def _extend_kernel(
     stride_qt, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALL_MASKED: tl.constexpr,
+    PACK_GQA: tl.constexpr,
 ):
-    head = tl.program_id(0)
-    m0 = tl.program_id(1) * BLOCK_M
     b = tl.program_id(2)
     q_start = tl.load(qo_indptr_ptr + b)
     q_len = tl.load(qo_indptr_ptr + b + 1) - q_start
+    if PACK_GQA:
+        # Tile rows are (query, q head) pairs of one kv head, heads fastest: row r is query r // GROUP
+        # of head kv_head * GROUP + r % GROUP, so the kv head's K/V tiles are read once for all of them.
+        kv_head = tl.program_id(0)
+        r0 = tl.program_id(1) * BLOCK_M
+        offs_r = r0 + tl.arange(0, BLOCK_M)
+        offs_m = offs_r // GROUP  # query of each row
+        heads = kv_head * GROUP + offs_r % GROUP  # (BLOCK_M,)
+        m0 = r0 // GROUP
+        m_last = (r0 + BLOCK_M - 1) // GROUP
+    else:
+        head = tl.program_id(0)
+        kv_head = head // GROUP
+        m0 = tl.program_id(1) * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        heads = tl.zeros([BLOCK_M], tl.int32) + head
+        m_last = m0 + BLOCK_M - 1
     if m0 >= q_len:
         return
     kv_start = tl.load(kv_starts_ptr + b).to(tl.int64)
     kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
     prefix = kv_len - q_len
-    kv_head = head // GROUP
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < q_len
     mask_d = offs_d < HEAD_DIM
     rows = (q_start + offs_m).to(tl.int64)  # (BLOCK_M,) token-axis rows
-    q = tl.load(
-        q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-        mask=mask_m[:, None] & mask_d[None, :], other=0.0,
-    )  # (BLOCK_M, BLOCK_D)
+    q_offs = rows[:, None] * stride_qt + heads.to(tl.int64)[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     q_pos = prefix + offs_m  # kv position of each query row
 
     m_i = tl.full([BLOCK_M], NEG, tl.float32)
@@ -98,7 +110,7 @@ def _extend_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Positions before prefix + m0 are visible to every row of the tile: whole tiles there skip masking.
     full_end = 0 if ALL_MASKED else (prefix + m0) // BLOCK_N * BLOCK_N
-    kv_end = tl.minimum(kv_len, prefix + m0 + BLOCK_M)
+    kv_end = tl.minimum(kv_len, prefix + m_last + 1)
     for start in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_ptr, v_ptr, kv_indices_ptr, kv_start, start, kv_end, q_pos, kv_head, scale_log2,
@@ -113,7 +125,7 @@ def _extend_kernel(
         )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
-        out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+        out_ptr + rows[:, None] * stride_ot + heads.to(tl.int64)[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :],
     )
 
@@ -132,7 +144,8 @@ def default_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int
 
 
 # (block_m, block_n, num_warps, num_stages) of deterministic mode, for decode steps and prompts alike:
-# 16 query rows, the fewest a tensor-core tile takes, so that a decode step wastes little.
+# 16 rows, the fewest a tensor-core tile takes, holding (query, q head) pairs of one kv head
+# (``pack_gqa``), so that a decode step wastes little and reads each kv head's K/V once.
 DETERMINISTIC_TILES = {torch.float32: (16, 16, 4, 2), torch.bfloat16: (16, 64, 4, 2), torch.float16: (16, 64, 4, 2)}
 
 
@@ -153,12 +166,18 @@ def extend_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     deterministic: bool = False,
+    pack_gqa: bool | None = None,
 ) -> torch.Tensor:  # (T, Hq, D)
     """Causal attention of every request's new tokens over its prefix and themselves.
 
     ``max_extend_len`` (>= every request's new-token count, a host-side number) sizes the grid.
     Tile options left ``None`` take ``default_tiles`` (``DETERMINISTIC_TILES`` when ``deterministic``:
-    a row's bits then depend on nothing but its own query and KV)."""
+    a row's bits then depend on nothing but its own query and KV).
+
+    ``pack_gqa`` (default: ``deterministic``): a tile's rows are (query, q head) pairs of one kv head
+    instead of queries of one q head, so the q heads sharing a kv head read its K/V tiles once;
+    what pays off when a request has few new tokens (decode steps through this kernel). A row's
+    arithmetic is the same either way."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_buf.shape[1]
     assert num_q_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
@@ -173,14 +192,19 @@ def extend_attention(
     dm, dn, dw, ds = DETERMINISTIC_TILES[q.dtype] if deterministic else default_tiles(head_dim, q.dtype)
     block_m, block_n, num_warps = block_m or dm, block_n or dn, num_warps or dw
     num_stages = num_stages or ds
-    grid = (num_q_heads, triton.cdiv(max_extend_len, block_m), batch)
+    group = num_q_heads // num_kv_heads
+    pack = deterministic if pack_gqa is None else pack_gqa
+    if pack:
+        grid = (num_kv_heads, triton.cdiv(max_extend_len * group, block_m), batch)
+    else:
+        grid = (num_q_heads, triton.cdiv(max_extend_len, block_m), batch)
     _extend_kernel[grid](
         q, k_buf, v_buf, out, qo_indptr, kv_indices, kv_starts, kv_lens,
         scale * LOG2E,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1),
-        GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=triton.next_power_of_2(head_dim), PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q),
-        ALL_MASKED=deterministic, num_warps=num_warps, num_stages=num_stages,
+        ALL_MASKED=deterministic, PACK_GQA=pack, num_warps=num_warps, num_stages=num_stages,
     )
     return out

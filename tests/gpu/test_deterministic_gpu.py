@@ -74,3 +74,25 @@ def test_invariant_matmul_rows_on_gpu() -> None:
     assert full32.dtype == torch.float32
     assert torch.equal(invariant_matmul(x[:5].float(), w)[4], full32[4])
     assert torch.allclose(full32, F.linear(x.float(), w.float()), atol=1e-3, rtol=1e-4)
+
+
+def test_packed_extend_rows_do_not_depend_on_their_tile_offset_on_gpu() -> None:
+    """Deterministic attention packs (query, q head) rows of one kv head into 16-row tiles: a query's
+    bits are the same in a whole-prompt extend (at every offset of its tile) and in a decode step."""
+    from kernels.attention import extend_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hq, hkv, d = 16, 4, 128
+    k = torch.randn(600, hkv, d, generator=gen, device="cuda").to(torch.bfloat16)
+    v = torch.randn(600, hkv, d, generator=gen, device="cuda").to(torch.bfloat16)
+    q = torch.randn(600, hq, d, generator=gen, device="cuda").to(torch.bfloat16)
+    slots = torch.arange(600, device="cuda")
+
+    def run(first: int, n: int) -> torch.Tensor:
+        qo = torch.tensor([0, n - first], device="cuda")
+        starts = torch.zeros(1, dtype=torch.int64, device="cuda")
+        lens = torch.tensor([n], device="cuda")
+        return extend_attention(q[first:n], k, v, qo, slots, starts, lens, d**-0.5, n - first, deterministic=True)
+
+    for n in (1, 2, 3, 5, 8, 77, 300, 513):
+        assert torch.equal(run(0, n)[-1], run(n - 1, n)[0]), n

@@ -291,3 +291,15 @@ def test_engine_with_triton_backend_reads_the_request_table(tiny_model_dir):
     for o, r in zip(outs["triton"], outs["torch"]):
         assert o.output_ids == r.output_ids
         assert max(abs(a - b) for a, b in zip(o.output_logprobs, r.output_logprobs)) < 1e-4
+
+
+@pytest.mark.parametrize("group,block_m", [(2, 16), (4, 16), (8, 4)])
+def test_extend_with_gqa_packed_tiles_matches_reference(group, block_m):
+    """Tiles of (query, q head) pairs of one kv head, including tiles shorter than a group."""
+    requests = [(50, 40), (3, 17), (0, 33), (20, 1)]
+    q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, _ = make_case(requests, 1, group, 32, torch.float32, 0, seed=3)
+    starts, lens = runs_from_indptr(kv_indptr)
+    out = extend_attention(q, k_buf, v_buf, qo_indptr, kv_indices, starts, lens, 0.3, 40, block_m=block_m,
+                           block_n=16, pack_gqa=True)
+    ref = paged_attention_reference(q, k_buf, v_buf, qo_indptr, kv_indptr, kv_indices, 0.3)
+    assert_close(out, ref, torch.float32)
