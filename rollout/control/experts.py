@@ -62,12 +62,17 @@ class ExpertBalancer:
         return [b.expert_counts.tolist() for b in self.blocks]
 
     def plan(self) -> tuple[Slots, ...]:
-        """Rank 0: a balanced placement for every layer from its counts."""
+        """Rank 0: a balanced placement for every layer from its counts (the current one where the
+        balanced one is no more even)."""
         self.check_enabled()
         out = []
         for block, counts in zip(self.blocks, self.counts()):
             current = block.experts.placement
-            out.append(balanced([float(c) for c in counts], current.ranks, current.slots_per_rank).slots)
+            load = [float(c) for c in counts]
+            new = balanced(load, current.ranks, current.slots_per_rank)
+            # Every moved expert costs a broadcast of its weights: move only for a better balance (a
+            # layer with no tokens counted, or one already as even, keeps its placement).
+            out.append(new.slots if new.balancedness(load) > current.balancedness(load) else current.slots)
         return tuple(out)
 
     def apply(self, placements: tuple[Slots, ...]) -> RebalanceReport:

@@ -43,9 +43,10 @@ def test_rebalance_over_grpc_keeps_the_outputs(start_server, tiny_model_dir) -> 
                 return await asyncio.wait_for(ac.rebalance_experts(), 60)
 
         assert asyncio.run(rebalance_async())["tokens"] > 0  # the second batch's (prompts partly cached)
-        # Nothing routed since: no load to balance, which reads as perfectly even.
+        # Nothing routed since: no load to balance, which reads as perfectly even, and no expert moves.
         quiet = c.rebalance_experts()
         assert quiet["tokens"] == 0 and quiet["balancedness_before"] == quiet["balancedness_after"] == 1.0
+        assert quiet["moved"] == 0
         _same(want, c.generate_batch(PROMPTS, GREEDY, return_logprob=True))
 
 def test_a_dense_server_refuses_to_rebalance(client) -> None:
