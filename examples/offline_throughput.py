@@ -10,12 +10,14 @@ tokens over wall time including prefill. Every request streams, so TTFT and ITL 
     python examples/offline_throughput.py --batch1 --input-len 128 --output-len 512 ...
     python examples/offline_throughput.py --shape qwen3-30b-a3b --num-prompts 256 --input-len 1000 \
         --output-len 2000                                          # the MoE anchor (one H200)
+    ... --return-routed-experts                                    # the same, with every request's routing
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import tempfile
@@ -23,6 +25,7 @@ import tempfile
 import torch
 
 from rollout import Engine
+from rollout.errors import InvalidArgumentError
 from rollout.testing.benchmark import MODEL_SHAPES, RequestRecord, Workload, format_report, run_streams, summarize
 
 
@@ -44,9 +47,11 @@ def model_dir(args: argparse.Namespace) -> str:
     return path
 
 
-async def run_workload(engine: Engine, wl: Workload, temperature: float,
-                       progress: str | None = None) -> tuple[list[RequestRecord], float]:
-    return await run_streams(engine.async_stream, wl.prompts, wl.sampling_params(temperature), progress=progress)
+async def run_workload(engine: Engine, wl: Workload, temperature: float, progress: str | None = None,
+                       routed_experts: bool = False) -> tuple[list[RequestRecord], float]:
+    # The same streams, each also asking for its routing: the one difference between the two runs.
+    stream = functools.partial(engine.async_stream, return_routed_experts=routed_experts)
+    return await run_streams(stream, wl.prompts, wl.sampling_params(temperature), progress=progress)
 
 
 def print_roofline(path: str, args: argparse.Namespace, wl: Workload, figures: dict) -> None:
@@ -96,6 +101,9 @@ def main() -> None:
     ap.add_argument("--tp-size", type=int, default=None, help="tensor-parallel ranks (GPUs from --device on)")
     ap.add_argument("--ep-size", type=int, default=None, help="expert-parallel ranks (MoE shapes)")
     ap.add_argument("--deterministic", action="store_true", help="batch-invariant kernels (Engine deterministic=True)")
+    ap.add_argument("--return-routed-experts", action="store_true",
+                    help="MoE models: record the routing (Engine enable_return_routed_experts=True) and ask every "
+                         "request for it (return_routed_experts=True), to measure what it costs")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--separate-process", action="store_true",
                     help="engine loop in its own process (no GIL shared with the streams' consumer)")
@@ -110,12 +118,17 @@ def main() -> None:
                    separate_process=args.separate_process, deterministic=args.deterministic)
     if args.attention_backend:
         options["attention_backend"] = args.attention_backend
+    if args.return_routed_experts:
+        options["enable_return_routed_experts"] = True
     for name in ("max_num_batched_tokens", "chunked_prefill_size", "kv_memory_fraction", "tp_size", "ep_size"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if not args.model and args.shape != "tiny":
         options["load_format"] = "dummy"
-    engine = Engine(path, **options)
+    try:
+        engine = Engine(path, **options)
+    except InvalidArgumentError as e:  # an option this model cannot take (--return-routed-experts on a dense one)
+        ap.error(str(e))
     vocab = engine.limits.vocab_size
     if args.batch1:
         n_in, n_out = args.input_len or 128, args.output_len or 512
@@ -125,15 +138,17 @@ def main() -> None:
         out_lo, out_hi = (args.output_len, args.output_len) if args.output_len else (lo, hi)
         wl = Workload.random(num, in_lo, in_hi, out_lo, out_hi, vocab, seed=0)
     warm = Workload.random(args.warmup, 16, 32, 8, 16, vocab, seed=1)
-    asyncio.run(run_workload(engine, warm, args.temperature))
-    records, duration = asyncio.run(run_workload(engine, wl, args.temperature, progress="benchmark"))
+    routed = args.return_routed_experts
+    asyncio.run(run_workload(engine, warm, args.temperature, routed_experts=routed))
+    records, duration = asyncio.run(run_workload(engine, wl, args.temperature, progress="benchmark",
+                                                 routed_experts=routed))
     figures = summarize(records, duration)
     if args.batch1:
         figures["ms_per_token"] = figures["mean_itl_ms"]
     engine.shutdown()
     title = (f"{'batch-1 latency' if args.batch1 else 'offline throughput'}: {args.shape if not args.model else path}"
              f", {args.dtype}, {args.device}, temperature {args.temperature}, ignore_eos, warm-up {args.warmup}"
-             f"{', deterministic' if args.deterministic else ''}")
+             f"{', deterministic' if args.deterministic else ''}{', routed experts' if routed else ''}")
     print(format_report(title, {"in-process": figures}))
     if args.batch1:
         print(f"{'Decode ms per token (mean ITL)':<34}{figures['ms_per_token']:>14.3f}")

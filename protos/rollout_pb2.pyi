@@ -423,3 +423,19 @@ class MemoryResponse(_message.Message):
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     memory: _containers.MessageMap[str, MemoryState]
     def __init__(self, memory: _Optional[_Mapping[str, MemoryState]] = ...) -> None: ...
+
+class RebalanceExpertsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RebalanceExpertsResponse(_message.Message):
+    __slots__ = ("balancedness_before", "balancedness_after", "moved", "tokens")
+    BALANCEDNESS_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    BALANCEDNESS_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    balancedness_before: float
+    balancedness_after: float
+    moved: int
+    tokens: int
+    def __init__(self, balancedness_before: _Optional[float] = ..., balancedness_after: _Optional[float] = ..., moved: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...

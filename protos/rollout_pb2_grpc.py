@@ -100,6 +100,11 @@ class RolloutStub:
                 request_serializer=protos_dot_rollout__pb2.ResumeMemoryRequest.SerializeToString,
                 response_deserializer=protos_dot_rollout__pb2.MemoryResponse.FromString,
                 _registered_method=True)
+        self.RebalanceExperts = channel.unary_unary(
+                '/rollout.v1.Rollout/RebalanceExperts',
+                request_serializer=protos_dot_rollout__pb2.RebalanceExpertsRequest.SerializeToString,
+                response_deserializer=protos_dot_rollout__pb2.RebalanceExpertsResponse.FromString,
+                _registered_method=True)
 
 
 class RolloutServicer:
@@ -189,6 +194,15 @@ class RolloutServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RebalanceExperts(self, request, context):
+        """Place the experts of an MoE model served with ep_size > 1 by the tokens routed since the last
+        rebalance (copies of hot experts go to the spare slots). Outputs do not change; only which rank
+        computes which expert. FAILED_PRECONDITION on a dense model or with ep_size 1.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +270,11 @@ def add_RolloutServicer_to_server(servicer, server):
                     servicer.ResumeMemory,
                     request_deserializer=protos_dot_rollout__pb2.ResumeMemoryRequest.FromString,
                     response_serializer=protos_dot_rollout__pb2.MemoryResponse.SerializeToString,
+            ),
+            'RebalanceExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.RebalanceExperts,
+                    request_deserializer=protos_dot_rollout__pb2.RebalanceExpertsRequest.FromString,
+                    response_serializer=protos_dot_rollout__pb2.RebalanceExpertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -610,6 +629,33 @@ class Rollout:
             '/rollout.v1.Rollout/ResumeMemory',
             protos_dot_rollout__pb2.ResumeMemoryRequest.SerializeToString,
             protos_dot_rollout__pb2.MemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RebalanceExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rollout.v1.Rollout/RebalanceExperts',
+            protos_dot_rollout__pb2.RebalanceExpertsRequest.SerializeToString,
+            protos_dot_rollout__pb2.RebalanceExpertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -206,3 +206,8 @@ class AsyncRolloutClient:
         """Map released memory back (None: all)."""
         reply = await self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=list(tags or ())))
         return convert.memory_from_proto(reply)
+
+    async def rebalance_experts(self) -> dict[str, float | int]:
+        """Place the experts by the tokens routed since the last rebalance (``RolloutClient.rebalance_experts``)."""
+        reply = await self._unary(self._stub.RebalanceExperts, pb.RebalanceExpertsRequest())
+        return convert.rebalance_from_proto(reply)

@@ -226,3 +226,11 @@ class RolloutClient:
         """Map released memory back (None: all); returns the memory state per tag."""
         reply = self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=list(tags or ())))
         return convert.memory_from_proto(reply)
+
+    # ------------------------------------------------------------------ experts
+    def rebalance_experts(self) -> dict[str, float | int]:
+        """Place the experts of an MoE model served with ``ep_size`` > 1 by the tokens routed since the last
+        rebalance (see ``Engine.rebalance_experts``); returns ``balancedness_before`` / ``balancedness_after``
+        (mean over max rank load), ``moved`` (expert copies moved) and ``tokens`` (pairs counted).
+        FAILED_PRECONDITION on a dense model or with ``ep_size`` 1."""
+        return convert.rebalance_from_proto(self._unary(self._stub.RebalanceExperts, pb.RebalanceExpertsRequest()))

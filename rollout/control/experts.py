@@ -37,25 +37,42 @@ class ExpertBalancer:
     """The expert-parallel MoE layers of one rank's model."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.blocks = [m for m in model.modules()
-                       if isinstance(m, SparseMoeBlock) and m.experts.placement is not None]
+        moe = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+        self.has_moe = bool(moe)
+        self.blocks = [m for m in moe if m.experts.placement is not None]
 
     @property
     def enabled(self) -> bool:
         return bool(self.blocks)
+
+    def check_enabled(self) -> None:
+        """Raise FAILED_PRECONDITION, saying what to change, unless there are experts to rebalance."""
+        if self.enabled:
+            return
+        if not self.has_moe:
+            raise FailedPreconditionError(
+                "expert rebalancing needs an MoE model served with ep_size > 1; this model has no MoE layers")
+        raise FailedPreconditionError(
+            "expert rebalancing needs an MoE model served with ep_size > 1; this engine does not partition its "
+            "experts over ranks (ep_size 1): start it with ep_size=N (rollout serve --ep-size N), and "
+            "ep_spare_slots (--ep-spare-slots) for copies of hot experts")
 
     def counts(self) -> list[list[int]]:
         """Per layer, tokens routed to each expert since the last rebalance."""
         return [b.expert_counts.tolist() for b in self.blocks]
 
     def plan(self) -> tuple[Slots, ...]:
-        """Rank 0: a balanced placement for every layer from its counts."""
-        if not self.enabled:
-            raise FailedPreconditionError("expert rebalancing needs an MoE model served with ep_size > 1")
+        """Rank 0: a balanced placement for every layer from its counts (the current one where the
+        balanced one is no more even)."""
+        self.check_enabled()
         out = []
         for block, counts in zip(self.blocks, self.counts()):
             current = block.experts.placement
-            out.append(balanced([float(c) for c in counts], current.ranks, current.slots_per_rank).slots)
+            load = [float(c) for c in counts]
+            new = balanced(load, current.ranks, current.slots_per_rank)
+            # Every moved expert costs a broadcast of its weights: move only for a better balance (a
+            # layer with no tokens counted, or one already as even, keeps its placement).
+            out.append(new.slots if new.balancedness(load) > current.balancedness(load) else current.slots)
         return tuple(out)
 
     def apply(self, placements: tuple[Slots, ...]) -> RebalanceReport:

@@ -202,8 +202,9 @@ class RankControl:
     # ------------------------------------------------------------------ experts
     def rebalance(self, cmd: RebalanceExperts) -> dict[str, float | int]:
         """Rank 0 plans the placements (unless given), every rank moves its experts."""
-        if self._experts is None or not self._experts.enabled:
+        if self._experts is None:
             raise FailedPreconditionError("expert rebalancing needs an MoE model served with ep_size > 1")
+        self._experts.check_enabled()
         full = RebalanceExperts(cmd.placements or self._experts.plan())
         if self.followers is None:
             return asdict(self._experts.apply(full.placements))

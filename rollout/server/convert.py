@@ -24,6 +24,8 @@ from rollout.server.convert_info import memory_from_proto as memory_from_proto
 from rollout.server.convert_info import memory_to_proto as memory_to_proto
 from rollout.server.convert_info import pause_mode_from_proto as pause_mode_from_proto
 from rollout.server.convert_info import pause_mode_to_proto as pause_mode_to_proto
+from rollout.server.convert_info import rebalance_from_proto as rebalance_from_proto
+from rollout.server.convert_info import rebalance_to_proto as rebalance_to_proto
 from rollout.types import (
     ChatPrompt,
     FinishReason,

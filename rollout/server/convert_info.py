@@ -1,4 +1,5 @@
-"""EngineInfo, pause modes and memory states <-> protos (GetInfo, pauses, ReleaseMemory / ResumeMemory)."""
+"""EngineInfo, pause modes, memory states and rebalance reports <-> protos (GetInfo, pauses,
+ReleaseMemory / ResumeMemory, RebalanceExperts)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from rollout.errors import InvalidArgumentError, quoted
 from rollout.types import EngineInfo, PauseMode
 
 __all__ = ["info_to_proto", "info_from_proto", "memory_to_proto", "memory_from_proto", "pause_mode_from_proto",
-           "pause_mode_to_proto"]
+           "pause_mode_to_proto", "rebalance_to_proto", "rebalance_from_proto"]
 
 _PAUSE_TO_PROTO = {
     PauseMode.ABORT: pb.PAUSE_MODE_ABORT,
@@ -128,3 +129,13 @@ def memory_to_proto(states: dict[str, dict[str, Any]]) -> pb.MemoryResponse:
 
 def memory_from_proto(msg: pb.MemoryResponse) -> dict[str, dict[str, Any]]:
     return _memory_from(msg.memory)
+
+
+def rebalance_to_proto(report: dict[str, float | int]) -> pb.RebalanceExpertsResponse:
+    """``Engine.rebalance_experts``'s dict (the fields of ``RebalanceReport``) -> RebalanceExpertsResponse."""
+    return pb.RebalanceExpertsResponse(**report)
+
+
+def rebalance_from_proto(msg: pb.RebalanceExpertsResponse) -> dict[str, float | int]:
+    """The dict ``Engine.rebalance_experts`` returns: balancedness_before / _after, moved, tokens."""
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields}

@@ -23,6 +23,7 @@ from rollout.engine.messages import (
     FlushCache,
     GetInfo,
     Pause,
+    RebalanceExperts,
     ReleaseMemory,
     ResumeMemory,
 )
@@ -166,8 +167,8 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
     """Serves ``rollout.v1.Rollout`` once ``attach`` gives it a loaded engine.
 
     Before that (model still loading) and after ``begin_shutdown`` the RPCs answer UNAVAILABLE.
-    With ``enable_control=False`` pause/continue/flush and the weight and memory RPCs answer
-    PERMISSION_DENIED; Generate, Abort and GetInfo stay available.
+    With ``enable_control=False`` pause/continue/flush, the weight and memory RPCs and RebalanceExperts
+    answer PERMISSION_DENIED; Generate, Abort and GetInfo stay available.
     """
 
     def __init__(self, *, enable_control: bool = True) -> None:
@@ -316,3 +317,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
     ) -> pb.MemoryResponse:
         states = await self._control_engine("ResumeMemory").acall(ResumeMemory(tuple(request.tags)))
         return convert.memory_to_proto(states)
+
+    # ------------------------------------------------------------------ experts
+    @_unary
+    async def RebalanceExperts(
+        self, request: pb.RebalanceExpertsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RebalanceExpertsResponse:
+        report = await self._control_engine("RebalanceExperts").acall(RebalanceExperts())
+        return convert.rebalance_to_proto(report)

@@ -7,7 +7,7 @@ import pytest
 
 from protos import rollout_pb2 as pb
 from protos import rollout_pb2_grpc
-from rollout.errors import InvalidArgumentError
+from rollout.errors import FailedPreconditionError, InvalidArgumentError
 from rollout.server import client_calls as calls
 from tests.hf_oracle import hf_routed_experts
 from tests.waiting import WAIT_S, DeadlineClient
@@ -56,3 +56,9 @@ def test_raw_response_is_little_endian_int16_bytes(moe_server) -> None:
 def test_dense_server_refuses(client) -> None:
     with pytest.raises(InvalidArgumentError, match="no MoE layers"):
         client.generate([1, 2, 3], {"max_new_tokens": 2}, return_routed_experts=True)
+
+
+def test_rebalance_on_one_rank_says_to_serve_with_ep_size(moe_server) -> None:
+    _, server = moe_server
+    with DeadlineClient(server.address) as client, pytest.raises(FailedPreconditionError, match="--ep-size N"):
+        client.rebalance_experts()

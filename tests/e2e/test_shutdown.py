@@ -30,6 +30,7 @@ def test_control_rpcs_are_denied_when_disabled(locked_server):
             c.release_memory,
             c.resume_memory,
             lambda: c.init_weight_update_group("127.0.0.1", 29500, 1, 2),
+            c.rebalance_experts,
         ):
             with pytest.raises(RolloutError) as info:
                 call()

@@ -41,3 +41,11 @@ def test_deterministic_flags_reach_the_engine_options() -> None:
     args = build_parser().parse_args(["serve", "--model", "m", "--deterministic", "--fp32-lm-head"])
     assert engine_options(args) == {"deterministic": True, "fp32_lm_head": True}
     assert engine_options(build_parser().parse_args(["serve", "--model", "m"])) == {}
+
+
+def test_expert_parallel_flags_reach_the_engine_options() -> None:
+    from rollout.cli import build_parser, engine_options
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--ep-size", "2", "--ep-spare-slots", "1",
+                                      "--ep-rebalance-interval", "50"])
+    assert engine_options(args) == {"ep_size": 2, "ep_spare_slots": 1, "ep_rebalance_interval": 50}

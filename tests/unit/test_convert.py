@@ -279,3 +279,12 @@ def test_weight_update_swap_flag_and_result_round_trip():
     result = SwapResult(4, swapped=False, note="no room")
     assert cw.update_result_from_proto(cw.update_result_to_proto(result), swap=True) == result
     assert cw.update_result_from_proto(cw.update_result_to_proto(7), swap=False) == 7
+
+
+def test_rebalance_report_round_trip_keeps_every_field():
+    from dataclasses import asdict
+
+    from rollout.control.experts import RebalanceReport
+
+    report = asdict(RebalanceReport(balancedness_before=0.625, balancedness_after=0.96875, moved=5, tokens=123))
+    assert convert.rebalance_from_proto(convert.rebalance_to_proto(report)) == report

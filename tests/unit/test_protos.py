@@ -37,6 +37,7 @@ def test_service_module_imports_from_package():
         "UpdateWeightsFromDisk",
         "ReleaseMemory",
         "ResumeMemory",
+        "RebalanceExperts",
     }
     assert {m.name for m in service.methods} == expected
     assert service.methods_by_name["Generate"].server_streaming
