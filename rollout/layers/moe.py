@@ -273,7 +273,11 @@ class SparseMoeBlock(nn.Module):
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
         if self.expert_counts is not None:
             flat = topk_ids.reshape(-1)
-            self.expert_counts.scatter_add_(0, flat, torch.ones_like(flat))
+            ones = torch.ones_like(flat)
+            if batch is not None:  # CUDA-graph padding rows (and verify fillers) write slot 0: not counted
+                real = batch.out_cache_loc[: topk_ids.shape[0]] != 0  # (T,)
+                ones = real[:, None].expand_as(topk_ids).reshape(-1).to(flat.dtype)
+            self.expert_counts.scatter_add_(0, flat, ones)
         if batch is not None and batch.routed_experts is not None:
             # Row t of the static step buffer is token t of the step: a device copy, no allocation and
             # no host sync, so it is captured by CUDA graphs like any other kernel.

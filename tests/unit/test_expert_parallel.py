@@ -117,3 +117,24 @@ def test_placements() -> None:
         ExpertPlacement(3, ((0, 1), (1, -1)))
     with pytest.raises(InvalidArgumentError, match="ep_size"):
         ParallelConfig(ep_size=3, tp_size=2)
+
+
+def test_expert_counts_skip_rows_that_write_the_padding_slot() -> None:
+    """CUDA-graph padding rows (and verify fillers) write KV slot 0: their routing is not counted,
+    so a rebalance sees only real tokens."""
+    from rollout.batch import ForwardBatch
+    from rollout.layers.moe import SparseMoeBlock
+
+    torch.manual_seed(0)
+    block = SparseMoeBlock(6, 2, 8, 16, True, dtype=torch.float32, device="cpu")
+    block.register_buffer("expert_counts", torch.zeros(6, dtype=torch.int64), persistent=False)
+    x = torch.randn(5, 8)
+    empty = torch.zeros(0, dtype=torch.int64)
+    batch = ForwardBatch(input_ids=empty, positions=empty, out_cache_loc=torch.tensor([7, 0, 9, 0, 0]),
+                         qo_indptr=empty, kv_indptr=None, kv_indices=None, seq_lens=empty, logits_indices=empty,
+                         seq_lens_cpu=[], extend_lens_cpu=[], prefix_lens_cpu=[], attn_backend=None)
+    block(x, batch)
+    assert block.expert_counts.sum().item() == 2 * 2  # two real rows, top-2
+    block.expert_counts.zero_()
+    block(x)  # no batch (no slots known): every row counts
+    assert block.expert_counts.sum().item() == 5 * 2
