@@ -140,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--speculative-max-batch-size", type=int, default=None,
                    help="speculate only while at most this many sequences decode (default: 32)")
     s.add_argument("--draft-on-stale-weights", default=None, choices=("disable", "keep"),
-                   help="draft model not updated after a target update: stop speculating or keep drafting "
-                        "(default: disable)")
+                   help="draft model not updated with the target (no draft.<name> tensors in the update): "
+                        "stop speculating or keep drafting with the old draft (default: disable)")
     s.add_argument("--enable-return-routed-experts", action="store_true", default=None,
                    help="record each MoE layer's top-k expert ids with the KV, so Generate calls can ask for "
                         "them (return_routed_experts; MoE models only; default: off)")

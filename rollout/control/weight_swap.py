@@ -19,6 +19,9 @@ valid), then the version and the KV epoch change. No forward pass sees two versi
   and the weights stay valid.
 - One swap at a time; while one runs, other updates, memory release/resume and expert moves are
   refused (``check_idle``).
+- The draft model's tensors (``draft.`` names, ``control/draft_weights.py``) are copied aside on the
+  draft's device while the shadow fills (the draft keeps drafting meanwhile) and written into the
+  draft model at the switch: the draft's size in memory for the swap window, and a copy that small.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Union
 import torch
 
 from memory_saver import CudaDriverError
+from rollout.control.draft_weights import iter_update_checkpoint, route
 from rollout.control.shadow import ShadowWeights
 from rollout.control.weight_sources import OpenedSources
 from rollout.control.weights import rejected_elsewhere
@@ -80,6 +84,7 @@ class ShadowReady:
     written: set[str]  # our parameters the update wrote completely
     what: str
     total: int  # tensors in the update
+    draft: list[tuple[str, torch.Tensor]]  # the draft model's tensors (names without ``draft.``), copied aside
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +180,10 @@ class WeightSwap:
             raise
 
     def _from_disk(self, path: str, version: int, total: int, covered: frozenset[str]) -> ShadowReady | NoRoom:
-        from rollout.models.loader import iter_checkpoint
-
         shadow, no_room = self._allocate()
         if shadow is None:
             return NoRoom(no_room or "")
-        return self._fill(shadow, covered, f"loading {path}", iter_checkpoint(path), version, total)
+        return self._fill(shadow, covered, f"loading {path}", iter_update_checkpoint(path), version, total)
 
     def _allocate(self) -> tuple[ShadowWeights | None, str | None]:
         """The shadow, or None and why there is no room for it."""
@@ -207,11 +210,15 @@ class WeightSwap:
 
     def _fill(self, shadow: ShadowWeights, covered: frozenset[str], what: str,
               named: Iterable[tuple[str, torch.Tensor]], version: int, total: int) -> ShadowReady:
-        """The parameters the update leaves alone copied from the live ones, then the update loaded."""
+        """The parameters the update leaves alone copied from the live ones, then the update loaded
+        (its draft tensors copied aside for the switch)."""
+        draft = self._updater.draft
+        staged: list[tuple[str, torch.Tensor]] = []
+        put = None if draft is None else lambda name, t: staged.append((name, draft.copy(t)))
         try:
             with self._side_stream() as stream:
                 shadow.fill_from_live(skip=covered)
-                written = shadow.load(named)
+                written = shadow.load(route(named, put))
                 if stream is not None:
                     stream.synchronize()  # device-side failures surface here, and the shadow is complete
         except BaseException as e:
@@ -222,7 +229,7 @@ class WeightSwap:
             raise FailedPreconditionError(
                 f"{what} failed: {cause}; nothing was switched: version {self._versions.weight_version} keeps "
                 "serving") from e
-        return ShadowReady(shadow, version, written, what, total)
+        return ShadowReady(shadow, version, written, what, total, staged)
 
     @contextlib.contextmanager
     def _side_stream(self) -> Iterator[Any]:
@@ -277,9 +284,28 @@ class WeightSwap:
                 f"switching to the new weights failed ({type(e).__name__}: {e}); version "
                 f"{self._versions.weight_version} keeps serving") from e
         switched_ms = (time.perf_counter() - t0) * 1e3
+        drafted = bool(ready.draft) and self._write_draft(ready.draft)
         self._updater.mark_loaded(ready.written, ready.version, f"swap in {switched_ms:.1f} ms, {ready.what}",
-                                  ready.total)
+                                  ready.total, draft=drafted)
         return SwapResult(ready.version, swapped=True)
+
+    def _write_draft(self, tensors: list[tuple[str, torch.Tensor]]) -> bool:
+        """Write the staged draft tensors into the draft model (checked before: this does not fail but
+        for a device fault, which leaves the draft stale and the target switched)."""
+        draft = self._updater.draft
+        assert draft is not None
+        try:
+            writer = draft.writer()
+            for name, tensor in tensors:
+                writer.write(name, tensor)
+                if tensor.is_cuda:  # made on the side stream, read on this one: not reused before that
+                    tensor.record_stream(torch.cuda.current_stream(tensor.device))
+            writer.finish()
+        except Exception:
+            logger.exception("writing the draft model's tensors at the switch failed; the draft is stale")
+            draft.spoiled()
+            return False
+        return True
 
     def drop(self) -> None:
         """Free the pending shadow (if any) and end the swap without switching."""

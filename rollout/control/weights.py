@@ -7,6 +7,9 @@ operations between forward steps, no forward pass ever sees a mix of two version
 
 If an update breaks after some tensors were written, the weights are marked invalid (generation is
 refused with FAILED_PRECONDITION) until an update covering every parameter succeeds.
+
+Tensors named ``draft.<name>`` are the draft model's (speculative method "draft"): checked and written
+in the same pass, into the draft model (``control/draft_weights.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from rollout.control.checkpoint_specs import checkpoint_specs
+from rollout.control.draft_weights import (
+    DRAFT_PREFIX,
+    DraftWeights,
+    iter_update_checkpoint,
+    no_draft_model,
+    route,
+    split_specs,
+    update_checkpoint_specs,
+)
 from rollout.control.gate import Blocker
 from rollout.control.weight_checks import UpdateChecker
 from rollout.control.weight_sources import OpenedSources, check_sources
@@ -69,8 +80,9 @@ class WeightUpdater:
     """Owns the weight-update groups of one engine rank and applies updates to its model shard."""
 
     def __init__(self, model_config: ModelConfig, runner: ModelRunner, scheduler: VersionOwner,
-                 gate: GenerationGate) -> None:
+                 gate: GenerationGate, draft: DraftWeights | None = None) -> None:
         self._runner = runner
+        self.draft = draft  # where ``draft.`` tensors go (None: no draft model, such names are refused)
         self._scheduler = scheduler  # owns the weight version; told of every write
         self._gate = gate
         self._checker = UpdateChecker(model_config, runner.dtype)
@@ -223,19 +235,31 @@ class WeightUpdater:
         if not isinstance(path, str) or not os.path.isdir(path):
             raise InvalidArgumentError(f"not a directory: {quoted(path)}", field="model_path")
         version = self._version(cmd.version)
-        specs = checkpoint_specs(path)
-        return path, version, len(specs), self._checker.check(specs)
+        specs = update_checkpoint_specs(path)
+        return path, version, len(specs), self.check(specs)
 
     def covered(self, layouts: list[BucketLayout]) -> frozenset[str]:
         """Check every tensor of ``layouts`` against the model; the parameters they fill completely."""
-        return self._checker.check([(t.name, t.torch_dtype, t.shape) for lay in layouts for t in lay.tensors])
+        return self.check([(t.name, t.torch_dtype, t.shape) for lay in layouts for t in lay.tensors])
 
-    def mark_loaded(self, written: set[str], version: int, what: str, total: int) -> int:
-        """After a complete write of ``written``: clear an earlier invalid state if it covers every
-        parameter, and make ``version`` current (new KV epoch)."""
+    def check(self, specs: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> frozenset[str]:
+        """Check every ``(name, dtype, shape)``, the draft's (``draft.``) included, before anything is
+        written; the target parameters they fill completely."""
+        target, draft = split_specs(specs)
+        if draft:
+            if self.draft is None:
+                raise no_draft_model(next(n for n, _, _ in specs if n.startswith(DRAFT_PREFIX)))
+            self.draft.check(draft)
+        return self._checker.check(target)
+
+    def mark_loaded(self, written: set[str], version: int, what: str, total: int, draft: bool = False) -> int:
+        """After a complete write of ``written`` (and of draft tensors if ``draft``): clear an earlier
+        invalid state if it covers every parameter, and make ``version`` current (new KV epoch)."""
         if written >= self._checker.param_names:
             self._gate.clear(Blocker.WEIGHTS_INVALID)
         self._scheduler.new_weights(version)
+        if draft and self.draft is not None:
+            self.draft.loaded(version)
         logger.info("weights updated to version %d (%s, %d tensors)", version, what, total)
         return version
 
@@ -250,9 +274,7 @@ class WeightUpdater:
     def from_disk(self, cmd: UpdateWeightsFromDisk) -> int:
         """Reload weights from a safetensors checkpoint directory."""
         path, version, total, _ = self.disk_specs(cmd)
-        from rollout.models.loader import iter_checkpoint
-
-        return self._apply(f"loading {path}", iter_checkpoint(path), total, version)
+        return self._apply(f"loading {path}", iter_update_checkpoint(path), total, version)
 
     # ------------------------------------------------------------------ shared steps
     def _version(self, version: Any) -> int:
@@ -271,34 +293,51 @@ class WeightUpdater:
         return sum(len(lay.tensors) for lay in layouts)
 
     def _apply(self, what: str, named: Iterable[tuple[str, torch.Tensor]], total: int, version: int) -> int:
-        """Stream ``named`` into the model in place; on success make ``version`` current.
+        """Stream ``named`` into the model in place (``draft.`` tensors into the draft model, in the
+        same pass); on success make ``version`` current.
 
-        Raises ``FailedPreconditionError`` (and marks the weights invalid) if it fails after a tensor
-        was handed to the loader; earlier failures leave the weights as they were.
+        Raises ``FailedPreconditionError`` (and marks the weights invalid) if it fails after a target
+        tensor was handed to the loader; earlier failures leave the weights as they were (but for
+        draft tensors written already: the draft then counts as stale).
         """
-        handed = 0
+        handed = drafted = 0
+        draft = self.draft.writer() if self.draft is not None else None
 
-        def counted() -> Iterator[tuple[str, torch.Tensor]]:
+        def counted(items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
             nonlocal handed
-            for item in named:
+            for item in items:
                 handed += 1
                 yield item
 
+        def put(name: str, tensor: torch.Tensor) -> None:
+            nonlocal drafted
+            assert draft is not None
+            drafted += 1
+            draft.write(name, tensor)
+
         runner = self._runner
         try:
-            written = runner.model.load_weights(counted())
+            written = runner.model.load_weights(counted(route(named, put if draft is not None else None)))
+            if draft is not None:
+                draft.finish()
             if runner.device.type == "cuda":
                 torch.cuda.synchronize(runner.device)  # device-side failures surface here
         except Exception as e:
             cause = e.message if isinstance(e, RolloutError) else f"{type(e).__name__}: {e}"
+            if drafted and self.draft is not None:
+                self.draft.spoiled()
+            if handed == 0 and drafted:
+                raise FailedPreconditionError(
+                    f"{what} failed after {drafted} draft model tensors were written: {cause}; the target's "
+                    "weights are unchanged, the draft model counts as stale until a push carries its weights") from e
             if handed == 0:
                 if isinstance(e, RolloutError):
                     raise
                 raise FailedPreconditionError(f"{what} failed before any weight was written: {cause}") from e
-            msg = (f"the weights are invalid after a failed update ({what}: {cause}; {handed} of {total} tensors "
-                   "were written); push a full set of weights")
+            msg = (f"the weights are invalid after a failed update ({what}: {cause}; {handed + drafted} of {total} "
+                   "tensors were written); push a full set of weights")
             self._gate.block(Blocker.WEIGHTS_INVALID, msg)
             self._scheduler.new_kv_epoch()  # the weights changed: no prefix computed before is valid
             logger.error(msg)
             raise FailedPreconditionError(msg) from e
-        return self.mark_loaded(written, version, what, total)
+        return self.mark_loaded(written, version, what, total, draft=drafted > 0)

@@ -18,6 +18,7 @@ from rollout import __version__
 from rollout.batch import BatchPlan
 from rollout.cache.manager import KVCacheManager
 from rollout.config import EngineConfig
+from rollout.control.draft_weights import DraftWeights
 from rollout.control.experts import ExpertBalancer
 from rollout.control.gate import Blocker, GenerationGate
 from rollout.control.memory import MemoryControl
@@ -80,12 +81,14 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.cache, self.stop)
         self.scheduler.on_finish = self._on_finish
         self.gate = GenerationGate()
-        self.weights = WeightUpdater(config.model, self.runner, self.scheduler, self.gate)
+        spec = Speculator(config, self.runner, self.scheduler.weight_version) if config.spec.method else None
+        self.spec = spec
+        draft = DraftWeights(spec.draft) if spec is not None and spec.draft is not None else None
+        self.weights = WeightUpdater(config.model, self.runner, self.scheduler, self.gate, draft)
         self.swap = WeightSwap(self.weights, self.runner, self.scheduler)
         self.memory = MemoryControl(self.runner.memory, self.scheduler, self.runner, self.gate)
         self.ranks = RankControl(followers, self.weights, self.memory, self.gate, self.scheduler,
                                  ExpertBalancer(self.runner.model))
-        self.spec = Speculator(config, self.runner) if config.spec.method is not None else None
         self._rng = random.Random(config.seed)
         self._next_uid = 0
         self._events: list[Event] = []

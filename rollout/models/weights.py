@@ -140,41 +140,60 @@ def load_named_weights(
     checkpoint keys are collected and reported together after the others were loaded; a shape
     mismatch raises at once, naming the checkpoint key.
     """
-    params = dict(model.named_parameters())
-    needed = {name: len(name_map.checkpoint_names(name, num_experts)) for name in params}
-    covered: dict[str, set] = {}
-    unknown: list[str] = []
-    with torch.no_grad():
-        for ckpt_name, tensor in weights:
-            try:
-                target = name_map.target(ckpt_name)
-            except InvalidArgumentError:
-                unknown.append(ckpt_name)
-                continue
-            if target is None:
-                continue
-            param = params[target.param_name]
-            loader = param.weight_loader  # type: ignore[attr-defined]
-            try:
-                if target.expert_id is not None:
-                    loader(param, tensor, target.shard_id, target.expert_id)
-                elif target.shard_id is not None:
-                    loader(param, tensor, target.shard_id)
-                else:
-                    loader(param, tensor)
-            except InvalidArgumentError as err:
-                if err.field == ckpt_name:
-                    raise
-                # Name the key the caller sent once; the parameter only when it is another name.
-                into = f" (loading into {err.field})" if err.field else ""
-                raise InvalidArgumentError(err.reason + into, field=ckpt_name) from err
-            covered.setdefault(target.param_name, set()).add(
-                None
-                if target.shard_id is None and target.expert_id is None
-                else (target.shard_id, target.expert_id)
-            )
-    if unknown:
-        shown = ", ".join(quoted(n) for n in unknown[:10]) + (
-            f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
-        raise InvalidArgumentError(f"unexpected checkpoint keys: {shown}", field="weights")
-    return {name for name, shards in covered.items() if None in shards or len(shards) >= needed[name]}
+    writer = WeightWriter(model, name_map, num_experts)
+    for ckpt_name, tensor in weights:
+        writer.write(ckpt_name, tensor)
+    return writer.finish()
+
+
+class WeightWriter:
+    """``load_named_weights`` one tensor at a time: for a caller that hands tensors over as they come
+    (e.g. the ``draft.`` tensors of an update whose stream mostly goes to another model)."""
+
+    def __init__(self, model: nn.Module, name_map: CheckpointNameMap, num_experts: int = 0) -> None:
+        self._name_map = name_map
+        self._params = dict(model.named_parameters())
+        self._needed = {name: len(name_map.checkpoint_names(name, num_experts)) for name in self._params}
+        self._covered: dict[str, set] = {}
+        self._unknown: list[str] = []
+
+    @torch.no_grad()
+    def write(self, ckpt_name: str, tensor: torch.Tensor) -> None:
+        """Copy one checkpoint tensor into its parameter (an unknown name is reported by ``finish``)."""
+        try:
+            target = self._name_map.target(ckpt_name)
+        except InvalidArgumentError:
+            self._unknown.append(ckpt_name)
+            return
+        if target is None:
+            return
+        param = self._params[target.param_name]
+        loader = param.weight_loader  # type: ignore[attr-defined]
+        try:
+            if target.expert_id is not None:
+                loader(param, tensor, target.shard_id, target.expert_id)
+            elif target.shard_id is not None:
+                loader(param, tensor, target.shard_id)
+            else:
+                loader(param, tensor)
+        except InvalidArgumentError as err:
+            if err.field == ckpt_name:
+                raise
+            # Name the key the caller sent once; the parameter only when it is another name.
+            into = f" (loading into {err.field})" if err.field else ""
+            raise InvalidArgumentError(err.reason + into, field=ckpt_name) from err
+        self._covered.setdefault(target.param_name, set()).add(
+            None
+            if target.shard_id is None and target.expert_id is None
+            else (target.shard_id, target.expert_id)
+        )
+
+    def finish(self) -> set[str]:
+        """Raise for the unknown keys seen; else our parameter names written completely."""
+        if self._unknown:
+            unknown = self._unknown
+            shown = ", ".join(quoted(n) for n in unknown[:10]) + (
+                f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+            raise InvalidArgumentError(f"unexpected checkpoint keys: {shown}", field="weights")
+        needed = self._needed
+        return {name for name, shards in self._covered.items() if None in shards or len(shards) >= needed[name]}

@@ -77,7 +77,11 @@ class DraftModel:
 
     def __init__(self, target: EngineConfig, num_slots: int) -> None:
         config = draft_engine_config(target, num_slots)
+        self.model_config = config.model
         self.vocab_size = target.model.vocab_size
+        # The target weight version these weights go with (None: none, e.g. after a failed push);
+        # set by the speculator at start and by every update that carries ``draft.`` tensors.
+        self.weight_version: int | None = None
         self.runner = ModelRunner(config)
         self.cache = KVCacheManager(
             num_slots=self.runner.num_slots, page_size=1, max_requests=config.scheduler.max_running_requests + 1,
@@ -90,6 +94,11 @@ class DraftModel:
         live = {s.uid for s in running}
         for uid in [u for u in self.seqs if u not in live]:
             self.cache.release(self.seqs.pop(uid).handle, [], cache=False)
+
+    def forget_all(self) -> None:
+        """Give back every sequence's draft state (after new draft weights: its KV was computed with
+        the old ones; each sequence catches up over its whole context at its next draft)."""
+        self.forget_others([])
 
     def reserve(self, seq: Sequence, k: int) -> bool:
         """Make room for ``seq``'s next ``k`` drafts (its catch-up included); False if the pool is full."""

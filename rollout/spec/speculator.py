@@ -14,10 +14,21 @@ drafts placeholders and accepts each with probability ``oracle_acceptance`` rega
 target: its output is not the target's distribution, it only reproduces the cost of a drafter of
 that acceptance rate.
 
-Weight updates: the target's path is unchanged. The draft model's weights are not updated by it;
-once the target's version moves on, ``on_stale_weights="disable"`` (the default) stops drafting
-(the output stays exact either way: only the acceptance rate depends on the drafter), ``"keep"``
-drafts on with the old draft.
+Weight updates (method ``draft``): the target's path is unchanged, and the draft model takes its
+weights from the same updates. Tensors named ``draft.<name>`` (``draft.model.norm.weight``) in a
+group push, shared-memory / CUDA IPC update, or disk update (the ``draft.`` keys of the checkpoint
+and the checkpoint in its ``draft/`` subdirectory) go to the draft model's loader; the others go to
+the target (``rollout/control/draft_weights.py``). Such names on an engine without a draft model
+are refused with INVALID_ARGUMENT and nothing is written. The draft goes with a target version
+(``DraftModel.weight_version``):
+
+- an update that carries draft tensors makes the draft current with the update's version (and
+  drops the draft KV computed with the old draft weights): drafting goes on;
+- an update of the target only leaves the draft at its old version. Once the target's version has
+  moved on, ``on_stale_weights="disable"`` (the default) stops drafting until an update carries
+  the draft's weights again, and ``"keep"`` drafts on with the old draft.
+
+The output is exact either way (only the acceptance rate depends on the drafter).
 """
 
 from __future__ import annotations
@@ -40,7 +51,8 @@ MAX_VERIFY_GRAPH_BS = 64
 class Speculator:
     """Drafts for the running sequences and verifies them on the target model."""
 
-    def __init__(self, config: EngineConfig, runner: ModelRunner) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner, weight_version: int = 0) -> None:
+        """``weight_version``: the target's version now, the one the draft model starts current with."""
         spec = config.spec
         assert spec.method is not None
         self.config = spec
@@ -50,7 +62,8 @@ class Speculator:
         oracle = spec.oracle_acceptance if spec.method == "oracle" else None
         self.verifier = Verifier(runner, oracle_acceptance=oracle)
         self.draft = DraftModel(config, runner.num_slots) if spec.method == "draft" else None
-        self.draft_version: int | None = None  # the target version the draft was last current with
+        if self.draft is not None:
+            self.draft.weight_version = weight_version
         # The policy's draft lengths (full, halved at large batch, one at low acceptance) get graphs.
         ks = {spec.num_draft_tokens, min(spec.num_draft_tokens, 2), 1}
         sched = config.scheduler
@@ -61,9 +74,7 @@ class Speculator:
         """Whether the draft model lags the target's weights and must not draft (see the module doc)."""
         if self.draft is None or self.config.on_stale_weights == "keep":
             return False
-        if self.draft_version is None:
-            self.draft_version = weight_version
-        return weight_version != self.draft_version
+        return weight_version != self.draft.weight_version
 
     def _decoding(self, running: list[Sequence]) -> list[Sequence]:
         return [s for s in running if not s.in_prompt_prefill]
