@@ -20,6 +20,26 @@ class NgramIndex:
 
     maps: dict[int, dict[tuple[int, ...], int]] = field(default_factory=dict)
     indexed: int = 0  # n-grams followed by a token at positions < indexed are in the maps
+    # Back-off after lookups that found nothing: the next lookup waits until the sequence has
+    # ``retry_at`` tokens (2, 4, .. MAX_BACKOFF tokens later), so a sequence that repeats nothing
+    # does not stop overlap scheduling every step (see ``Speculator.wants_quiet``).
+    misses: int = 0
+    retry_at: int = 0
+
+    def due(self, length: int) -> bool:
+        """Whether a sequence of ``length`` tokens should look up drafts now."""
+        return length >= self.retry_at
+
+    def found(self, drafts: list[int], length: int) -> None:
+        """Record a lookup's outcome at ``length`` tokens."""
+        if drafts:
+            self.misses = 0
+            return
+        self.misses += 1
+        self.retry_at = length + min(1 << self.misses, MAX_BACKOFF)
+
+
+MAX_BACKOFF = 16
 
 
 class NgramDrafter:

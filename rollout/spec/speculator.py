@@ -80,8 +80,14 @@ class Speculator:
         return [s for s in running if not s.in_prompt_prefill]
 
     def wants_quiet(self, running: list[Sequence]) -> bool:
-        """Whether the next step may speculate (so the step still running must be collected first)."""
-        return self.policy.num_drafts(len(self._decoding(running))) > 0
+        """Whether the next step may speculate (so the step still running must be collected first):
+        the policy allows drafts and some sequence would look for them (n-gram lookups back off)."""
+        decoding = self._decoding(running)
+        if self.policy.num_drafts(len(decoding)) == 0:
+            return False
+        if self.ngram is None:
+            return True
+        return any(s.spec_state is None or s.spec_state.due(s.total_len) for s in decoding)
 
     def propose(self, running: list[Sequence], free_slots: int, weight_version: int = 0) -> None:
         """Set ``drafts`` on every running sequence (empty where it does not speculate this step).
@@ -96,6 +102,7 @@ class Speculator:
             self.draft.forget_others(running)
         decoding = self._decoding(running)
         k = 0 if self.stale(weight_version) else self.policy.num_drafts(len(decoding))
+        self.policy.advance()
         budget = free_slots - sum(s.tokens_to_compute for s in running)
         if k == 0 or budget <= 0:
             return
@@ -108,9 +115,13 @@ class Speculator:
             if kk <= 0:
                 continue
             if self.ngram is not None:
-                if seq.spec_state is None:
-                    seq.spec_state = NgramIndex()
-                drafts = self.ngram.propose(seq.all_ids, kk, seq.spec_state)
+                state = seq.spec_state
+                if state is None:
+                    state = seq.spec_state = NgramIndex()
+                if not state.due(seq.total_len):
+                    continue
+                drafts = self.ngram.propose(seq.all_ids, kk, state)
+                state.found(drafts, seq.total_len)
             elif self.draft is not None and not self.draft.reserve(seq, k):  # all draft k forwards
                 continue
             else:

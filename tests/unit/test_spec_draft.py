@@ -8,7 +8,7 @@ import pytest
 from rollout import Engine, SamplingParams
 from rollout.config import SpecConfig
 from rollout.sampling import rejection
-from rollout.spec.policy import AdaptivePolicy
+from rollout.spec.policy import PROBE_EVERY, AdaptivePolicy
 from tests.unit.test_spec_engine import SAMPLED, _prefixes, _two_sample_pvalue
 
 PROMPTS = [[3, 4] * 5 + [3], [5, 17, 42, 99, 100, 7, 5, 17, 42]]
@@ -104,10 +104,16 @@ def test_adaptive_policy_shrinks_and_stops() -> None:
     assert policy.num_drafts(33) == 0 and policy.num_drafts(0) == 0
     for _ in range(30):
         policy.record(drafted=10, accepted=0)
-    assert policy.num_drafts(1) == 1  # keeps probing with one draft
+    # Keeps probing with one draft, one step in PROBE_EVERY; the other steps do not speculate.
+    probes = []
+    for _ in range(2 * PROBE_EVERY):
+        probes.append(policy.num_drafts(1))
+        policy.advance()
+    assert probes == ([1] + [0] * (PROBE_EVERY - 1)) * 2
     for _ in range(30):
         policy.record(drafted=10, accepted=10)
-    assert policy.num_drafts(1) == 5
+    policy.advance()
+    assert policy.num_drafts(1) == 5 and policy.num_drafts(1) == 5
 
 
 def test_large_batches_do_not_speculate(tiny_model_dir, engine_cores) -> None:

@@ -97,7 +97,8 @@ def test_sampled_distribution_equals_plain(peaky_model, engine_cores, name) -> N
     plain = _samples(peaky_model, SAMPLED[name])
     spec = _samples(peaky_model, SAMPLED[name], **SPEC_WIDE)
     policy = _policy(engine_cores)
-    assert policy.accepted > 0.2 * policy.drafted and policy.drafted - policy.accepted > 0.2 * policy.drafted
+    # Drafts both accepted and rejected in numbers (n-gram lookups that miss back off, so fewer are made).
+    assert policy.accepted >= 0.15 * policy.drafted and policy.drafted - policy.accepted >= 0.15 * policy.drafted
     for n in (2, 4, 6):
         assert _two_sample_pvalue(_prefixes(plain, n), _prefixes(spec, n)) > 1e-3
     # The n-gram verify draws each row with the row's own (seed, step): the same seed gives the same

@@ -95,3 +95,22 @@ def test_a_short_budget_cuts_drafts() -> None:
     seq.drafts = [21, 22, 23]
     plan, _ = sched.schedule()
     assert plan.extend_lens == [2] and plan.spec.num_drafts == [1] and plan.input_ids == [20, 21]
+
+
+def test_ngram_lookups_back_off_while_they_find_nothing() -> None:
+    """A sequence whose lookups find nothing waits 2, 4, 8, 16, 16 tokens before the next one (so
+    steps keep overlap scheduling); a hit resets the wait."""
+    from rollout.spec.ngram import NgramIndex
+
+    state, length, waits = NgramIndex(), 10, []
+    for _ in range(5):
+        assert state.due(length)
+        state.found([], length)
+        wait = next(w for w in range(1, 64) if state.due(length + w))
+        assert not state.due(length + wait - 1)
+        waits.append(wait)
+        length += wait
+    assert waits == [2, 4, 8, 16, 16]
+    state.found([7, 8], length)
+    state.found([], length + 1)
+    assert state.due(length + 3) and not state.due(length + 2)
