@@ -1,4 +1,4 @@
-"""Tuned MoE configs: the file format and the lookup by shape, dtype, device and rows.
+"""Tuned MoE configs: the file format and lookup, the search space, and a tuner run in the interpreter.
 
 Without CUDA the kernels run in Triton's interpreter; with CUDA the same tests compile them.
 """
@@ -17,6 +17,15 @@ pytest.importorskip("triton")
 
 from kernels.moe import GemmTiles, MoeKernelConfig, default_config, fused_experts_triton  # noqa: E402
 from kernels.moe.fused_moe import select_config  # noqa: E402
+from kernels.moe.tune_space import (  # noqa: E402
+    DOWN,
+    GATE_UP,
+    SHARED_LIMIT,
+    block_ms_for,
+    default_variants,
+    shared_bytes,
+    variants,
+)
 from kernels.moe.tuned_configs import (  # noqa: E402
     CONFIG_DIR_ENV,
     config_file_name,
@@ -25,6 +34,7 @@ from kernels.moe.tuned_configs import (  # noqa: E402
     save_table,
     tuned_config,
 )
+from kernels.triton_utils import interpreting  # noqa: E402
 from rollout.layers.moe import fused_experts_reference, select_experts  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,3 +115,39 @@ def test_fused_experts_take_the_tiles_of_the_config_file(tmp_path, monkeypatch):
     out = fused_experts_triton(x, w13, w2, weights, ids)
     ref = fused_experts_reference(x, w13, w2, weights, ids)
     assert (out - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_search_space_is_pruned_and_holds_the_defaults():
+    """The Qwen3-30B-A3B space: every variant fits shared memory, known spills are out, the default
+    tiles are in; the row tiles tried follow the rows per expert and include the default's."""
+    total = 0
+    for bm in (16, 32, 64, 128):
+        for kernel, n, k in ((GATE_UP, 768, 2048), (DOWN, 2048, 768)):
+            vs = variants(kernel, bm, n, k)
+            total += len(vs)
+            assert all(shared_bytes(kernel, bm, v.tiles) <= SHARED_LIMIT for v in vs)
+    assert total <= 400  # about one second of compile each, spread over the tuner's processes
+    assert GemmTiles(128, 256, 4, 4) not in [v.tiles for v in variants(GATE_UP, 16, 768, 2048)]  # spills
+    for tokens in (1, 64, 256, 1024, 4096):
+        rows = tokens * 8
+        gate_up, down = default_variants(rows, 128)
+        assert gate_up in variants(GATE_UP, gate_up.block_m, 768, 2048)
+        assert down in variants(DOWN, down.block_m, 2048, 768)
+        assert default_config(rows, 128).block_m in block_ms_for(rows, 128)
+    assert block_ms_for(8, 128) == [16] and block_ms_for(4096 * 8, 128) == [32, 64, 128]
+
+
+@pytest.mark.skipif(not interpreting(), reason="the CPU smoke run needs the Triton interpreter")
+def test_tuner_runs_and_writes_a_file_that_reads_back(tmp_path, capsys):
+    """The whole tuner on a tiny shape in the interpreter (times mean nothing there): it checks and
+    times the variants, writes the file under the name the lookup uses, and prints the table."""
+    from kernels.moe.tune import main
+
+    main(["--experts", "4", "--hidden", "16", "--intermediate", "16", "--top-k", "2", "--token-counts", "1",
+          "--device", "cpu", "--copies", "1", "--out-dir", str(tmp_path)])
+    path = tmp_path / config_file_name(4, 16, 16, torch.bfloat16, "cpu")
+    table = load_table(path)
+    assert table.top_k == 2 and table.rows == (2,)
+    assert tuned_config(4, 16, 16, torch.bfloat16, torch.device("cpu"), 2, directory=tmp_path) == table.configs[0]
+    out = capsys.readouterr().out
+    assert f"wrote {path}" in out and "speed-up" in out
