@@ -2,7 +2,10 @@
 top-8, hidden 2048, expert width 768, bf16), for a decode batch and a prefill batch.
 
     python -m kernels.bench_moe                  # 256 tokens (decode) and 4096 tokens (prefill)
-    python -m kernels.bench_moe --sweep          # also try other tile shapes
+    python -m kernels.bench_moe --sweep          # also try other tile shapes (same tiles for both GEMMs)
+
+Tiles come from ``kernels/moe/configs`` where this GPU has a tuned file (``python -m kernels.moe.tune``),
+else from ``default_config``; the header line says which.
 
 FLOPs: 6 * hidden * width per (token, expert) pair (gate+up: 4 H I, down: 2 H I). Bytes: the weights
 of every expert that received a token, read once, plus the activations written and read between
@@ -19,7 +22,8 @@ import torch
 from kernels.bench_utils import bandwidth_line, copy_bandwidth, describe_device, flops_line, median_ms
 from kernels.moe import MoeKernelConfig, align_tokens_to_experts, default_config, fused_experts_triton
 from kernels.moe.align_triton import align_tokens_to_experts_triton
-from rollout.layers.moe import fused_experts_reference, select_experts
+from kernels.moe.fused_moe import select_config
+from rollout.layers.moe import fused_experts_reference, select_experts, select_experts_reference
 
 
 def bench_tokens(args: argparse.Namespace, tokens: int, device: torch.device, copy_bps: float) -> None:
@@ -29,7 +33,8 @@ def bench_tokens(args: argparse.Namespace, tokens: int, device: torch.device, co
     x = torch.randn(tokens, h, device=device, generator=gen).to(dtype)
     w13 = (torch.randn(e, 2 * i, h, device=device, generator=gen) * h**-0.5).to(dtype)
     w2 = (torch.randn(e, h, i, device=device, generator=gen) * i**-0.5).to(dtype)
-    weights, ids = select_experts(torch.randn(tokens, e, device=device, generator=gen), k, renormalize=True)
+    logits = torch.randn(tokens, e, device=device, generator=gen).to(dtype)
+    weights, ids = select_experts(logits, k, renormalize=True)
     elt = x.element_size()
     touched = int(torch.unique(ids).numel())
     pairs = tokens * k
@@ -40,12 +45,20 @@ def bench_tokens(args: argparse.Namespace, tokens: int, device: torch.device, co
     out = fused_experts_triton(x, w13, w2, weights, ids)
     exact = fused_experts_reference(x.float(), w13.float(), w2.float(), weights, ids)
     err = (out.float() - exact).abs().max().item() / exact.abs().max().item()
-    cfg = default_config(pairs, e)
+    cfg = select_config(x, w13, pairs)
+    source = "default" if cfg == default_config(pairs, e) else "tuned"
     print(f"MoE {tokens} tokens, {e} experts ({touched} used) top-{k}, H={h} I={i} {args.dtype}, "
-          f"rel err vs fp32 {err:.1e}, tiles {cfg}")
+          f"rel err vs fp32 {err:.1e}, {source} tiles {cfg}")
     ms = median_ms(lambda: fused_experts_triton(x, w13, w2, weights, ids))
     print(bandwidth_line("  triton fused MoE       ", ms, weight_bytes + act_bytes, copy_bps))
     print(flops_line("  triton fused MoE       ", ms, flops))
+    if source == "tuned":
+        default_ms = median_ms(lambda: fused_experts_triton(x, w13, w2, weights, ids,
+                                                            config=default_config(pairs, e)))
+        print(f"  default tiles: {default_ms * 1e3:9.1f} us ({default_ms / ms:.2f}x the tuned time)")
+    route_ms = median_ms(lambda: select_experts(logits, k, renormalize=True))
+    ref_route_ms = median_ms(lambda: select_experts_reference(logits, k, renormalize=True))
+    print(f"  router top-k (triton): {route_ms * 1e3:9.1f} us; torch softmax + topk {ref_route_ms * 1e3:.1f} us")
     align_ms = median_ms(lambda: align_tokens_to_experts_triton(ids, e, cfg.block_m))
     torch_ms = median_ms(lambda: align_tokens_to_experts(ids, e, cfg.block_m))
     print(f"  of which alignment (triton): {align_ms * 1e3:9.1f} us; torch-op reference {torch_ms * 1e3:.1f} us")
@@ -56,7 +69,7 @@ def bench_tokens(args: argparse.Namespace, tokens: int, device: torch.device, co
         block_ms = (16, 32) if cfg.block_m <= 32 else (64, 128)
         tiles = ((64, 64), (64, 128), (128, 64))
         for bm, (bn, bk), warps, stages in itertools.product(block_ms, tiles, (4, 8), (3, 4)):
-            c = MoeKernelConfig(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+            c = MoeKernelConfig.uniform(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
             try:
                 results.append((median_ms(lambda c=c: fused_experts_triton(x, w13, w2, weights, ids, config=c)), c))
             except Exception as exc:  # a tile set that does not fit shared memory: report, keep going

@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels.attention import decode, extend
-from kernels.moe import fused_moe
+from kernels.moe import fused_moe, routing
 from kernels.triton_utils import interpreting
 
 H100_SHARED_BYTES = 227 * 1024  # opt-in shared memory per block on sm_90
@@ -112,10 +112,17 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
                block_experts_ptr="*i32")
     for rows, phase in ((256 * 8, "decode"), (4096 * 8, "prefill")):
         cfg = fused_moe.default_config(rows, 128)
-        tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision,
-                     UPCAST=False, stride_wk=1)
-        for name, fn in (("gate_up", fused_moe._gate_up_kernel), ("down", fused_moe._down_kernel)):
-            out.append((f"moe {name} {phase} {dtype}", _source(fn, moe, tiles, ()), cfg.num_warps, cfg.num_stages))
+        for name, fn, gemm in (("gate_up", fused_moe._gate_up_kernel, cfg.gate_up),
+                               ("down", fused_moe._down_kernel, cfg.down)):
+            tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, PRECISION=precision,
+                         UPCAST=False, stride_wk=1)
+            out.append((f"moe {name} {phase} {dtype}", _source(fn, moe, tiles, ()), gemm.num_warps, gemm.num_stages))
+    out.append((f"moe combine {dtype}", _source(fused_moe._combine_kernel, dict(y_ptr=t, ids_ptr="*i64", out_ptr=t),
+                                                dict(TOP_K=8, BLOCK_H=1024, SKIP_NEGATIVE=False), ()), 4, 1))
+    out.append(("moe router top-k", _source(routing._topk_softmax_kernel,
+                                            dict(logits_ptr=t, weights_ptr="*fp32", ids_ptr="*i64"),
+                                            dict(TOP_K=8, K_PAD=8, E_PAD=128, BLOCK_T=16, RENORMALIZE=True), ()),
+                4, 1))
     return out
 
 

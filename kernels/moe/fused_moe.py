@@ -5,16 +5,16 @@ Same semantics as ``rollout.layers.moe.fused_experts_reference``::
     rows r = token * top_k + k, aligned by expert (kernels.moe.align)
     act[r]  = silu(x[token] @ w1[e]^T) * (x[token] @ w3[e]^T)       gate/up kernel, (N, I)
     y[r]    = topk_weight[r] * act[r] @ w2[e]^T                      down kernel, (N, H)
-    out[t]  = sum_k y[t * top_k + k]                                 torch sum over top-k
+    out[t]  = sum_k y[t * top_k + k]                                 combine kernel, (T, H)
 
 The gate/up kernel keeps two accumulators (gate and up columns of one ``BLOCK_N`` slice of the
 intermediate dimension) so the activation is applied in registers and the (N, 2I) intermediate
-never reaches memory. Blocks of padding rows (expert -1) return at once.
+never reaches memory. Blocks of padding rows (expert -1) return at once. The two GEMMs share the
+row tile (one alignment) and take their own column/reduction tiles: tuned per shape and device where
+``kernels/moe/configs`` has a file (``kernels.moe.tune`` writes it), ``default_config`` otherwise.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -22,32 +22,12 @@ import triton.language as tl
 
 from kernels.moe.align import ExpertAlignment
 from kernels.moe.align_triton import align_tokens_to_experts_triton
+from kernels.moe.config import GemmTiles, MoeKernelConfig, default_config
+from kernels.moe.tuned_configs import tuned_config
 from kernels.triton_utils import dot_precision, mma, upcast_dot
 
 
-@dataclass(frozen=True, slots=True)
-class MoeKernelConfig:
-    """Tile shape and launch options of both grouped GEMMs."""
-
-    block_m: int = 64
-    block_n: int = 64
-    block_k: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-def default_config(num_rows: int, num_experts: int) -> MoeKernelConfig:
-    """Tiles by the mean rows per expert: decode batches give each expert a handful of rows, so a
-    short ``block_m`` avoids wasted MMA rows and the kernel streams weights; prefill is MMA-bound."""
-    per_expert = num_rows / max(1, num_experts)
-    if per_expert <= 16:
-        return MoeKernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3)
-    if per_expert <= 64:
-        return MoeKernelConfig(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=4)
-    return MoeKernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one build for every batch size
 def _gate_up_kernel(
     x_ptr, w_ptr, act_ptr, sorted_ids_ptr, block_experts_ptr,
     num_rows, hidden, inter, top_k,
@@ -92,7 +72,7 @@ def _gate_up_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _down_kernel(
     act_ptr, w_ptr, out_ptr, weights_ptr, sorted_ids_ptr, block_experts_ptr,
     num_rows, hidden, inter,
@@ -128,6 +108,89 @@ def _down_kernel(
     )
 
 
+@triton.jit
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, hidden, stride_yr, stride_ot,
+                    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, SKIP_NEGATIVE: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    mask = offs < hidden
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for j in tl.static_range(TOP_K):  # a fixed order: the same sum for a token in any batch
+        row = token * TOP_K + j
+        keep = mask
+        if SKIP_NEGATIVE:  # rows of other ranks' experts are never written: do not read them
+            keep = mask & ((tl.zeros([BLOCK_H], tl.int32) + tl.load(ids_ptr + row)) >= 0)
+        acc += tl.load(y_ptr + row * stride_yr + offs, mask=keep, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * stride_ot + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def combine_rows(y: torch.Tensor, topk_ids: torch.Tensor, out_dtype: torch.dtype,
+                 skip_negative: bool = False) -> torch.Tensor:
+    """``out[t] = sum_k y[t * top_k + k]`` in fp32, rounded once to ``out_dtype``: (N, H) -> (T, H).
+
+    Equal to ``y.view(T, k, H).sum(1, dtype=float32).to(out_dtype)`` in one launch, without the fp32
+    intermediate. With ``skip_negative`` the rows whose id in ``topk_ids`` (T, k) is negative are
+    not read (they may hold anything) and count as zero."""
+    num_tokens, top_k = topk_ids.shape
+    hidden = y.shape[1]
+    assert y.shape[0] == num_tokens * top_k and y.stride(1) == 1, "y must be (T * k, H), row-major"
+    out = torch.empty(num_tokens, hidden, dtype=out_dtype, device=y.device)
+    if num_tokens == 0:
+        return out
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _combine_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        y, topk_ids.contiguous(), out, hidden, y.stride(0), out.stride(0),
+        TOP_K=top_k, BLOCK_H=block_h, SKIP_NEGATIVE=skip_negative,
+    )
+    return out
+
+
+def launch_gate_up(hidden: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, align: ExpertAlignment,
+                   top_k: int, tiles: GemmTiles) -> None:
+    """``act[r] = silu(x w1^T) * (x w3^T)`` for every aligned row r: (T, H) -> (N, I)."""
+    inter = w13.shape[1] // 2
+    _gate_up_kernel[(align.block_experts.shape[0], triton.cdiv(inter, tiles.block_n))](
+        hidden, w13, act, align.sorted_ids, align.block_experts,
+        align.num_rows, hidden.shape[1], inter, top_k,
+        hidden.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0),
+        BLOCK_M=align.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        PRECISION=dot_precision(hidden.dtype), UPCAST=upcast_dot(hidden),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def launch_down(act: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+                align: ExpertAlignment, tiles: GemmTiles) -> None:
+    """``y[r] = weight[r] * act[r] @ w2[e]^T`` for every aligned row r: (N, I) -> (N, H)."""
+    hidden = w2.shape[1]
+    _down_kernel[(align.block_experts.shape[0], triton.cdiv(hidden, tiles.block_n))](
+        act, w2, y, weights, align.sorted_ids, align.block_experts,
+        align.num_rows, hidden, w2.shape[2],
+        act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
+        BLOCK_M=align.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        PRECISION=dot_precision(act.dtype), UPCAST=upcast_dot(act),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int, skip_negative: bool) -> ExpertAlignment:
+    """The expert alignment of ``topk_ids``; with ``skip_negative`` ids of -1 land in blocks of a
+    sentinel expert that is then marked -1, so the kernels skip them."""
+    if not skip_negative:
+        return align_tokens_to_experts_triton(topk_ids, num_experts, block_m)
+    topk_ids = torch.where(topk_ids < 0, num_experts, topk_ids)
+    align = align_tokens_to_experts_triton(topk_ids, num_experts + 1, block_m)
+    block_experts = torch.where(align.block_experts == num_experts, -1, align.block_experts)
+    return ExpertAlignment(align.sorted_ids, block_experts, align.block_m, align.num_rows)
+
+
+def select_config(hidden: torch.Tensor, w13: torch.Tensor, num_rows: int) -> MoeKernelConfig:
+    """The tuned config for this shape, dtype and device (see ``tuned_configs``), else ``default_config``."""
+    num_experts, two_inter, hidden_size = w13.shape
+    tuned = tuned_config(num_experts, two_inter // 2, hidden_size, w13.dtype, w13.device, num_rows)
+    return tuned or default_config(num_rows, num_experts)
+
+
 def fused_experts_triton(
     hidden: torch.Tensor,  # (T, H)
     w13: torch.Tensor,  # (E, 2I, H)
@@ -139,8 +202,9 @@ def fused_experts_triton(
 ) -> torch.Tensor:  # (T, H)
     """Expert MLPs of every token combined with its routing weights, as two grouped GEMMs.
 
-    With ``skip_negative`` an id of -1 in ``topk_ids`` (an expert another rank holds) contributes
-    nothing: its rows fall in blocks of a sentinel expert that the kernels skip, and stay zero."""
+    ``config`` None: the tuned tiles of this shape and device where a config file exists, else
+    ``default_config``. With ``skip_negative`` an id of -1 in ``topk_ids`` (an expert another rank
+    holds) contributes nothing: its rows fall in blocks of a sentinel expert that the kernels skip."""
     num_tokens, hidden_size = hidden.shape
     num_experts, two_inter, _ = w13.shape
     inter = two_inter // 2
@@ -153,33 +217,11 @@ def fused_experts_triton(
     assert w13.stride(-1) == 1 and w2.stride(-1) == 1, "expert weights must be row-major"
     if hidden.dtype != w13.dtype or hidden.stride(-1) != 1:
         hidden = hidden.to(w13.dtype).contiguous()
-    cfg = config or default_config(num_rows, num_experts)
-    if skip_negative:
-        topk_ids = torch.where(topk_ids < 0, num_experts, topk_ids)
-        align = align_tokens_to_experts_triton(topk_ids, num_experts + 1, cfg.block_m)
-        align = ExpertAlignment(align.sorted_ids, torch.where(align.block_experts == num_experts, -1,
-                                                              align.block_experts), align.block_m, align.num_rows)
-    else:
-        align = align_tokens_to_experts_triton(topk_ids, num_experts, cfg.block_m)
-    num_blocks = align.block_experts.shape[0]
+    cfg = config or select_config(hidden, w13, num_rows)
+    align = align_rows(topk_ids, num_experts, cfg.block_m, skip_negative)
     weights = topk_weights.reshape(-1).to(torch.float32).contiguous()  # (N,)
-    precision, upcast = dot_precision(hidden.dtype), upcast_dot(hidden)
     act = torch.empty(num_rows, inter, dtype=hidden.dtype, device=hidden.device)  # (N, I)
-    _gate_up_kernel[(num_blocks, triton.cdiv(inter, cfg.block_n))](
-        hidden, w13, act, align.sorted_ids, align.block_experts,
-        num_rows, hidden_size, inter, top_k,
-        hidden.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision, UPCAST=upcast,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    # Rows of skipped experts are never written: they must read as zero in the sum below.
-    alloc = torch.zeros if skip_negative else torch.empty
-    y = alloc(num_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)  # (N, H)
-    _down_kernel[(num_blocks, triton.cdiv(hidden_size, cfg.block_n))](
-        act, w2, y, weights, align.sorted_ids, align.block_experts,
-        num_rows, hidden_size, inter,
-        act.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PRECISION=precision, UPCAST=upcast,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return y.view(num_tokens, top_k, hidden_size).sum(dim=1, dtype=torch.float32).to(out_dtype)
+    launch_gate_up(hidden, w13, act, align, top_k, cfg.gate_up)
+    y = torch.empty(num_rows, hidden_size, dtype=hidden.dtype, device=hidden.device)  # (N, H)
+    launch_down(act, w2, y, weights, align, cfg.down)
+    return combine_rows(y, topk_ids, out_dtype, skip_negative)

@@ -31,19 +31,35 @@ if TYPE_CHECKING:
     from rollout.batch import ForwardBatch
 
 
-def select_experts(
+def select_experts_reference(
     router_logits: torch.Tensor, top_k: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax (float32) over all experts, keep the top ``top_k``, optionally renormalise.
-
-    Returns ``(topk_weights (T, k) float32, topk_ids (T, k) int64)``. Renormalised softmax-then-top-k
-    equals a softmax over the top-k logits (Mixtral's formulation).
-    """
+    """``select_experts`` in torch ops: the reference of the Triton router kernel and the CPU path."""
     probs = torch.softmax(router_logits.float(), dim=-1)  # (T, E)
     topk_weights, topk_ids = torch.topk(probs, top_k, dim=-1)  # (T, k)
     if renormalize:
         topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
     return topk_weights, topk_ids
+
+
+def select_experts(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (float32) over all experts, keep the top ``top_k``, optionally renormalise.
+
+    Returns ``(topk_weights (T, k) float32, topk_ids (T, k) int64)``, each token's experts in
+    descending order of probability. Renormalised softmax-then-top-k equals a softmax over the top-k
+    logits (Mixtral's formulation). CUDA tensors take one Triton launch (``kernels.moe.routing``),
+    everything else ``select_experts_reference``.
+    """
+    if router_logits.is_cuda:
+        try:
+            from kernels.moe.routing import topk_softmax
+        except ImportError:  # no triton on this machine
+            pass
+        else:
+            return topk_softmax(router_logits, top_k, renormalize)
+    return select_experts_reference(router_logits, top_k, renormalize)
 
 
 def fused_experts_reference(
