@@ -323,8 +323,10 @@ class ModelRunner:
             + plan.rows + [self.padding_row] * pad + [p + 1 for p in plan.prefix_lens] + [1] * pad,
             dtype=torch.int64,
         )
+        if self.device.type == "cuda":
+            host = host.pin_memory()  # a queued copy: a pageable one would wait for the device
         packed = graphs.packed_inputs(gbs)
-        packed.copy_(host.pin_memory(), non_blocking=True)
+        packed.copy_(host, non_blocking=True)
         batch = graphs.static_batch(gbs)
         if plan.future_inputs:
             batch.input_ids.copy_(self._resolve_inputs(batch.input_ids))

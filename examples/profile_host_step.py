@@ -1,0 +1,265 @@
+"""Host time of one decode step of the engine loop, split by phase, on CPU.
+
+    python examples/profile_host_step.py                       # batch 1, 8 and 64
+    python examples/profile_host_step.py --batch 1 --steps 2000 --logprobs
+    python examples/profile_host_step.py --forward eager       # the CPU model forward instead
+    python examples/profile_host_step.py --batch 1 --cprofile 25
+
+With overlap scheduling the host work of step n+1 runs while step n is on the device, so the host
+time of a step bounds the token rate of small models at small batches (where the device needs
+well under a millisecond). This script measures that host time where nothing else is in the way:
+
+- ``--forward graph`` (default): the decode path of a GPU run. A CPU stand-in for the captured
+  decode graphs (``CpuGraphs``) keeps their static input buffers and the runner's replay path (packed
+  inputs, request-table writes, ``prepare``), but its replay returns a fixed hidden state: the forward
+  costs nothing and what is left is the engine's own work. The LM head, the sampler and the
+  host copies still run, as torch ops on the CPU.
+- ``--forward eager``: the engine's CPU path as it is (per-step batch tensors, eager model forward).
+
+The engine loop (``EngineLoop.run``) runs in this thread on a micro model (one layer, 64 wide,
+vocabulary 512: ``--shape`` picks a bigger one of ``rollout.testing.benchmark.MODEL_SHAPES``),
+with ``--batch`` streaming requests at temperature 0.6 in steady decode. Each phase is timed with
+``perf_counter_ns`` around the engine method that does it, exclusive of the phases inside it; "loop"
+is what the loop does around ``EngineCore.step`` (inbox, heartbeat, handing the events over).
+The steps are timed in ``--repeats`` segments of ``--steps``; the fastest segment is reported, as
+other work on the machine only ever adds time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import queue
+import random
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+
+MICRO_SHAPE = dict(arch="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096)
+
+# (object path on the core, method, phase), outermost first. A phase's time excludes the phases it calls.
+PHASES = (
+    ("", "step", "step (rest)"),
+    ("scheduler", "schedule", "schedule + plan"),
+    ("runner", "launch", "launch (rest)"),
+    ("runner", "_replay_decode", "decode inputs"),
+    ("runner", "_build_batch", "batch tensors"),
+    ("runner.graphs", "replay", "forward"),
+    ("runner.model", "forward", "forward"),
+    ("runner", "_logits", "logits"),
+    ("runner.sampler", "sample", "sample"),
+    ("scheduler", "launched", "launched"),
+    ("runner", "collect", "collect (runner)"),
+    ("scheduler", "collect", "collect (scheduler)"),
+    ("", "_chunk", "stream chunks"),
+)
+
+
+class PhaseTimer:
+    """Exclusive nanoseconds per phase of wrapped methods (nested phases are subtracted)."""
+
+    def __init__(self) -> None:
+        self.ns: dict[str, int] = defaultdict(int)
+        self._children: list[int] = []  # per open call: time spent in phases it called
+
+    def reset(self) -> None:
+        self.ns.clear()
+
+    def wrap(self, obj: Any, attr: str, phase: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter_ns()
+            self._children.append(0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dt = time.perf_counter_ns() - t0
+                self.ns[phase] += dt - self._children.pop()
+                if self._children:
+                    self._children[-1] += dt
+
+        setattr(obj, attr, timed)
+
+
+def wrap_sampling_inputs(timer: PhaseTimer) -> None:
+    """Time the per-step sampling tensors wherever the runner builds them."""
+    from rollout.sampling import sampling_batch
+
+    for name in ("SamplingBatch", "SamplingInputs"):
+        cls = getattr(sampling_batch, name, None)
+        if cls is None:
+            continue
+        for attr in ("build", "update"):
+            if hasattr(cls, attr):
+                timer.wrap(cls, attr, "sampling inputs")
+
+
+def install_cpu_graphs(core: Any) -> None:
+    """Put a ``CpuGraphs`` in the runner's place for captured decode graphs (see the module doc)."""
+    from rollout.runner.cuda_graph import DecodeGraphRunner
+
+    runner = core.runner
+    backend = runner.attn_backend
+
+    class CpuGraphs(DecodeGraphRunner):
+        """The decode graphs' buffers and replay path, with a forward that costs nothing."""
+
+        def capture(self) -> None:
+            hidden = core.config.model.hidden_size
+            self.outputs = {bs: torch.zeros(bs, hidden, dtype=runner.dtype) for bs in self.batch_sizes}
+
+        def replay(self, gbs: int) -> torch.Tensor:
+            self.backend.prepare(self.static_batch(gbs))
+            return self.outputs[gbs]
+
+    max_bs = min(core.config.cuda_graph_max_bs, core.config.scheduler.max_running_requests)
+    backend.init_cuda_graph = lambda max_bs, max_kv: None  # the CPU backend keeps no graph buffers
+    graphs = CpuGraphs(runner.model, backend, max_bs, 0, runner.device, req_table=runner.req_table,
+                       padding_row=runner.padding_row)
+    # Table mode, as with the Triton backend on a GPU: the replay path reads the request table.
+    graphs.req_table = runner.req_table
+    graphs.kv_indptr = graphs.kv_indices = None
+    graphs.capture()
+    runner.graphs = graphs
+
+
+def build_core(args: argparse.Namespace) -> Any:
+    from rollout.config import EngineConfig
+    from rollout.engine.core import EngineCore
+    from rollout.testing.benchmark import MODEL_SHAPES
+    from rollout.testing.random_model import write_random_model
+
+    shape = dict(MICRO_SHAPE if args.shape == "micro" else MODEL_SHAPES[args.shape])
+    path = os.path.join(tempfile.gettempdir(), f"rollout-host-step-{args.shape}")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        arch = shape.pop("arch")
+        write_random_model(path, arch, dtype="float32", write_weights=False, **shape)
+    return EngineCore(EngineConfig.build(
+        path, device="cpu", dtype="float32", load_format="dummy", attention_backend="torch",
+        max_running_requests=args.batch, max_total_tokens=args.batch * (args.context + args.warmup + args.steps * args.repeats + 200) + 1024))
+
+
+def profile_batch(args: argparse.Namespace, batch: int) -> tuple[float, dict[str, float]]:
+    """Run ``batch`` requests to steady decode and time ``args.steps`` steps; returns the per-step
+    wall time and the per-step time of each phase (microseconds)."""
+    from rollout.engine.loop import EngineLoop
+    from rollout.engine.messages import Control, RequestFailed, Shutdown
+    from rollout.engine.request_validation import make_add_request
+    from rollout.types import SamplingParams
+
+    args = argparse.Namespace(**{**vars(args), "batch": batch})
+    core = build_core(args)
+    if args.forward == "graph":
+        install_cpu_graphs(core)
+    timer = PhaseTimer()
+    inbox: queue.Queue = queue.Queue()
+    rng = random.Random(0)
+    vocab = core.limits.vocab_size
+    for i in range(batch):
+        inbox.put(make_add_request(
+            f"r{i}", input_ids=[rng.randrange(vocab) for _ in range(args.context)], text=None,
+            sampling=SamplingParams(temperature=args.temperature, max_new_tokens=args.warmup + args.steps * args.repeats + 100, ignore_eos=True,
+                                    seed=i),
+            limits=core.limits, tokenizer=None, return_logprob=args.logprobs, return_raw_logprob=False,
+            top_logprobs_num=0, stream=True))
+
+    for path, attr, phase in PHASES:
+        obj = core
+        for part in filter(None, path.split(".")):
+            obj = getattr(obj, part, None)
+        if obj is not None and hasattr(obj, attr):
+            timer.wrap(obj, attr, phase)
+    steps = 0
+    segments: list[tuple[int, dict[str, int]]] = []  # per timed segment: wall ns, phase ns
+    start = 0
+    prof = cProfile.Profile() if args.cprofile else None
+    step = core.step  # timed as a phase already
+    timed_steps = args.steps * args.repeats
+
+    def counted_step() -> list:
+        nonlocal steps, start
+        # Steps count from the first one with every request decoding (checked until then only).
+        if steps or (not core.scheduler.waiting and not any(s.in_prompt_prefill for s in core.scheduler.running)):
+            steps += 1
+        timed = steps - args.warmup  # 1-based index among the timed steps
+        if 0 < timed <= timed_steps and timed % args.steps == 1 % args.steps:
+            timer.reset()
+            start = time.perf_counter_ns()
+            if prof is not None and timed == 1:
+                prof.enable()
+        out = step()
+        if 0 < timed <= timed_steps and timed % args.steps == 0:
+            segments.append((time.perf_counter_ns() - start, dict(timer.ns)))
+            if timed == timed_steps:
+                if prof is not None:
+                    prof.disable()
+                inbox.put(Control(1, Shutdown()))
+        return out
+
+    core.step = counted_step
+    wrap_sampling_inputs(timer)
+
+    def send(events: list) -> None:
+        # The front end's queue: the events are dropped here, but a failed step ends the run.
+        failed = [e for e in events if isinstance(e, RequestFailed)]
+        if failed:
+            raise RuntimeError(f"a request failed: {failed[0].error_message}")
+
+    EngineLoop(core, inbox, send).run()
+    # The quietest segment: other work on the machine only ever adds time.
+    wall, phase_ns = min(segments, key=lambda seg: seg[0])
+    n = args.steps
+    total_us = wall / 1e3 / n
+    phases = {k: v / 1e3 / n for k, v in phase_ns.items()}
+    phases["loop"] = total_us - sum(phases.values())
+    if prof is not None:
+        print(f"--- cProfile, batch {batch}, {n} steps")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.cprofile)
+    return total_us, phases
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes")
+    ap.add_argument("--steps", type=int, default=200, help="decode steps per timed segment")
+    ap.add_argument("--repeats", type=int, default=5, help="timed segments; the fastest one is reported")
+    ap.add_argument("--warmup", type=int, default=50, help="decode steps before timing")
+    ap.add_argument("--context", type=int, default=32, help="prompt tokens per request")
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--logprobs", action="store_true", help="requests return the logprobs of their tokens")
+    ap.add_argument("--forward", choices=("graph", "eager"), default="graph")
+    ap.add_argument("--shape", default="micro", help="micro, or a shape of rollout.testing.benchmark.MODEL_SHAPES")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--cprofile", type=int, default=0, help="also list the top N functions by own time")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batch.split(",")]
+    results = {b: profile_batch(args, b) for b in batches}
+
+    names = sorted({p for _, ph in results.values() for p in ph}, key=_phase_order)
+    width = max(len(n) for n in names) + 2
+    print(f"host us per decode step (forward {args.forward}, temperature {args.temperature}, "
+          f"logprobs {'on' if args.logprobs else 'off'}, best of {args.repeats} x {args.steps} steps, "
+          f"torch threads {args.threads})")
+    print(f"{'phase':<{width}}" + "".join(f"{f'batch {b}':>12}" for b in batches))
+    for name in names:
+        print(f"{name:<{width}}" + "".join(f"{results[b][1].get(name, 0.0):>12.1f}" for b in batches))
+    print(f"{'total':<{width}}" + "".join(f"{results[b][0]:>12.1f}" for b in batches))
+    no_fwd: Callable[[int], float] = lambda b: results[b][0] - results[b][1].get("forward", 0.0)
+    print(f"{'total - forward':<{width}}" + "".join(f"{no_fwd(b):>12.1f}" for b in batches))
+
+
+def _phase_order(name: str) -> int:
+    order = [p for _, _, p in PHASES] + ["sampling inputs", "loop"]
+    return order.index(name) if name in order else len(order)
+
+
+if __name__ == "__main__":
+    main()
