@@ -10,9 +10,9 @@ time of a step bounds the token rate of small models at small batches (where the
 well under a millisecond). This script measures that host time where nothing else is in the way:
 
 - ``--forward graph`` (default): the decode path of a GPU run. A CPU stand-in for the captured
-  decode graphs (``CpuGraphs``) keeps their static input buffers and the runner's replay path (packed
-  inputs, request-table writes, ``prepare``), but its replay returns a fixed hidden state: the forward
-  costs nothing and what is left is the engine's own work. The LM head, the sampler and the
+  decode graphs (``rollout.testing.cpu_graphs``) keeps their static input buffers and the runner's
+  replay path (packed inputs, request-table writes, ``prepare``), but its replay returns a fixed
+  hidden state: the forward costs nothing and what is left is the engine's own work. The LM head, the sampler and the
   host copies still run, as torch ops on the CPU.
 - ``--forward eager``: the engine's CPU path as it is (per-step batch tensors, eager model forward).
 
@@ -35,13 +35,16 @@ import queue
 import random
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any, Callable
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 MICRO_SHAPE = dict(arch="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                    num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096)
+
+COUNTED_STEPS = 20  # steps run with every torch call counted, after the timed ones
 
 # (object path on the core, method, phase), outermost first. A phase's time excludes the phases it calls.
 PHASES = (
@@ -88,46 +91,30 @@ class PhaseTimer:
         setattr(obj, attr, timed)
 
 
-def wrap_sampling_inputs(timer: PhaseTimer) -> None:
-    """Time the per-step sampling tensors wherever the runner builds them."""
-    from rollout.sampling import sampling_batch
+class TorchCalls(TorchFunctionMode):
+    """Counts the torch functions and tensor methods called from Python (factories and views
+    included): each one costs a dispatch on the host, and most a kernel launch on a GPU."""
 
-    for name in ("SamplingBatch", "SamplingInputs"):
-        cls = getattr(sampling_batch, name, None)
-        if cls is None:
-            continue
-        for attr in ("build", "update"):
-            if hasattr(cls, attr):
-                timer.wrap(cls, attr, "sampling inputs")
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.by_name: Counter[str] = Counter()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.count += 1
+        self.by_name[getattr(func, "__qualname__", None) or str(func)] += 1
+        return func(*args, **(kwargs or {}))
 
 
-def install_cpu_graphs(core: Any) -> None:
-    """Put a ``CpuGraphs`` in the runner's place for captured decode graphs (see the module doc)."""
-    from rollout.runner.cuda_graph import DecodeGraphRunner
+def wrap_sampling_inputs(timer: PhaseTimer, core: Any) -> None:
+    """Time the per-step sampling inputs (draws and tensors) wherever the runner builds them."""
+    from rollout.runner import model_runner
+    from rollout.sampling.sampling_batch import SamplingBatch
 
-    runner = core.runner
-    backend = runner.attn_backend
-
-    class CpuGraphs(DecodeGraphRunner):
-        """The decode graphs' buffers and replay path, with a forward that costs nothing."""
-
-        def capture(self) -> None:
-            hidden = core.config.model.hidden_size
-            self.outputs = {bs: torch.zeros(bs, hidden, dtype=runner.dtype) for bs in self.batch_sizes}
-
-        def replay(self, gbs: int) -> torch.Tensor:
-            self.backend.prepare(self.static_batch(gbs))
-            return self.outputs[gbs]
-
-    max_bs = min(core.config.cuda_graph_max_bs, core.config.scheduler.max_running_requests)
-    backend.init_cuda_graph = lambda max_bs, max_kv: None  # the CPU backend keeps no graph buffers
-    graphs = CpuGraphs(runner.model, backend, max_bs, 0, runner.device, req_table=runner.req_table,
-                       padding_row=runner.padding_row)
-    # Table mode, as with the Triton backend on a GPU: the replay path reads the request table.
-    graphs.req_table = runner.req_table
-    graphs.kv_indptr = graphs.kv_indices = None
-    graphs.capture()
-    runner.graphs = graphs
+    for obj, attr in ((model_runner, "uniform_draws"), (SamplingBatch, "build"),
+                      (getattr(core.runner, "_sampling", None), "batch")):
+        if obj is not None and hasattr(obj, attr):
+            timer.wrap(obj, attr, "sampling inputs")
 
 
 def build_core(args: argparse.Namespace) -> Any:
@@ -141,23 +128,26 @@ def build_core(args: argparse.Namespace) -> Any:
     if not os.path.exists(os.path.join(path, "config.json")):
         arch = shape.pop("arch")
         write_random_model(path, arch, dtype="float32", write_weights=False, **shape)
+    length = args.context + args.warmup + args.steps * args.repeats + 200
     return EngineCore(EngineConfig.build(
         path, device="cpu", dtype="float32", load_format="dummy", attention_backend="torch",
-        max_running_requests=args.batch, max_total_tokens=args.batch * (args.context + args.warmup + args.steps * args.repeats + 200) + 1024))
+        max_running_requests=args.batch, max_total_tokens=args.batch * length + 1024))
 
 
-def profile_batch(args: argparse.Namespace, batch: int) -> tuple[float, dict[str, float]]:
-    """Run ``batch`` requests to steady decode and time ``args.steps`` steps; returns the per-step
-    wall time and the per-step time of each phase (microseconds)."""
+def profile_batch(args: argparse.Namespace, batch: int) -> tuple[float, dict[str, float], float]:
+    """Run ``batch`` requests to steady decode and time ``args.repeats`` segments of ``args.steps``
+    steps; returns the per-step wall time and time of each phase (microseconds) of the fastest
+    segment, and the torch calls per step."""
     from rollout.engine.loop import EngineLoop
     from rollout.engine.messages import Control, RequestFailed, Shutdown
     from rollout.engine.request_validation import make_add_request
+    from rollout.testing.cpu_graphs import install_cpu_graphs
     from rollout.types import SamplingParams
 
     args = argparse.Namespace(**{**vars(args), "batch": batch})
     core = build_core(args)
     if args.forward == "graph":
-        install_cpu_graphs(core)
+        install_cpu_graphs(core.runner, run_model=False)
     timer = PhaseTimer()
     inbox: queue.Queue = queue.Queue()
     rng = random.Random(0)
@@ -165,8 +155,8 @@ def profile_batch(args: argparse.Namespace, batch: int) -> tuple[float, dict[str
     for i in range(batch):
         inbox.put(make_add_request(
             f"r{i}", input_ids=[rng.randrange(vocab) for _ in range(args.context)], text=None,
-            sampling=SamplingParams(temperature=args.temperature, max_new_tokens=args.warmup + args.steps * args.repeats + 100, ignore_eos=True,
-                                    seed=i),
+            sampling=SamplingParams(temperature=args.temperature, ignore_eos=True, seed=i,
+                                    max_new_tokens=args.warmup + args.steps * args.repeats + 100),
             limits=core.limits, tokenizer=None, return_logprob=args.logprobs, return_raw_logprob=False,
             top_logprobs_num=0, stream=True))
 
@@ -176,6 +166,7 @@ def profile_batch(args: argparse.Namespace, batch: int) -> tuple[float, dict[str
             obj = getattr(obj, part, None)
         if obj is not None and hasattr(obj, attr):
             timer.wrap(obj, attr, phase)
+    calls = TorchCalls()
     steps = 0
     segments: list[tuple[int, dict[str, int]]] = []  # per timed segment: wall ns, phase ns
     start = 0
@@ -194,17 +185,21 @@ def profile_batch(args: argparse.Namespace, batch: int) -> tuple[float, dict[str
             start = time.perf_counter_ns()
             if prof is not None and timed == 1:
                 prof.enable()
+        if timed > timed_steps:  # then a few steps with every torch call counted
+            with calls:
+                out = step()
+            if timed == timed_steps + COUNTED_STEPS:
+                inbox.put(Control(1, Shutdown()))
+            return out
         out = step()
         if 0 < timed <= timed_steps and timed % args.steps == 0:
             segments.append((time.perf_counter_ns() - start, dict(timer.ns)))
-            if timed == timed_steps:
-                if prof is not None:
-                    prof.disable()
-                inbox.put(Control(1, Shutdown()))
+            if timed == timed_steps and prof is not None:
+                prof.disable()
         return out
 
     core.step = counted_step
-    wrap_sampling_inputs(timer)
+    wrap_sampling_inputs(timer, core)
 
     def send(events: list) -> None:
         # The front end's queue: the events are dropped here, but a failed step ends the run.
@@ -219,10 +214,14 @@ def profile_batch(args: argparse.Namespace, batch: int) -> tuple[float, dict[str
     total_us = wall / 1e3 / n
     phases = {k: v / 1e3 / n for k, v in phase_ns.items()}
     phases["loop"] = total_us - sum(phases.values())
+    if args.calls:
+        print(f"--- torch calls per step, batch {batch}")
+        for name, k in calls.by_name.most_common(args.calls):
+            print(f"{k / COUNTED_STEPS:8.1f}  {name}")
     if prof is not None:
         print(f"--- cProfile, batch {batch}, {n} steps")
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.cprofile)
-    return total_us, phases
+    return total_us, phases, calls.count / COUNTED_STEPS
 
 
 def main() -> None:
@@ -238,12 +237,13 @@ def main() -> None:
     ap.add_argument("--shape", default="micro", help="micro, or a shape of rollout.testing.benchmark.MODEL_SHAPES")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--cprofile", type=int, default=0, help="also list the top N functions by own time")
+    ap.add_argument("--calls", type=int, default=0, help="also list the N torch calls made most per step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",")]
     results = {b: profile_batch(args, b) for b in batches}
 
-    names = sorted({p for _, ph in results.values() for p in ph}, key=_phase_order)
+    names = sorted({p for _, ph, _ in results.values() for p in ph}, key=_phase_order)
     width = max(len(n) for n in names) + 2
     print(f"host us per decode step (forward {args.forward}, temperature {args.temperature}, "
           f"logprobs {'on' if args.logprobs else 'off'}, best of {args.repeats} x {args.steps} steps, "
@@ -254,6 +254,7 @@ def main() -> None:
     print(f"{'total':<{width}}" + "".join(f"{results[b][0]:>12.1f}" for b in batches))
     no_fwd: Callable[[int], float] = lambda b: results[b][0] - results[b][1].get("forward", 0.0)
     print(f"{'total - forward':<{width}}" + "".join(f"{no_fwd(b):>12.1f}" for b in batches))
+    print(f"{'torch calls / step':<{width}}" + "".join(f"{results[b][2]:>12.1f}" for b in batches))
 
 
 def _phase_order(name: str) -> int:

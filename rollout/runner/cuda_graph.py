@@ -23,6 +23,7 @@ into buffers whose addresses stay fixed (see ``AttentionBackend.supports_cuda_gr
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 
 import torch
@@ -70,7 +71,9 @@ class DecodeGraphRunner:
         self.padding_row = padding_row
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
-        self.packed = torch.zeros(len(PACKED_FIELDS) * self.max_bs, **i64)
+        # Room after the inputs of the largest graph for as many values again plus one (the step's
+        # sampling draws ride in the same copy: ``packed_inputs``).
+        self.packed = torch.zeros((len(PACKED_FIELDS) + 1) * self.max_bs + 1, **i64)
         self.qo_indptr = torch.arange(self.max_bs + 1, **i64)
         self.logits_indices = torch.arange(self.max_bs, **i64)
         if self.req_table is None:
@@ -80,6 +83,7 @@ class DecodeGraphRunner:
         else:
             self.max_kv_tokens = 0
             self.kv_indptr = self.kv_indices = None
+        self._static: dict[int, ForwardBatch] = {}  # graph size -> its static batch (views only)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
@@ -97,12 +101,23 @@ class DecodeGraphRunner:
         """Views of graph ``gbs``'s packed inputs, one ``gbs``-entry segment per field."""
         return {name: self.packed[i * gbs: (i + 1) * gbs] for i, name in enumerate(PACKED_FIELDS)}
 
-    def packed_inputs(self, gbs: int) -> torch.Tensor:
-        """The ``len(PACKED_FIELDS) * gbs`` buffer that graph ``gbs`` reads (table mode)."""
-        return self.packed[: len(PACKED_FIELDS) * gbs]
+    def packed_inputs(self, gbs: int, extra: int = 0) -> torch.Tensor:
+        """The ``len(PACKED_FIELDS) * gbs`` buffer that graph ``gbs`` reads (table mode), followed by
+        ``extra`` more values (at most ``max_bs + 1``) that the graph does not read."""
+        assert extra <= self.max_bs + 1
+        return self.packed[: len(PACKED_FIELDS) * gbs + extra]
 
     def static_batch(self, gbs: int) -> ForwardBatch:
-        """The batch graph ``gbs`` was captured on; its tensors are views of the static buffers."""
+        """The batch graph ``gbs`` was captured on; its tensors are views of the static buffers.
+
+        One object per graph size, built once (a step replays with it): read it, never assign
+        its fields."""
+        batch = self._static.get(gbs)
+        if batch is None:
+            batch = self._static[gbs] = self._new_static_batch(gbs)
+        return batch
+
+    def _new_static_batch(self, gbs: int) -> ForwardBatch:
         f = self._fields(gbs)
         return ForwardBatch(
             input_ids=f["input_ids"], positions=f["positions"], out_cache_loc=f["out_cache_loc"],
@@ -182,8 +197,7 @@ class DecodeGraphRunner:
             self.kv_indptr[bs + 1: gbs + 1] = batch.kv_indptr[-1] + torch.arange(
                 1, pad + 1, dtype=torch.int32, device=self.device)
             self.kv_indices[k: k + pad].zero_()
-        static = self.static_batch(gbs)
-        static.seq_lens_cpu = batch.seq_lens_cpu + [1] * (gbs - bs)
+        static = dataclasses.replace(self.static_batch(gbs), seq_lens_cpu=batch.seq_lens_cpu + [1] * (gbs - bs))
         self.backend.prepare(static)
         self.graphs[gbs].replay()
         return self.outputs[gbs][:bs]

@@ -19,11 +19,18 @@ from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.layers.batch_invariant import set_numerics
 from rollout.models.loader import load_model
 from rollout.runner.cuda_graph import DecodeGraphRunner, logits_rows
+from rollout.runner.decode_inputs import (
+    copy_decode_inputs,
+    draws_to_device,
+    put_previous_samples,
+    resolve_previous_samples,
+)
 from rollout.runner.devices import resolve_device
 from rollout.runner.routed_experts import RoutedExpertsRecorder
 from rollout.runner.verify_graph import VerifyGraphRunner
+from rollout.sampling.batch_cache import SamplingBatchCache
+from rollout.sampling.noise import uniform_draws
 from rollout.sampling.sampler import Sampler
-from rollout.sampling.sampling_batch import SamplingBatch
 from rollout.types import TopLogprobs
 
 logger = logging.getLogger(__name__)
@@ -98,6 +105,7 @@ class ModelRunner:
         self.attn_backend = create_attention_backend(backend, self.kv_pool, config.deterministic)
         self.routing = self._routing_recorder()
         self.sampler = Sampler(deterministic=config.deterministic)
+        self._sampling = SamplingBatchCache(self.device)  # the sampling rows of the last step, on the device
         self.req_table: torch.Tensor | None = None  # (max_requests + 1, max_context) int64, bound later
         self.padding_row = 0
         self.graphs: DecodeGraphRunner | None = None
@@ -215,11 +223,13 @@ class ModelRunner:
         b = len(plan.rows)
         if (graphs is not None and graphs.table_mode and b <= graphs.max_bs
                 and all(n == 1 for n in plan.extend_lens)):
-            hidden = self._replay_decode(plan, graphs)  # (graph size, hidden): rows past B are padding
+            draws = uniform_draws(plan.seeds, plan.steps) if self.tp.rank == 0 and any(plan.sample) else None
+            hidden, uniforms = self._replay_decode(plan, graphs, draws)  # (graph size, hidden): rows past B pad
             if not all(plan.sample):  # e.g. a one-token prompt chunk that is not the prompt's last
                 (keep,) = host_segments_to_device([[i for i, s in enumerate(plan.sample) if s]], self.device)
                 hidden = hidden[keep]
         else:
+            uniforms = None
             batch = self._build_batch(plan)
             if graphs is not None and graphs.can_run(batch):
                 hidden = graphs.run(batch)  # (B, hidden)
@@ -239,8 +249,9 @@ class ModelRunner:
         if self.tp.rank > 0:  # rank 0 samples; its tokens are this step's inputs to the next
             self._last_tokens = self.tp.broadcast(torch.empty(logits.shape[0], dtype=torch.int64, device=self.device))
             return QueuedStep(None, None, None, None, None, None)
-        banned = [x or [] for x in plan.banned] if any(plan.banned) else None
-        sb = SamplingBatch.build(plan.sampling, plan.seeds, plan.steps, banned, self.device)
+        if uniforms is None:
+            uniforms = draws_to_device(uniform_draws(plan.seeds, plan.steps), self.device)
+        sb = self._sampling.batch(plan.sampling, uniforms, plan.banned)
         res = self.sampler.sample(
             logits, sb, return_logprob=plan.return_logprob, return_raw_logprob=plan.return_raw_logprob,
             top_logprobs_num=plan.top_logprobs_num,
@@ -300,41 +311,26 @@ class ModelRunner:
         for m in sorted({logits_rows(n) for n in range(1, max_rows + 1)}):
             self.model.compute_logits(torch.zeros(m, hidden_size, dtype=self.dtype, device=self.device), upcast=False)
 
-    def _resolve_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``input_ids`` with each ``-1 - j`` replaced by the previous step's ``j``-th sample (on the device)."""
-        assert self._last_tokens is not None, "a step refers to samples of a step that sampled nothing"
-        prev = self._last_tokens
-        return torch.where(input_ids < 0, prev[(-1 - input_ids).clamp(0, prev.numel() - 1)], input_ids)
-
-    def _replay_decode(self, plan: BatchPlan, graphs: DecodeGraphRunner) -> torch.Tensor:
+    def _replay_decode(self, plan: BatchPlan, graphs: DecodeGraphRunner,
+                       draws: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run a decode plan through the smallest captured graph that fits it; returns the graph's
-        hidden states (graph size, hidden), the plan's B rows first.
+        hidden states (graph size, hidden), the plan's B rows first, and ``draws`` on the device.
 
-        The step's inputs, padding rows included, go to the graph's packed buffer in one
-        host-to-device copy; the new tokens' slots are written into the request table before the
-        replay (the kernels read every request's KV run from it).
+        The step's inputs, padding rows included, and its sampling draws go to the graph's packed
+        buffer in one host-to-device copy; the new tokens' slots are written into the request table
+        before the replay (the kernels read every request's KV run from it).
         """
         b = len(plan.rows)
         gbs = graphs.graph_size(b)
-        pad = gbs - b
-        zeros = [0] * pad
-        host = torch.tensor(
-            plan.input_ids + zeros + plan.prefix_lens + zeros + plan.out_slots + zeros
-            + plan.rows + [self.padding_row] * pad + [p + 1 for p in plan.prefix_lens] + [1] * pad,
-            dtype=torch.int64,
-        )
-        if self.device.type == "cuda":
-            host = host.pin_memory()  # a queued copy: a pageable one would wait for the device
-        packed = graphs.packed_inputs(gbs)
-        packed.copy_(host, non_blocking=True)
+        uniforms = copy_decode_inputs(plan, graphs, gbs, self.padding_row, draws)
         batch = graphs.static_batch(gbs)
         if plan.future_inputs:
-            batch.input_ids.copy_(self._resolve_inputs(batch.input_ids))
+            put_previous_samples(batch.input_ids, plan.input_ids, self._last_tokens)
         self._req_table.write_tokens(batch.req_rows, batch.positions, batch.out_cache_loc)
         hidden = graphs.replay(gbs)
         if self.routing is not None:
             self.routing.record(batch.out_cache_loc)  # padding rows write slot 0, never handed out
-        return hidden
+        return hidden, uniforms
 
     def _build_batch(self, plan: BatchPlan) -> ForwardBatch:
         """The step's device tensors, with the new tokens' slots written into the request table."""
@@ -374,7 +370,7 @@ class ModelRunner:
             kv_pos = torch.arange(total_kv, device=dev) - kv_indptr_d[:-1][kv_entry]  # (K,)
             kv_indices = self.req_table[rows[kv_entry], kv_pos]  # (K,)
         if plan.future_inputs:
-            input_ids = self._resolve_inputs(input_ids)
+            input_ids = resolve_previous_samples(input_ids, self._last_tokens)
         return ForwardBatch(
             input_ids=input_ids,
             positions=positions_d,

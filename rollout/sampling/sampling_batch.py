@@ -56,16 +56,7 @@ class SamplingBatch:
             raise InvalidArgumentError(f"expected {n} seeds, got {len(seeds)}", field="seeds")
         if len(steps) != n:
             raise InvalidArgumentError(f"expected {n} steps, got {len(steps)}", field="steps")
-        banned_rows: list[list[int]] | None = None
-        if banned is not None:
-            if len(banned) != n:
-                raise InvalidArgumentError(f"expected {n} rows, got {len(banned)}", field="banned_token_ids")
-            banned_rows = [list(ids) for ids in banned]
-            if any(t < 0 for ids in banned_rows for t in ids):
-                raise InvalidArgumentError("token ids must be >= 0", field="banned_token_ids")
-            if not any(banned_rows):
-                banned_rows = None  # nothing to mask: let the sampler skip the scatter
-
+        banned_rows = banned_lists(banned, n)
         temps = [0.0 if p.temperature < GREEDY_TEMPERATURE_EPS else float(p.temperature) for p in params]
         greedy = [t == 0.0 for t in temps]
         filtered = [not g and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)
@@ -94,6 +85,17 @@ class SamplingBatch:
             greedy_rows=greedy,
         )
 
+    def with_draws(self, uniforms: torch.Tensor, banned: Sequence[Sequence[int] | None] | None) -> SamplingBatch:
+        """The same rows with other draws and bans: ``uniforms`` (B,) float64 on the batch's device,
+        ``banned`` as ``build`` takes it (``None`` entries: none)."""
+        n = self.batch_size
+        assert uniforms.shape == (n,) and uniforms.dtype == torch.float64, "uniforms must be (B,) float64"
+        return SamplingBatch(
+            self.temperatures, self.top_ks, self.top_ps, self.min_ps, uniforms,
+            banned_lists([ids or () for ids in banned], n) if banned is not None and any(banned) else None,
+            self.all_greedy, self.need_filter, self.filtered, self.filtered_rows, self.greedy_rows,
+        )
+
     def select(self, rows: list[int]) -> SamplingBatch:
         """The batch of these rows only, in this order."""
         index = torch.tensor(rows, dtype=torch.int64).to(self.temperatures.device, non_blocking=True)
@@ -105,3 +107,16 @@ class SamplingBatch:
             self.uniforms[index], banned if banned and any(banned) else None, all(greedy), any(filtered),
             self.filtered[index], filtered, greedy,
         )
+
+
+def banned_lists(banned: Sequence[Sequence[int]] | None, n: int) -> list[list[int]] | None:
+    """``n`` rows of banned ids as lists, or None when no row bans anything (the sampler then skips
+    the scatter). Raises ``InvalidArgumentError`` on a wrong row count or a negative id."""
+    if banned is None:
+        return None
+    if len(banned) != n:
+        raise InvalidArgumentError(f"expected {n} rows, got {len(banned)}", field="banned_token_ids")
+    rows = [list(ids) for ids in banned]
+    if any(t < 0 for ids in rows for t in ids):
+        raise InvalidArgumentError("token ids must be >= 0", field="banned_token_ids")
+    return rows if any(rows) else None

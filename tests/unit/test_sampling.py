@@ -313,6 +313,38 @@ def test_uniform_draws_are_per_row_and_uniform() -> None:
     assert 0 <= mix_seed(-5, 2**80) < 2**64
 
 
+def test_uniform_draws_of_a_large_batch_equal_the_row_formula() -> None:
+    """Large batches draw in one numpy pass; every value is the per-row formula's, bit for bit."""
+    rng = np.random.default_rng(0)
+    seeds = [int(x) for x in rng.integers(0, 2**63, 40)] + [2**70, -1, -(2**65), 0, 2**64 - 1]
+    steps = [int(x) for x in rng.integers(0, 10_000, len(seeds))]
+    one_pass = uniform_draws(seeds, steps)
+    assert one_pass == [(mix_seed(s, t) >> 11) * 2.0**-53 for s, t in zip(seeds, steps)]
+    assert one_pass[:3] == uniform_draws(seeds[:3], steps[:3])
+
+
+def test_sampling_batch_cache_keeps_rows_only_for_the_same_params() -> None:
+    """A step's rows are built again whenever any row's params object differs (same count included);
+    the batch is then what ``SamplingBatch.build`` gives."""
+    from rollout.sampling.batch_cache import SamplingBatchCache
+
+    greedy, hot, filt = SamplingParams(temperature=0.0), SamplingParams(temperature=1.5), SamplingParams(top_k=3)
+    cache = SamplingBatchCache("cpu")
+    for params, builds in [([greedy, hot], 1), ([greedy, hot], 1), ([hot, greedy], 2), ([hot, filt], 3),
+                           ([hot], 4), ([hot, filt, greedy], 5), ([hot, filt, SamplingParams(top_k=3)], 6)]:
+        seeds, steps = list(range(len(params))), [7] * len(params)
+        banned = [[2]] + [None] * (len(params) - 1)
+        uniforms = torch.tensor(uniform_draws(seeds, steps), dtype=torch.float64)
+        got = cache.batch(params, uniforms, banned)
+        want = SamplingBatch.build(params, seeds, steps, [b or [] for b in banned], "cpu")
+        assert cache.builds == builds
+        for name in ("temperatures", "top_ks", "top_ps", "min_ps", "uniforms", "filtered"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        for name in ("banned_token_ids", "all_greedy", "need_filter", "filtered_rows", "greedy_rows"):
+            assert getattr(got, name) == getattr(want, name), name
+    assert cache.batch([hot], torch.zeros(1, dtype=torch.float64), [None]).banned_token_ids is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_matches_distribution() -> None:
     n = 20_000
