@@ -239,45 +239,53 @@ class Scheduler:
         future = False
         top_n = 0
         num_drafts: list[int] = []
-        row_banned: list[list[int] | None] = []
+        sampled: list[Sequence] = []
+        banned_ids, slot_list = self.stop.banned_ids, self.cache.slot_list  # called once or twice a row
         for seq, n in picked:
             start = seq.num_computed
             rows.append(seq.handle.row)
             prefix.append(start)
             ext.append(n)
-            known = seq.seq_len
-            k = max(start + n - seq.total_len, 0)  # draft inputs (a short budget may cut some)
+            known = len(seq.prompt_ids) + len(seq.output_ids)
+            total = known + seq.pending
+            k = max(start + n - total, 0)  # draft inputs (a short budget may cut some)
             end = start + n - k
             if end > known:
                 # The last input is the pending token: a reference to its row of the last step's samples.
-                ids.extend(seq.token_slice(start, known))
+                if start < known:
+                    ids.extend(seq.token_slice(start, known))
                 ids.append(-1 - seq.pending_row)
                 future = True
             else:
                 ids.extend(seq.token_slice(start, end))
-            ids.extend(seq.drafts[:k])
-            slots.extend(self.cache.slot_list(seq.handle, start, start + n))
+            if k:
+                ids.extend(seq.drafts[:k])
+            slots.extend(slot_list(seq.handle, start, start + n))
             # Routing rows of drafted tokens are not recorded (speculation and routed experts are exclusive).
-            routed_from.append(seq.routing.want_from(end) if seq.routing is not None else -1)
-            want_routed |= routed_from[-1] >= 0
-            samples = end == seq.total_len
+            lo = seq.routing.want_from(end) if seq.routing is not None else -1
+            routed_from.append(lo)
+            want_routed |= lo >= 0
+            samples = end == total
             sample.append(samples)
             if samples:
                 sampling.append(seq.sampling)
                 seeds.append(seq.seed)
-                steps.append(seq.num_outputs)
-                banned.append(self.stop.banned_ids(seq))
+                steps.append(total - len(seq.prompt_ids))  # outputs sampled so far, pending ones included
+                banned.append(banned_ids(seq))
                 num_drafts.append(k)
-                row_banned.extend(self.stop.banned_ids(seq, ahead=j) for j in range(k + 1))
+                sampled.append(seq)
                 want_lp |= seq.return_logprob
                 want_raw |= seq.return_raw_logprob
                 top_n = max(top_n, seq.top_logprobs_num)
+        spec = None
+        if any(num_drafts):  # each verify row's bans: a draft sampled j tokens ahead
+            spec = SpecPlan(num_drafts, [banned_ids(seq, ahead=j) for seq, k in zip(sampled, num_drafts)
+                                         for j in range(k + 1)])
         return BatchPlan(
             rows=rows, prefix_lens=prefix, extend_lens=ext, input_ids=ids,
             out_slots=slots, sample=sample, sampling=sampling, seeds=seeds, steps=steps,
             banned=banned, return_logprob=want_lp, return_raw_logprob=want_raw, top_logprobs_num=top_n,
-            future_inputs=future, weight_version=self.weight_version,
-            spec=SpecPlan(num_drafts, row_banned) if any(num_drafts) else None,
+            future_inputs=future, weight_version=self.weight_version, spec=spec,
             routed_from=routed_from if want_routed else [],
         )
 
