@@ -25,6 +25,10 @@ class AttentionBackend(ABC):
     """
 
     supports_cuda_graph: bool = False
+    # True: ``prepare()`` of a graph's static decode batch is device work on the batch's tensors only
+    # (no host reads, host-side choices fixed by the batch size), so the decode graphs capture it
+    # with the forward and a replay makes no host call for it.
+    capturable_prepare: bool = False
     # True: the backend finds each request's KV slots through ``batch.req_table`` / ``req_rows``, so
     # the runner leaves ``kv_indptr`` / ``kv_indices`` out of its batches (None).
     reads_req_table: bool = False

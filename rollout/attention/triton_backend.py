@@ -56,6 +56,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     supports_cuda_graph = True
     reads_req_table = True
+    capturable_prepare = True  # a decode step's split counts and run starts are device math
 
     def __init__(
         self,

@@ -17,7 +17,9 @@ Two ways in, after the attention backend:
   its ``kv_indices`` included, and pads them on the device.
 
 The attention backend's ``prepare()`` runs eagerly before each replay and must write its metadata
-into buffers whose addresses stay fixed (see ``AttentionBackend.supports_cuda_graph``).
+into buffers whose addresses stay fixed (see ``AttentionBackend.supports_cuda_graph``); a backend
+whose decode ``prepare()`` is device work only (``capturable_prepare``: Triton) has it captured
+in the graph instead, which saves its handful of launches from the host on every step.
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ class DecodeGraphRunner:
                     self.model(batch)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    if self.backend.capturable_prepare:  # a replay then runs it: no launches from the host
+                        self.backend.prepare(batch)
                     out = self.model(batch)
                 self.pool = graph.pool()
                 self.graphs[bs] = graph
@@ -169,7 +173,8 @@ class DecodeGraphRunner:
 
     def replay(self, gbs: int) -> torch.Tensor:
         """Replay graph ``gbs`` on what its static buffers hold; returns its hidden states (gbs, hidden)."""
-        self.backend.prepare(self.static_batch(gbs))
+        if not self.backend.capturable_prepare:
+            self.backend.prepare(self.static_batch(gbs))
         self.graphs[gbs].replay()
         return self.outputs[gbs]
 
