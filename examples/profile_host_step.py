@@ -12,8 +12,8 @@ well under a millisecond). This script measures that host time where nothing els
 - ``--forward graph`` (default): the decode path of a GPU run. A CPU stand-in for the captured
   decode graphs (``rollout.testing.cpu_graphs``) keeps their static input buffers and the runner's
   replay path (packed inputs, request-table writes, ``prepare``), but its replay returns a fixed
-  hidden state: the forward costs nothing and what is left is the engine's own work. The LM head, the sampler and the
-  host copies still run, as torch ops on the CPU.
+  hidden state: the forward costs nothing and what is left is the engine's own work. The LM head,
+  the sampler and the host copies still run, as torch ops on the CPU.
 - ``--forward eager``: the engine's CPU path as it is (per-step batch tensors, eager model forward).
 
 The engine loop (``EngineLoop.run``) runs in this thread on a micro model (one layer, 64 wide,
@@ -23,6 +23,10 @@ with ``--batch`` streaming requests at temperature 0.6 in steady decode. Each ph
 is what the loop does around ``EngineCore.step`` (inbox, heartbeat, handing the events over).
 The steps are timed in ``--repeats`` segments of ``--steps``; the fastest segment is reported, as
 other work on the machine only ever adds time.
+
+``--streams`` also times the path of ``examples/offline_throughput.py --batch1``: the in-process
+``Engine`` (loop in a thread, events routed to asyncio streams, text decoded per chunk), whose
+threads share the GIL with the loop; it reports the mean time between a stream's tokens.
 """
 
 from __future__ import annotations
@@ -224,6 +228,44 @@ def profile_batch(args: argparse.Namespace, batch: int) -> tuple[float, dict[str
     return total_us, phases, calls.count / COUNTED_STEPS
 
 
+def stream_step_us(args: argparse.Namespace, batch: int) -> float:
+    """The mean time between tokens (us) of ``batch`` asyncio streams of the in-process ``Engine``
+    (best of ``args.repeats`` runs of ``args.steps`` tokens each), with ``--forward graph``'s
+    stand-in for the decode graphs when asked."""
+    import asyncio
+
+    import rollout.engine.process as engine_process
+    from rollout import Engine, SamplingParams
+    from rollout.testing.benchmark import run_streams, summarize
+    from rollout.testing.cpu_graphs import install_cpu_graphs
+
+    build = engine_process._build_core
+
+    def build_with_graphs(*a: Any) -> Any:
+        core = build(*a)
+        if args.forward == "graph":
+            install_cpu_graphs(core.runner, run_model=False)
+        return core
+
+    engine_process._build_core = build_with_graphs
+    try:
+        path = build_core(argparse.Namespace(**{**vars(args), "batch": 1})).config.model_path
+        engine = Engine(path, device="cpu", dtype="float32", load_format="dummy", attention_backend="torch",
+                        max_running_requests=batch)
+    finally:
+        engine_process._build_core = build
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, engine.limits.vocab_size) for _ in range(args.context)] for _ in range(batch)]
+    params = [SamplingParams(temperature=args.temperature, max_new_tokens=args.steps, ignore_eos=True, seed=i)
+              for i in range(batch)]
+    best = float("inf")
+    for _ in range(args.repeats):
+        records, seconds = asyncio.run(run_streams(engine.async_stream, prompts, params))
+        best = min(best, summarize(records, seconds)["mean_itl_ms"] * 1e3)
+    engine.shutdown()
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", default="1,8,64", help="comma-separated batch sizes")
@@ -238,6 +280,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--cprofile", type=int, default=0, help="also list the top N functions by own time")
     ap.add_argument("--calls", type=int, default=0, help="also list the N torch calls made most per step")
+    ap.add_argument("--streams", action="store_true", help="also time the in-process Engine's streams")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch.split(",")]
@@ -255,6 +298,9 @@ def main() -> None:
     no_fwd: Callable[[int], float] = lambda b: results[b][0] - results[b][1].get("forward", 0.0)
     print(f"{'total - forward':<{width}}" + "".join(f"{no_fwd(b):>12.1f}" for b in batches))
     print(f"{'torch calls / step':<{width}}" + "".join(f"{results[b][2]:>12.1f}" for b in batches))
+    if args.streams:
+        streams = {b: stream_step_us(args, b) for b in batches}
+        print(f"{'Engine streams, us/step':<{width}}" + "".join(f"{streams[b]:>12.1f}" for b in batches))
 
 
 def _phase_order(name: str) -> int:

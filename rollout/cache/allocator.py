@@ -28,6 +28,10 @@ class PageAllocator:
         self.page_size = page_size
         self._stack = torch.empty(num_pages - 1, dtype=torch.int64)  # (num_pages - 1,) free ids in [:_top]
         self._is_free = torch.zeros(num_pages, dtype=torch.bool)  # (num_pages,) page 0 stays False
+        # numpy views of the same memory for the decode path's few pages a step: a numpy index costs
+        # a fraction of a torch op, and (unlike torch ops) does not hand the GIL to other threads.
+        self._stack_np = self._stack.numpy()
+        self._is_free_np = self._is_free.numpy()
         self._top = 0
         self.reset()
 
@@ -66,14 +70,11 @@ class PageAllocator:
             raise InvalidArgumentError(f"must be >= 0, got {n_pages}", field="n_pages")
         if n_pages > self._top:
             return None
-        # Reversed: pops come off the top of the stack, and a fresh pool then yields 1, 2, 3, ...
-        out = self._stack[self._top - n_pages : self._top].tolist()[::-1]
+        taken = self._stack_np[self._top - n_pages : self._top]
+        self._is_free_np[taken] = False
         self._top -= n_pages
-        if n_pages == 1:
-            self._is_free[out[0]] = False
-        elif out:
-            self._is_free[out] = False
-        return out
+        # Reversed: pops come off the top of the stack, and a fresh pool then yields 1, 2, 3, ...
+        return taken[::-1].tolist()
 
     def free(self, page_ids: torch.Tensor) -> None:
         """Return pages to the pool.
