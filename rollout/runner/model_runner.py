@@ -19,14 +19,15 @@ from rollout.distributed.tp import SINGLE, TPGroup
 from rollout.layers.batch_invariant import set_numerics
 from rollout.models.loader import load_model
 from rollout.runner.cuda_graph import DecodeGraphRunner, logits_rows
-from rollout.runner.decode_inputs import (
+from rollout.runner.devices import resolve_device
+from rollout.runner.routed_experts import RoutedExpertsRecorder
+from rollout.runner.step_inputs import (
     copy_decode_inputs,
     draws_to_device,
+    host_segments_to_device,
     put_previous_samples,
     resolve_previous_samples,
 )
-from rollout.runner.devices import resolve_device
-from rollout.runner.routed_experts import RoutedExpertsRecorder
 from rollout.runner.verify_graph import VerifyGraphRunner
 from rollout.sampling.batch_cache import SamplingBatchCache
 from rollout.sampling.noise import uniform_draws
@@ -37,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 # Cap of the KV index buffer that decode graphs read (entries of all requests in one step).
 MAX_GRAPH_KV_ENTRIES = 1 << 24
-# Pads a host-input segment of odd length (see ``host_segments_to_device``).
-_ONE_PAD = torch.zeros(1, dtype=torch.int64)
 
 
 @dataclass(slots=True)
@@ -52,32 +51,6 @@ class QueuedStep:
     top_logprobs: torch.Tensor | None
     done: torch.cuda.Event | None
     routed_experts: torch.Tensor | None = None  # (R, L, k) int16 on its way to the host
-
-
-def host_segments_to_device(segments: list[list[int] | torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Copy int64 ``segments`` (lists or CPU tensors) to ``device`` in one copy; a device view of each.
-
-    On CUDA the copy is from pinned memory and queued (it does not wait for the device). Each
-    segment starts at an even offset, so every view is 16-byte aligned like a fresh tensor: Triton
-    compiles a kernel per pointer alignment, and a view aligned in one step and not in the next
-    compiled the kernels reading it again in the middle of a run.
-    """
-    parts, sizes = [], []
-    for seg in segments:
-        t = seg if isinstance(seg, torch.Tensor) else torch.tensor(seg, dtype=torch.int64)
-        parts.append(t)
-        sizes.append(t.numel())
-        if t.numel() % 2:
-            parts.append(_ONE_PAD)
-    host = torch.cat(parts)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
-    views, offset = [], 0
-    for n in sizes:
-        views.append(flat[offset: offset + n])
-        offset += n + n % 2
-    return views
 
 
 class ModelRunner:

@@ -85,18 +85,18 @@ def _generate(path: str, requests: Requests, graphs: bool) -> Outputs:
 
 
 def test_graph_decode_path_matches_the_eager_path(tiny_model_dir, monkeypatch) -> None:
-    import rollout.runner.decode_inputs as decode_inputs
+    import rollout.runner.step_inputs as step_inputs
 
     path = tiny_model_dir("qwen3")
     resolved = 0  # graph steps whose inputs were not one run of the previous samples
-    resolve = decode_inputs.resolve_previous_samples
+    resolve = step_inputs.resolve_previous_samples
 
     def counted(*args):
         nonlocal resolved
         resolved += 1
         return resolve(*args)
 
-    monkeypatch.setattr(decode_inputs, "resolve_previous_samples", counted)
+    monkeypatch.setattr(step_inputs, "resolve_previous_samples", counted)
     for requests in (_mixed, _middle_ends_first):
         reference = _generate(path, requests, graphs=False)
         graphed = _generate(path, requests, graphs=True)

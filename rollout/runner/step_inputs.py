@@ -1,12 +1,14 @@
-"""The host side of a graph-replayed decode step: its inputs in one buffer, one copy to the device.
+"""The host side of a step's inputs: one buffer built from Python lists, one copy to the device.
 
 A decode step at a small batch spends more time on the host than on the device, so each step's
-host work is kept to a few Python list operations and one host-to-device copy:
+host work is kept to a few Python list operations and one host-to-device copy. ``array`` builds
+the buffer several times faster than ``torch.tensor`` on each list:
+
+- ``host_segments_to_device``: an eager step's int64 inputs, each segment at an even offset.
 
 - ``copy_decode_inputs``: the five input segments of the graph (``PACKED_FIELDS``, padding rows
   included) and, after them at an even offset, the bit patterns of the step's sampling draws
-  (float64 uniforms), as one int64 buffer. ``array`` builds it several times faster than
-  ``torch.tensor`` on a list.
+  (float64 uniforms), as one int64 buffer.
 - ``put_previous_samples``: with overlap scheduling a row's input is the previous step's sample,
   known only on the device (``BatchPlan.input_ids``: ``-1 - j`` for its row ``j``). When the rows
   take the samples of consecutive rows in order (steady decode) one device copy puts them in
@@ -21,6 +23,39 @@ import torch
 
 from rollout.batch import BatchPlan
 from rollout.runner.cuda_graph import PACKED_FIELDS, DecodeGraphRunner
+
+
+def host_segments_to_device(segments: list[list[int] | torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Copy int64 ``segments`` (lists or CPU tensors) to ``device`` in one copy; a device view of each.
+
+    On CUDA the copy is from pinned memory and queued (it does not wait for the device). Each
+    segment starts at an even offset, so every view is 16-byte aligned like a fresh tensor: Triton
+    compiles a kernel per pointer alignment, and a view aligned in one step and not in the next
+    compiled the kernels reading it again in the middle of a run.
+    """
+    host = array("q")
+    sizes = []
+    for seg in segments:
+        if isinstance(seg, torch.Tensor):
+            host.frombytes(memoryview(seg.to(torch.int64).contiguous().numpy()).cast("B"))
+        else:
+            host.extend(seg)
+        sizes.append(len(seg))
+        if len(seg) % 2:
+            host.append(0)
+    if not host:
+        flat = torch.empty(0, dtype=torch.int64, device=device)
+    else:
+        flat = torch.frombuffer(host, dtype=torch.int64)
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        elif flat.data_ptr() % 16:
+            flat = flat.clone()  # the CPU views are the buffer itself: give it a fresh tensor's alignment
+    views, offset = [], 0
+    for n in sizes:
+        views.append(flat[offset: offset + n])
+        offset += n + n % 2
+    return views
 
 
 def draws_offset(num_inputs: int) -> int:
