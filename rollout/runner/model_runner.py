@@ -197,7 +197,8 @@ class ModelRunner:
         if (graphs is not None and graphs.table_mode and b <= graphs.max_bs
                 and all(n == 1 for n in plan.extend_lens)):
             draws = uniform_draws(plan.seeds, plan.steps) if self.tp.rank == 0 and any(plan.sample) else None
-            hidden, uniforms = self._replay_decode(plan, graphs, draws)  # (graph size, hidden): rows past B pad
+            # hidden: (graph size, hidden), rows past B are padding; uniforms: the draws on the device
+            hidden, uniforms = self._replay_decode(plan, graphs, draws)
             if not all(plan.sample):  # e.g. a one-token prompt chunk that is not the prompt's last
                 (keep,) = host_segments_to_device([[i for i, s in enumerate(plan.sample) if s]], self.device)
                 hidden = hidden[keep]
