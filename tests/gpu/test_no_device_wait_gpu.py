@@ -59,3 +59,32 @@ def test_host_inputs_do_not_wait_for_the_device() -> None:
     assert queued_behind_sleep(lambda: out.setdefault("v", host_segments_to_device(
         [[1, 2, 3], list(range(1000))], torch.device("cuda"))))
     assert out["v"][1].cpu().tolist() == list(range(1000))
+
+
+def test_decode_graph_inputs_and_draws_do_not_wait_for_the_device() -> None:
+    """A graph-replayed decode step's inputs and sampling draws go to the graphs' packed buffer in one
+    queued copy; an eager step's draws in a copy of their own, queued as well."""
+    from rollout.attention.registry import create_attention_backend
+    from rollout.batch import BatchPlan
+    from rollout.cache.kv_pool import KVPool
+    from rollout.runner.cuda_graph import DecodeGraphRunner
+    from rollout.runner.step_inputs import copy_decode_inputs, draws_to_device
+    from rollout.types import SamplingParams
+
+    device = torch.device("cuda")
+    backend = create_attention_backend("triton", KVPool(1, 64, 1, 16, torch.float16, device))
+    table = torch.zeros(5, 64, dtype=torch.int64, device=device)
+    graphs = DecodeGraphRunner(None, backend, 8, 0, device, req_table=table, padding_row=4)
+    plan = BatchPlan(rows=[1, 2, 3], prefix_lens=[5, 6, 7], extend_lens=[1] * 3, input_ids=[-1, -2, -3],
+                     out_slots=[9, 10, 11], sample=[True] * 3, sampling=[SamplingParams()] * 3, seeds=[0, 1, 2],
+                     steps=[0] * 3, banned=[None] * 3, return_logprob=False, return_raw_logprob=False,
+                     top_logprobs_num=0, future_inputs=True)
+    out = {}
+    assert queued_behind_sleep(lambda: out.setdefault("u", copy_decode_inputs(plan, graphs, 4, 4, [0.25, 0.5, 0.75])))
+    assert out["u"].dtype == torch.float64 and out["u"].data_ptr() % 16 == 0
+    assert out["u"].cpu().tolist() == [0.25, 0.5, 0.75]
+    static = graphs.static_batch(4)
+    assert static.positions.cpu().tolist() == [5, 6, 7, 0] and static.req_rows.cpu().tolist() == [1, 2, 3, 4]
+    assert static.seq_lens.cpu().tolist() == [6, 7, 8, 1]
+    assert queued_behind_sleep(lambda: out.setdefault("d", draws_to_device([0.5, 0.125], device)))
+    assert out["d"].cpu().tolist() == [0.5, 0.125]
