@@ -27,9 +27,17 @@ def qwen3_dir(tiny_model_dir):
                           init_std=0.08)
 
 
-def test_cuda_graph_replay_equals_eager(qwen3_dir) -> None:
-    ps = prompts(13)
-    sp = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True)
+@pytest.mark.parametrize("case", ["short", "across-splits"])
+def test_cuda_graph_replay_equals_eager(qwen3_dir, case) -> None:
+    """The graphs capture the Triton backend's prepare(): the long prompts cross the KV-split
+    thresholds (every 128 tokens) while decoding, so a split count or run start frozen at capture
+    would show."""
+    if case == "short":
+        ps, new_tokens = prompts(13), 24
+    else:
+        rng = random.Random(1)
+        ps, new_tokens = [[rng.randrange(3, 300) for _ in range(rng.randrange(100, 400))] for _ in range(13)], 40
+    sp = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, ignore_eos=True)
     with Engine(qwen3_dir, device="cuda", attention_backend="triton", cuda_graph_max_bs=0,
                 max_total_tokens=1 << 15) as eager:
         ref = eager.generate(ps, sp, return_logprob=True)
