@@ -15,6 +15,7 @@ from rollout.types import SamplingParams
 # the distribution they describe is the argmax anyway.
 GREEDY_TEMPERATURE_EPS = 1e-6
 
+
 @dataclass(slots=True)
 class SamplingBatch:
     """Per-row sampling parameters of one step, as tensors on the logits' device."""
@@ -30,6 +31,7 @@ class SamplingBatch:
     filtered: torch.Tensor  # (B,) bool: this row samples with top_k / top_p / min_p
     filtered_rows: list[bool]  # the same on the host
     greedy_rows: list[bool]  # temperature 0, on the host
+    top_p_only: bool = False  # some row filters, and every filtering row uses top_p alone
 
     @property
     def batch_size(self) -> int:
@@ -83,6 +85,7 @@ class SamplingBatch:
             filtered=rows[5] > 0,
             filtered_rows=filtered,
             greedy_rows=greedy,
+            top_p_only=any(filtered) and all(p.top_k <= 0 and p.min_p <= 0.0 for p, f in zip(params, filtered) if f),
         )
 
     def with_draws(self, uniforms: torch.Tensor, banned: Sequence[Sequence[int] | None] | None) -> SamplingBatch:
@@ -93,7 +96,7 @@ class SamplingBatch:
         return SamplingBatch(
             self.temperatures, self.top_ks, self.top_ps, self.min_ps, uniforms,
             banned_lists([ids or () for ids in banned], n) if banned is not None and any(banned) else None,
-            self.all_greedy, self.need_filter, self.filtered, self.filtered_rows, self.greedy_rows,
+            self.all_greedy, self.need_filter, self.filtered, self.filtered_rows, self.greedy_rows, self.top_p_only,
         )
 
     def select(self, rows: list[int]) -> SamplingBatch:
@@ -105,7 +108,7 @@ class SamplingBatch:
         return SamplingBatch(
             self.temperatures[index], self.top_ks[index], self.top_ps[index], self.min_ps[index],
             self.uniforms[index], banned if banned and any(banned) else None, all(greedy), any(filtered),
-            self.filtered[index], filtered, greedy,
+            self.filtered[index], filtered, greedy, self.top_p_only and any(filtered),
         )
 
 

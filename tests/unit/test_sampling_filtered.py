@@ -68,3 +68,25 @@ def test_which_rows_are_filtered() -> None:
               SamplingParams(top_p=0.9), SamplingParams(min_p=0.1), SamplingParams(top_k=-1, top_p=1.0)]
     batch = SamplingBatch.build(params, [0] * 6, [0] * 6, None, "cpu")
     assert filtered_rows(batch).tolist() == [False, False, True, True, True, False]
+
+
+def test_large_top_p_only_batches_take_the_torch_path() -> None:
+    """Top-p alone on more than 32 rows samples on the torch path (faster there on the H200); any
+    top-k or min-p row, or a small batch, keeps the fused kernel."""
+    from rollout.sampling.sampler import FUSED_TOP_P_MAX_ROWS, prefers_torch_filtering
+    from rollout.sampling.sampling_batch import SamplingBatch
+    from rollout.types import SamplingParams
+
+    def batch(rows: int, **extra) -> SamplingBatch:
+        params = [SamplingParams(temperature=1.0, top_p=0.9)] * (rows - 1) + [SamplingParams(temperature=0.0, **extra)]
+        return SamplingBatch.build(params, [0] * rows, [0] * rows, None, "cpu")
+
+    big = FUSED_TOP_P_MAX_ROWS + 1
+    assert prefers_torch_filtering(batch(big))
+    assert not prefers_torch_filtering(batch(FUSED_TOP_P_MAX_ROWS))
+    mixed = SamplingBatch.build([SamplingParams(temperature=1.0, top_p=0.9)] * (big - 1)
+                                + [SamplingParams(temperature=1.0, top_k=5)], [0] * big, [0] * big, None, "cpu")
+    assert not prefers_torch_filtering(mixed)
+    plain = SamplingBatch.build([SamplingParams(temperature=1.0)] * big, [0] * big, [0] * big, None, "cpu")
+    assert not prefers_torch_filtering(plain)
+    assert prefers_torch_filtering(batch(big).select(list(range(big))))
