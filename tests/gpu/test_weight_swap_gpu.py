@@ -59,7 +59,15 @@ def test_adopt_moves_memory_behind_the_same_addresses_and_graphs_follow() -> Non
 def model_dir(tiny_model_dir) -> str:
     return tiny_model_dir("qwen3", hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                           num_attention_heads=8, num_key_value_heads=4, head_dim=128, vocab_size=1024,
-                          init_std=0.08, dtype="bfloat16")
+                          init_std=0.08, dtype="bfloat16", max_position_embeddings=1 << 15)
+
+
+def _wait_until(done, what: str, seconds: float = 30.0) -> None:
+    """Poll ``done()`` until it holds; fail naming ``what`` after ``seconds`` (never hang)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, f"{what} within {seconds:.0f} s"
+        time.sleep(0.01)
 
 
 def test_engine_swap_keeps_addresses_and_graphs_and_matches_a_fresh_engine(model_dir, engine_cores,
@@ -77,7 +85,9 @@ def test_engine_swap_keeps_addresses_and_graphs_and_matches_a_fresh_engine(model
         assert before != want
         ptrs = [p.data_ptr() for p in runner.model.parameters()]
         versions: list[int] = []
-        long = SamplingParams(temperature=0.0, max_new_tokens=4000, ignore_eos=True)
+        # Long enough to outlast the swap: a 4000-token stream (capped at a 2048-token context) ended
+        # before the swap did on the H200, and the wait for its next tokens never ended.
+        long = SamplingParams(temperature=0.0, max_new_tokens=30000, ignore_eos=True)
 
         def read() -> None:
             for chunk in engine.stream([1, 2, 3], long, request_id="long"):
@@ -85,14 +95,13 @@ def test_engine_swap_keeps_addresses_and_graphs_and_matches_a_fresh_engine(model
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        while len(versions) < 5:
-            time.sleep(0.01)
+        _wait_until(lambda: len(versions) >= 5, "the stream did not start")
         base = free_bytes()
         assert engine.update_weights_from_disk(new_dir, version=1, swap=True) == SwapResult(1, swapped=True)
+        assert reader.is_alive(), "the stream ended before the swap did: it cannot show generation went on"
         assert free_bytes() >= base - 64 * MIB  # the shadow was released after the switch
         n = len(versions)
-        while len(versions) < n + 5:
-            time.sleep(0.01)
+        _wait_until(lambda: len(versions) >= n + 5, "no tokens after the swap")
         engine.abort("long")
         reader.join(timeout=30)
         k = versions.index(1)
