@@ -57,7 +57,7 @@ class Sequence:
     emitted: int = 0  # output tokens already sent out in chunks
     finish_reason: FinishReason | None = None
     matched_stop: int | str | None = None
-    stop_text_len: int = 0  # decoded-text length already scanned for stop strings
+    stop_text: Any = None  # scheduler.stop.StopText: the output decoded for stop strings so far
     pending: int = 0  # sampled tokens of queued steps not yet in output_ids
     pending_row: int = -1  # row of the pending token among the last queued step's samples
     drafts: list[int] = field(default_factory=list)  # tokens proposed for the next step to verify

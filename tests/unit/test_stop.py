@@ -25,7 +25,10 @@ class PieceTokenizer:
         self.pieces = pieces
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(self.pieces[i] for i in ids)
+        raise AssertionError("the checker decodes each new token once (decode_stream), never the whole output")
+
+    def decode_stream(self):
+        return lambda token_id: self.pieces[token_id]
 
 
 def run(pieces: list[str], sampling: SamplingParams) -> tuple[Sequence, int | None]:
