@@ -198,7 +198,7 @@ class MemoryState(_message.Message):
     def __init__(self, state: _Optional[str] = ..., bytes: _Optional[int] = ..., backup: _Optional[bool] = ...) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_path", "architecture", "context_length", "vocab_size", "weight_version", "weights_valid", "paused", "pause_mode", "num_waiting", "num_running", "num_paused", "kv_total_tokens", "kv_used_tokens", "kv_cached_tokens", "page_size", "device", "dtype", "memory", "version", "num_retractions", "tp_size", "rank_memory", "deterministic")
+    __slots__ = ("model_path", "architecture", "context_length", "vocab_size", "weight_version", "weights_valid", "paused", "pause_mode", "num_waiting", "num_running", "num_paused", "kv_total_tokens", "kv_used_tokens", "kv_cached_tokens", "page_size", "device", "dtype", "memory", "version", "num_retractions", "tp_size", "rank_memory", "deterministic", "spec_drafted", "spec_accepted", "spec_verified")
     class MemoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +229,9 @@ class GetInfoResponse(_message.Message):
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     RANK_MEMORY_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    SPEC_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    SPEC_VERIFIED_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     architecture: str
     context_length: int
@@ -252,7 +255,10 @@ class GetInfoResponse(_message.Message):
     tp_size: int
     rank_memory: _containers.RepeatedCompositeFieldContainer[RankMemory]
     deterministic: bool
-    def __init__(self, model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., weight_version: _Optional[int] = ..., weights_valid: _Optional[bool] = ..., paused: _Optional[bool] = ..., pause_mode: _Optional[_Union[PauseMode, str]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_paused: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_cached_tokens: _Optional[int] = ..., page_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory: _Optional[_Mapping[str, MemoryState]] = ..., version: _Optional[str] = ..., num_retractions: _Optional[int] = ..., tp_size: _Optional[int] = ..., rank_memory: _Optional[_Iterable[_Union[RankMemory, _Mapping]]] = ..., deterministic: _Optional[bool] = ...) -> None: ...
+    spec_drafted: int
+    spec_accepted: int
+    spec_verified: int
+    def __init__(self, model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., weight_version: _Optional[int] = ..., weights_valid: _Optional[bool] = ..., paused: _Optional[bool] = ..., pause_mode: _Optional[_Union[PauseMode, str]] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_paused: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., kv_used_tokens: _Optional[int] = ..., kv_cached_tokens: _Optional[int] = ..., page_size: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., memory: _Optional[_Mapping[str, MemoryState]] = ..., version: _Optional[str] = ..., num_retractions: _Optional[int] = ..., tp_size: _Optional[int] = ..., rank_memory: _Optional[_Iterable[_Union[RankMemory, _Mapping]]] = ..., deterministic: _Optional[bool] = ..., spec_drafted: _Optional[int] = ..., spec_accepted: _Optional[int] = ..., spec_verified: _Optional[int] = ...) -> None: ...
 
 class RankMemory(_message.Message):
     __slots__ = ("rank", "memory")

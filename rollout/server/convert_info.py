@@ -69,6 +69,9 @@ def info_to_proto(info: EngineInfo) -> pb.GetInfoResponse:
         version=info.version,
         tp_size=info.tp_size,
         deterministic=info.deterministic,
+        spec_drafted=info.spec_drafted,
+        spec_accepted=info.spec_accepted,
+        spec_verified=info.spec_verified,
     )
     _memory_into(msg.memory, info.memory)
     for rank, states in enumerate(info.rank_memory):
@@ -117,6 +120,9 @@ def info_from_proto(msg: pb.GetInfoResponse) -> EngineInfo:
         tp_size=msg.tp_size or 1,
         rank_memory=[_memory_from(r.memory) for r in sorted(msg.rank_memory, key=lambda r: r.rank)],
         deterministic=msg.deterministic,
+        spec_drafted=msg.spec_drafted,
+        spec_accepted=msg.spec_accepted,
+        spec_verified=msg.spec_verified,
     )
 
 

@@ -234,6 +234,13 @@ class _SnapshotCollector:
             yield GaugeMetricFamily(name, doc, value)
         yield CounterMetricFamily("rollout_retractions", "Running samples sent back to the queue for lack of KV",
                                   value=info.num_retractions)
+        for name, doc, value in (
+            ("rollout_spec_draft_tokens", "Speculative draft tokens proposed", info.spec_drafted),
+            ("rollout_spec_accepted_tokens", "Speculative draft tokens accepted", info.spec_accepted),
+            ("rollout_spec_verify_sequence_steps", "Sequence-steps that verified drafts (mean accepted length: "
+             "1 + accepted / this)", info.spec_verified),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
         state = GaugeMetricFamily("rollout_memory_state", "1 for the state each memory tag is in",
                                   labels=["tag", "state"])
         size = GaugeMetricFamily("rollout_memory_bytes", "Bytes of each memory tag", labels=["tag"])

@@ -205,6 +205,9 @@ def test_info_round_trip():
         memory={"weights": {"state": "active", "bytes": 123, "backup": True}},
         version="0.1.0",
         deterministic=True,
+        spec_drafted=40,
+        spec_accepted=31,
+        spec_verified=11,
     )
     msg = pb.GetInfoResponse.FromString(convert.info_to_proto(info).SerializeToString())
     assert convert.info_from_proto(msg) == info

@@ -82,3 +82,18 @@ def test_metrics_time_streamed_requests_only_and_count_pauses() -> None:
     assert samples[("rollout_weight_update_seconds_total", ())] == pytest.approx(0.5)
     assert samples[("rollout_paused_seconds_total", ())] > 0
     assert samples[("rollout_control_duration_seconds_count", (("command", "Pause"), ("outcome", "ok")))] == 1
+
+
+def test_metrics_report_speculation_counters() -> None:
+    from rollout.types import EngineInfo
+
+    m = ServerMetrics("m")
+    m.set_info(EngineInfo(model_path="/m", architecture="a", context_length=8, vocab_size=8, weight_version=0,
+                          weights_valid=True, paused=False, pause_mode=None, num_waiting=0, num_running=0,
+                          num_paused=0, kv_total_tokens=8, kv_used_tokens=0, kv_cached_tokens=0, page_size=1,
+                          num_retractions=0, device="cpu", dtype="float32", spec_drafted=40, spec_accepted=31,
+                          spec_verified=11))
+    samples = {s.name: s.value for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
+    assert samples["rollout_spec_draft_tokens_total"] == 40
+    assert samples["rollout_spec_accepted_tokens_total"] == 31
+    assert samples["rollout_spec_verify_sequence_steps_total"] == 11
