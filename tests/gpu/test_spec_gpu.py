@@ -82,3 +82,23 @@ def test_verify_graphs_survive_a_memory_release(model_dirs, engine_cores) -> Non
         after = engine.generate(PROMPTS, sp)
         assert graphs.replays > 0
     assert [o.output_ids for o in before] == [o.output_ids for o in after]
+
+
+def test_verify_graphs_beside_flashinfer_steps(model_dirs, engine_cores) -> None:
+    """Plain steps on flashinfer, verify graphs on their own Triton backend over the same KV pool:
+    greedy outputs follow plain decoding (bf16: a parting only at a near-tie)."""
+    target, _ = model_dirs
+    sp = SamplingParams(temperature=0.0, max_new_tokens=48, ignore_eos=True, n=2)
+    common = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", max_total_tokens=1 << 14)
+    with Engine(target, **common) as engine:
+        ref = engine.generate(PROMPTS, sp, return_logprob=True, top_logprobs_num=2)
+    with Engine(target, **common, speculative_method="ngram", num_draft_tokens=4) as engine:
+        outs = engine.generate(PROMPTS, sp)
+        engine.check_integrity()
+        graphs = engine_cores[-1].runner.verify_graphs
+        assert graphs is not None and graphs.replays > 0
+    for o, r in zip(outs, ref):
+        j = next((i for i, (a, b) in enumerate(zip(o.output_ids, r.output_ids)) if a != b), None)
+        if j is not None:
+            top = r.output_top_logprobs[j]
+            assert top.logprobs[0] - top.logprobs[1] < 0.1, (j, top, o.output_ids[j])
