@@ -146,8 +146,9 @@ class Speculator:
             drafts = self.draft.draft(drafters, ks, banned)
             result, accepted = self.verifier.run(plan, drafts.tokens, drafts.probs)
             self.draft.accepted(drafters, ks, [a for a, k in zip(accepted, spec.num_drafts) if k])
-        self.policy.record(sum(spec.num_drafts), sum(a for a, k in zip(accepted, spec.num_drafts) if k),
-                           sum(1 for k in spec.num_drafts if k))
+        pairs = [(a, k) for a, k in zip(accepted, spec.num_drafts) if k]
+        self.policy.record(sum(k for _, k in pairs), sum(a for a, _ in pairs), len(pairs),
+                           rejected=sum(1 for a, k in pairs if a < k))
         return result, accepted
 
     def close(self) -> None:

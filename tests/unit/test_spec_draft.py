@@ -114,6 +114,17 @@ def test_adaptive_policy_shrinks_and_stops() -> None:
         policy.record(drafted=10, accepted=10)
     policy.advance()
     assert policy.num_drafts(1) == 5 and policy.num_drafts(1) == 5
+    # Acceptance 0.5 per draft (5 sequences of k = 2, accepting 1 each): worth it for 16 sequences,
+    # not for 17 (more than half of max_batch_size), which only probe.
+    for _ in range(60):
+        policy.record(drafted=10, accepted=5, sequences=5, rejected=5)
+    assert policy.acceptance == pytest.approx(0.5, abs=0.01)
+    assert policy.num_drafts(16) == 5
+    probes = []
+    for _ in range(PROBE_EVERY):
+        probes.append(policy.num_drafts(17))
+        policy.advance()
+    assert probes == [1] + [0] * (PROBE_EVERY - 1)
 
 
 def test_large_batches_do_not_speculate(tiny_model_dir, engine_cores) -> None:
