@@ -16,8 +16,9 @@ made on the device and written into the forward's input ids there.
 
 The whole step's results are copied to the host at once; the engine collects a speculative step
 before planning the next (the next inputs depend on how many drafts were accepted), so no step
-refers to these samples on the device. A step in which every sequence verifies the same ``k``
-replays a CUDA graph of the forward (``rollout/runner/verify_graph.py``); others run eagerly.
+refers to these samples on the device. A step whose entries all verify (or plainly decode) replays
+a CUDA graph of the forward (``rollout/runner/verify_graph.py``, shorter entries padded with
+fillers); a step that also carries a prompt chunk runs eagerly.
 """
 
 from __future__ import annotations
@@ -96,9 +97,9 @@ class Verifier:
             picks = [e * k + j for e, n in enumerate(x for x in num_drafts if x) for j in range(n)]
             flat = draft_tokens.reshape(-1)[torch.tensor(picks, dtype=torch.int64).to(dev)]  # (sum k_i,)
         graphs = runner.verify_graphs
-        k = graphs.fits(plan) if graphs is not None else None
-        if k is not None:  # every token of the plan is a verify row, in order
-            hidden = graphs.run(plan, k, draft_pos if flat is not None else None, flat)  # (R, hidden)
+        width = graphs.fits(plan) if graphs is not None else None  # the graph's drafts per sequence
+        if width is not None:  # every token of the plan is a verify row, in order
+            hidden = graphs.run(plan, width, draft_pos if flat is not None else None, flat)  # (R, hidden)
         else:
             batch = runner._build_batch(plan)
             if flat is not None:
