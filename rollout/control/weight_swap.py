@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -62,14 +63,27 @@ logger = logging.getLogger(__name__)
 SWAP_GIL_TURN_S = 0.0005
 
 
+_gil_lock = threading.Lock()
+_gil_users = 0  # receives running with short turns (engines of one process may swap at once)
+_gil_saved = 0.0  # the interval before the first of them
+
+
 def _with_short_gil_turns(work: Any) -> Any:
-    """``work()`` with the interpreter's thread switch interval at most ``SWAP_GIL_TURN_S``."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(min(old, SWAP_GIL_TURN_S))
+    """``work()`` with the interpreter's thread switch interval at most ``SWAP_GIL_TURN_S``; the
+    interval in force before the first of overlapping receives comes back after the last."""
+    global _gil_users, _gil_saved
+    with _gil_lock:
+        if _gil_users == 0:
+            _gil_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_gil_saved, SWAP_GIL_TURN_S))
+        _gil_users += 1
     try:
         return work()
     finally:
-        sys.setswitchinterval(old)
+        with _gil_lock:
+            _gil_users -= 1
+            if _gil_users == 0:
+                sys.setswitchinterval(_gil_saved)
 
 
 UpdateCommand = Union[UpdateWeightsFromDistributed, UpdateWeightsFromTensor, UpdateWeightsFromDisk]

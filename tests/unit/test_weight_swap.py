@@ -323,3 +323,31 @@ def test_rank_zero_switches_every_rank_or_none() -> None:
     with pytest.raises(FailedPreconditionError, match="engine rank 2: map"):
         job.finish(job.work())
     assert gate.blocks(Blocker.WEIGHTS_INVALID) and "differ between engine ranks" in gate.reason()
+
+
+def test_overlapping_receives_restore_the_thread_switch_interval() -> None:
+    """Two receives that overlap (two engines of one process), the first ending first: short turns
+    hold while either runs, and the interval from before the first comes back after both."""
+    import sys
+    import threading
+
+    from rollout.control.weight_swap import SWAP_GIL_TURN_S, _with_short_gil_turns
+
+    before = sys.getswitchinterval()
+    started = [threading.Event(), threading.Event()]
+    release = [threading.Event(), threading.Event()]
+
+    def receive(i: int) -> None:
+        started[i].set()
+        release[i].wait(10)
+
+    threads = [threading.Thread(target=_with_short_gil_turns, args=(lambda i=i: receive(i),)) for i in (0, 1)]
+    for t, s in zip(threads, started):
+        t.start()
+        s.wait(10)
+    release[0].set()
+    threads[0].join(10)
+    assert sys.getswitchinterval() == SWAP_GIL_TURN_S  # the second receive still runs
+    release[1].set()
+    threads[1].join(10)
+    assert sys.getswitchinterval() == before
