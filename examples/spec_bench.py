@@ -5,12 +5,20 @@ random ids per sequence, ``--output-len`` greedy tokens each, for every batch si
 ``--batch-sizes``. Methods: ``none`` (plain decoding), ``oracle`` (benchmarks only: each draft is
 taken with probability ``--acceptance`` given the ones before it, so it measures what a drafter of
 that acceptance rate would give, at zero drafting cost; its output is NOT the target's
-distribution), ``ngram`` (prompts built from a repeated random block so lookups find matches).
+distribution), ``ngram`` on a copy-heavy workload, beside plain decoding of the same workload.
+
+The copy workload: every prompt is a cycle of 32 ids repeated, and the weights are changed (a
+partial checkpoint loaded with ``update_weights_from_disk``) so that the model continues the cycle:
+every layer's norm weights are zero, so the residual stream is the input embedding, and the
+embedding of each id is the LM-head row of the id after it in its cycle. Every matmul and the
+attention still run at full size, so a step costs what it costs on real weights; the output copies
+the prompt, as code edits and quoting answers largely do, and n-gram lookups find it.
 
     python examples/spec_bench.py --device cuda --dtype bfloat16 --batch-sizes 1,2,4,8,16,32,64,128 \
         --methods none,oracle,ngram --acceptance 0.6,0.8 --num-draft-tokens 4
 
-Prints one line per (method, acceptance, batch size): output tokens/s and the speed-up over plain.
+Prints one line per (method, acceptance, batch size): output tokens/s and the speed-up over plain
+decoding of the same workload (``none-copy``: plain decoding of the copy workload).
 Adaptive speculation turns drafts off above ``--max-spec-batch`` sequences.
 """
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import tempfile
 import time
 
@@ -37,25 +46,56 @@ def model_dir(shape_name: str, dtype: str) -> str:
     return path
 
 
-def prompts(n: int, length: int, repeat: bool, seed: int = 0) -> list[list[int]]:
+CYCLE = 32  # ids per prompt cycle in the copy workload
+
+
+def prompts(n: int, length: int, copy: bool, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Random ids, or (``copy``) a cycle of ``CYCLE`` ids repeated; the cycles share no id."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        if repeat:  # a block of 32 ids over and over: n-gram lookups have something to find
-            block = [rng.randrange(10, 30000) for _ in range(32)]
-            out.append((block * (length // 32 + 1))[:length])
-        else:
-            out.append([rng.randrange(10, 30000) for _ in range(length)])
-    return out
+    top = min(vocab, 30000)
+    if copy:
+        ids = rng.sample(range(10, top), n * CYCLE)
+        return [(ids[i * CYCLE:(i + 1) * CYCLE] * (length // CYCLE + 1))[:length] for i in range(n)]
+    return [[rng.randrange(10, top) for _ in range(length)] for _ in range(n)]
 
 
-def run(path: str, args: argparse.Namespace, bs: int, options: dict) -> tuple[float, float | None]:
+def copy_checkpoint(shape_name: str, cycles: list[list[int]], dtype: str, device: str) -> str:
+    """A partial checkpoint that makes the model continue each of ``cycles`` (see the module doc)."""
+    import torch
+    from safetensors.torch import save_file
+
+    shape = MODEL_SHAPES[shape_name]
+    if shape.get("tie_word_embeddings"):
+        raise SystemExit(f"the copy workload needs an LM head apart from the embedding; {shape_name} ties them")
+    vocab, hidden = shape["vocab_size"], shape["hidden_size"]
+    dt = getattr(torch, dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    head = torch.randn(vocab, hidden, generator=gen, device=device, dtype=torch.float32).to(dt)
+    nxt = torch.arange(vocab, device=device)
+    for cycle in cycles:
+        ids = torch.tensor(cycle, device=device)
+        nxt[ids] = ids.roll(-1)
+    tensors = {"lm_head.weight": head, "model.embed_tokens.weight": head[nxt].contiguous(),
+               "model.norm.weight": torch.ones(hidden, device=device, dtype=dt)}
+    for i in range(shape["num_hidden_layers"]):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"model.layers.{i}.{norm}.weight"] = torch.zeros(hidden, device=device, dtype=dt)
+    path = tempfile.mkdtemp(prefix="rollout-spec-bench-copy-")
+    save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
+    return path
+
+
+def run(path: str, args: argparse.Namespace, bs: int, options: dict, copy: bool) -> tuple[float, float | None]:
     """Output tokens/s, and the mean accepted length (tokens per target forward per sequence
     while speculating; None without speculation)."""
     sp = SamplingParams(temperature=0.0, max_new_tokens=args.output_len, ignore_eos=True)
-    ps = prompts(bs, args.input_len, repeat=options.get("speculative_method") == "ngram")
+    ps = prompts(bs, args.input_len, copy, MODEL_SHAPES[args.shape]["vocab_size"])
     with Engine(path, device=args.device, dtype=args.dtype, load_format="dummy",
                 max_running_requests=max(bs, 1), **options) as engine:
+        if copy:
+            ckpt = copy_checkpoint(args.shape, [p[:CYCLE] for p in ps], args.dtype, args.device)
+            engine.update_weights_from_disk(ckpt)
+            shutil.rmtree(ckpt)
         engine.generate(ps[:1], SamplingParams(temperature=0.0, max_new_tokens=4, ignore_eos=True))  # warm up
         t = time.perf_counter()
         before = engine.info()
@@ -82,26 +122,29 @@ def main() -> None:
     args = ap.parse_args()
     path = model_dir(args.shape, args.dtype)
     sizes = [int(x) for x in args.batch_sizes.split(",")]
-    plain: dict[int, float] = {}
-    for method in args.methods.split(","):
+    plain: dict[tuple[int, bool], float] = {}  # (batch size, copy workload) -> plain tok/s
+    methods = args.methods.split(",")
+    if "ngram" in methods:  # n-gram runs on the copy workload: plain decoding of it first
+        methods.insert(methods.index("ngram"), "none-copy")
+    for method in methods:
         rates = [float(a) for a in args.acceptance.split(",")] if method == "oracle" else [None]
+        copy = method in ("ngram", "none-copy")
         for acc in rates:
             for bs in sizes:
                 options: dict = {}
-                if method != "none":
+                if not method.startswith("none"):
                     options = dict(speculative_method=method, num_draft_tokens=args.num_draft_tokens,
                                    speculative_max_batch_size=args.max_spec_batch)
                     if acc is not None:
                         options["oracle_acceptance"] = acc
-                tok_s, accept_len = run(path, args, bs, options)
-                if method == "none":
-                    plain[bs] = tok_s
-                speedup = f"{tok_s / plain[bs]:.2f}x" if bs in plain else "-"
+                tok_s, accept_len = run(path, args, bs, options, copy)
+                if method.startswith("none"):
+                    plain[bs, copy] = tok_s
+                speedup = f"{tok_s / plain[bs, copy]:.2f}x" if (bs, copy) in plain else "-"
                 label = method if acc is None else f"{method}(a={acc})"
                 length = f"{accept_len:.2f}" if accept_len is not None else "-"
                 print(f"{label:16s} bs={bs:4d}  {tok_s:10.1f} tok/s  vs plain {speedup}  "
                       f"accepted length {length}", flush=True)
-
 
 if __name__ == "__main__":
     main()

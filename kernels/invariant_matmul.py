@@ -84,11 +84,13 @@ def invariant_matmul(
     weight: torch.Tensor,  # (N, K)
     bias: torch.Tensor | None = None,  # (N,)
     out_dtype: torch.dtype | None = None,
+    config: MatmulConfig | None = None,
 ) -> torch.Tensor:  # (M, N), out_dtype or x's dtype
     """``x @ weight.T + bias`` with float32 accumulation in a fixed order per output element.
 
     ``x`` float32 with a 16-bit ``weight`` upcasts the weight in the kernel (the float32 LM head,
-    without a float32 copy of the weight); the result has ``out_dtype`` (default: ``x``'s)."""
+    without a float32 copy of the weight); the result has ``out_dtype`` (default: ``x``'s).
+    ``config`` (benchmarks): tiles other than the dtype's own; never choose them by ``M``."""
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1], "x (M, K), weight (N, K)"
     assert x.dtype == weight.dtype or x.dtype == torch.float32, "x and weight share a dtype, or x is float32"
     if x.stride(1) != 1:
@@ -100,7 +102,7 @@ def invariant_matmul(
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = CONFIGS[x.dtype]
+    cfg = config or CONFIGS[x.dtype]
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _matmul_kernel[grid](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
