@@ -86,7 +86,7 @@ def bench_attention(shape: str, batch: int, context: int, device: torch.device) 
     plain = us(lambda: decode_attention(q, k_buf, v_buf, kv_indices, starts, lens, scale, splits, max_splits))
     kv_bytes = 2 * batch * context * hkv * d * 2
     print(f"attention {shape} decode B={batch} ctx={context}: split-KV decode {plain:.1f} us "
-          f"({kv_bytes / plain / 1e6:.0f} GB/s of K/V)")
+          f"({kv_bytes / plain / 1e3:.0f} GB/s of K/V)")
     _sweep(lambda **kw: extend_attention(q, k_buf, v_buf, qo, kv_indices, starts, lens, scale, 1,
                                          deterministic=True, **kw), kv_bytes)
     # A prompt step: 8 requests of 1024 new tokens.
@@ -112,10 +112,10 @@ def _sweep(run, kv_bytes: int | None) -> None:
             continue
         results.append((t, f"block_n={block_n} warps={warps} stages={stages}"))
     current = us(lambda: run())
-    extra = f" ({kv_bytes / current / 1e6:.0f} GB/s)" if kv_bytes else ""
+    extra = f" ({kv_bytes / current / 1e3:.0f} GB/s)" if kv_bytes else ""
     print(f"    deterministic, current tiles: {current:.1f} us{extra}")
     for t, cfg in sorted(results)[:6]:
-        extra = f" ({kv_bytes / t / 1e6:.0f} GB/s)" if kv_bytes else ""
+        extra = f" ({kv_bytes / t / 1e3:.0f} GB/s)" if kv_bytes else ""
         print(f"    deterministic {cfg}: {t:.1f} us{extra}")
 
 

@@ -154,7 +154,7 @@ class SpecConfig:
     method: str | None = None  # ngram | draft | oracle (benchmarks only)
     num_draft_tokens: int = 4  # drafts per sequence per step, at most (adaptive: fewer, or none)
     draft_model_path: str | None = None  # method "draft": a small HF model dir with the target's tokenizer
-    # Speculate only while at most this many sequences decode: a large batch is compute-bound and
+    # Speculate only while at most this many sequences run or wait: a large batch is compute-bound and
     # verifying rejected drafts costs more than the forwards it saves.
     max_batch_size: int = 32
     # Acceptance rate (accepted / drafted, a running average) under which drafts shrink to one token.

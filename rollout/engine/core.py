@@ -178,9 +178,10 @@ class EngineCore:
         """
         self._rebalance_when_due()
         if self.spec is not None and not self.gate.closed:
-            if self._queued is not None and self.spec.wants_quiet(self.scheduler.running):
+            running, waiting = self.scheduler.running, self.scheduler.num_queued
+            if self._queued is not None and self.spec.wants_quiet(running, waiting):
                 self.drain()  # drafting needs every last token on the host
-            self.spec.propose(self.scheduler.running, self.cache.available_tokens(), self.scheduler.weight_version)
+            self.spec.propose(running, self.cache.available_tokens(), self.scheduler.weight_version, waiting)
         picked = self.scheduler.schedule() if not self.gate.closed else None
         try:
             queued = None

@@ -79,17 +79,19 @@ class Speculator:
     def _decoding(self, running: list[Sequence]) -> list[Sequence]:
         return [s for s in running if not s.in_prompt_prefill]
 
-    def wants_quiet(self, running: list[Sequence]) -> bool:
+    def wants_quiet(self, running: list[Sequence], waiting: int = 0) -> bool:
         """Whether the next step may speculate (so the step still running must be collected first):
-        the policy allows drafts and some sequence would look for them (n-gram lookups back off)."""
+        the policy allows drafts and some sequence would look for them (n-gram lookups back off).
+        ``waiting``: requests not yet admitted; with the running ones they are the load the policy
+        weighs (a large batch arriving speculates in none of its steps, not in its first few)."""
         decoding = self._decoding(running)
-        if self.policy.num_drafts(len(decoding)) == 0:
+        if self.policy.num_drafts(len(running) + waiting) == 0:
             return False
         if self.ngram is None:
             return True
         return any(s.spec_state is None or s.spec_state.due(s.total_len) for s in decoding)
 
-    def propose(self, running: list[Sequence], free_slots: int, weight_version: int = 0) -> None:
+    def propose(self, running: list[Sequence], free_slots: int, weight_version: int = 0, waiting: int = 0) -> None:
         """Set ``drafts`` on every running sequence (empty where it does not speculate this step).
 
         Only sequences whose last token is known and whose KV covers all tokens before it draft;
@@ -101,7 +103,7 @@ class Speculator:
         if self.draft is not None:
             self.draft.forget_others(running)
         decoding = self._decoding(running)
-        k = 0 if self.stale(weight_version) else self.policy.num_drafts(len(decoding))
+        k = 0 if self.stale(weight_version) else self.policy.num_drafts(len(running) + waiting)
         self.policy.advance()
         budget = free_slots - sum(s.tokens_to_compute for s in running)
         if k == 0 or budget <= 0:

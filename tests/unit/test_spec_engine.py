@@ -216,3 +216,20 @@ def test_oracle_accepts_at_its_rate(tiny_model_dir, engine_cores) -> None:
     # Each draft is taken with probability 0.7 given the ones before it were: of 4 drafts, the
     # expected share accepted is (0.7 + 0.7^2 + 0.7^3 + 0.7^4) / 4 = 0.443.
     assert 0.38 < policy.accepted / policy.drafted < 0.51
+
+
+def test_requests_waiting_count_toward_the_batch_that_stops_speculation(tiny_model_dir, engine_cores) -> None:
+    """A batch larger than speculative_max_batch_size does not speculate in the steps where only a
+    few of it run yet: the requests still waiting count. Only the last ones (nothing waiting) do."""
+    path = tiny_model_dir("qwen3")
+    sp = SamplingParams(temperature=0.0, max_new_tokens=7, ignore_eos=True)
+    opts = dict(speculative_method="oracle", num_draft_tokens=2, oracle_acceptance=1.0,
+                speculative_max_batch_size=2, max_running_requests=2)
+    with Engine(path, **opts) as engine:
+        outs = engine.generate([[3 + i, 4, 5] for i in range(8)], sp)
+        engine.check_integrity()
+    assert all(len(o.output_ids) == 7 for o in outs)
+    # Two steps of (1 + 2 drafts) tokens after the prompt's first token finish a request. Counting
+    # only the running requests, every request would speculate (16 sequence-steps); the last two
+    # requests are the only ones that run with nothing waiting.
+    assert 0 < _policy(engine_cores).verified <= 4
