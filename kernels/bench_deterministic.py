@@ -21,7 +21,7 @@ from triton.testing import do_bench
 from kernels.attention import choose_max_splits, decode_attention, extend_attention, plan_kv_splits, runs_from_indptr
 from kernels.bench_attention import make_pool, paged_indices
 from kernels.bench_utils import describe_device
-from kernels.invariant_matmul import CONFIGS, MatmulConfig, invariant_matmul
+from kernels.invariant_matmul import CONFIGS, MatmulConfig, choose_config, invariant_matmul
 from kernels.triton_utils import num_sms
 
 # (N, K) of each linear layer: fused qkv, o, fused gate/up, down, LM head.
@@ -50,7 +50,7 @@ def bench_matmul(shape: str, rows: list[int], device: torch.device) -> None:
     dtype = torch.bfloat16
     current = CONFIGS[dtype]
     same_bits = {c: True for c in CANDIDATES}
-    print(f"matmul {shape}: us per call (cuBLAS | current {name(current)} | best candidate)")
+    print(f"matmul {shape}: us per call (cuBLAS | first config {name(current)} | choose_config | best)")
     for (n, k), m in itertools.product(SHAPES[shape]["linear"], rows):
         x = torch.randn(m, k, device=device, dtype=dtype)
         w = torch.randn(n, k, device=device, dtype=dtype) * 0.02
@@ -63,10 +63,12 @@ def bench_matmul(shape: str, rows: list[int], device: torch.device) -> None:
             times[c] = us(lambda c=c, x=x, w=w: invariant_matmul(x, w, config=c))
         cublas = us(lambda x=x, w=w: x @ w.T)
         best = min(times, key=times.get)
-        print(f"  N={n:6d} K={k:5d} M={m:5d}  cuBLAS {cublas:8.1f}  current {times[current]:8.1f}  "
+        chosen = choose_config(m, n, dtype)
+        print(f"  N={n:6d} K={k:5d} M={m:5d}  cuBLAS {cublas:8.1f}  first {times[current]:8.1f}  "
+              f"chosen {times[chosen]:8.1f}  "
               f"best {times[best]:8.1f} ({name(best)})  " + " ".join(f"{times[c]:.0f}" for c in CANDIDATES))
     print("  candidates (columns above): " + "; ".join(name(c) for c in CANDIDATES))
-    print("  same bits as current: " + "; ".join(f"{name(c)} {'yes' if same_bits[c] else 'NO'}" for c in CANDIDATES))
+    print("  same bits as the first: " + "; ".join(f"{name(c)} {'yes' if same_bits[c] else 'NO'}" for c in CANDIDATES))
 
 
 def bench_attention(shape: str, batch: int, context: int, device: torch.device) -> None:

@@ -10,8 +10,13 @@ and walks K in ``BLOCK_K`` steps from 0 up, accumulating in float32, never split
     w (N, K)  rows n0 .. n0+BLOCK_N
     acc       sum over k-tiles 0, BLOCK_K, 2 BLOCK_K, ...  in that order, for every M
 
-Every output element therefore sees the same instructions in the same order; only the number of
-tiles changes with M. The price: no split-K for skinny shapes and no per-shape tuning.
+Every output element therefore sums the same K tiles in the same order. The tile's rows and
+columns (``BLOCK_M``, ``BLOCK_N``, warps, stages) do not enter that order: a tensor-core
+instruction sums its K slice the same way whatever the tile around it, so the kernel may take
+larger tiles for many rows and smaller ones for few without changing a bit (checked on the H200
+for every tile below at the Qwen3-0.6B shapes and 1 to 8192 rows: ``kernels/bench_deterministic.py``,
+and by ``tests/gpu/test_deterministic_gpu.py``). ``BLOCK_K`` is the one thing fixed per dtype.
+The price left: no split-K for skinny shapes.
 """
 
 from __future__ import annotations
@@ -33,14 +38,29 @@ class MatmulConfig(NamedTuple):
     num_stages: int
 
 
-# One configuration per dtype, whatever the shape: that is the point. 16-bit: tensor-core tiles of
-# 64 x 128 (decode batches of up to 64 rows waste no more than one tile of rows); fp32 takes the
-# exact FMA path, whose operands need smaller tiles to stay in registers.
+# The dtype's K tile is fixed (module doc); 16-bit tiles are chosen by size, ``choose_config``.
+# fp32 takes the exact FMA path, whose operands need small tiles to stay in registers: one config.
 CONFIGS = {
     torch.bfloat16: MatmulConfig(64, 128, 64, 4, 4),
     torch.float16: MatmulConfig(64, 128, 64, 4, 4),
     torch.float32: MatmulConfig(32, 64, 32, 4, 2),
 }
+# 16-bit tiles by problem size (H200, Qwen3-0.6B shapes, us per call against 64 x 128 / 4 stages):
+# few rows take 64 x 64 tiles with 6 loads in flight, so that a 1024-wide output still gives enough
+# programs (o_proj at 256 rows 21 -> 12 us, down_proj 22 -> 15); many rows, or a wide output such as
+# the LM head past a tile of rows, take 128 x 128 over two warpgroups (qkv at 8192 rows 162 -> 136 us,
+# LM head at 256 rows 207 -> 177).
+FEW_ROWS = MatmulConfig(64, 64, 64, 4, 6)
+MANY_ROWS = MatmulConfig(128, 128, 64, 8, 3)
+
+
+def choose_config(m: int, n: int, dtype: torch.dtype) -> MatmulConfig:
+    """Tiles for an ``(m, k) @ (k, n)`` product; every choice has the dtype's ``block_k``."""
+    if dtype == torch.float32:
+        return CONFIGS[dtype]
+    if m >= 512 or (n >= 32768 and m > 64):
+        return MANY_ROWS
+    return FEW_ROWS
 GROUP_M = 8  # tiles of GROUP_M row blocks share weight tiles in L2 (grouped launch order)
 
 
@@ -90,7 +110,7 @@ def invariant_matmul(
 
     ``x`` float32 with a 16-bit ``weight`` upcasts the weight in the kernel (the float32 LM head,
     without a float32 copy of the weight); the result has ``out_dtype`` (default: ``x``'s).
-    ``config`` (benchmarks): tiles other than the dtype's own; never choose them by ``M``."""
+    ``config`` (benchmarks): other tiles, with the dtype's ``block_k`` for the same bits."""
     assert x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1], "x (M, K), weight (N, K)"
     assert x.dtype == weight.dtype or x.dtype == torch.float32, "x and weight share a dtype, or x is float32"
     if x.stride(1) != 1:
@@ -102,7 +122,7 @@ def invariant_matmul(
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg = config or CONFIGS[x.dtype]
+    cfg = config or choose_config(m, n, x.dtype)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _matmul_kernel[grid](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),

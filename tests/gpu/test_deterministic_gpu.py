@@ -68,12 +68,29 @@ def test_invariant_matmul_rows_on_gpu() -> None:
     full = invariant_matmul(x, w)
     for m in (1, 2, 3, 16, 17, 64, 65, 257):
         assert torch.equal(invariant_matmul(x[:m], w)[m - 1], full[m - 1]), m
+    # Past 512 rows the kernel takes larger tiles: the rows keep their bits.
+    big = torch.randn(1100, 1024, generator=gen, device="cuda").to(torch.bfloat16)
+    big[:300] = x
+    assert torch.equal(invariant_matmul(big, w)[:300], full)
     assert torch.allclose(full.float(), F.linear(x, w).float(), atol=0.1, rtol=0.02)
     # float32 x under the bf16 weight (the fp32 LM head): the same rows at any count, close to fp32.
     full32 = invariant_matmul(x.float(), w)
     assert full32.dtype == torch.float32
     assert torch.equal(invariant_matmul(x[:5].float(), w)[4], full32[4])
     assert torch.allclose(full32, F.linear(x.float(), w.float()), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n,k", [(1024, 2048), (151936, 1024), (1000, 1000), (96, 4160)])
+def test_invariant_matmul_tiles_share_bits_on_gpu(n: int, k: int) -> None:
+    """The tiles the kernel chooses by row count sum K in the same order: same bits (module doc)."""
+    from kernels.invariant_matmul import FEW_ROWS, MANY_ROWS, MatmulConfig, invariant_matmul
+
+    gen = torch.Generator(device="cuda").manual_seed(n + k)
+    w = torch.randn(n, k, generator=gen, device="cuda").to(torch.bfloat16)
+    x = torch.randn(333, k, generator=gen, device="cuda").to(torch.bfloat16)
+    first = invariant_matmul(x, w, config=MatmulConfig(64, 128, 64, 4, 4))
+    for config in (FEW_ROWS, MANY_ROWS):
+        assert torch.equal(invariant_matmul(x, w, config=config), first), config
 
 
 def test_packed_extend_rows_do_not_depend_on_their_tile_offset_on_gpu() -> None:
