@@ -35,7 +35,7 @@ from rollout.models.loader import iter_checkpoint
 from rollout.models.weights import CheckpointNameMap, WeightWriter
 
 if TYPE_CHECKING:
-    from rollout.spec.draft_model import DraftModel
+    from rollout.spec.drafting import Drafter
 
 DRAFT_PREFIX = "draft."
 DRAFT_SUBDIR = "draft"  # a disk update's draft checkpoint: <model_path>/draft/
@@ -100,9 +100,9 @@ def iter_update_checkpoint(model_path: str) -> Iterator[Named]:
 class DraftWeights:
     """The draft model as the destination of an update's ``draft.`` tensors."""
 
-    def __init__(self, draft: DraftModel) -> None:
+    def __init__(self, draft: Drafter) -> None:
         self._draft = draft
-        self._checker = UpdateChecker(draft.model_config, draft.runner.dtype)
+        self._checker = UpdateChecker(draft.model_config, draft.runner.dtype, build=draft.build_meta)
 
     def check(self, specs: list[Spec]) -> None:
         """Raise ``InvalidArgumentError`` (naming the tensor as sent, ``draft.`` included) unless
@@ -131,13 +131,13 @@ class DraftWeights:
         """New draft weights were written by the update that made ``version`` current: the draft goes
         with it, and the draft KV computed with the old weights is dropped."""
         self._draft.weight_version = version
-        self._draft.forget_all()
+        self._draft.kv.forget_all()
 
     def spoiled(self) -> None:
         """Some draft tensors were written, then the update failed: the draft goes with no version
         (stale under ``on_stale_weights="disable"`` until a push carries its weights)."""
         self._draft.weight_version = None
-        self._draft.forget_all()
+        self._draft.kv.forget_all()
 
 
 def _known(name_map: CheckpointNameMap, name: str) -> bool:

@@ -99,7 +99,7 @@ class Speculator:
         for seq in running:
             seq.drafts = []
         if self.draft is not None:
-            self.draft.forget_others(running)
+            self.draft.kv.forget_others(running)
         decoding = self._decoding(running)
         k = 0 if self.stale(weight_version) else self.policy.num_drafts(len(decoding))
         self.policy.advance()
@@ -122,7 +122,7 @@ class Speculator:
                     continue
                 drafts = self.ngram.propose(seq.all_ids, kk, state)
                 state.found(drafts, seq.total_len)
-            elif self.draft is not None and not self.draft.reserve(seq, k):  # all draft k forwards
+            elif self.draft is not None and not self.draft.kv.reserve(seq, k):  # all draft k forwards
                 continue
             else:
                 drafts = [0] * kk  # placeholders: drafted on the device (draft model) or never checked (oracle)
