@@ -1,8 +1,11 @@
-"""Weight updates of the draft model (speculative method "draft"): the tensors named ``draft.<name>``.
+"""Weight updates of the draft model or head (speculative methods "draft", "eagle"): the tensors named
+``draft.<name>``.
 
 Any update may carry the draft's tensors beside the target's: ``draft.<name>`` is the draft
-checkpoint's ``<name>`` (``draft.model.norm.weight`` -> the draft's ``model.norm.weight``); every
-other name is the target's, as before.
+checkpoint's ``<name>`` (``draft.model.norm.weight`` -> the draft's ``model.norm.weight``; an EAGLE
+head's names as in its checkpoint, ``draft.fc.weight``, ``draft.layers.0.self_attn.q_proj.weight``);
+every other name is the target's, as before. A head that shares the target's embedding or LM head
+has no ``draft.`` name for them: the target's updates change them.
 
 - Group pushes and shared-memory / CUDA IPC tensors: the names as sent.
 - Disk (``update_weights_from_disk(path)``): the ``draft.``-prefixed keys of the checkpoint at
@@ -59,7 +62,7 @@ def split_specs(specs: Iterable[Spec]) -> tuple[list[Spec], list[Spec]]:
 def no_draft_model(name: str) -> InvalidArgumentError:
     return InvalidArgumentError(
         f"names starting with {DRAFT_PREFIX!r} are the draft model's, and this engine has no draft model "
-        "(speculative_method='draft' with a draft_model_path); nothing was written", field=name)
+        "(speculative_method 'draft' or 'eagle' with a draft_model_path); nothing was written", field=name)
 
 
 def route(named: Iterable[Named], put: Callable[[str, torch.Tensor], None] | None) -> Iterator[Named]:
@@ -98,7 +101,7 @@ def iter_update_checkpoint(model_path: str) -> Iterator[Named]:
 
 
 class DraftWeights:
-    """The draft model as the destination of an update's ``draft.`` tensors."""
+    """The draft model (or EAGLE head) as the destination of an update's ``draft.`` tensors."""
 
     def __init__(self, draft: Drafter) -> None:
         self._draft = draft
