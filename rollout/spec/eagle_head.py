@@ -16,7 +16,8 @@ The directory holds ``config.json`` (a Llama config, usually ``num_hidden_layers
 weights (``*.safetensors`` or ``pytorch_model*.bin``, the latter read with ``weights_only=True``):
 ``fc.weight`` (H, 2H) and ``fc.bias`` if present, ``layers.N.self_attn.{q,k,v,o}_proj.weight``,
 ``layers.N.mlp.{gate,up,down}_proj.weight``, ``layers.N.post_attention_layernorm.weight``, and
-``layers.N.input_layernorm.weight`` for N > 0. Layer 0 has no input norm in the format (identity);
+``layers.N.input_layernorm.weight`` for N > 0 (q/k/v biases too where the config says ``qkv_bias``
+or ``attention_bias``). Layer 0 has no input norm in the format (identity);
 a file that has one gets it used. ``embed_tokens.weight`` and ``lm_head.weight`` are optional: the
 head without them uses the target's embedding and LM head (shared, not copied; a weight push of the
 target's changes the head's too). There is no final norm. A leading ``model.`` on the names is
@@ -142,6 +143,8 @@ def head_config(path: str) -> ModelConfig:
     with open(cfg_path) as f:
         hf = json.load(f)
     hf.setdefault("architectures", ["LlamaForCausalLM"])
+    if hf.get("qkv_bias"):  # how SafeAILab's EAGLE configs ask for q/k/v biases (whatever attention_bias says)
+        hf["attention_bias"] = True
     return ModelConfig.from_hf_dict(hf)
 
 
@@ -181,7 +184,8 @@ def load_eagle_head(path: str, config: ModelConfig, target: TargetParts, dtype: 
     try:
         written = head.load_weights(tensors.items())
     except InvalidArgumentError as e:  # name the option; the message names the key
-        raise InvalidArgumentError(f"the EAGLE head's checkpoint: {e.message}", field=FIELD) from None
+        why = e.reason if e.field == "weights" else e.message
+        raise InvalidArgumentError(f"the EAGLE head's checkpoint: {why}", field=FIELD) from None
     expected = head.param_names_for_checkpoint()
     missing = [key for name, keys in expected.items() if name not in written for key in keys]
     if missing:

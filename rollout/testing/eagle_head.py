@@ -52,10 +52,13 @@ class HeadForTraining(nn.Module):
 
         super().__init__()
         cfg = LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"})
+        cfg.attention_bias = bool(config.get("qkv_bias", False))
         cfg._attn_implementation = "eager"
         h = cfg.hidden_size
         self.fc = nn.Linear(2 * h, h, bias=fc_bias)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, layer_idx=i) for i in range(cfg.num_hidden_layers))
+        for layer in self.layers:  # transformers' attention_bias also gives o_proj one; EAGLE's qkv_bias does not
+            layer.self_attn.o_proj.register_parameter("bias", None)
         if not input_norm:
             self.layers[0].input_layernorm = nn.Identity()
         self.rotary = LlamaRotaryEmbedding(cfg)
@@ -78,16 +81,21 @@ class HeadForTraining(nn.Module):
 
 
 def write_eagle_head(path: str, target_dir: str, seed: int = 0, num_hidden_layers: int = 1,
-                     fc_bias: bool = True, input_norm: bool = False, own_vocab: bool = False) -> str:
+                     fc_bias: bool = True, input_norm: bool = False, own_vocab: bool = False,
+                     qkv_bias: bool = False) -> str:
     """A random (untrained) head over the target at ``target_dir``, in the published format; with
-    ``own_vocab`` it has its own ``embed_tokens`` and ``lm_head``. Norm weights are near 1 but not 1,
-    so a misplaced norm shows."""
+    ``own_vocab`` it has its own ``embed_tokens`` and ``lm_head``, with ``qkv_bias`` q/k/v biases (and
+    the config key SafeAILab's EAGLE reads). Norm weights are near 1 but not 1, so a misplaced norm shows."""
     torch.manual_seed(seed)
     cfg = head_config(target_dir, num_hidden_layers)
+    if qkv_bias:
+        cfg["qkv_bias"] = True
     weights = HeadForTraining(cfg, fc_bias, input_norm).state_dict_published()
     for name, t in weights.items():
         if "layernorm" in name:
             t.add_(0.1 * torch.randn_like(t))
+        elif name.endswith("proj.bias"):
+            t.normal_()  # HF starts them at zero
     if own_vocab:
         weights["embed_tokens.weight"] = torch.randn(cfg["vocab_size"], cfg["hidden_size"])
         weights["lm_head.weight"] = 0.1 * torch.randn(cfg["vocab_size"], cfg["hidden_size"])

@@ -99,9 +99,8 @@ def _reference(w: dict[str, torch.Tensor], cfg, embeds: torch.Tensor, features: 
     for i in range(cfg.num_hidden_layers):
         p = f"layers.{i}."
         a = _rms(h, w[p + "input_layernorm.weight"], cfg.rms_norm_eps) if p + "input_layernorm.weight" in w else h
-        q = rope((a @ w[p + "self_attn.q_proj.weight"].T).view(t, -1, hd))  # (T, Hq, D)
-        k = rope((a @ w[p + "self_attn.k_proj.weight"].T).view(t, -1, hd))  # (T, Hkv, D)
-        v = (a @ w[p + "self_attn.v_proj.weight"].T).view(t, -1, hd)
+        q, k, v = (a @ w[f"{p}self_attn.{n}_proj.weight"].T + w.get(f"{p}self_attn.{n}_proj.bias", 0) for n in "qkv")
+        q, k, v = rope(q.view(t, -1, hd)), rope(k.view(t, -1, hd)), v.view(t, -1, hd)  # (T, heads, D)
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
@@ -114,8 +113,8 @@ def _reference(w: dict[str, torch.Tensor], cfg, embeds: torch.Tensor, features: 
     return h
 
 
-@pytest.mark.parametrize("layout", [dict(), dict(num_hidden_layers=2, fc_bias=False, input_norm=True, own_vocab=True)],
-                         ids=["eagle1", "norm-bias-vocab-2layers"])
+@pytest.mark.parametrize("layout", [dict(), dict(num_hidden_layers=2, fc_bias=False, input_norm=True, own_vocab=True,
+                                                qkv_bias=True)], ids=["eagle1", "all-optional-parts-2-layers"])
 @torch.inference_mode()
 def test_head_forward_matches_a_plain_torch_reference(heads, tmp_path, layout) -> None:
     path = write_eagle_head(str(tmp_path), heads["target"], seed=3, **layout)
