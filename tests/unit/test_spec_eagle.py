@@ -152,6 +152,25 @@ def test_head_forward_matches_a_plain_torch_reference(heads, tmp_path, layout) -
     runner.close()
 
 
+@torch.inference_mode()
+def test_head_loads_from_pytorch_model_bin(heads, tmp_path) -> None:
+    """The published heads ship as pytorch_model.bin (read with weights_only); some conversions put
+    ``model.`` before the names."""
+    path = heads["untrained"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    torch.save({f"model.{n}" if n.startswith("layers.") else n: t for n, t in weights.items()},
+               bin_dir / "pytorch_model.bin")
+    parts = TargetParts(torch.nn.Embedding(8, 8), torch.nn.Identity())
+    cfg = head_config(path)
+    a, b = (load_eagle_head(p, cfg, parts, torch.float32, torch.device("cpu"), 64) for p in (path, str(bin_dir)))
+    assert a.layout == b.layout and not a.layout.input_norm and a.layout.fc_bias
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.equal(x, y), name
+
+
 def test_target_keeps_features_of_eager_graph_and_verify_steps(heads, engine_cores) -> None:
     """Prompts run eagerly, plain decode steps through the (CPU) decode-graph path, verify steps
     through the verify-graph buffers: the features the head reads are the target's final-normed
