@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 import weight_sync
 from rollout import Engine, SamplingParams
 from rollout.batch import BatchPlan
+from rollout.cache import kv_pool
+from rollout.cache.kv_pool import KVPool
 from rollout.cache.manager import KVCacheManager
 from rollout.config import EngineConfig
 from rollout.errors import InvalidArgumentError
@@ -174,8 +176,21 @@ def test_head_loads_from_pytorch_model_bin(heads, tmp_path) -> None:
 def test_target_keeps_features_of_eager_graph_and_verify_steps(heads, engine_cores) -> None:
     """Prompts run eagerly, plain decode steps through the (CPU) decode-graph path, verify steps
     through the verify-graph buffers: the features the head reads are the target's final-normed
-    hidden states at every position, as transformers computes them."""
+    hidden states at every position, as transformers computes them. They live in the kv_cache
+    region, and after a release and resume of it they are computed again."""
     from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(heads["target"], dtype=torch.float32).requires_grad_(False)
+
+    def check_features(core, outs, prompts=PROMPTS) -> None:
+        for prompt, out in zip([p for p in prompts for _ in range(2)], outs):
+            tokens = prompt + out.output_ids
+            cached = core.cache.tree.match_prefix(tokens, 0, len(tokens))  # finished: in the prefix cache
+            assert cached.length == len(tokens) - 1  # all but the last token were computed
+            with torch.no_grad():
+                want = hf.model(input_ids=torch.tensor([tokens])).last_hidden_state[0, : cached.length]
+            got = core.runner.feature_store[cached.slots[: cached.length]]
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
     # min_acceptance 1: after the first rejection only one step in 8 speculates, the others decode plainly.
     options = _eagle(heads["trained"], num_draft_tokens=2, speculative_min_acceptance=1.0)
@@ -188,13 +203,30 @@ def test_target_keeps_features_of_eager_graph_and_verify_steps(heads, engine_cor
         runner.verify_graphs = graphs
         outs = engine.generate(PROMPTS, GREEDY)
         assert graphs.replays > 0 and engine.info().spec_accepted > 0
-        hf = AutoModelForCausalLM.from_pretrained(heads["target"], dtype=torch.float32).requires_grad_(False)
-        for prompt, out in zip([p for p in PROMPTS for _ in range(2)], outs):
-            tokens = prompt + out.output_ids
-            cached = core.cache.tree.match_prefix(tokens, 0, len(tokens))  # finished: in the prefix cache
-            assert cached.length == len(tokens) - 1  # all but the last token were computed
-            want = hf.model(input_ids=torch.tensor([tokens])).last_hidden_state[0, : cached.length]
-            torch.testing.assert_close(runner.feature_store[cached.slots[: cached.length]], want, atol=1e-4, rtol=1e-4)
+        check_features(core, outs)
+        memory = engine.info().memory["kv_cache"]
+        assert memory["bytes"] >= runner.kv_pool.nbytes + runner.feature_store.nbytes
+        engine.pause()
+        engine.release_memory(["kv_cache"])
+        assert engine.info().memory["kv_cache"]["state"] == "released"
+        engine.resume_memory(["kv_cache"])
+        engine.continue_()
+        again = engine.generate(PROMPTS[:1], GREEDY)
+        assert [o.output_ids for o in again] == [o.output_ids for o in outs[:2]]
+        check_features(core, again, PROMPTS[:1])
+
+
+def test_features_count_in_the_kv_pool_size(heads, monkeypatch) -> None:
+    """A slot's feature row (hidden x dtype bytes) is paid from the KV budget like its K and V."""
+    monkeypatch.setattr(kv_pool, "CPU_DEFAULT_KV_BYTES", 1 << 20)
+    plain = EngineConfig.build(heads["target"])
+    eagle = EngineConfig.build(heads["target"], **_eagle(heads["untrained"]))
+    m = plain.model
+    kv = KVPool.bytes_per_slot(m.num_hidden_layers, m.num_key_value_heads, m.head_dim, torch.float32)
+    feature = m.hidden_size * 4
+    cpu = torch.device("cpu")
+    assert kv_pool.kv_pool_slots(plain, torch.float32, cpu, m.num_key_value_heads) == (1 << 20) // kv + 1
+    assert kv_pool.kv_pool_slots(eagle, torch.float32, cpu, m.num_key_value_heads) == (1 << 20) // (kv + feature) + 1
 
 
 def test_draft_pushes_reach_the_head_and_target_pushes_leave_it_stale(heads) -> None:
