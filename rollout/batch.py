@@ -136,6 +136,10 @@ class ForwardBatch:
     # (max step tokens, MoE layers, top_k) int16: row t gets the expert ids each MoE layer picked for
     # token t (a static buffer; None when the engine records no routing).
     routed_experts: torch.Tensor | None = None
+    # (KV slots, hidden) in the model dtype: the model writes each new token's final hidden state (the
+    # LM head's input) at its ``out_cache_loc`` slot, so it is kept beside the token's KV (speculative
+    # method "eagle" reads them); None: not kept.
+    feature_store: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -58,6 +58,8 @@ def _engine_default(name: str) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``rollout`` command."""
+    from rollout.config import SPEC_METHODS
+
     parser = argparse.ArgumentParser(prog="rollout", description="RL rollout engine served over gRPC "
                                      "(and optionally an OpenAI-compatible HTTP API)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,13 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="logits from a float32 LM head (closer to a float32 trainer's logprobs)")
     s.add_argument("--seed", type=int, default=None,
                    help=f"seed for requests that carry none (default: {d('seed')})")
-    s.add_argument("--speculative-method", default=None, choices=("ngram", "draft", "oracle"),
+    s.add_argument("--speculative-method", default=None, choices=SPEC_METHODS,
                    help="speculative decoding: ngram (lookup in the prompt and output), draft (a small model, "
-                        "--draft-model-path), oracle (benchmarks only: not the target's distribution) "
-                        "(default: off)")
+                        "--draft-model-path), eagle (an EAGLE-1/2 head for this target, --draft-model-path), "
+                        "oracle (benchmarks only: not the target's distribution) (default: off)")
     s.add_argument("--num-draft-tokens", type=int, default=None,
                    help="most tokens drafted per sequence per step (default: 4)")
-    s.add_argument("--draft-model-path", default=None, help="HF model directory of the draft model")
+    s.add_argument("--draft-model-path", default=None,
+                   help="HF model directory of the draft model, or of the EAGLE head (config.json and weights)")
     s.add_argument("--speculative-max-batch-size", type=int, default=None,
                    help="speculate only while at most this many sequences decode (default: 32)")
     s.add_argument("--draft-on-stale-weights", default=None, choices=("disable", "keep"),

@@ -132,7 +132,7 @@ class ParallelConfig:
 
 # Speculative drafting methods. "oracle" is for benchmarks only: it stands for a drafter whose
 # drafts the target accepts with a given probability, and its output is NOT the target's distribution.
-SPEC_METHODS: tuple[str, ...] = ("ngram", "draft", "oracle")
+SPEC_METHODS: tuple[str, ...] = ("ngram", "draft", "eagle", "oracle")
 # Engine options (``Engine(**options)``, ``rollout serve`` flags) -> SpecConfig fields.
 SPEC_OPTIONS: dict[str, str] = {
     "speculative_method": "method",
@@ -151,15 +151,17 @@ SPEC_OPTIONS: dict[str, str] = {
 class SpecConfig:
     """Speculative decoding (``method=None``: off). Output distribution and logprobs are the target's."""
 
-    method: str | None = None  # ngram | draft | oracle (benchmarks only)
+    method: str | None = None  # ngram | draft | eagle | oracle (benchmarks only)
     num_draft_tokens: int = 4  # drafts per sequence per step, at most (adaptive: fewer, or none)
-    draft_model_path: str | None = None  # method "draft": a small HF model dir with the target's tokenizer
+    # Method "draft": a small HF model dir with the target's tokenizer; "eagle": an EAGLE head's dir
+    # (config.json and its weights, made for this target model).
+    draft_model_path: str | None = None
     # Speculate only while at most this many sequences run or wait: a large batch is compute-bound and
     # verifying rejected drafts costs more than the forwards it saves.
     max_batch_size: int = 32
     # Acceptance rate (accepted / drafted, a running average) under which drafts shrink to one token.
     min_acceptance: float = 0.3
-    # Method "draft", once the target's weights change and the draft's are not pushed ("draft." names):
+    # Methods "draft" / "eagle", once the target's weights change and the draft's are not pushed ("draft." names):
     # "disable" stops speculating (output stays exact, only slower); "keep" drafts with the old draft.
     on_stale_weights: str = "disable"
     ngram_max_match: int = 4  # longest suffix looked up in the prompt and output (method "ngram")
@@ -174,8 +176,8 @@ class SpecConfig:
                                        field="speculative_method")
         if not 1 <= self.num_draft_tokens <= 16:
             raise InvalidArgumentError("must be in [1, 16]", field="num_draft_tokens")
-        if self.method == "draft" and not self.draft_model_path:
-            raise InvalidArgumentError("method 'draft' needs draft_model_path", field="draft_model_path")
+        if self.method in ("draft", "eagle") and not self.draft_model_path:
+            raise InvalidArgumentError(f"method {quoted(self.method)} needs draft_model_path", field="draft_model_path")
         if self.max_batch_size < 0:
             raise InvalidArgumentError("must be >= 0", field="speculative_max_batch_size")
         if not 0.0 <= self.min_acceptance <= 1.0:

@@ -78,6 +78,8 @@ def kv_pool_slots(config: EngineConfig, dtype: torch.dtype, device: torch.device
         per_slot = KVPool.bytes_per_slot(m.num_hidden_layers, num_kv_heads, m.head_dim, dtype)
         if config.enable_return_routed_experts:  # each slot's routed-expert row (int16) lives beside its KV
             per_slot += len(m.moe_layer_ids) * m.num_experts_per_tok * 2
+        if config.spec.method == "eagle":  # and its final hidden state (ModelRunner.feature_store)
+            per_slot += m.hidden_size * dtype.itemsize
         if device.type == "cuda":
             torch.cuda.empty_cache()  # weights moved into their region: return the old blocks first
             free, _ = torch.cuda.mem_get_info(device)

@@ -1,8 +1,11 @@
-"""Weight updates of the draft model (speculative method "draft"): the tensors named ``draft.<name>``.
+"""Weight updates of the draft model or head (speculative methods "draft", "eagle"): the tensors named
+``draft.<name>``.
 
 Any update may carry the draft's tensors beside the target's: ``draft.<name>`` is the draft
-checkpoint's ``<name>`` (``draft.model.norm.weight`` -> the draft's ``model.norm.weight``); every
-other name is the target's, as before.
+checkpoint's ``<name>`` (``draft.model.norm.weight`` -> the draft's ``model.norm.weight``; an EAGLE
+head's names as in its checkpoint, ``draft.fc.weight``, ``draft.layers.0.self_attn.q_proj.weight``);
+every other name is the target's, as before. A head that shares the target's embedding or LM head
+has no ``draft.`` name for them: the target's updates change them.
 
 - Group pushes and shared-memory / CUDA IPC tensors: the names as sent.
 - Disk (``update_weights_from_disk(path)``): the ``draft.``-prefixed keys of the checkpoint at
@@ -35,7 +38,7 @@ from rollout.models.loader import iter_checkpoint
 from rollout.models.weights import CheckpointNameMap, WeightWriter
 
 if TYPE_CHECKING:
-    from rollout.spec.draft_model import DraftModel
+    from rollout.spec.drafting import Drafter
 
 DRAFT_PREFIX = "draft."
 DRAFT_SUBDIR = "draft"  # a disk update's draft checkpoint: <model_path>/draft/
@@ -59,7 +62,7 @@ def split_specs(specs: Iterable[Spec]) -> tuple[list[Spec], list[Spec]]:
 def no_draft_model(name: str) -> InvalidArgumentError:
     return InvalidArgumentError(
         f"names starting with {DRAFT_PREFIX!r} are the draft model's, and this engine has no draft model "
-        "(speculative_method='draft' with a draft_model_path); nothing was written", field=name)
+        "(speculative_method 'draft' or 'eagle' with a draft_model_path); nothing was written", field=name)
 
 
 def route(named: Iterable[Named], put: Callable[[str, torch.Tensor], None] | None) -> Iterator[Named]:
@@ -98,11 +101,11 @@ def iter_update_checkpoint(model_path: str) -> Iterator[Named]:
 
 
 class DraftWeights:
-    """The draft model as the destination of an update's ``draft.`` tensors."""
+    """The draft model (or EAGLE head) as the destination of an update's ``draft.`` tensors."""
 
-    def __init__(self, draft: DraftModel) -> None:
+    def __init__(self, draft: Drafter) -> None:
         self._draft = draft
-        self._checker = UpdateChecker(draft.model_config, draft.runner.dtype)
+        self._checker = UpdateChecker(draft.model_config, draft.runner.dtype, build=draft.build_meta)
 
     def check(self, specs: list[Spec]) -> None:
         """Raise ``InvalidArgumentError`` (naming the tensor as sent, ``draft.`` included) unless
@@ -131,13 +134,13 @@ class DraftWeights:
         """New draft weights were written by the update that made ``version`` current: the draft goes
         with it, and the draft KV computed with the old weights is dropped."""
         self._draft.weight_version = version
-        self._draft.forget_all()
+        self._draft.kv.forget_all()
 
     def spoiled(self) -> None:
         """Some draft tensors were written, then the update failed: the draft goes with no version
         (stale under ``on_stale_weights="disable"`` until a push carries its weights)."""
         self._draft.weight_version = None
-        self._draft.forget_all()
+        self._draft.kv.forget_all()
 
 
 def _known(name_map: CheckpointNameMap, name: str) -> bool:

@@ -7,7 +7,7 @@ parameters the update covers completely comes out, all without touching the real
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -20,9 +20,12 @@ from rollout.models.registry import build_model
 class UpdateChecker:
     """Validates ``(name, dtype, shape)`` triples of an update against the engine's model."""
 
-    def __init__(self, model_config: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, model_config: ModelConfig, dtype: torch.dtype,
+                 build: Callable[[], nn.Module] | None = None) -> None:
+        """``build``: makes the model on the meta device (None: the registry's model for ``model_config``)."""
         self._config = model_config
         self._dtype = dtype
+        self._build = build
         self._meta: nn.Module | None = None
         self._param_names: frozenset[str] | None = None
         # The last layout that passed and what it covers: a trainer pushes the same layout every step.
@@ -31,7 +34,7 @@ class UpdateChecker:
     @property
     def meta_model(self) -> nn.Module:
         if self._meta is None:  # built on first use: engines that never take updates never pay for it
-            self._meta = build_model(self._config, self._dtype, "meta")
+            self._meta = self._build() if self._build is not None else build_model(self._config, self._dtype, "meta")
         return self._meta
 
     @property

@@ -39,6 +39,17 @@ class StepRope(NamedTuple):
     cos: torch.Tensor | None
     sin: torch.Tensor | None
 
+
+def step_rope(table: RotaryEmbedding, positions: torch.Tensor, hidden: torch.Tensor) -> StepRope:
+    """The rotary inputs of a step at ``positions`` (T,) for activations like ``hidden`` (T, H): the
+    fused kernel's tables where it applies, else cos and sin gathered once for every layer."""
+    head_dim = table.head_dim
+    if use_fused(hidden) and head_dim % 2 == 0 and head_dim & (head_dim - 1) == 0:
+        return StepRope(positions, table.cos_cache, table.sin_cache, None, None)
+    return StepRope(positions, table.cos_cache, table.sin_cache,
+                    *table.cos_sin(positions, hidden.dtype))  # 2 x (T, 1, D)
+
+
 # (layer_id, prefix) -> the layer's MLP module, mapping (T, H) -> (T, H).
 MlpFactory = Callable[[int, str], nn.Module]
 
@@ -236,13 +247,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         hidden = self.embed_tokens(batch.input_ids)  # (T, H)
-        table = self.rotary_emb
-        head_dim = table.head_dim
-        if use_fused(hidden) and head_dim % 2 == 0 and head_dim & (head_dim - 1) == 0:
-            rope = StepRope(batch.positions, table.cos_cache, table.sin_cache, None, None)
-        else:
-            rope = StepRope(batch.positions, table.cos_cache, table.sin_cache,
-                            *table.cos_sin(batch.positions, hidden.dtype))  # 2 x (T, 1, D)
+        rope = step_rope(self.rotary_emb, batch.positions, hidden)
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(rope, hidden, residual, batch)
@@ -288,8 +293,14 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Final-normed hidden states (T, hidden) of ``batch.input_ids`` at ``batch.positions``."""
-        return self.model(batch)
+        """Final-normed hidden states (T, hidden) of ``batch.input_ids`` at ``batch.positions``
+        (also written to ``batch.feature_store`` at the tokens' KV slots when it is set)."""
+        hidden = self.model(batch)
+        if batch.feature_store is not None:
+            # Here rather than in the runner: every forward (eager, decode and verify graphs, whose
+            # captures then hold the write) goes through this line.
+            batch.feature_store.index_copy_(0, batch.out_cache_loc, hidden)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) logits, float32 unless ``upcast`` is False (then the model dtype:

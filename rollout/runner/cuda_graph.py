@@ -61,9 +61,10 @@ class DecodeGraphRunner:
     def __init__(self, model: torch.nn.Module, attn_backend, max_bs: int, max_kv_tokens: int,
                  device: torch.device, batch_sizes: list[int] | None = None,
                  req_table: torch.Tensor | None = None, padding_row: int = 0,
-                 routed_experts: torch.Tensor | None = None) -> None:
+                 routed_experts: torch.Tensor | None = None, feature_store: torch.Tensor | None = None) -> None:
         self.model = model
         self.routed_experts = routed_experts  # the MoE layers' static routing buffer, when recorded
+        self.feature_store = feature_store  # per-slot final hidden states (ForwardBatch.feature_store)
         self.backend = attn_backend
         self.device = device
         self.batch_sizes = sorted(batch_sizes or default_graph_batch_sizes(max_bs))
@@ -129,7 +130,7 @@ class DecodeGraphRunner:
             seq_lens=f["seq_lens"], logits_indices=self.logits_indices[:gbs],
             seq_lens_cpu=[1] * gbs, extend_lens_cpu=[1] * gbs, prefix_lens_cpu=[0] * gbs, attn_backend=self.backend,
             req_rows=f["req_rows"] if self.table_mode else None, req_table=self.req_table,
-            routed_experts=self.routed_experts,
+            routed_experts=self.routed_experts, feature_store=self.feature_store,
         )
 
     def _reset_inputs(self, gbs: int) -> None:

@@ -61,17 +61,24 @@ class ModelRunner:
     rank feeds the same inputs to the next step; the others return no tokens.
     """
 
-    def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE) -> None:
+    def __init__(self, config: EngineConfig, tp: TPGroup = SINGLE, model: torch.nn.Module | None = None) -> None:
+        """``model``: a model built and loaded already (e.g. an EAGLE head); None: load ``config``'s."""
         self.config = config
         self.tp = tp
         self.device = resolve_device(config.device)
         self.dtype: torch.dtype = getattr(torch, config.dtype)
         # Weights and KV live in releasable regions (release_memory / resume_memory).
         self.memory = EngineMemory(self.device, config.cache.memory_backup_tags)
-        self.model = self._load_model()
+        self.model = self._load_model() if model is None else self._set_numerics(model)
         self.memory.place_weights(self.model)
         self.kv_pool = create_kv_pool(config, self.dtype, self.device, allocate=self.memory.allocate_kv, tp=tp)
         self.num_slots = self.kv_pool.num_slots
+        # Speculative method "eagle": every computed token's final hidden state, by KV slot (the draft
+        # head's input), beside the KV in the kv_cache region (counted in the pool's size).
+        self.feature_store: torch.Tensor | None = None
+        if config.spec.method == "eagle":
+            shape = (self.num_slots, config.model.hidden_size)
+            self.feature_store = self.memory.allocate_kv(shape, self.dtype, 1)[0]  # (num_slots, hidden)
         backend = config.attention_backend
         if backend == "auto":
             backend = default_attention_backend(self.device, config.deterministic)
@@ -111,7 +118,8 @@ class ModelRunner:
         before = torch.cuda.memory_reserved(self.device)
         self.graphs = DecodeGraphRunner(self.model, self.attn_backend, max_bs, max_kv, self.device,
                                         req_table=self.req_table, padding_row=self.padding_row,
-                                        routed_experts=self.routing.step if self.routing is not None else None)
+                                        routed_experts=self.routing.step if self.routing is not None else None,
+                                        feature_store=self.feature_store)
         self.graphs.capture()
         torch.cuda.synchronize(self.device)
         self.graph_bytes = max(torch.cuda.memory_reserved(self.device) - before, 0)
@@ -126,7 +134,7 @@ class ModelRunner:
         before = torch.cuda.memory_reserved(self.device)
         self.verify_graphs = VerifyGraphRunner(self.model, self.kv_pool, self._req_table, self.verify_ks,
                                                max_bs, self.device, self.config.context_length,
-                                               self.config.deterministic)
+                                               self.config.deterministic, feature_store=self.feature_store)
         self.verify_graphs.capture()
         torch.cuda.synchronize(self.device)
         self.graph_bytes += max(torch.cuda.memory_reserved(self.device) - before, 0)
@@ -153,6 +161,9 @@ class ModelRunner:
     def _load_model(self) -> torch.nn.Module:
         model = load_model(self.config.model, self.config.model_path, self.dtype, self.device,
                            load_format=self.config.load_format, tp=self.tp)
+        return self._set_numerics(model)
+
+    def _set_numerics(self, model: torch.nn.Module) -> torch.nn.Module:
         model.eval()
         return set_numerics(model, batch_invariant=self.config.deterministic, fp32_lm_head=self.config.fp32_lm_head)
 
@@ -170,7 +181,7 @@ class ModelRunner:
         """Drop graphs, KV and weights and return their memory to the device."""
         self.graphs = self.verify_graphs = None
         self.req_table = None
-        self.routing = None
+        self.routing = self.feature_store = None
         del self.attn_backend, self.kv_pool, self.model
         self.memory.saver.close()
         if self.device.type == "cuda":
@@ -361,4 +372,5 @@ class ModelRunner:
             req_rows=rows,
             req_table=self.req_table,
             routed_experts=self.routing.step if self.routing is not None else None,
+            feature_store=self.feature_store,
         )

@@ -64,8 +64,10 @@ class VerifyGraphRunner:
     """
 
     def __init__(self, model: torch.nn.Module, kv_pool: KVPool, req_table: ReqToTokenTable, ks: list[int],
-                 max_bs: int, device: torch.device, max_position: int, deterministic: bool = False) -> None:
+                 max_bs: int, device: torch.device, max_position: int, deterministic: bool = False,
+                 feature_store: torch.Tensor | None = None) -> None:
         self.model = model
+        self.feature_store = feature_store  # per-slot final hidden states (ForwardBatch.feature_store)
         self.req_table = req_table
         self.device = device
         self.ks = sorted(set(ks))
@@ -113,6 +115,7 @@ class VerifyGraphRunner:
             logits_indices=f["verify_index"],  # unused: every token's hidden state is returned
             seq_lens_cpu=[k + 1] * gbs, extend_lens_cpu=[k + 1] * gbs, prefix_lens_cpu=[0] * gbs,
             attn_backend=self.backend, req_rows=f["req_rows"], req_table=self.req_table.table,
+            feature_store=self.feature_store,
         )
 
     def _host_inputs(self, plan: BatchPlan | None, k: int, gbs: int,

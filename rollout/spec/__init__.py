@@ -1,2 +1,3 @@
-"""Speculative decoding: drafters (n-gram lookup, a draft model, a benchmark-only oracle), the
-adaptive policy that decides how many tokens to draft, and the verify step on the target model."""
+"""Speculative decoding: drafters (n-gram lookup, a draft model, an EAGLE head, a benchmark-only
+oracle), the adaptive policy that decides how many tokens to draft, and the verify step on the
+target model."""

@@ -9,13 +9,15 @@ that speculate and stays on for the others (e.g. above ``max_batch_size``, where
 nothing).
 
 Methods: ``ngram`` drafts on the host from the sequence's own tokens; ``draft`` runs a small model
-(``draft_model.py``) on the device; ``oracle`` (benchmarks only)
+(``draft_model.py``) on the device; ``eagle`` runs an EAGLE head over the target's own hidden states
+(``eagle.py``, ``eagle_head.py``); ``oracle`` (benchmarks only)
 drafts placeholders and accepts each with probability ``oracle_acceptance`` regardless of the
 target: its output is not the target's distribution, it only reproduces the cost of a drafter of
 that acceptance rate.
 
-Weight updates (method ``draft``): the target's path is unchanged, and the draft model takes its
-weights from the same updates. Tensors named ``draft.<name>`` (``draft.model.norm.weight``) in a
+Weight updates (methods ``draft`` and ``eagle``): the target's path is unchanged, and the draft
+model (or head) takes its weights from the same updates. Tensors named ``draft.<name>``
+(``draft.model.norm.weight``; ``draft.fc.weight`` for a head) in a
 group push, shared-memory / CUDA IPC update, or disk update (the ``draft.`` keys of the checkpoint
 and the checkpoint in its ``draft/`` subdirectory) go to the draft model's loader; the others go to
 the target (``rollout/control/draft_weights.py``). Such names on an engine without a draft model
@@ -40,6 +42,8 @@ from rollout.config import EngineConfig
 from rollout.runner.model_runner import ModelRunner
 from rollout.scheduler.sequence import Sequence
 from rollout.spec.draft_model import DraftModel
+from rollout.spec.drafting import Drafter
+from rollout.spec.eagle import EagleDrafter
 from rollout.spec.ngram import NgramDrafter, NgramIndex
 from rollout.spec.policy import AdaptivePolicy
 from rollout.spec.verify import Verifier
@@ -61,7 +65,11 @@ class Speculator:
         self.ngram = NgramDrafter(spec.ngram_min_match, spec.ngram_max_match) if spec.method == "ngram" else None
         oracle = spec.oracle_acceptance if spec.method == "oracle" else None
         self.verifier = Verifier(runner, oracle_acceptance=oracle)
-        self.draft = DraftModel(config, runner.num_slots) if spec.method == "draft" else None
+        self.draft: Drafter | None = None
+        if spec.method == "draft":
+            self.draft = DraftModel(config, runner.num_slots)
+        elif spec.method == "eagle":
+            self.draft = EagleDrafter(config, runner)
         if self.draft is not None:
             self.draft.weight_version = weight_version
         # The policy's draft lengths (full, halved at large batch, one at low acceptance) get graphs.
@@ -101,7 +109,7 @@ class Speculator:
         for seq in running:
             seq.drafts = []
         if self.draft is not None:
-            self.draft.forget_others(running)
+            self.draft.kv.forget_others(running)
         decoding = self._decoding(running)
         k = 0 if self.stale(weight_version) else self.policy.num_drafts(len(running) + waiting)
         self.policy.advance()
@@ -124,7 +132,7 @@ class Speculator:
                     continue
                 drafts = self.ngram.propose(seq.all_ids, kk, state)
                 state.found(drafts, seq.total_len)
-            elif self.draft is not None and not self.draft.reserve(seq, k):  # all draft k forwards
+            elif self.draft is not None and not self.draft.kv.reserve(seq, k):  # all draft k forwards
                 continue
             else:
                 drafts = [0] * kk  # placeholders: drafted on the device (draft model) or never checked (oracle)

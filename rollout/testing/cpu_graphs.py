@@ -35,7 +35,7 @@ class CpuDecodeGraphs(DecodeGraphRunner):
             backend.init_cuda_graph = lambda max_bs, max_kv: None
         try:
             super().__init__(runner.model, backend, max_bs, 0, runner.device, req_table=runner.req_table,
-                             padding_row=runner.padding_row)
+                             padding_row=runner.padding_row, feature_store=runner.feature_store)
         finally:
             if not backend.supports_cuda_graph:
                 del backend.init_cuda_graph

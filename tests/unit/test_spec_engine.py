@@ -142,13 +142,17 @@ def test_stops_inside_accepted_runs_match_plain(tiny_model_dir, engine_cores) ->
             assert (a.output_ids, a.finish_reason, a.matched_stop) == (b.output_ids, b.finish_reason, b.matched_stop)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
-def test_abort_mid_run_leaks_no_kv(tiny_model_dir, method) -> None:
+@pytest.mark.parametrize("method", ["ngram", "draft", "eagle"])
+def test_abort_mid_run_leaks_no_kv(tiny_model_dir, tmp_path, method) -> None:
     path = tiny_model_dir("qwen3")
     sp = SamplingParams(temperature=0.0, max_new_tokens=400, ignore_eos=True, n=3)
     opts = dict(speculative_method=method, num_draft_tokens=3)
     if method == "draft":
         opts["draft_model_path"] = path
+    if method == "eagle":
+        from rollout.testing.eagle_head import write_eagle_head
+
+        opts["draft_model_path"] = write_eagle_head(str(tmp_path), path)
     with Engine(path, **opts) as engine:
         streams = [engine.stream(p, sp, request_id=f"r{i}") for i, p in enumerate(PROMPTS)]
         for s in streams:
