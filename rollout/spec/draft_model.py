@@ -13,12 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rollout.batch import ForwardBatch
 from rollout.config import EngineConfig
 from rollout.models.registry import build_model
 from rollout.runner.model_runner import ModelRunner
 from rollout.scheduler.sequence import Sequence
-from rollout.spec.drafting import DraftKV, Drafts, draft_engine_config
+from rollout.spec.drafting import DraftKV, Drafts, DraftStep, draft_engine_config
 
 
 class DraftModel:
@@ -42,7 +41,10 @@ class DraftModel:
         ids = [t for s, st in zip(seqs, states) for t in s.token_slice(st.computed, s.total_len)]
         return self.kv.run(seqs, max(ks), banned, ext, ids, self._forward)
 
-    def _forward(self, batch: ForwardBatch, j: int) -> torch.Tensor:
+    def _forward(self, step: DraftStep) -> torch.Tensor:
+        if step.replay is not None:
+            return step.replay()  # (N, hidden)
+        batch = step.batch
         return self.runner.model(batch)[batch.logits_indices]  # (N, hidden)
 
     def accepted(self, seqs: list[Sequence], ks: list[int], accepted: list[int]) -> None:

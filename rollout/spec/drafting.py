@@ -9,7 +9,9 @@ that are valid. ``DraftKV.run`` then makes one step's drafts:
 1. one extend forward per sequence over its draft-KV positions ``[computed, computed + ext)`` (what
    the drafter has not seen since its last step); its last row gives ``q_1``;
 2. ``k - 1`` one-token forwards at the next positions, each fed the draft just drawn (a device
-   reference, no host copy), giving ``q_2 .. q_k``.
+   reference, no host copy), giving ``q_2 .. q_k``. On a GPU these replay the drafter runner's
+   decode CUDA graphs (captured up to ``DRAFT_GRAPH_MAX_BS`` sequences, in table mode: the Triton
+   backend), as the target's decode steps do; the catch-up forward runs eagerly.
 
 Drafts are drawn from ``q`` (the drafter's logits under the request's own temperature / top-k /
 top-p / min-p and banned ids) with their own seeded stream, so any temperature keeps the rule of
@@ -42,8 +44,22 @@ from rollout.scheduler.sequence import Sequence
 # The drafts' own random stream, apart from the target's draws and the accept / residual streams.
 DRAFT_SALT = 0xD2AF7
 
-# (forward j's batch, j) -> the drafter's output rows (N, hidden) of its N sampled tokens, in order.
-DraftForward = Callable[[ForwardBatch, int], torch.Tensor]
+# Largest number of drafting sequences whose one-token forwards replay a captured graph.
+DRAFT_GRAPH_MAX_BS = 64
+
+
+@dataclass(slots=True)
+class DraftStep:
+    """One draft forward: an eager ``batch`` (prepared for attention), or ``replay`` (a one-token
+    step through a captured graph: returns the rows (N, hidden) once the drafter staged its inputs)."""
+
+    j: int  # which of the step's forwards (0: the catch-up)
+    batch: ForwardBatch | None
+    replay: Callable[[], torch.Tensor] | None
+
+
+# A draft forward -> the drafter's output rows (N, hidden) of its N sampled tokens, in order.
+DraftForward = Callable[[DraftStep], torch.Tensor]
 
 
 @dataclass(slots=True)
@@ -92,8 +108,8 @@ class Drafter(Protocol):
 
 
 def draft_engine_config(target: EngineConfig, num_slots: int, model: ModelConfig | None = None) -> EngineConfig:
-    """A drafter runner's config: the target's device and dtype, a pool of ``num_slots`` slots, no
-    graphs. ``model``: the drafter's shape (None: read from ``draft_model_path``)."""
+    """A drafter runner's config: the target's device and dtype, a pool of ``num_slots`` slots, decode
+    graphs where the target has them. ``model``: the drafter's shape (None: read from ``draft_model_path``)."""
     path = target.spec.draft_model_path
     assert path is not None
     if model is None:
@@ -103,7 +119,8 @@ def draft_engine_config(target: EngineConfig, num_slots: int, model: ModelConfig
             f"the draft model's vocabulary ({model.vocab_size}) is larger than the target's "
             f"({target.model.vocab_size}); it must share the target's tokenizer", field="draft_model_path")
     return dataclasses.replace(
-        target, model_path=path, model=model, cuda_graph_max_bs=0, load_format="auto",
+        target, model_path=path, model=model, load_format="auto",
+        cuda_graph_max_bs=min(target.cuda_graph_max_bs or 0, target.spec.max_batch_size, DRAFT_GRAPH_MAX_BS),
         cache=CacheConfig(page_size=1, max_total_tokens=num_slots, enable_prefix_cache=False),
         scheduler=SchedulerConfig(max_running_requests=target.scheduler.max_running_requests),
         spec=dataclasses.replace(target.spec, method=None),
@@ -119,7 +136,7 @@ class DraftKV:
         self.cache = KVCacheManager(
             num_slots=runner.num_slots, page_size=1, max_requests=target.scheduler.max_running_requests + 1,
             max_context=target.context_length + 32, device=runner.device, enable_prefix_cache=False)
-        runner.bind_req_table(self.cache.req_table)
+        runner.prepare(self.cache.req_table)  # binds the table, captures the decode graphs (GPU)
         self.seqs: dict[int, DraftSeq] = {}  # Sequence.uid -> its draft state
 
     def forget_others(self, running: list[Sequence]) -> None:
@@ -171,9 +188,12 @@ class DraftKV:
                              steps=[s.num_outputs + j for s in seqs], banned=[b[j] for b in banned],
                              return_logprob=False, return_raw_logprob=False, top_logprobs_num=0,
                              future_inputs=j > 0)
-            batch = runner._build_batch(plan)
-            runner.attn_backend.prepare(batch)
-            logits = runner._logits(forward(batch, j), n)  # (N, V_draft)
+            replay = self._replayer(plan) if j > 0 else None
+            batch = None
+            if replay is None:
+                batch = runner._build_batch(plan)
+                runner.attn_backend.prepare(batch)
+            logits = runner._logits(forward(DraftStep(j, batch, replay)), n)  # (N, V_draft)
             d, q = self._draw(logits, plan)
             tokens.append(d)
             probs.append(q)
@@ -185,6 +205,13 @@ class DraftKV:
             ids = [-1 - i for i in range(n)]
             slots = [self.cache.slot_list(st.handle, p, p + 1)[0] for st, p in zip(states, prefix)]
         return Drafts(torch.stack(tokens, 1), torch.stack(probs, 1))
+
+    def _replayer(self, plan: BatchPlan) -> Callable[[], torch.Tensor] | None:
+        """A replay of the runner's decode graph for the one-token forward ``plan`` (None: none fits)."""
+        runner, graphs, n = self.runner, self.runner.graphs, len(plan.rows)
+        if graphs is None or not graphs.table_mode or n > graphs.max_bs:
+            return None
+        return lambda: runner._replay_decode(plan, graphs)[0][:n]
 
     def _draw(self, logits: torch.Tensor, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft per row of ``logits`` (N, V_draft) and the distribution q (N, V) it is drawn from."""

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rollout.batch import ForwardBatch
 from rollout.config import EngineConfig
 from rollout.runner.model_runner import ModelRunner
 from rollout.runner.step_inputs import host_segments_to_device
 from rollout.scheduler.sequence import Sequence
-from rollout.spec.drafting import DraftKV, Drafts, draft_engine_config
+from rollout.spec.drafting import DRAFT_GRAPH_MAX_BS, DraftKV, Drafts, DraftStep, draft_engine_config
 from rollout.spec.eagle_head import EagleHead, TargetParts, check_head, head_config, load_eagle_head
 
 
@@ -50,6 +49,7 @@ class EagleDrafter:
         head = load_eagle_head(path, self.model_config, self._parts, target_runner.dtype, target_runner.device,
                                self._max_position)
         self.weight_version: int | None = None  # see drafting.Drafter
+        head.graph_input(DRAFT_GRAPH_MAX_BS)  # before DraftKV captures the head's graphs on it
         self.runner = ModelRunner(config, model=head)
         self.kv = DraftKV(self.runner, target)
 
@@ -70,9 +70,13 @@ class EagleDrafter:
         features = self._target_features(rows, positions)  # (T, H)
         head = self.runner.model
 
-        def forward(batch: ForwardBatch, j: int) -> torch.Tensor:
+        def forward(step: DraftStep) -> torch.Tensor:
             nonlocal features
-            out = head(batch, features)[batch.logits_indices]  # (N, H): each sequence's last row
+            if step.replay is not None:  # a captured one-token step reads the head's static features
+                head.graph_features[: features.shape[0]].copy_(features)
+                out = step.replay()  # (N, H), the graph's output buffer: copied above before the next
+            else:
+                out = head(step.batch, features)[step.batch.logits_indices]  # (N, H): each sequence's last row
             features = out  # the next forward's feature is this one's output
             return out
 

@@ -108,10 +108,24 @@ class EagleHead(nn.Module):
                         if layout.lm_head else None)
         self._target = target
         self.name_map = EagleNameMap((n for n, _ in self.named_parameters()), tied_lm_head=False)
+        # The features of a captured one-token step (``graph_input``): a forward without features
+        # reads its first rows, so that a CUDA graph captured on it takes new ones by a copy.
+        self.graph_features: torch.Tensor | None = None
 
-    def forward(self, batch: ForwardBatch, features: torch.Tensor) -> torch.Tensor:
+    def graph_input(self, max_bs: int) -> torch.Tensor:
+        """The static feature buffer (max_bs, H) that forwards given no features read (graph capture)."""
+        if self.graph_features is None or self.graph_features.shape[0] < max_bs:
+            self.graph_features = torch.zeros(max_bs, self.config.hidden_size, dtype=self.fc.weight.dtype,
+                                              device=self.fc.weight.device)
+        return self.graph_features
+
+    def forward(self, batch: ForwardBatch, features: torch.Tensor | None = None) -> torch.Tensor:
         """Output hidden states (T, H) for ``batch.input_ids`` at draft indices ``batch.positions``,
-        given the features (T, H) of the index before each token (module doc)."""
+        given the features (T, H) of the index before each token (module doc); None: the first T
+        rows of ``graph_features``."""
+        if features is None:
+            assert self.graph_features is not None, "graph_input() first"
+            features = self.graph_features[: batch.input_ids.shape[0]]
         embed = self.embed_tokens if self.embed_tokens is not None else self._target.embed
         x = embed(batch.input_ids)  # (T, H)
         hidden = self.fc(torch.cat([x, features.to(x.dtype)], dim=-1))  # (T, H)

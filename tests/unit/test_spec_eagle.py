@@ -263,3 +263,30 @@ def test_bad_heads_are_refused(heads, tmp_path) -> None:
         json.dump({**cfg, "hidden_size": 32, "head_dim": 8}, f)
     with pytest.raises(InvalidArgumentError, match=r"^draft_model_path: .*hidden size \(32\) differs .* \(64\)"):
         Engine(heads["target"], speculative_method="eagle", draft_model_path=str(tmp_path))
+
+
+@pytest.mark.parametrize("method", ["eagle", "draft"])
+def test_one_token_draft_forwards_through_graph_buffers_equal_eager(heads, engine_cores, method) -> None:
+    """The drafter's one-token forwards replay its decode graphs on a GPU; here (CPU) the same
+    static-buffer path runs without capture and must draft what the eager forwards draft."""
+    if method == "eagle":
+        opts = _eagle(heads["trained"], speculative_min_acceptance=0.0)
+    else:  # the target drafting for itself: a draft model with the target's tokenizer
+        opts = dict(speculative_method="draft", draft_model_path=heads["target"], num_draft_tokens=3,
+                    speculative_min_acceptance=0.0)
+    runs = {}
+    for graphs in (False, True):
+        with Engine(heads["target"], **opts) as engine:
+            replays = []
+            if graphs:
+                buffers = install_cpu_graphs(engine_cores[-1].spec.draft.runner)
+                replay = buffers.replay
+                buffers.replay = lambda gbs, seen=replays, run=replay: seen.append(gbs) or run(gbs)
+            out = engine.generate(PROMPTS, GREEDY, return_logprob=True)
+            engine.check_integrity()
+            info = engine.info()
+        runs[graphs] = ([o.output_ids for o in out], info.spec_drafted, info.spec_accepted)
+        if graphs:
+            assert replays, "no draft forward went through the graph buffers"
+    assert runs[True] == runs[False]
+    assert runs[True][2] > 0
