@@ -10,8 +10,8 @@ that are valid. ``DraftKV.run`` then makes one step's drafts:
    the drafter has not seen since its last step); its last row gives ``q_1``;
 2. ``k - 1`` one-token forwards at the next positions, each fed the draft just drawn (a device
    reference, no host copy), giving ``q_2 .. q_k``. On a GPU these replay the drafter runner's
-   decode CUDA graphs (captured up to ``DRAFT_GRAPH_MAX_BS`` sequences, in table mode: the Triton
-   backend), as the target's decode steps do; the catch-up forward runs eagerly.
+   decode CUDA graphs (captured up to ``DRAFT_GRAPH_MAX_BS`` sequences), as the target's decode
+   steps do; the catch-up forward runs eagerly.
 
 Drafts are drawn from ``q`` (the drafter's logits under the request's own temperature / top-k /
 top-p / min-p and banned ids) with their own seeded stream, so any temperature keeps the rule of
@@ -188,10 +188,9 @@ class DraftKV:
                              steps=[s.num_outputs + j for s in seqs], banned=[b[j] for b in banned],
                              return_logprob=False, return_raw_logprob=False, top_logprobs_num=0,
                              future_inputs=j > 0)
-            replay = self._replayer(plan) if j > 0 else None
-            batch = None
+            replay, batch = self._replayer(plan) if j > 0 else (None, None)
             if replay is None:
-                batch = runner._build_batch(plan)
+                batch = batch or runner._build_batch(plan)
                 runner.attn_backend.prepare(batch)
             logits = runner._logits(forward(DraftStep(j, batch, replay)), n)  # (N, V_draft)
             d, q = self._draw(logits, plan)
@@ -206,12 +205,16 @@ class DraftKV:
             slots = [self.cache.slot_list(st.handle, p, p + 1)[0] for st, p in zip(states, prefix)]
         return Drafts(torch.stack(tokens, 1), torch.stack(probs, 1))
 
-    def _replayer(self, plan: BatchPlan) -> Callable[[], torch.Tensor] | None:
-        """A replay of the runner's decode graph for the one-token forward ``plan`` (None: none fits)."""
+    def _replayer(self, plan: BatchPlan) -> tuple[Callable[[], torch.Tensor] | None, ForwardBatch | None]:
+        """A replay of the runner's decode graph for the one-token forward ``plan``, or (None) where
+        none fits; and the eager batch built on the way (flat-index graphs copy it in)."""
         runner, graphs, n = self.runner, self.runner.graphs, len(plan.rows)
-        if graphs is None or not graphs.table_mode or n > graphs.max_bs:
-            return None
-        return lambda: runner._replay_decode(plan, graphs)[0][:n]
+        if graphs is None or n > graphs.max_bs:
+            return None, None
+        if graphs.table_mode:  # Triton: the inputs go to the graph's buffers, the slots to the table
+            return (lambda: runner._replay_decode(plan, graphs)[0][:n]), None
+        batch = runner._build_batch(plan)  # flashinfer: the graph takes an eager batch's indices
+        return ((lambda: graphs.run(batch)[:n]) if graphs.can_run(batch) else None), batch
 
     def _draw(self, logits: torch.Tensor, plan: BatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """One draft per row of ``logits`` (N, V_draft) and the distribution q (N, V) it is drawn from."""
