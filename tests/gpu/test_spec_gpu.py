@@ -37,6 +37,8 @@ def test_greedy_equals_plain_on_gpu(model_dirs, engine_cores, method: str, dtype
         assert engine.info().kv_used_tokens == 0
         graphs = engine_cores[-1].runner.verify_graphs
         assert graphs is not None and graphs.graphs and graphs.replays > 0, "verify steps did not replay graphs"
+        if method == "draft":  # the draft model's one-token forwards replay its own decode graphs
+            assert engine_cores[-1].spec.draft.runner.graphs is not None
     for o, r in zip(outs, ref):
         if dtype == "float32":
             assert o.output_ids == r.output_ids
@@ -84,19 +86,27 @@ def test_verify_graphs_survive_a_memory_release(model_dirs, engine_cores) -> Non
     assert [o.output_ids for o in before] == [o.output_ids for o in after]
 
 
-def test_verify_graphs_beside_flashinfer_steps(model_dirs, engine_cores) -> None:
-    """Plain steps on flashinfer, verify graphs on their own Triton backend over the same KV pool:
-    greedy outputs follow plain decoding (bf16: a parting only at a near-tie)."""
-    target, _ = model_dirs
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_verify_graphs_beside_flashinfer_steps(model_dirs, engine_cores, method: str) -> None:
+    """Plain steps on flashinfer, verify graphs on their own Triton backend over the same KV pool
+    (and, method draft, the draft model's graphs on flashinfer: flat-index mode): greedy outputs
+    follow plain decoding (bf16: a parting only at a near-tie)."""
+    target, draft = model_dirs
+    opts = dict(speculative_method=method, num_draft_tokens=4)
+    if method == "draft":
+        opts["draft_model_path"] = draft
     sp = SamplingParams(temperature=0.0, max_new_tokens=48, ignore_eos=True, n=2)
     common = dict(device="cuda", dtype="bfloat16", attention_backend="flashinfer", max_total_tokens=1 << 14)
     with Engine(target, **common) as engine:
         ref = engine.generate(PROMPTS, sp, return_logprob=True, top_logprobs_num=2)
-    with Engine(target, **common, speculative_method="ngram", num_draft_tokens=4) as engine:
+    with Engine(target, **common, **opts) as engine:
         outs = engine.generate(PROMPTS, sp)
         engine.check_integrity()
         graphs = engine_cores[-1].runner.verify_graphs
         assert graphs is not None and graphs.replays > 0
+        if method == "draft":
+            drafter = engine_cores[-1].spec.draft.runner.graphs
+            assert drafter is not None and not drafter.table_mode
     for o, r in zip(outs, ref):
         j = next((i for i, (a, b) in enumerate(zip(o.output_ids, r.output_ids)) if a != b), None)
         if j is not None:
