@@ -38,14 +38,12 @@ class MatmulConfig(NamedTuple):
     num_stages: int
 
 
-# The dtype's K tile is fixed (module doc); 16-bit tiles are chosen by size, ``choose_config``.
-# fp32 takes the exact FMA path, whose operands need small tiles to stay in registers: one config.
-CONFIGS = {
-    torch.bfloat16: MatmulConfig(64, 128, 64, 4, 4),
-    torch.float16: MatmulConfig(64, 128, 64, 4, 4),
-    torch.float32: MatmulConfig(32, 64, 32, 4, 2),
-}
-# 16-bit tiles by problem size (H200, Qwen3-0.6B shapes, us per call against 64 x 128 / 4 stages):
+# The K tile is fixed per dtype (module doc): 64 for 16-bit inputs, whose tiles are chosen by size
+# (``choose_config``). fp32 takes the exact FMA path, whose operands need small tiles to stay in
+# registers: one config.
+FP32 = MatmulConfig(32, 64, 32, 4, 2)
+# 16-bit tiles by problem size (H200, Qwen3-0.6B shapes, us per call against the one 64 x 128 /
+# 4-stage config used for every size before):
 # few rows take 64 x 64 tiles with 6 loads in flight, so that a 1024-wide output still gives enough
 # programs (o_proj at 256 rows 21 -> 12 us, down_proj 22 -> 15); many rows, or a wide output such as
 # the LM head past a tile of rows, take 128 x 128 over two warpgroups (qkv at 8192 rows 162 -> 136 us,
@@ -57,10 +55,12 @@ MANY_ROWS = MatmulConfig(128, 128, 64, 8, 3)
 def choose_config(m: int, n: int, dtype: torch.dtype) -> MatmulConfig:
     """Tiles for an ``(m, k) @ (k, n)`` product; every choice has the dtype's ``block_k``."""
     if dtype == torch.float32:
-        return CONFIGS[dtype]
+        return FP32
     if m >= 512 or (n >= 32768 and m > 64):
         return MANY_ROWS
     return FEW_ROWS
+
+
 GROUP_M = 8  # tiles of GROUP_M row blocks share weight tiles in L2 (grouped launch order)
 
 

@@ -92,12 +92,11 @@ class Speculator:
         the policy allows drafts and some sequence would look for them (n-gram lookups back off).
         ``waiting``: requests not yet admitted; with the running ones they are the load the policy
         weighs (a large batch arriving speculates in none of its steps, not in its first few)."""
-        decoding = self._decoding(running)
         if self.policy.num_drafts(len(running) + waiting) == 0:
             return False
         if self.ngram is None:
             return True
-        return any(s.spec_state is None or s.spec_state.due(s.total_len) for s in decoding)
+        return any(s.spec_state is None or s.spec_state.due(s.total_len) for s in self._decoding(running))
 
     def propose(self, running: list[Sequence], free_slots: int, weight_version: int = 0, waiting: int = 0) -> None:
         """Set ``drafts`` on every running sequence (empty where it does not speculate this step).
