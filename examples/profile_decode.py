@@ -18,6 +18,24 @@ import time
 import torch
 
 
+def print_device_busy(prof, steps: int, wall_ms: float) -> None:
+    """Device time per step against the step's wall time: how much of a step the GPU is busy.
+
+    Kernels of replayed graphs are recorded too, so the busy time is every kernel and copy of the
+    profiled steps; the rest of the span is the GPU waiting for the host."""
+    from torch.autograd import DeviceType
+
+    spans = [e.time_range for e in prof.events() if e.device_type == DeviceType.CUDA]
+    if not spans:
+        print("no device events recorded")
+        return
+    busy_ms = sum(r.elapsed_us() for r in spans) / 1e3 / steps
+    span_ms = (max(r.end for r in spans) - min(r.start for r in spans)) / 1e3 / steps
+    print(f"device busy {busy_ms:.3f} ms per step over a {span_ms:.3f} ms span (profiled), {len(spans) // steps} "
+          f"device events per step; untraced wall time {wall_ms:.3f} ms per step "
+          f"(busy {busy_ms / wall_ms:.0%} of it)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="qwen3-0.6b")
@@ -29,7 +47,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25, help="kernels listed")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--deterministic", action="store_true", help="batch-invariant kernels")
+    ap.add_argument("--trace", help="also write the profiled steps' Chrome trace (JSON) here")
     args = ap.parse_args()
+    import logging
+
+    logging.basicConfig(format="%(name)s %(message)s")
+    logging.getLogger("rollout.layers.skinny").setLevel(logging.INFO)  # which kernel each linear took
 
     import argparse as _a
 
@@ -84,6 +107,10 @@ def main() -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total" if gpu else "cpu_time_total", row_limit=args.rows,
                                     max_name_column_width=60))
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
+    if gpu:
+        print_device_busy(prof, steps=5, wall_ms=per_step * 1e3)
     core.shutdown()
     core.close()
 
