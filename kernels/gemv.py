@@ -1,14 +1,19 @@
-"""Skinny matmul ``out = x @ w.T (+ bias)`` for a handful of rows: decode steps of a small batch.
+"""Skinny matmul ``out = x @ w.T (+ bias)`` for a few rows: decode steps of a small batch.
 
-At one to a few tokens a linear layer is a matrix-vector product: all the time goes into reading
-the weight once. cuBLAS picks kernels that reach ~2.9 TB/s on the 235 MB gate/up projection of an
-8B model but only ~1.6 TB/s on its 33 MB o_proj (H100). Here each program owns ``BLOCK_N`` rows of
-the weight and streams them along K in ``BLOCK_K`` tiles with several loads in flight; the few
-input rows (padded to 16 for the tensor cores) stay in registers::
+At one to a few tokens a linear layer reads its whole weight for little arithmetic, and the
+time is that read. cuBLAS's choices there leave bandwidth unused on small weights (H200, Qwen3-0.6B
+shape at one row: o_proj 0.4 TB/s, down_proj 1.0 TB/s). Two kernels:
+
+- tensor cores (``_gemv_kernel``): each program owns ``BLOCK_N`` rows of the weight and streams
+  them along K in ``BLOCK_K`` tiles with several loads in flight; the rows of x (padded to 16)
+  stay in registers::
 
     w (N, K), row-major   | rows n0 .. n0+BLOCK_N | -> program n0 / BLOCK_N, tiles of BLOCK_K along K
     x (M, K), M <= 16     | all rows, tile k0..   |
     out (M, N)            | columns n0 .. n0+BLOCK_N, fp32 accumulation, one store
+
+- CUDA-core multiply-adds (``_gemv_fma_kernel``, up to 4 rows): the same streaming with as few as
+  2 weight rows per program, so a 1024-column weight still gives every SM several programs.
 
 Which kernel serves which shape is measured, not guessed (``rollout.layers.skinny``).
 """
@@ -21,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_utils import dot_precision, mma, upcast_dot
+from kernels.triton_utils import dot_precision, mma, pdl_launch, pdl_trigger, pdl_wait, upcast_dot
 
 MAX_ROWS = 16  # rows of x one program holds (tl.dot needs 16)
 
@@ -31,9 +36,11 @@ class GemvConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    fma: bool = False  # CUDA-core multiply-adds over a few rows (``_gemv_fma_kernel``), no tensor cores
 
 
-# Candidates tried per weight shape; the engine keeps the fastest (or cuBLAS).
+# Candidates tried per weight shape; the engine keeps the fastest (or cuBLAS). Tensor-core tiles
+# for 17-64 rows were tried too (H200): within 2% of cuBLAS at every shape, so not offered.
 CONFIGS = (
     GemvConfig(16, 256, 4, 4),
     GemvConfig(32, 256, 4, 4),
@@ -41,29 +48,89 @@ CONFIGS = (
     GemvConfig(64, 256, 4, 3),
     GemvConfig(16, 512, 4, 3),
 )
+FMA_MAX_ROWS = 4  # rows up to which the FMA kernel is a candidate
+# Few output columns per program, so that even a 1024-column weight spreads over every SM (the
+# tensor-core kernel needs 16 and leaves most SMs idle there), and wide K tiles for long loads.
+FMA_CONFIGS = (
+    GemvConfig(2, 1024, 4, 3, True),
+    GemvConfig(4, 512, 4, 3, True),
+    GemvConfig(4, 1024, 4, 2, True),
+    GemvConfig(8, 512, 4, 3, True),
+    GemvConfig(8, 1024, 8, 2, True),
+    GemvConfig(16, 512, 8, 3, True),
+    GemvConfig(2, 2048, 4, 1, True),  # a whole 1-2k K slice loaded before the PDL wait
+    GemvConfig(4, 2048, 8, 1, True),
+)
+
+
+def candidates(rows: int) -> tuple[GemvConfig, ...]:
+    """The configs worth timing for ``rows`` rows of x."""
+    return CONFIGS + (FMA_CONFIGS if rows <= FMA_MAX_ROWS else ())
 
 
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     w_rows = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn  # (1, BLOCK_N)
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # (BLOCK_M, 1)
-    for k0 in range(0, K, BLOCK_K):
+    mask_k = offs_k < K
+    # The first weight tile before the wait (PDL; see _gemv_fma_kernel).
+    w = tl.load(w_rows + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+    pdl_wait(PDL)
+    x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+    acc = mma(x, w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
-        w = tl.load(w_rows + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
-        x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        w = tl.load(w_rows + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         acc = mma(x, w, acc, PRECISION, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _gemv_fma_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # One program: BLOCK_N weight rows, read along K in (BLOCK_N, BLOCK_K) tiles whose K runs are
+    # contiguous (wide loads), multiplied with the ROWS rows of x on the CUDA cores and summed over
+    # each tile's K in fp32. The first weight tile is loaded before waiting for the previous kernel
+    # (PDL): the weight is nobody's output, so its read overlaps that kernel's end.
+    pdl_trigger(PDL)
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, ROWS)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
+    x_rows = x_ptr + offs_m[:, None] * stride_xm  # (ROWS, 1)
+    mask_k = offs_k < K
+    w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+    pdl_wait(PDL)
+    x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (ROWS, BLOCK_K)
+    acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)  # (ROWS, BLOCK_N)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        k = k0 + offs_k
+        mask_k = k < K
+        w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
@@ -84,10 +151,19 @@ def gemv(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
+    launch = pdl_launch(x)
+    if config.fma:
+        assert m <= FMA_MAX_ROWS, "the FMA kernel takes at most FMA_MAX_ROWS rows"
+        _gemv_fma_kernel[(triton.cdiv(n, config.block_n),)](
+            x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0),
+            out.stride(0), HAS_BIAS=bias is not None, ROWS=triton.next_power_of_2(m), BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **launch,
+        )
+        return out
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch,
     )
     return out

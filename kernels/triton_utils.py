@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # grid dependency control (Hopper and later); absent from older Triton releases
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the Triton release
+    gdc_launch_dependents = gdc_wait = None
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -41,3 +47,52 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     else:
         out = tl.dot(a, b, acc, input_precision=PRECISION)
     return out
+
+
+@functools.cache
+def _pdl_device(index: int) -> bool:
+    major, _ = torch.cuda.get_device_capability(index)
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover
+        return False
+    return major >= 9 and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+def pdl_enabled(t: torch.Tensor, attention: bool = False) -> bool:
+    """Whether kernels on ``t``'s device launch with programmatic dependent launch (PDL).
+
+    With PDL a kernel may start while the one before it on the stream is still running: it does
+    the work that needs nothing from that kernel (loading weights), then waits in ``pdl_wait`` for
+    it to finish and its writes to show. Hopper and later, a Triton that knows ``launch_pdl``.
+    ROLLOUT_PDL: ``linear`` (default) for all but the attention kernels (``attention=True``:
+    q/k norm and rotary, decode attention), ``all`` for those too, ``0`` for none. On an H200 the
+    attention kernels gained nothing from it at batch 1 and a rollout step ran slower with them."""
+    if t.device.type != "cuda" or gdc_wait is None or interpreting():
+        return False
+    mode = os.environ.get("ROLLOUT_PDL", "linear").strip().lower()
+    if mode in ("0", "false", "off", "no") or (attention and mode != "all"):
+        return False
+    return _pdl_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+def pdl_launch(t: torch.Tensor, attention: bool = False) -> dict:
+    """Launch arguments of a kernel with a ``PDL`` constexpr for a step on ``t``'s device:
+    ``PDL=True`` and ``launch_pdl=True`` where ``pdl_enabled``, else ``PDL=False``."""
+    return dict(PDL=True, launch_pdl=True) if pdl_enabled(t, attention) else dict(PDL=False)
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Wait for the kernels before this one on the stream (a PDL launch); nothing without PDL.
+
+    A PDL kernel reads nothing another kernel writes, and writes nothing, before this."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def pdl_trigger(PDL: tl.constexpr):
+    """Let the next kernel on the stream start early if it is a PDL launch (it waits in ``pdl_wait``)."""
+    if PDL:
+        gdc_launch_dependents()

@@ -6,11 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_utils import pdl_launch, pdl_trigger, pdl_wait
+
 _BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
@@ -28,5 +32,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((n, half), dtype=x.dtype, device=x.device)
     if n:
         _silu_and_mul_kernel[(n, triton.cdiv(half, _BLOCK))](x, out, x.stride(0), out.stride(0), half,
-                                                             BLOCK=_BLOCK, num_warps=4)
+                                                             BLOCK=_BLOCK, num_warps=4, **pdl_launch(x))
     return out

@@ -15,14 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_utils import pdl_launch, pdl_trigger, pdl_wait
+
 
 @triton.jit
 def _qk_norm_rope_kernel(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_t, stride_cos, stride_kc, stride_vc, num_q_heads, num_heads, eps,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, HAS_NORM: tl.constexpr,
-    STORE_KV: tl.constexpr,
+    STORE_KV: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_trigger(PDL)
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     dtype = qkv_ptr.dtype.element_ty
     half: tl.constexpr = HEAD_DIM // 2
@@ -116,4 +120,5 @@ def qk_norm_rope_(
         qkv.stride(0), cos_cache.stride(0), stride_kc, stride_vc, num_q_heads, heads, eps,
         HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_KV=triton.next_power_of_2(num_kv_heads), HAS_NORM=has_norm,
         STORE_KV=kv_cache is not None, num_warps=max(1, min(8, block_h * head_dim // 1024)),
+        **pdl_launch(qkv, attention=True),
     )

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: before import
 pytest.importorskip("triton")
 
-from kernels.gemv import CONFIGS, gemv  # noqa: E402
+from kernels.gemv import CONFIGS, FMA_CONFIGS, FMA_MAX_ROWS, candidates, gemv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -25,7 +25,8 @@ def test_gemv_matches_matmul(dtype, m, n, k, bias):
     w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
     b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
     want = x.float() @ w.float().T + (b.float() if bias else 0)
-    for config in CONFIGS[:2] if DEVICE == "cpu" else CONFIGS:
+    # Two of each kind (every candidate is run in test_every_candidate_matches_matmul).
+    for config in candidates(m)[:2] + (FMA_CONFIGS[:2] if m <= FMA_MAX_ROWS else ()):
         got = gemv(x, w, b, config)
         assert got.shape == (m, n) and got.dtype == dtype
         # fp32 accumulation in both; bf16 output rounding is the only difference there.
@@ -33,10 +34,28 @@ def test_gemv_matches_matmul(dtype, m, n, k, bias):
         assert (got.float() - want).abs().max().item() <= tol * max(want.abs().max().item(), 1.0)
 
 
-def test_gemv_reads_strided_rows():
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_every_candidate_matches_matmul(m):
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 256, generator=gen).to(DEVICE, torch.bfloat16)
+    w = torch.randn(48, 256, generator=gen).to(DEVICE, torch.bfloat16)
+    want = x.float() @ w.float().T
+    for config in candidates(m):
+        got = gemv(x, w, None, config).float()
+        assert (got - want).abs().max().item() <= 1e-2 * want.abs().max().item(), config
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], FMA_CONFIGS[1]])
+def test_gemv_reads_strided_rows(config):
     """Rows of x may be a view with a row stride wider than K (a slice of a larger activation)."""
     gen = torch.Generator().manual_seed(0)
     big = torch.randn(2, 80, generator=gen).to(DEVICE)
     x = big[:, :50]
     w = torch.randn(33, 50, generator=gen).to(DEVICE)
-    assert torch.allclose(gemv(x, w), x @ w.T, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(gemv(x, w, None, config), x @ w.T, atol=1e-4, rtol=1e-4)
+
+
+def test_candidates_offer_the_fma_kernel_only_to_few_rows():
+    assert all(c.fma for c in candidates(FMA_MAX_ROWS) if c not in CONFIGS)
+    assert any(c.fma for c in candidates(1))
+    assert not any(c.fma for c in candidates(FMA_MAX_ROWS + 1))
