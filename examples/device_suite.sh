@@ -63,6 +63,7 @@ case "${1:-tests}" in
     step bench_attention 120 python3 -m kernels.bench_attention
     step bench_moe 120 python3 -m kernels.bench_moe
     step bench_sampling 120 python3 -m kernels.bench_sampling
+    step bench_gemv 150 python3 -m kernels.bench_gemv
     step offline_qwen3_0.6b 240 python3 examples/offline_throughput.py --shape qwen3-0.6b --attention-backend triton
     step batch1_qwen3_0.6b 120 python3 examples/offline_throughput.py --shape qwen3-0.6b --batch1 \
       --attention-backend triton
