@@ -15,6 +15,10 @@ shape at one row: o_proj 0.4 TB/s, down_proj 1.0 TB/s). Two kernels:
 - CUDA-core multiply-adds (``_gemv_fma_kernel``, up to 4 rows): the same streaming with as few as
   2 weight rows per program, so a 1024-column weight still gives every SM several programs.
 
+Both also take a gated form for an MLP's ``[gate | up]`` weight (``gated=True``): a program reads
+gate row ``n`` and up row ``N + n`` side by side and stores ``silu(gate) * up``, so the
+activation costs no kernel of its own and the (M, 2N) projection is never written.
+
 Which kernel serves which shape is measured, not guessed (``rollout.layers.skinny``).
 """
 
@@ -69,11 +73,22 @@ def candidates(rows: int) -> tuple[GemvConfig, ...]:
 
 
 @triton.jit
+def _silu_mul(gate, up, dtype: tl.constexpr):
+    """``silu(gate) * up`` of two fp32 accumulators, rounded as a gemv followed by
+    ``kernels.fused.silu_and_mul`` rounds: each projection, then silu, then the product."""
+    g = gate.to(dtype).to(tl.float32)
+    u = up.to(dtype).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    return (act * u).to(dtype)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr, GATED: tl.constexpr, PDL: tl.constexpr,
 ):
+    # GATED: out (M, N) = silu(x @ w[:N].T) * (x @ w[N:2N].T); u_* are the up rows' tiles.
     pdl_trigger(PDL)
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -85,27 +100,41 @@ def _gemv_kernel(
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # (BLOCK_M, 1)
     mask_k = offs_k < K
     # The first weight tile before the wait (PDL; see _gemv_fma_kernel).
+    u_rows = w_rows + N * stride_wn
     w = tl.load(w_rows + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+    if GATED:
+        u = tl.load(u_rows + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
     pdl_wait(PDL)
     x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
     acc = mma(x, w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST)
+    if GATED:
+        acc_u = mma(x, u, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
         w = tl.load(w_rows + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if GATED:
+            u = tl.load(u_rows + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         acc = mma(x, w, acc, PRECISION, UPCAST)
+        if GATED:
+            acc_u = mma(x, u, acc_u, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if GATED:
+        tl.store(out, _silu_mul(acc, acc_u, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
 def _gemv_fma_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
+    GATED: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program: BLOCK_N weight rows, read along K in (BLOCK_N, BLOCK_K) tiles whose K runs are
     # contiguous (wide loads), multiplied with the ROWS rows of x on the CUDA cores and summed over
@@ -121,20 +150,34 @@ def _gemv_fma_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1)
     x_rows = x_ptr + offs_m[:, None] * stride_xm  # (ROWS, 1)
     mask_k = offs_k < K
+    u_rows = w_rows + N * stride_wn  # GATED: the up rows
     w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
+    if GATED:
+        u = tl.load(u_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
     pdl_wait(PDL)
     x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (ROWS, BLOCK_K)
     acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)  # (ROWS, BLOCK_N)
+    if GATED:
+        acc_u = tl.sum(x.to(tl.float32)[:, None, :] * u.to(tl.float32)[None, :, :], axis=2)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
         w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if GATED:
+            u = tl.load(u_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         x = tl.load(x_rows + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if GATED:
+            acc_u += tl.sum(x.to(tl.float32)[:, None, :] * u.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_u += tl.load(b_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if GATED:
+        tl.store(out, _silu_mul(acc, acc_u, out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def gemv(
@@ -142,12 +185,19 @@ def gemv(
     weight: torch.Tensor,  # (N, K)
     bias: torch.Tensor | None = None,  # (N,)
     config: GemvConfig = CONFIGS[0],
-) -> torch.Tensor:  # (M, N), x's dtype
-    """``x @ weight.T + bias`` with fp32 accumulation, for at most ``MAX_ROWS`` rows of ``x``."""
+    gated: bool = False,
+) -> torch.Tensor:  # (M, N), or (M, N / 2) gated; x's dtype
+    """``x @ weight.T + bias`` with fp32 accumulation, for at most ``MAX_ROWS`` rows of ``x``.
+
+    ``gated``: ``weight`` (and ``bias``) hold ``[gate | up]`` halves along N, and the result is
+    ``silu(gate) * up`` (M, N / 2), as ``kernels.fused.silu_and_mul`` of the plain product."""
     m, k = x.shape
     n = weight.shape[0]
     assert m <= MAX_ROWS and weight.shape[1] == k, "x (M <= 16, K) and weight (N, K)"
     assert x.stride(1) == 1 and weight.stride(1) == 1, "rows must be contiguous"
+    if gated:
+        assert n % 2 == 0, "a gated weight stacks two halves of equal size"
+        n //= 2
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
@@ -157,13 +207,14 @@ def gemv(
         _gemv_fma_kernel[(triton.cdiv(n, config.block_n),)](
             x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0),
             out.stride(0), HAS_BIAS=bias is not None, ROWS=triton.next_power_of_2(m), BLOCK_N=config.block_n,
-            BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages, **launch,
+            BLOCK_K=config.block_k, GATED=gated, num_warps=config.num_warps, num_stages=config.num_stages,
+            **launch,
         )
         return out
     _gemv_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x),
+        PRECISION=dot_precision(x.dtype), UPCAST=upcast_dot(x), GATED=gated,
         num_warps=config.num_warps, num_stages=config.num_stages, **launch,
     )
     return out

@@ -90,12 +90,16 @@ class _LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         raise NotImplementedError
 
+    def _skinny(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is a few rows that the skinny kernels may take (decode of a small batch)."""
+        return x.dim() == 2 and 0 < x.shape[0] <= SKINNY_ROWS and x.dtype in _SKINNY_DTYPES and use_fused(x)
+
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.batch_invariant:
             from rollout.layers.batch_invariant import invariant_linear
 
             return invariant_linear(x, self.weight, bias)
-        if x.dim() == 2 and 0 < x.shape[0] <= SKINNY_ROWS and x.dtype in _SKINNY_DTYPES and use_fused(x):
+        if self._skinny(x):
             from rollout.layers.skinny import skinny_linear
 
             return skinny_linear(x, self.weight, bias)  # decode of a few rows: weight-read bound
@@ -194,6 +198,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id] // self.tp_size
         dst = param.data.narrow(0, offset, size)
         load_slice(dst, loaded, 0, self.output_sizes[shard_id], size * self.tp_rank, self._name(param, shard_id))
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``silu(gate) * up`` of this ``[gate | up]`` projection of ``x`` by one skinny kernel that
+        stores only the product (decode of a few rows), or None: the caller applies ``forward`` and
+        its activation, as it must off that path or where that is faster for the shape."""
+        if self.batch_invariant or len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+            return None
+        if not self._skinny(x):
+            return None
+        from rollout.layers.skinny import skinny_gated_linear
+
+        return skinny_gated_linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

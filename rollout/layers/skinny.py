@@ -11,6 +11,11 @@ The timing is what a decode step sees: each candidate is captured in a CUDA grap
 back to back on enough copies of the weight to overflow the L2 cache, so every call reads its
 weight from memory and no launch gap is counted (timing one launch with events measured a floor
 of ~9 us for every shape and picked at random among the kernels under it).
+
+An MLP's ``[gate | up]`` projection has a gated form (``skinny_gated_linear``): the skinny kernel
+that stores ``silu(gate) * up`` itself, timed against the plain path it replaces (this module's
+choice for the shape, then ``kernels.fused.silu_and_mul``); where the plain path is faster the
+caller takes it.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ _CALLS = 16  # calls per timed graph
 _REPLAYS = 5
 _MAX_COPIES_BYTES = 256 << 20  # cap on the weight copies a timing allocates
 
-# (N, K, row bucket, dtype, bias?, device) -> the kernel config that won, or None for cuBLAS.
+# (N, K, row bucket, dtype, bias?, device, gated?) -> the kernel config that won, or None: cuBLAS
+# (gated: the plain path and a separate activation).
 _choices: dict[tuple, GemvConfig | None] = {}
 
 
@@ -39,8 +45,8 @@ def _bucket(rows: int) -> int:
     return next(b for b in ROW_BUCKETS if rows <= b)
 
 
-def _key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple:
-    return (weight.shape[0], weight.shape[1], _bucket(x.shape[0]), x.dtype, bias is not None, x.device)
+def _key(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False) -> tuple:
+    return (weight.shape[0], weight.shape[1], _bucket(x.shape[0]), x.dtype, bias is not None, x.device, gated)
 
 
 def _weight_copies(weight: torch.Tensor) -> list[torch.Tensor]:
@@ -73,9 +79,12 @@ def _per_call_ms(fn, weights: list[torch.Tensor]) -> float:
     return ms[len(ms) // 2] / _CALLS
 
 
-def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> GemvConfig | None:
-    """The faster kernel for this shape (measured on first sight), or None: cuBLAS."""
-    key = _key(x, weight, bias)
+def choose(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gated: bool = False
+) -> GemvConfig | None:
+    """The faster kernel for this shape (measured on first sight), or None: cuBLAS (``gated``:
+    the plain path, then the activation kernel)."""
+    key = _key(x, weight, bias, gated)
     rows = key[2]
     if key in _choices:
         return _choices[key]
@@ -84,19 +93,26 @@ def choose(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         weights = _weight_copies(weight)
     except torch.OutOfMemoryError:
         weights = [weight]  # an L2-warm timing: still ranks the kernels, only flatters them all
-    cublas_ms = _per_call_ms(lambda w: F.linear(probe, w, bias), weights)
+    if gated:
+        from kernels.fused import silu_and_mul
+
+        cublas_ms = _per_call_ms(lambda w: silu_and_mul(skinny_linear(probe, w, bias)), weights)
+    else:
+        cublas_ms = _per_call_ms(lambda w: F.linear(probe, w, bias), weights)
     best: tuple[float, GemvConfig | None] = (cublas_ms, None)
     for config in candidates(rows):
         try:
-            ms = _per_call_ms(lambda w, c=config: gemv(probe, w, bias, c), weights)
+            ms = _per_call_ms(lambda w, c=config: gemv(probe, w, bias, c, gated), weights)
         except triton.runtime.errors.OutOfResources:  # tiles too large for this GPU's shared memory
             continue
         if ms < best[0]:
             best = (ms, config)
     del weights
     _choices[key] = best[1]
-    logger.info("linear %d x %d at %d rows: %s (%.1f us; cuBLAS %.1f us)", weight.shape[0], weight.shape[1], rows,
-                "cuBLAS" if best[1] is None else f"skinny kernel {tuple(best[1])}", best[0] * 1e3, cublas_ms * 1e3)
+    base = "linear + silu_and_mul" if gated else "cuBLAS"
+    logger.info("%slinear %d x %d at %d rows: %s (%.1f us; %s %.1f us)", "gated " if gated else "",
+                weight.shape[0], weight.shape[1], rows,
+                base if best[1] is None else f"skinny kernel {tuple(best[1])}", best[0] * 1e3, base, cublas_ms * 1e3)
     return best[1]
 
 
@@ -114,3 +130,19 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if config is None or x.stride(1) != 1:
         return F.linear(x, weight, bias)
     return gemv(x, weight, bias, config)
+
+
+def skinny_gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``silu(gate) * up`` of ``F.linear(x, weight, bias)`` (``weight`` = ``[gate | up]`` along N) in
+    one skinny kernel, for ``x`` of at most ``MAX_ROWS`` rows on CUDA; None where the plain linear
+    and a separate activation are faster, or the shape was first seen in a CUDA-graph capture."""
+    key = _key(x, weight, bias, gated=True)
+    if key in _choices:
+        config = _choices[key]
+    elif torch.cuda.is_current_stream_capturing():
+        config = None
+    else:
+        config = choose(x, weight, bias, gated=True)
+    if config is None or x.stride(1) != 1:
+        return None
+    return gemv(x, weight, bias, config, gated=True)

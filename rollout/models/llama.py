@@ -77,7 +77,10 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))  # (T, H)
+        hidden = self.gate_up_proj.silu_and_mul(x)  # a few rows: the activation fused into the matmul
+        if hidden is None:
+            hidden = self.act(self.gate_up_proj(x))
+        return self.down_proj(hidden)  # (T, H)
 
 
 class LlamaAttention(nn.Module):

@@ -21,7 +21,7 @@ def test_skinny_linear_matches_cublas_and_remembers_its_choice() -> None:
             got = skinny.skinny_linear(x, w, None)
             want = F.linear(x, w)
             assert (got.float() - want.float()).abs().max().item() <= 2e-2 * want.float().abs().max().item()
-            assert (n, k, skinny._bucket(rows), torch.bfloat16, False, x.device) in skinny._choices
+            assert (n, k, skinny._bucket(rows), torch.bfloat16, False, x.device, False) in skinny._choices
 
 
 @torch.no_grad()
@@ -38,5 +38,31 @@ def test_a_shape_first_seen_in_a_capture_takes_cublas() -> None:
     torch.cuda.current_stream().wait_stream(stream)
     graph.replay()
     torch.cuda.synchronize()
-    assert (1000, 777, 2, torch.bfloat16, False, x.device) not in skinny._choices  # nothing timed in a capture
+    assert (1000, 777, 2, torch.bfloat16, False, x.device, False) not in skinny._choices  # nothing timed in a capture
     assert torch.equal(out, F.linear(x, w))
+
+
+@torch.no_grad()
+def test_gated_linear_is_silu_and_mul_of_the_product() -> None:
+    """The gated form (activation in the matmul's epilogue) gives, where it serves, what its kernel
+    followed by the activation kernel gives, and ``silu(gate) * up`` within bf16 rounding."""
+    from kernels.fused import silu_and_mul
+    from kernels.gemv import gemv
+    from rollout.layers import skinny
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    for inter, k in ((3072, 1024), (14336, 4096), (1000, 777)):
+        w = torch.randn(2 * inter, k, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+        for rows in (1, 2, 8, 16):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+            got = skinny.skinny_gated_linear(x, w, None)
+            key = (2 * inter, k, skinny._bucket(rows), torch.bfloat16, False, x.device, True)
+            assert key in skinny._choices
+            config = skinny._choices[key]
+            assert (got is None) == (config is None)
+            if got is None:
+                continue
+            torch.testing.assert_close(got, silu_and_mul(gemv(x, w, None, config)), rtol=8e-3, atol=1e-5)
+            gate, up = F.linear(x.float(), w.float()).chunk(2, dim=1)
+            want = F.silu(gate) * up
+            assert (got.float() - want).abs().max().item() <= 2e-2 * want.abs().max().item()

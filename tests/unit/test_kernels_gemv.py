@@ -59,3 +59,32 @@ def test_candidates_offer_the_fma_kernel_only_to_few_rows():
     assert all(c.fma for c in candidates(FMA_MAX_ROWS) if c not in CONFIGS)
     assert any(c.fma for c in candidates(1))
     assert not any(c.fma for c in candidates(FMA_MAX_ROWS + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,half,k", [(1, 24, 300), (3, 40, 512), (16, 9, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_gemv_is_the_plain_product_then_silu_and_mul(dtype, m, half, k, bias):
+    """The gated form is the plain kernel followed by the activation kernel: same accumulation, each
+    projection rounded before the silu, the silu rounded before the product. The interpreter gives
+    the same bits; compiled, the two kernels may contract multiply-adds differently (fp32 differed
+    in the last bits on an H200), so there the check is to rounding."""
+    from kernels.fused import silu_and_mul
+
+    gen = torch.Generator().manual_seed(m * half + k)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    w = torch.randn(2 * half, k, generator=gen).to(DEVICE, dtype) * 0.1
+    b = torch.randn(2 * half, generator=gen).to(DEVICE, dtype) if bias else None
+    for config in candidates(m):
+        got = gemv(x, w, b, config, gated=True)
+        assert got.shape == (m, half) and got.dtype == dtype
+        want = silu_and_mul(gemv(x, w, b, config))
+        if DEVICE == "cpu":
+            assert torch.equal(got, want), config
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
+
+
+def test_gated_gemv_wants_two_equal_halves():
+    with pytest.raises(AssertionError, match="two halves"):
+        gemv(torch.ones(1, 8, device=DEVICE), torch.ones(7, 8, device=DEVICE), None, CONFIGS[0], gated=True)
