@@ -95,12 +95,17 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
     decode_n, decode_warps, decode_stages = decode.default_tiles(torch_dtype)
     attn = dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, kv_indices_ptr="*i64", kv_starts_ptr="*i64",
                 kv_lens_ptr="*i32",
-                qo_indptr_ptr="*i32", num_splits_ptr="*i32", mid_o_ptr="*fp32", mid_lse_ptr="*fp32")
+                qo_indptr_ptr="*i32", num_splits_ptr="*i32", mid_o_ptr="*fp32", mid_lse_ptr="*fp32",
+                pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr=t, kw_ptr=t, slot_ptr="*i64")
     common = dict(HEAD_DIM=128, BLOCK_D=128, PRECISION=precision, UPCAST=False)
     out = [
         (f"decode split {dtype}", _source(decode._decode_split_kernel, attn,
-                                          dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=False, **common),
-                                          ("scale_log2",)),
+                                          dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=False, ROPE=False,
+                                               HAS_NORM=False, **common), ("scale_log2", "eps")),
+         decode_warps, decode_stages),
+        (f"decode split qkv {dtype}", _source(decode._decode_split_kernel, attn,
+                                              dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=False, ROPE=True,
+                                                   HAS_NORM=True, **common), ("scale_log2", "eps")),
          decode_warps, decode_stages),
         (f"decode merge {dtype}", _source(decode._decode_merge_kernel, attn,
                                           dict(HEAD_DIM=128, BLOCK_D=128, MAX_SPLITS=16), ()), 4, 1),

@@ -1,18 +1,15 @@
 """Triton paged attention over the ``KVPool`` layout, with flashinfer-style index metadata."""
 
-from kernels.attention.decode import (
-    choose_max_splits,
-    decode_attention,
-    decode_workspace,
-    plan_kv_splits,
-    runs_from_indptr,
-)
+from kernels.attention.decode import NewTokenRope, decode_attention, decode_attention_qkv
+from kernels.attention.decode_plan import choose_max_splits, decode_workspace, plan_kv_splits, runs_from_indptr
 from kernels.attention.extend import extend_attention
 from kernels.attention.reference import decode_attention_reference, paged_attention_reference
 
 __all__ = [
+    "NewTokenRope",
     "choose_max_splits",
     "decode_attention",
+    "decode_attention_qkv",
     "decode_attention_reference",
     "decode_workspace",
     "extend_attention",

@@ -18,16 +18,27 @@ per-step index array that is ``kv_starts = kv_indptr[:-1]`` (``runs_from_indptr`
 instead passes its request table flattened, ``kv_starts[b] = row_b * max_context`` and ``kv_lens =
 seq_lens``, so a decode step needs no per-step index array at all.
 Scores are kept in base 2 (``scale * log2(e)`` folded in) so the softmax uses ``exp2``.
+
+``decode_attention_qkv`` takes the fused qkv projection instead of q: each program normalises
+(Qwen3's per-head q/k norm) and rotates its q heads itself, and the program whose piece holds the
+request's last position, the token being decoded, does the same to that token's k head, attends
+to it from registers and stores it and its v head in the cache. That is the work of
+``kernels.fused.qk_norm_rope_`` for a decode step, without its kernel and its round trip::
+
+    qkv row of request b  | q heads (Hq) | k heads (Hkv) | v heads (Hkv) |
+    program (b, h, split) | q heads of kv head h, rotated | ... last piece only: k / v head h -> cache
 """
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.attention.decode_plan import decode_workspace
+from kernels.fused.rope import rms_norm_heads, rotate_halves
 from kernels.triton_utils import dot_precision, mma, pdl_launch, pdl_trigger, pdl_wait, upcast_dot
 
 LOG2E = 1.4426950408889634
@@ -36,26 +47,45 @@ NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _new_token_head(row_ptr, w_ptr, cos_row, sin_row, eps, offs_half, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
+    """One head of the token being decoded, at ``row_ptr``, RMS-normalised (``HAS_NORM``) and
+    rotated: halves (rows, HEAD_DIM / 2) as ``kernels.fused.qk_norm_rope_`` computes them."""
+    half: tl.constexpr = HEAD_DIM // 2
+    x1 = tl.load(row_ptr + offs_half)
+    x2 = tl.load(row_ptr + half + offs_half)
+    if HAS_NORM:
+        x1, x2 = rms_norm_heads(x1, x2, tl.load(w_ptr + offs_half).to(tl.float32),
+                                tl.load(w_ptr + half + offs_half).to(tl.float32), eps, HEAD_DIM)
+    return rotate_halves(x1, x2, tl.load(cos_row + offs_half), tl.load(cos_row + half + offs_half),
+                         tl.load(sin_row + offs_half), tl.load(sin_row + half + offs_half))
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, kv_indices_ptr, kv_starts_ptr, kv_lens_ptr, num_splits_ptr, mid_o_ptr, mid_lse_ptr,
-    scale_log2,
+    pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, scale_log2, eps,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_cos,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr,
-    PDL: tl.constexpr,
+    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     # DIRECT: one split per request (large batches): mid_o is the output itself, no lse, no merge.
+    # ROPE: q_ptr is the qkv projection (see decode_attention_qkv); q and the new k are rotated here.
     pdl_trigger(PDL)
     pdl_wait(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Every per-request scalar in one round of loads (none depends on another), before the exit.
     n_split = tl.load(num_splits_ptr + b)
-    if split >= n_split:
-        return
     kv_start = tl.load(kv_starts_ptr + b).to(tl.int64)
     kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
+    if ROPE:
+        pos = tl.load(pos_ptr + b)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
+    if split >= n_split:
+        return
     split_len = tl.cdiv(kv_len, n_split)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_len)
@@ -66,34 +96,93 @@ def _decode_split_kernel(
     heads = kv_head * GROUP + offs_h  # (BLOCK_H,) q heads of this kv head; rows >= GROUP are padding
     mask_h = offs_h < GROUP
     mask_d = offs_d < HEAD_DIM
-    q = tl.load(
-        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=mask_h[:, None] & mask_d[None, :], other=0.0,
-    )  # (BLOCK_H, BLOCK_D)
-
     m_i = tl.full([BLOCK_H], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + offs_n
-        mask_n = pos < hi
-        slots = tl.load(kv_indices_ptr + kv_start + pos, mask=mask_n, other=0).to(tl.int64)  # (BLOCK_N,)
-        k = tl.load(
-            k_ptr + slots[None, :] * stride_kn + kv_head * stride_kh + offs_d[:, None],
-            mask=mask_n[None, :] & mask_d[:, None], other=0.0,
-        )  # (BLOCK_D, BLOCK_N)
-        s = mma(q, k, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST) * scale_log2
-        s = tl.where(mask_n[None, :], s, float("-inf"))  # (BLOCK_H, BLOCK_N)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+    if ROPE:
+        # q as halves (BLOCK_H, HEAD_DIM / 2), normalised and rotated; K tiles read as halves too.
+        half: tl.constexpr = HEAD_DIM // 2
+        offs_x = tl.arange(0, half)[None, :]
+        cos_row = cos_ptr + pos * stride_cos
+        sin_row = sin_ptr + pos * stride_cos
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * HEAD_DIM
+        q1 = tl.load(q_rows + offs_x, mask=mask_h[:, None], other=0.0)
+        q2 = tl.load(q_rows + half + offs_x, mask=mask_h[:, None], other=0.0)
+        if HAS_NORM:
+            q1, q2 = rms_norm_heads(q1, q2, tl.load(qw_ptr + offs_x).to(tl.float32),
+                                    tl.load(qw_ptr + half + offs_x).to(tl.float32), eps, HEAD_DIM)
+        q1, q2 = rotate_halves(q1, q2, tl.load(cos_row + offs_x), tl.load(cos_row + half + offs_x),
+                               tl.load(sin_row + offs_x), tl.load(sin_row + half + offs_x))
+        # The token being decoded, in this piece when its position kv_len - 1 is (else masked out):
+        # its k head rotated, stored with its v head (no program reads that slot from the cache),
+        # and its score, all before the loop so that these loads overlap the loop's first ones.
+        own = (lo <= kv_len - 1) & (kv_len - 1 < hi)
+        num_q_heads = GROUP * tl.num_programs(1)
+        k_row = q_ptr + b * stride_qb + (num_q_heads + kv_head) * HEAD_DIM
+        v_row = q_ptr + b * stride_qb + (num_q_heads + tl.num_programs(1) + kv_head) * HEAD_DIM
+        kn1, kn2 = _new_token_head(k_row, kw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM, HAS_NORM)  # (1, half)
+        vn = tl.load(v_row + offs_d, mask=mask_d, other=0.0)  # (BLOCK_D,)
+        k_dst = k_ptr + slot * stride_kn + kv_head * stride_kh + offs_x
+        stored = tl.where(own, HEAD_DIM, 0)  # the masks as bounds (the interpreter takes no scalar & block)
+        tl.store(k_dst, kn1, mask=offs_x < stored)
+        tl.store(k_dst + half, kn2, mask=offs_x < stored)
+        tl.store(v_ptr + slot * stride_vn + kv_head * stride_vh + offs_d, vn, mask=offs_d < stored)
+        s_new = (tl.sum(q1.to(tl.float32) * kn1.to(tl.float32), 1)
+                 + tl.sum(q2.to(tl.float32) * kn2.to(tl.float32), 1)) * scale_log2  # (BLOCK_H,)
+        s_new = tl.where(own, s_new, float("-inf"))
+        # The cache holds every position but the last.
+        hi_cached = tl.minimum(hi, kv_len - 1)
+        offs_kd = tl.arange(0, half)
+        for start in range(lo, hi_cached, BLOCK_N):
+            pos_n = start + offs_n
+            mask_n = pos_n < hi_cached
+            slots = tl.load(kv_indices_ptr + kv_start + pos_n, mask=mask_n, other=0).to(tl.int64)
+            k_cols = k_ptr + slots[None, :] * stride_kn + kv_head * stride_kh + offs_kd[:, None]  # (half, BLOCK_N)
+            k1 = tl.load(k_cols, mask=mask_n[None, :], other=0.0)
+            k2 = tl.load(k_cols + half, mask=mask_n[None, :], other=0.0)
+            s = mma(q2, k2, mma(q1, k1, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST),
+                    PRECISION, UPCAST) * scale_log2
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+            m_i = m_new
+        m_new = tl.maximum(m_i, s_new)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-            mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-        )  # (BLOCK_N, BLOCK_D)
-        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+        p_new = tl.exp2(s_new - m_new)
+        l_i = l_i * alpha + p_new
+        p_new = p_new.to(vn.dtype).to(tl.float32)  # rounded for the product with v, as the tiles' p is
+        acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
         m_i = m_new
+    else:
+        q = tl.load(
+            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=mask_h[:, None] & mask_d[None, :], other=0.0,
+        )  # (BLOCK_H, BLOCK_D)
+        for start in range(lo, hi, BLOCK_N):
+            pos_n = start + offs_n
+            mask_n = pos_n < hi
+            slots = tl.load(kv_indices_ptr + kv_start + pos_n, mask=mask_n, other=0).to(tl.int64)  # (BLOCK_N,)
+            k = tl.load(
+                k_ptr + slots[None, :] * stride_kn + kv_head * stride_kh + offs_d[:, None],
+                mask=mask_n[None, :] & mask_d[:, None], other=0.0,
+            )  # (BLOCK_D, BLOCK_N)
+            s = mma(q, k, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST) * scale_log2
+            s = tl.where(mask_n[None, :], s, float("-inf"))  # (BLOCK_H, BLOCK_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                v_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0,
+            )  # (BLOCK_N, BLOCK_D)
+            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+            m_i = m_new
 
     # An empty piece (kv_len not divisible into n_split nonempty ones, or kv_len 0) has l_i = 0:
     # it gets lse = -inf and weight 0 in the merge.
@@ -142,43 +231,18 @@ def default_tiles(dtype: torch.dtype) -> tuple[int, int, int]:
     return (32, 8, 2) if dtype == torch.float32 else (64, 4, 3)
 
 
-def choose_max_splits(batch_size: int, num_kv_heads: int, sm_count: int, cap: int) -> int:
-    """Grid depth ``S`` (a power of two <= ``cap``): enough (request, kv head, split) programs for
-    one per SM, no more. Splitting only pays where the (request, kv head) pairs alone leave SMs
-    idle: at 600-token contexts on an H100 (132 SMs, 8 kv heads) one piece per request was faster
-    than 2-8 from batch 16 up (batch 32: 42 vs 53 us), and a single piece also skips the merge."""
-    want = max(1, math.ceil(sm_count / max(1, batch_size * num_kv_heads)))
-    return min(triton.next_power_of_2(want), triton.next_power_of_2(cap))
+class NewTokenRope(NamedTuple):
+    """What ``decode_attention_qkv`` needs to finish the qkv projection of the token being decoded:
+    its rotary position, the tables, Qwen3's per-head q / k norm weights (None: no norm) and the
+    cache slot its k and v go to."""
 
-
-def plan_kv_splits(
-    seq_lens: torch.Tensor,  # (B,) int
-    max_splits: int,
-    min_split_tokens: int,
-    out: torch.Tensor | None = None,  # (B,) int32, written in place when given
-) -> torch.Tensor:  # (B,) int32
-    """Pieces per request: one per ``min_split_tokens`` of KV, between 1 and ``max_splits``.
-
-    Pure device arithmetic (no host sync), so it can run inside a captured CUDA graph."""
-    n = torch.clamp((seq_lens.to(torch.int32) + min_split_tokens - 1) // min_split_tokens, 1, max_splits)
-    if out is None:
-        return n.to(torch.int32)
-    out.copy_(n)
-    return out
-
-
-def decode_workspace(
-    batch_size: int, num_q_heads: int, max_splits: int, head_dim: int, device: torch.device | str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh partial-result buffers ``(mid_o (B, Hq, S, D) fp32, mid_lse (B, Hq, S) fp32)``."""
-    mid_o = torch.empty(batch_size, num_q_heads, max_splits, head_dim, dtype=torch.float32, device=device)
-    mid_lse = torch.empty(batch_size, num_q_heads, max_splits, dtype=torch.float32, device=device)
-    return mid_o, mid_lse
-
-
-def runs_from_indptr(kv_indptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kv_starts, kv_lens)`` (B,) of a flat index array laid out by ``kv_indptr`` (B+1,)."""
-    return kv_indptr[:-1], kv_indptr[1:] - kv_indptr[:-1]
+    positions: torch.Tensor  # (B,) int
+    cos_cache: torch.Tensor  # (P, D) float32, rotate_half layout
+    sin_cache: torch.Tensor
+    q_norm_weight: torch.Tensor | None  # (D,)
+    k_norm_weight: torch.Tensor | None
+    eps: float
+    slots: torch.Tensor  # (B,) int
 
 
 def decode_attention(
@@ -202,12 +266,57 @@ def decode_attention(
     """Attention of each request's single query over its whole KV run in the paged pool.
 
     Tile options left ``None`` take ``default_tiles``."""
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k_buf.shape[1]
-    assert num_q_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
+    num_q_heads = q.shape[1]
     assert k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1, "pool rows must be contiguous"
     if q.dtype != k_buf.dtype or q.stride(-1) != 1:
         q = q.to(k_buf.dtype).contiguous()
+    return _launch(q, num_q_heads, None, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
+                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages)
+
+
+def decode_attention_qkv(
+    qkv: torch.Tensor,  # (B, (Hq + 2 Hkv) * D), the new tokens' q, k and v heads before norm / rotary
+    num_q_heads: int,
+    rope: NewTokenRope,
+    k_buf: torch.Tensor,  # (num_slots, Hkv, D), qkv's dtype
+    v_buf: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_starts: torch.Tensor,
+    kv_lens: torch.Tensor,  # (B,) KV length including the token being decoded
+    scale: float,
+    num_splits: torch.Tensor,
+    max_splits: int,
+    *,
+    out: torch.Tensor | None = None,
+    mid_o: torch.Tensor | None = None,
+    mid_lse: torch.Tensor | None = None,
+) -> torch.Tensor:  # (B, Hq, D)
+    """``qk_norm_rope_`` of the decoded tokens (storing their k and v at ``rope.slots``), then
+    ``decode_attention``, in the split kernel (module doc). Each request's last KV position is the
+    token being decoded; its slot in ``kv_indices`` is ``rope.slots[b]`` and is read from registers."""
+    batch, width = qkv.shape
+    num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
+    assert width == (num_q_heads + 2 * num_kv_heads) * head_dim and qkv.stride(-1) == 1, "qkv rows [q | k | v]"
+    assert head_dim >= 32 and head_dim & (head_dim - 1) == 0, "head_dim: a power of two, at least 32"
+    for c in (k_buf, v_buf):
+        assert c.dtype == qkv.dtype and c.stride(2) == 1 and c.stride(1) == head_dim, "cache rows (N, Hkv, D)"
+    assert rope.cos_cache.stride() == rope.sin_cache.stride() and rope.cos_cache.stride(-1) == 1
+    assert rope.positions.shape == (batch,) and rope.slots.shape == (batch,)
+    return _launch(qkv, num_q_heads, rope, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
+                   max_splits, out, mid_o, mid_lse, None, None, None)
+
+
+def _launch(
+    q: torch.Tensor, num_q_heads: int, rope: NewTokenRope | None, k_buf: torch.Tensor, v_buf: torch.Tensor,
+    kv_indices: torch.Tensor, kv_starts: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+    num_splits: torch.Tensor, max_splits: int, out: torch.Tensor | None, mid_o: torch.Tensor | None,
+    mid_lse: torch.Tensor | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
+) -> torch.Tensor:
+    """The split kernel (and the merge kernel where requests are split) over ``q`` (B, Hq, D) or,
+    with ``rope``, the qkv rows (B, (Hq + 2 Hkv) * D)."""
+    batch = q.shape[0]
+    num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
+    assert num_q_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
     group = num_q_heads // num_kv_heads
     if out is None:
         out = torch.empty(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
@@ -220,13 +329,19 @@ def decode_attention(
     block_n, num_warps, num_stages = block_n or dn, num_warps or dw, num_stages or ds
     direct = max_splits == 1  # each request in one piece: normalise and write the output at once
     dest = out if direct else mid_o
+    r = rope
+    has_norm = r is not None and r.q_norm_weight is not None
     _decode_split_kernel[(batch, num_kv_heads, max_splits)](
         q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, num_splits, dest, mid_lse,
-        scale * LOG2E,
-        q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        dest.stride(0), dest.stride(1), 0 if direct else mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        *((r.positions, r.cos_cache, r.sin_cache) if r is not None else (num_splits,) * 3),
+        *((r.q_norm_weight, r.k_norm_weight) if has_norm else (num_splits,) * 2),
+        r.slots if r is not None else num_splits, scale * LOG2E, r.eps if r is not None else 0.0,
+        q.stride(0), q.stride(1) if r is None else head_dim, k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
+        v_buf.stride(1), dest.stride(0), dest.stride(1), 0 if direct else mid_o.stride(2), mid_lse.stride(0),
+        mid_lse.stride(1), r.cos_cache.stride(0) if r is not None else 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q), DIRECT=direct,
+        ROPE=r is not None, HAS_NORM=has_norm,
         num_warps=num_warps, num_stages=num_stages, **pdl_launch(q, attention=True),
     )
     if direct:

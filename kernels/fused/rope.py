@@ -19,6 +19,36 @@ from kernels.triton_utils import pdl_launch, pdl_trigger, pdl_wait
 
 
 @triton.jit
+def rms_norm_heads(x1, x2, w1, w2, eps, HEAD_DIM: tl.constexpr):
+    """Per-row RMSNorm of heads held as halves ``x1``, ``x2`` (rows, HEAD_DIM / 2) in the model dtype,
+    by weight halves ``w1``, ``w2`` (fp32, broadcast over rows); rounded as Hugging Face rounds."""
+    dtype = x1.dtype
+    f1 = x1.to(tl.float32)
+    f2 = x2.to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / HEAD_DIM + eps)  # (rows,)
+    y1 = (w1 * (f1 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+    y2 = (w2 * (f2 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+    return y1, y2
+
+
+@triton.jit
+def rotate_halves(x1, x2, c1, c2, s1, s2):
+    """``x * cos + rotate_half(x) * sin`` of heads held as halves (rows, HEAD_DIM / 2), with the
+    cos / sin halves (fp32 table rows, broadcast over rows) rounded to the model dtype first and
+    each product rounded to it, as torch does."""
+    dtype = x1.dtype
+    c1 = c1.to(dtype).to(tl.float32)
+    c2 = c2.to(dtype).to(tl.float32)
+    s1 = s1.to(dtype).to(tl.float32)
+    s2 = s2.to(dtype).to(tl.float32)
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    o1 = ((a1 * c1).to(dtype).to(tl.float32) + (-a2 * s1).to(dtype).to(tl.float32)).to(dtype)
+    o2 = ((a2 * c2).to(dtype).to(tl.float32) + (a1 * s2).to(dtype).to(tl.float32)).to(dtype)
+    return o1, o2
+
+
+@triton.jit
 def _qk_norm_rope_kernel(
     qkv_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_t, stride_cos, stride_kc, stride_vc, num_q_heads, num_heads, eps,
@@ -28,7 +58,6 @@ def _qk_norm_rope_kernel(
     pdl_trigger(PDL)
     pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
-    dtype = qkv_ptr.dtype.element_ty
     half: tl.constexpr = HEAD_DIM // 2
     offs = tl.arange(0, half)[None, :]  # (1, half)
     heads = tl.arange(0, BLOCK_H)[:, None]  # (BLOCK_H, 1)
@@ -37,25 +66,16 @@ def _qk_norm_rope_kernel(
     x1 = tl.load(base + offs, mask=mask, other=0.0)
     x2 = tl.load(base + half + offs, mask=mask, other=0.0)
     if HAS_NORM:
-        f1 = x1.to(tl.float32)
-        f2 = x2.to(tl.float32)
-        rstd = 1.0 / tl.sqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / HEAD_DIM + eps)  # (BLOCK_H,)
         is_q = heads < num_q_heads  # (BLOCK_H, 1)
         w1 = tl.where(is_q, tl.load(qw_ptr + offs), tl.load(kw_ptr + offs)).to(tl.float32)
         w2 = tl.where(is_q, tl.load(qw_ptr + half + offs), tl.load(kw_ptr + half + offs)).to(tl.float32)
-        x1 = (w1 * (f1 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
-        x2 = (w2 * (f2 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype)
+        x1, x2 = rms_norm_heads(x1, x2, w1, w2, eps, HEAD_DIM)
     # One token's cos / sin serve all of its heads.
     pos = tl.load(pos_ptr + t)
-    c1 = tl.load(cos_ptr + pos * stride_cos + offs).to(dtype).to(tl.float32)  # (1, half)
-    c2 = tl.load(cos_ptr + pos * stride_cos + half + offs).to(dtype).to(tl.float32)
-    s1 = tl.load(sin_ptr + pos * stride_cos + offs).to(dtype).to(tl.float32)
-    s2 = tl.load(sin_ptr + pos * stride_cos + half + offs).to(dtype).to(tl.float32)
-    a1 = x1.to(tl.float32)
-    a2 = x2.to(tl.float32)
-    # q * cos + rotate_half(q) * sin, each product rounded to the model dtype as torch does.
-    o1 = ((a1 * c1).to(dtype).to(tl.float32) + (-a2 * s1).to(dtype).to(tl.float32)).to(dtype)
-    o2 = ((a2 * c2).to(dtype).to(tl.float32) + (a1 * s2).to(dtype).to(tl.float32)).to(dtype)
+    o1, o2 = rotate_halves(
+        x1, x2, tl.load(cos_ptr + pos * stride_cos + offs), tl.load(cos_ptr + pos * stride_cos + half + offs),
+        tl.load(sin_ptr + pos * stride_cos + offs), tl.load(sin_ptr + pos * stride_cos + half + offs),
+    )
     tl.store(base + offs, o1, mask=mask)
     tl.store(base + half + offs, o2, mask=mask)
     if STORE_KV:

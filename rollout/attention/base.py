@@ -8,11 +8,15 @@ pool, after writing the new tokens' K and V into the pool. Backends are chosen b
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
 from rollout.batch import ForwardBatch
 from rollout.cache.kv_pool import KVPool
+
+if TYPE_CHECKING:
+    from kernels.attention import NewTokenRope
 
 
 class AttentionBackend(ABC):
@@ -63,3 +67,16 @@ class AttentionBackend(ABC):
         Token ``t`` of request ``i`` at position ``p`` attends to positions ``0..p`` of request
         ``i`` only (causal within the request, nothing across requests).
         """
+
+    def forward_decode_qkv(
+        self,
+        qkv: torch.Tensor,  # (B, (Hq + 2 Hkv) * D): the decoded tokens' projection, before norm / rotary
+        num_q_heads: int,
+        rope: NewTokenRope,
+        layer_id: int,
+        scale: float,
+        batch: ForwardBatch,
+    ) -> torch.Tensor | None:  # (B, Hq, D)
+        """A decode step's q/k norm, rotary, KV store and attention in one pass, where the backend
+        has it for this step; None: the caller takes the separate kernels and ``forward``."""
+        return None

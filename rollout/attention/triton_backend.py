@@ -19,13 +19,16 @@ table), else in the batch's flat ``kv_indices`` laid out by ``kv_indptr``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from kernels.attention import (
+    NewTokenRope,
     choose_max_splits,
     decode_attention,
+    decode_attention_qkv,
     extend_attention,
     plan_kv_splits,
     runs_from_indptr,
@@ -35,6 +38,9 @@ from rollout.attention.base import AttentionBackend
 from rollout.batch import ForwardBatch
 from rollout.cache.kv_pool import KVPool
 from rollout.errors import InvalidArgumentError
+
+# ROLLOUT_DECODE_QKV=0: decode steps take the rotary kernel and then the attention kernels.
+_DECODE_QKV = os.environ.get("ROLLOUT_DECODE_QKV", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +168,33 @@ class TritonAttentionBackend(AttentionBackend):
             plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse,
         )
         return out.to(q.dtype)
+
+    def forward_decode_qkv(
+        self,
+        qkv: torch.Tensor,
+        num_q_heads: int,
+        rope: NewTokenRope,
+        layer_id: int,
+        scale: float,
+        batch: ForwardBatch,
+    ) -> torch.Tensor | None:
+        """Decode steps: ``decode_attention_qkv`` (q/k norm and rotary in the split kernel, which also
+        stores the new k and v), where the cache holds qkv's dtype and the heads suit the kernel."""
+        plan = self._plan
+        if not _DECODE_QKV or plan is None or not plan.is_decode or plan.batch_size != batch.batch_size:
+            return None
+        k_buf = self.kv_pool.k_buffers[layer_id]
+        v_buf = self.kv_pool.v_buffers[layer_id]
+        num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
+        if (qkv.dtype != k_buf.dtype or qkv.dim() != 2 or qkv.stride(-1) != 1 or head_dim < 32
+                or head_dim & (head_dim - 1) or qkv.shape[1] != (num_q_heads + 2 * num_kv_heads) * head_dim):
+            return None
+        assert plan.num_splits is not None
+        mid_o, mid_lse = self._decode_workspace(plan, num_q_heads, head_dim)
+        return decode_attention_qkv(
+            qkv, num_q_heads, rope, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
+            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse,
+        )
 
     def _decode_workspace(
         self, plan: _StepPlan, num_q_heads: int, head_dim: int

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from rollout.batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from kernels.attention import NewTokenRope
 
 
 class Attention(nn.Module):
@@ -31,3 +36,9 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = batch.attn_backend.forward(q, k, v, self.layer_id, self.scale, batch, kv_stored=kv_stored)  # (T, Hq, D)
         return out.reshape(t, self.num_heads * self.head_dim)
+
+    def forward_decode_qkv(self, qkv: torch.Tensor, rope: NewTokenRope, batch: ForwardBatch) -> torch.Tensor | None:
+        """A decode step from the fused projection ``qkv`` (T, (Hq + 2 Hkv) * D), q/k norm and rotary
+        not yet applied, to (T, Hq*D), where the backend does it in one pass; else None."""
+        out = batch.attn_backend.forward_decode_qkv(qkv, self.num_heads, rope, self.layer_id, self.scale, batch)
+        return None if out is None else out.reshape(qkv.shape[0], self.num_heads * self.head_dim)

@@ -135,6 +135,17 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: StepRope, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         t = hidden.shape[0]
         qkv = self.qkv_proj(hidden)  # (T, q_size + 2 * kv_size)
+        if rope.cos is None:  # decode steps: norm, rotary, KV store and attention in one pass where offered
+            from kernels.attention import NewTokenRope
+
+            has_norm = self.q_norm is not None and self.k_norm is not None
+            new_token = NewTokenRope(
+                rope.positions, rope.cos_cache, rope.sin_cache, self.q_norm.weight if has_norm else None,
+                self.k_norm.weight if has_norm else None, self.q_norm.eps if has_norm else 1e-6, batch.out_cache_loc,
+            )
+            out = self.attn.forward_decode_qkv(qkv, new_token, batch)
+            if out is not None:
+                return self.o_proj(out)
         if rope.cos is None:  # fused: q/k norm and rotary in one kernel, in place
             from kernels.fused import qk_norm_rope_
 

@@ -9,7 +9,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: before import
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from kernels.gemv import CONFIGS, FMA_CONFIGS, FMA_MAX_ROWS, candidates, gemv  # noqa: E402
 
@@ -65,24 +65,26 @@ def test_candidates_offer_the_fma_kernel_only_to_few_rows():
 @pytest.mark.parametrize("m,half,k", [(1, 24, 300), (3, 40, 512), (16, 9, 64)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gated_gemv_is_the_plain_product_then_silu_and_mul(dtype, m, half, k, bias):
-    """The gated form is the plain kernel followed by the activation kernel: same accumulation, each
-    projection rounded before the silu, the silu rounded before the product. The interpreter gives
-    the same bits; compiled, the two kernels may contract multiply-adds differently (fp32 differed
-    in the last bits on an H200), so there the check is to rounding."""
+    """The gated form gives the bits of the plain kernel followed by the activation kernel: same
+    accumulation, each projection rounded before the silu, the silu rounded before the product.
+    Tiles too large for the GPU's shared memory in the gated form (fp32) are skipped, as the timed
+    choice skips them."""
     from kernels.fused import silu_and_mul
 
     gen = torch.Generator().manual_seed(m * half + k)
     x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
     w = torch.randn(2 * half, k, generator=gen).to(DEVICE, dtype) * 0.1
     b = torch.randn(2 * half, generator=gen).to(DEVICE, dtype) if bias else None
+    ran = 0
     for config in candidates(m):
-        got = gemv(x, w, b, config, gated=True)
+        try:
+            got = gemv(x, w, b, config, gated=True)
+        except triton.runtime.errors.OutOfResources:
+            continue
         assert got.shape == (m, half) and got.dtype == dtype
-        want = silu_and_mul(gemv(x, w, b, config))
-        if DEVICE == "cpu":
-            assert torch.equal(got, want), config
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
+        assert torch.equal(got, silu_and_mul(gemv(x, w, b, config))), config
+        ran += 1
+    assert ran
 
 
 def test_gated_gemv_wants_two_equal_halves():
