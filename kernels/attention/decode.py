@@ -47,17 +47,34 @@ NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _new_token_head(row_ptr, w_ptr, cos_row, sin_row, eps, offs_half, HEAD_DIM: tl.constexpr, HAS_NORM: tl.constexpr):
-    """One head of the token being decoded, at ``row_ptr``, RMS-normalised (``HAS_NORM``) and
-    rotated: halves (rows, HEAD_DIM / 2) as ``kernels.fused.qk_norm_rope_`` computes them."""
+def _norm_rope_heads(rows, mask, w_ptr, cos_row, sin_row, eps, offs_half, HEAD_DIM: tl.constexpr,
+                     HAS_NORM: tl.constexpr):
+    """Heads at ``rows`` (rows, 1) of pointers (``mask``ed), RMS-normalised (``HAS_NORM``) and rotated:
+    halves (rows, HEAD_DIM / 2) as ``kernels.fused.qk_norm_rope_`` computes them."""
     half: tl.constexpr = HEAD_DIM // 2
-    x1 = tl.load(row_ptr + offs_half)
-    x2 = tl.load(row_ptr + half + offs_half)
+    x1 = tl.load(rows + offs_half, mask=mask, other=0.0)
+    x2 = tl.load(rows + half + offs_half, mask=mask, other=0.0)
     if HAS_NORM:
         x1, x2 = rms_norm_heads(x1, x2, tl.load(w_ptr + offs_half).to(tl.float32),
                                 tl.load(w_ptr + half + offs_half).to(tl.float32), eps, HEAD_DIM)
     return rotate_halves(x1, x2, tl.load(cos_row + offs_half), tl.load(cos_row + half + offs_half),
                          tl.load(sin_row + offs_half), tl.load(sin_row + half + offs_half))
+
+
+@triton.jit
+def _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh, offs_d, mask_d,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One KV tile's online-softmax step: scores ``s`` (BLOCK_H, BLOCK_N, base 2) of the tile's
+    ``slots``, its V rows loaded here; returns the updated ``(acc, m_i, l_i)``."""
+    s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+    acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -106,13 +123,7 @@ def _decode_split_kernel(
         cos_row = cos_ptr + pos * stride_cos
         sin_row = sin_ptr + pos * stride_cos
         q_rows = q_ptr + b * stride_qb + heads[:, None] * HEAD_DIM
-        q1 = tl.load(q_rows + offs_x, mask=mask_h[:, None], other=0.0)
-        q2 = tl.load(q_rows + half + offs_x, mask=mask_h[:, None], other=0.0)
-        if HAS_NORM:
-            q1, q2 = rms_norm_heads(q1, q2, tl.load(qw_ptr + offs_x).to(tl.float32),
-                                    tl.load(qw_ptr + half + offs_x).to(tl.float32), eps, HEAD_DIM)
-        q1, q2 = rotate_halves(q1, q2, tl.load(cos_row + offs_x), tl.load(cos_row + half + offs_x),
-                               tl.load(sin_row + offs_x), tl.load(sin_row + half + offs_x))
+        q1, q2 = _norm_rope_heads(q_rows, mask_h[:, None], qw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM, HAS_NORM)
         # The token being decoded, in this piece when its position kv_len - 1 is (else masked out):
         # its k head rotated, stored with its v head (no program reads that slot from the cache),
         # and its score, all before the loop so that these loads overlap the loop's first ones.
@@ -120,7 +131,8 @@ def _decode_split_kernel(
         num_q_heads = GROUP * tl.num_programs(1)
         k_row = q_ptr + b * stride_qb + (num_q_heads + kv_head) * HEAD_DIM
         v_row = q_ptr + b * stride_qb + (num_q_heads + tl.num_programs(1) + kv_head) * HEAD_DIM
-        kn1, kn2 = _new_token_head(k_row, kw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM, HAS_NORM)  # (1, half)
+        kn1, kn2 = _norm_rope_heads(k_row, offs_x < half, kw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM,
+                                    HAS_NORM)  # (1, half)
         vn = tl.load(v_row + offs_d, mask=mask_d, other=0.0)  # (BLOCK_D,)
         k_dst = k_ptr + slot * stride_kn + kv_head * stride_kh + offs_x
         stored = tl.where(own, HEAD_DIM, 0)  # the masks as bounds (the interpreter takes no scalar & block)
@@ -142,15 +154,8 @@ def _decode_split_kernel(
             k2 = tl.load(k_cols + half, mask=mask_n[None, :], other=0.0)
             s = mma(q2, k2, mma(q1, k1, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST),
                     PRECISION, UPCAST) * scale_log2
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
-            m_i = m_new
+            acc, m_i, l_i = _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh,
+                                         offs_d, mask_d, PRECISION, UPCAST)
         m_new = tl.maximum(m_i, s_new)
         alpha = tl.exp2(m_i - m_new)
         p_new = tl.exp2(s_new - m_new)
@@ -172,17 +177,8 @@ def _decode_split_kernel(
                 mask=mask_n[None, :] & mask_d[:, None], other=0.0,
             )  # (BLOCK_D, BLOCK_N)
             s = mma(q, k, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST) * scale_log2
-            s = tl.where(mask_n[None, :], s, float("-inf"))  # (BLOCK_H, BLOCK_N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                v_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0,
-            )  # (BLOCK_N, BLOCK_D)
-            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
-            m_i = m_new
+            acc, m_i, l_i = _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh,
+                                         offs_d, mask_d, PRECISION, UPCAST)
 
     # An empty piece (kv_len not divisible into n_split nonempty ones, or kv_len 0) has l_i = 0:
     # it gets lse = -inf and weight 0 in the merge.
