@@ -28,6 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from kernels import gemv
 from kernels.attention import decode, extend
 from kernels.moe import fused_moe, routing
 from kernels.triton_utils import interpreting
@@ -113,6 +114,13 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
                                     dict(GROUP=2, BLOCK_M=block_m, BLOCK_N=block_n, **common), ("scale_log2",)),
          warps, stages),
     ]
+    # The skinny matmul in its largest form (norm, residual, gate), at a config of each kernel.
+    skinny = dict(x_ptr=t, w_ptr=t, b_ptr=t, out_ptr=t, r_ptr=t, nw_ptr=t, s_ptr=t)
+    normed = dict(HAS_BIAS=False, GATED=True, NORM=True, HAS_RESIDUAL=True)
+    out.append((f"gemv normed gated {dtype}", _source(gemv._gemv_kernel, skinny, dict(
+        BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, PRECISION=precision, UPCAST=False, **normed), ("eps",)), 4, 4))
+    out.append((f"gemv fma normed gated {dtype}", _source(gemv._gemv_fma_kernel, skinny, dict(
+        ROWS=1, BLOCK_N=2, BLOCK_K=1024, **normed), ("eps",)), 4, 3))
     moe = dict(x_ptr=t, w_ptr=t, act_ptr=t, out_ptr=t, weights_ptr="*fp32", sorted_ids_ptr="*i32",
                block_experts_ptr="*i32")
     for rows, phase in ((256 * 8, "decode"), (4096 * 8, "prefill")):

@@ -9,6 +9,8 @@ its partial outputs over the group.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,6 +23,12 @@ ShardId = str | int | None
 # Rows up to which a linear layer may take the skinny kernel (kernels.gemv.MAX_ROWS), and its dtypes.
 SKINNY_ROWS = 16
 _SKINNY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def normed_matmul_enabled() -> bool:
+    """Whether a column-parallel layer may take the RMSNorm in front of it into its skinny matmul
+    (``ROLLOUT_NORM_MATMUL=0``: never, to compare against the separate norm kernel)."""
+    return os.environ.get("ROLLOUT_NORM_MATMUL", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
@@ -150,6 +158,26 @@ class ColumnParallelLinear(_LinearBase):
         rows = param.shape[0]
         load_slice(param.data, loaded, 0, rows * self.tp_size, rows * self.tp_rank, self._name(param))
 
+    def forward_normed(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(self(rmsnorm(x + residual)), x + residual)`` (no residual: ``x`` second) by one skinny
+        kernel that norms x as it reads it (decode of a few rows), or None: the caller applies the
+        norm and then ``forward``, as it must off that path or where that is faster for the shape.
+        The input of a column-parallel layer is every rank's whole row, so the norm can be here."""
+        return self._normed(x, residual, norm_weight, eps, gated=False)
+
+    def _normed(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float, gated: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.batch_invariant or not self._skinny(x) or not normed_matmul_enabled():
+            return None
+        if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+            return None
+        from rollout.layers.skinny import skinny_norm_linear
+
+        return skinny_norm_linear(x, residual, norm_weight, eps, self.weight, self.bias, gated)
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input fused along the output (gate_up_proj).
@@ -199,17 +227,27 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         dst = param.data.narrow(0, offset, size)
         load_slice(dst, loaded, 0, self.output_sizes[shard_id], size * self.tp_rank, self._name(param, shard_id))
 
+    def _gated(self) -> bool:
+        return len(self.output_sizes) == 2 and self.output_sizes[0] == self.output_sizes[1]
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """``silu(gate) * up`` of this ``[gate | up]`` projection of ``x`` by one skinny kernel that
         stores only the product (decode of a few rows), or None: the caller applies ``forward`` and
         its activation, as it must off that path or where that is faster for the shape."""
-        if self.batch_invariant or len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
-            return None
-        if not self._skinny(x):
+        if self.batch_invariant or not self._gated() or not self._skinny(x):
             return None
         from rollout.layers.skinny import skinny_gated_linear
 
         return skinny_gated_linear(x, self.weight, self.bias)
+
+    def silu_and_mul_normed(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``silu_and_mul`` of ``rmsnorm(x + residual)``, and ``x + residual``, by one skinny kernel
+        (see ``forward_normed``), or None: the caller norms and then takes the plain path."""
+        if not self._gated():
+            return None
+        return self._normed(x, residual, norm_weight, eps, gated=True)
 
 
 class QKVParallelLinear(ColumnParallelLinear):

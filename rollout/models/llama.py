@@ -133,8 +133,11 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_id, self.head_dim**-0.5)
 
     def forward(self, rope: StepRope, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        t = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # (T, q_size + 2 * kv_size)
+        return self.attend(rope, self.qkv_proj(hidden), batch)
+
+    def attend(self, rope: StepRope, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The layer's output (T, H) from its qkv projection (T, q_size + 2 * kv_size)."""
+        t = qkv.shape[0]
         if rope.cos is None:  # decode steps: norm, rotary, KV store and attention in one pass where offered
             from kernels.attention import NewTokenRope
 
@@ -212,15 +215,36 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         batch: ForwardBatch,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(mlp output, residual stream before it)``; their sum is the layer's output."""
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
+        """Returns ``(mlp output, residual stream before it)``; their sum is the layer's output.
+
+        At a few rows each norm goes into the skinny matmul after it where that was measured
+        faster (``forward_normed``): then no norm kernel runs and the normed rows are never stored."""
+        attn_norm, mlp_norm = self.input_layernorm, self.post_attention_layernorm
+        fused = self.self_attn.qkv_proj.forward_normed(hidden, residual, attn_norm.weight, attn_norm.eps) \
+            if _takes_norm_into_matmul(attn_norm) else None
+        if fused is not None:
+            qkv, residual = fused
+            hidden = self.self_attn.attend(rope, qkv, batch)
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(rope, hidden, batch)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+            if residual is None:
+                residual = hidden
+                hidden = attn_norm(hidden)
+            else:
+                hidden, residual = attn_norm(hidden, residual)
+            hidden = self.self_attn(rope, hidden, batch)
+        if isinstance(self.mlp, LlamaMLP) and _takes_norm_into_matmul(mlp_norm):
+            fused = self.mlp.gate_up_proj.silu_and_mul_normed(hidden, residual, mlp_norm.weight, mlp_norm.eps)
+            if fused is not None:
+                act, residual = fused
+                return self.mlp.down_proj(act), residual
+        hidden, residual = mlp_norm(hidden, residual)
         return (self.mlp(hidden, batch) if self._mlp_reads_batch else self.mlp(hidden)), residual
+
+
+def _takes_norm_into_matmul(norm: nn.Module) -> bool:
+    """Whether a layer norm may go into the matmul after it: an RMSNorm (the EAGLE head's first
+    layer has none), not on the batch-invariant path (its own kernels)."""
+    return isinstance(norm, RMSNorm) and not norm.batch_invariant
 
 
 class LlamaModel(nn.Module):
