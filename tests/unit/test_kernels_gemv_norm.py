@@ -92,3 +92,30 @@ def test_engine_with_norms_in_the_matmuls_gives_the_torch_path_tokens(tiny_model
     for o, r in zip(outs["all"], outs["0"]):
         assert o.output_ids == r.output_ids
         assert max(abs(a - b) for a, b in zip(o.output_logprobs, r.output_logprobs)) < 1e-4
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("norm", [0, 1, 2])
+def test_each_form_is_timed_against_the_path_it_replaces(gated, norm, monkeypatch):
+    """The baseline a skinny form is timed against computes what the form computes, and asks for the
+    choices of other forms only: asking for its own would recurse into its own timing."""
+    import torch.nn.functional as F
+
+    from kernels.fused import reference
+    from rollout.layers import skinny
+
+    asked = []
+    monkeypatch.setattr(skinny, "choose", lambda x, w, b, g=False, n=0: asked.append((g, n)))  # None: cuBLAS
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 64, generator=gen).to(DEVICE)
+    r = torch.randn(2, 64, generator=gen).to(DEVICE)
+    nw = (torch.rand(64, generator=gen) + 0.5).to(DEVICE)
+    w = torch.randn(48, 64, generator=gen).to(DEVICE)
+    input_norm = None if norm == 0 else InputNorm(nw, 1e-6, r if norm == 2 else None, torch.empty_like(x))
+    got = skinny._plain(x, w, None, gated, input_norm)
+    h = x if norm == 0 else reference.rmsnorm(x + r if norm == 2 else x, nw, 1e-6)
+    want = F.linear(h, w)
+    if gated:
+        want = reference.silu_and_mul(want)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert (gated, norm) not in asked
