@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import gemv
+from kernels import gemv, l2_prefetch
 from kernels.attention import decode, extend
 from kernels.moe import fused_moe, routing
 from kernels.triton_utils import interpreting
@@ -121,6 +121,8 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
         BLOCK_M=16, BLOCK_N=16, BLOCK_K=256, PRECISION=precision, UPCAST=False, **normed), ("eps",)), 4, 4))
     out.append((f"gemv fma normed gated {dtype}", _source(gemv._gemv_fma_kernel, skinny, dict(
         ROWS=1, BLOCK_N=2, BLOCK_K=1024, **normed), ("eps",)), 4, 3))
+    out.append((f"l2 prefetch {dtype}", _source(l2_prefetch._prefetch_kernel, dict(p0=t, p1=t, p2=t), dict(NUM=3), ()),
+                4, 1))
     moe = dict(x_ptr=t, w_ptr=t, act_ptr=t, out_ptr=t, weights_ptr="*fp32", sorted_ids_ptr="*i32",
                block_experts_ptr="*i32")
     for rows, phase in ((256 * 8, "decode"), (4096 * 8, "prefill")):

@@ -26,6 +26,7 @@ from rollout.layers.fused_ops import use_fused
 from rollout.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from rollout.layers.norm import RMSNorm
 from rollout.layers.rotary import RotaryEmbedding, apply_rotary
+from rollout.layers.weight_prefetch import WeightPrefetch
 from rollout.models.weights import CheckpointNameMap, load_named_weights
 
 
@@ -207,6 +208,10 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, eps, dtype=dtype, device=device, prefix=f"{prefix}.post_attention_layernorm"
         )
+        later = [self.self_attn.o_proj.weight]
+        if isinstance(mlp, LlamaMLP):
+            later += [mlp.gate_up_proj.weight, mlp.down_proj.weight]
+        self.prefetch = WeightPrefetch(later)
 
     def forward(
         self,
@@ -224,21 +229,26 @@ class LlamaDecoderLayer(nn.Module):
             if _takes_norm_into_matmul(attn_norm) else None
         if fused is not None:
             qkv, residual = fused
-            hidden = self.self_attn.attend(rope, qkv, batch)
         else:
             if residual is None:
                 residual = hidden
                 hidden = attn_norm(hidden)
             else:
                 hidden, residual = attn_norm(hidden, residual)
-            hidden = self.self_attn(rope, hidden, batch)
+            qkv = self.self_attn.qkv_proj(hidden)
+        self.prefetch.start(qkv)  # a few rows: the weights after attention into L2 while it runs
+        hidden = self.self_attn.attend(rope, qkv, batch)
+        fused = None
         if isinstance(self.mlp, LlamaMLP) and _takes_norm_into_matmul(mlp_norm):
             fused = self.mlp.gate_up_proj.silu_and_mul_normed(hidden, residual, mlp_norm.weight, mlp_norm.eps)
-            if fused is not None:
-                act, residual = fused
-                return self.mlp.down_proj(act), residual
-        hidden, residual = mlp_norm(hidden, residual)
-        return (self.mlp(hidden, batch) if self._mlp_reads_batch else self.mlp(hidden)), residual
+        if fused is not None:
+            act, residual = fused
+            out = self.mlp.down_proj(act)
+        else:
+            hidden, residual = mlp_norm(hidden, residual)
+            out = self.mlp(hidden, batch) if self._mlp_reads_batch else self.mlp(hidden)
+        self.prefetch.join()
+        return out, residual
 
 
 def _takes_norm_into_matmul(norm: nn.Module) -> bool:

@@ -14,7 +14,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated: before import
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from kernels.fused import rmsnorm  # noqa: E402
 from kernels.gemv import CONFIGS, FMA_CONFIGS, FMA_MAX_ROWS, InputNorm, gemv  # noqa: E402
@@ -38,15 +38,21 @@ def test_normed_gemv_is_rmsnorm_then_gemv(dtype, m, n, k, residual, gated):
         h, want_sum = rmsnorm(x, nw, 1e-6, r)
     else:
         h = rmsnorm(x, nw, 1e-6)
+    ran = 0
     for config in (CONFIGS[0], FMA_CONFIGS[0]) if m <= FMA_MAX_ROWS else (CONFIGS[0],):
         summed = torch.full_like(x, float("nan")) if residual else None
-        got = gemv(x, w, None, config, gated, InputNorm(nw, 1e-6, r, summed))
+        try:
+            got = gemv(x, w, None, config, gated, InputNorm(nw, 1e-6, r, summed))
+        except triton.runtime.errors.OutOfResources:  # fp32 tiles over a GPU's shared memory: never chosen
+            continue
+        ran += 1
         want = gemv(h, w, None, config, gated)
         assert got.shape == want.shape == (m, n) and got.dtype == dtype
         if residual:
             assert torch.equal(summed, want_sum), config
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         assert (got.float() - want.float()).abs().max().item() <= tol * max(want.float().abs().max().item(), 1.0)
+    assert ran
 
 
 def test_normed_gemv_wants_matching_rows():
