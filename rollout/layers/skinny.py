@@ -106,7 +106,13 @@ def choose(
         weights = [weight]  # an L2-warm timing: still ranks the kernels, only flatters them all
     base_ms = _per_call_ms(lambda w: _plain(probe, w, bias, gated, input_norm), weights)
     best: tuple[float, GemvConfig | None] = (base_ms, None)
-    for config in candidates(rows):
+    configs = candidates(rows)
+    if norm:
+        # The norm is a prologue: the tile that serves the matmul without it is the one tried with
+        # it (one more compiled variant per shape, not every candidate again).
+        plain = _served(probe, weight, bias, gated, 0)
+        configs = (plain,) if plain is not None else ()
+    for config in configs:
         try:
             ms = _per_call_ms(lambda w, c=config: gemv(probe, w, bias, c, gated, input_norm), weights)
         except triton.runtime.errors.OutOfResources:  # tiles too large for this GPU's shared memory

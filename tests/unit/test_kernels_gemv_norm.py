@@ -80,7 +80,9 @@ def test_engine_with_norms_in_the_matmuls_gives_the_torch_path_tokens(tiny_model
         return real_gemv(x, weight, bias, config, gated, norm)
 
     monkeypatch.setattr(skinny, "gemv", counting_gemv)
-    monkeypatch.setattr(skinny, "choose", lambda *a, **k: CONFIGS[2])  # no timing without CUDA: one config
+    # No timing without CUDA: one config per kind (fp32 tiles that fit a GPU's shared memory too).
+    monkeypatch.setattr(skinny, "choose", lambda x, *a, **k: FMA_CONFIGS[1] if x.shape[0] <= FMA_MAX_ROWS
+                        else CONFIGS[0])
     monkeypatch.setattr(linear, "_SKINNY_DTYPES", (torch.float32,))
     path = tiny_model_dir("qwen3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=300)
