@@ -43,7 +43,8 @@ case "${1:-tests}" in
     ;;
   fast)  # the fast path's checks and figures first: fused kernels, HF equality, throughput, latency, profiles
     step fused_kernels 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kernels_fused.py \
-      tests/unit/test_kernels_attention.py tests/unit/test_kernels_decode_qkv.py tests/unit/test_kernels_sampling.py
+      tests/unit/test_kernels_attention.py tests/unit/test_kernels_decode_qkv.py tests/unit/test_kernels_sampling.py \
+      tests/unit/test_kernels_gemv_norm.py
     step bf16_vs_hf 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_engine.py
     step offline_qwen3_0.6b 200 python3 examples/offline_throughput.py --shape qwen3-0.6b --attention-backend triton
     step batch1_qwen3_0.6b 100 python3 examples/offline_throughput.py --shape qwen3-0.6b --batch1 \
