@@ -109,10 +109,14 @@ def _input_tile(x_rows, r_rows, k, mask, HAS_RESIDUAL: tl.constexpr):
 
 
 @triton.jit
-def _input_rstd(x_rows, r_rows, s_rows, offs_k, mask_m, K, eps, store_m, HAS_RESIDUAL: tl.constexpr,
-                ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``1 / rms`` (rows,) of x (+ residual) over K; x + residual goes to ``s_rows`` where ``store_m``
-    (rows,) is set: program 0's rows."""
+def _input_rstd(x_rows, r_rows, s_ptr, stride_sm, offs_m, offs_k, mask_m, pid, K, eps, NORM: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``1 / rms`` (rows,) of x (+ residual) over K, ones without ``NORM``; program 0 stores
+    x + residual at ``s_ptr``."""
+    if not NORM:
+        return tl.full([ROWS], 1.0, tl.float32)
+    s_rows = s_ptr + offs_m[:, None] * stride_sm
+    store_m = mask_m & (offs_m * 0 + pid == 0)  # a tensor test: the interpreter has no scalar & tensor of bools
     ss = tl.zeros([ROWS], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
@@ -163,12 +167,8 @@ def _gemv_kernel(
     if GATED:
         u = tl.load(u_rows + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
     pdl_wait(PDL)
-    rstd = tl.full([BLOCK_M], 1.0, tl.float32)
-    if NORM:
-        # Program 0 stores the summed rows (a tensor test: the interpreter has no scalar & tensor of bools).
-        first = mask_m & (offs_m * 0 + pid == 0)
-        rstd = _input_rstd(x_rows, r_rows, s_ptr + offs_m[:, None] * stride_sm, offs_k, mask_m, K, eps, first,
-                           HAS_RESIDUAL, BLOCK_M, BLOCK_K)
+    rstd = _input_rstd(x_rows, r_rows, s_ptr, stride_sm, offs_m, offs_k, mask_m, pid, K, eps, NORM, HAS_RESIDUAL,
+                       BLOCK_M, BLOCK_K)
     x = _x_tile(x_rows, r_rows, nw_ptr, rstd, offs_k, mask_m, mask_k, NORM, HAS_RESIDUAL)  # (BLOCK_M, BLOCK_K)
     acc = mma(x, w, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION, UPCAST)
     if GATED:
@@ -221,12 +221,8 @@ def _gemv_fma_kernel(
     if GATED:
         u = tl.load(u_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
     pdl_wait(PDL)
-    rstd = tl.full([ROWS], 1.0, tl.float32)
-    if NORM:
-        # Program 0 stores the summed rows (a tensor test: the interpreter has no scalar & tensor of bools).
-        first = mask_m & (offs_m * 0 + pid == 0)
-        rstd = _input_rstd(x_rows, r_rows, s_ptr + offs_m[:, None] * stride_sm, offs_k, mask_m, K, eps, first,
-                           HAS_RESIDUAL, ROWS, BLOCK_K)
+    rstd = _input_rstd(x_rows, r_rows, s_ptr, stride_sm, offs_m, offs_k, mask_m, pid, K, eps, NORM, HAS_RESIDUAL,
+                       ROWS, BLOCK_K)
     x = _x_tile(x_rows, r_rows, nw_ptr, rstd, offs_k, mask_m, mask_k, NORM, HAS_RESIDUAL)  # (ROWS, BLOCK_K)
     acc = tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)  # (ROWS, BLOCK_N)
     if GATED:

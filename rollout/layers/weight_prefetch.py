@@ -41,14 +41,17 @@ class WeightPrefetch:
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
         self.tensors = tensors
+        self.on = enabled()  # read once: start() runs in every eager forward of the layer
         self._side: torch.cuda.Stream | None = None
 
     def start(self, x: torch.Tensor) -> None:
         """Fork a side stream from the current one and issue the prefetches there, for a step of
         ``x.shape[0]`` rows: only at up to ``SKINNY_ROWS`` rows on a device that can prefetch."""
+        if not (self.on and 0 < x.shape[0] <= SKINNY_ROWS):
+            return
         from kernels.l2_prefetch import available, prefetch_l2
 
-        if not (0 < x.shape[0] <= SKINNY_ROWS and enabled() and available(x)):
+        if not available(x):
             return
         l2 = getattr(torch.cuda.get_device_properties(x.device), "L2_cache_size", 0)
         if l2 <= 0:

@@ -133,11 +133,9 @@ class LlamaAttention(nn.Module):
             )
         self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads, layer_id, self.head_dim**-0.5)
 
-    def forward(self, rope: StepRope, hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return self.attend(rope, self.qkv_proj(hidden), batch)
-
-    def attend(self, rope: StepRope, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """The layer's output (T, H) from its qkv projection (T, q_size + 2 * kv_size)."""
+    def forward(self, rope: StepRope, qkv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """The layer's output (T, H) from its qkv projection (T, q_size + 2 * kv_size), which the
+        decoder layer computes (it may take the norm before it into the matmul)."""
         t = qkv.shape[0]
         if rope.cos is None:  # decode steps: norm, rotary, KV store and attention in one pass where offered
             from kernels.attention import NewTokenRope
@@ -237,7 +235,7 @@ class LlamaDecoderLayer(nn.Module):
                 hidden, residual = attn_norm(hidden, residual)
             qkv = self.self_attn.qkv_proj(hidden)
         self.prefetch.start(qkv)  # a few rows: the weights after attention into L2 while it runs
-        hidden = self.self_attn.attend(rope, qkv, batch)
+        hidden = self.self_attn(rope, qkv, batch)
         fused = None
         if isinstance(self.mlp, LlamaMLP) and _takes_norm_into_matmul(mlp_norm):
             fused = self.mlp.gate_up_proj.silu_and_mul_normed(hidden, residual, mlp_norm.weight, mlp_norm.eps)
