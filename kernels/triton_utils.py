@@ -59,34 +59,42 @@ def _pdl_device(index: int) -> bool:
     return major >= 9 and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
-def pdl_enabled(t: torch.Tensor, attention: bool = False) -> bool:
-    """Whether kernels on ``t``'s device launch with programmatic dependent launch (PDL).
+_PDL_MODES = {"linear": ("linear",), "decode": ("linear", "decode"), "all": ("linear", "decode", "attention")}
+
+
+def pdl_enabled(t: torch.Tensor, kind: str = "linear") -> bool:
+    """Whether kernels of ``kind`` on ``t``'s device launch with programmatic dependent launch (PDL).
 
     With PDL a kernel may start while the one before it on the stream is still running: it does
-    the work that needs nothing from that kernel (loading weights), then waits in ``pdl_wait`` for
-    it to finish and its writes to show. Hopper and later, a Triton that knows ``launch_pdl``.
-    ROLLOUT_PDL: ``linear`` (default) for all but the attention kernels (``attention=True``:
-    q/k norm and rotary, decode attention), ``all`` for those too, ``0`` for none. On an H200 the
-    attention kernels gained nothing from it at batch 1 and a rollout step ran slower with them."""
+    the work that needs nothing from that kernel (loading weights, or the KV cache of earlier
+    steps), then waits in ``pdl_wait`` for it to finish and its writes to show. Hopper and later,
+    a Triton that knows ``launch_pdl``. Kinds: ``linear`` (norm, activation, skinny matmuls),
+    ``decode`` (decode attention, which loads each piece's first KV tile before its wait) and
+    ``attention`` (q/k norm and rotary). ROLLOUT_PDL: ``decode`` (default) for the first two,
+    ``linear`` for the first, ``all`` for every kind, ``0`` for none."""
     if t.device.type != "cuda" or gdc_wait is None or interpreting():
         return False
-    mode = os.environ.get("ROLLOUT_PDL", "linear").strip().lower()
-    if mode in ("0", "false", "off", "no") or (attention and mode != "all"):
+    mode = os.environ.get("ROLLOUT_PDL", "decode").strip().lower()
+    off = mode in ("0", "false", "off", "no")
+    if off or kind not in _PDL_MODES.get(mode, _PDL_MODES["decode"]):
         return False
     return _pdl_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-def pdl_launch(t: torch.Tensor, attention: bool = False) -> dict:
+def pdl_launch(t: torch.Tensor, kind: str = "linear") -> dict:
     """Launch arguments of a kernel with a ``PDL`` constexpr for a step on ``t``'s device:
-    ``PDL=True`` and ``launch_pdl=True`` where ``pdl_enabled``, else ``PDL=False``."""
-    return dict(PDL=True, launch_pdl=True) if pdl_enabled(t, attention) else dict(PDL=False)
+    ``PDL=True`` and ``launch_pdl=True`` where ``pdl_enabled(t, kind)``, else ``PDL=False``."""
+    return dict(PDL=True, launch_pdl=True) if pdl_enabled(t, kind) else dict(PDL=False)
 
 
 @triton.jit
 def pdl_wait(PDL: tl.constexpr):
     """Wait for the kernels before this one on the stream (a PDL launch); nothing without PDL.
 
-    A PDL kernel reads nothing another kernel writes, and writes nothing, before this."""
+    Before this a PDL kernel writes nothing and reads only what no kernel since the stream's last
+    launch without PDL wrote: weights, the step's inputs (copied or computed by torch before the
+    step's kernels) and the KV cache of earlier steps. Kernels launched with PDL may all be
+    running at once back to that launch, since each lets the next start before it waits itself."""
     if PDL:
         gdc_wait()
 

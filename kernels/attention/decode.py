@@ -62,19 +62,31 @@ def _norm_rope_heads(rows, mask, w_ptr, cos_row, sin_row, eps, offs_half, HEAD_D
 
 
 @triton.jit
-def _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh, offs_d, mask_d,
-                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """One KV tile's online-softmax step: scores ``s`` (BLOCK_H, BLOCK_N, base 2) of the tile's
-    ``slots``, its V rows loaded here; returns the updated ``(acc, m_i, l_i)``."""
+def _v_tile(v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh, offs_d, mask_d):
+    """The V rows (BLOCK_N, BLOCK_D) of a KV tile's ``slots``."""
+    return tl.load(v_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
+                   mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+
+
+@triton.jit
+def _softmax_tile(s, m_i, l_i, acc, v, mask_n, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """One KV tile's online-softmax step: scores ``s`` (BLOCK_H, BLOCK_N, base 2) and the tile's V
+    rows ``v``; returns the updated ``(acc, m_i, l_i)``."""
     s = tl.where(mask_n[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptr + slots[:, None] * stride_vn + kv_head * stride_vh + offs_d[None, :],
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
     acc = mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh, offs_d, mask_d,
+                 PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``_softmax_tile`` with the tile's V rows loaded here."""
+    v = _v_tile(v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh, offs_d, mask_d)
+    return _softmax_tile(s, m_i, l_i, acc, v, mask_n, PRECISION, UPCAST)
 
 
 @triton.jit
@@ -85,12 +97,17 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_cos,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr,
-    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr,
+    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
 ):
     # DIRECT: one split per request (large batches): mid_o is the output itself, no lse, no merge.
     # ROPE: q_ptr is the qkv projection (see decode_attention_qkv); q and the new k are rotated here.
+    # With PDL (pdl_launch(kind="decode")) everything up to pdl_wait runs while the qkv matmul
+    # before this kernel still does: the step's scalars (written before its first kernel) and, on
+    # the ROPE path with EARLY, the piece's first KV tile, whose positions earlier steps stored.
+    # Only the token being decoded comes from the matmul, and it is read after the wait. EARLY is
+    # for split steps (small batches, where that latency is the kernel's time); with one piece per
+    # request the tile held across the wait costs registers, hence occupancy, on long runs.
     pdl_trigger(PDL)
-    pdl_wait(PDL)
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,6 +137,18 @@ def _decode_split_kernel(
         # q as halves (BLOCK_H, HEAD_DIM / 2), normalised and rotated; K tiles read as halves too.
         half: tl.constexpr = HEAD_DIM // 2
         offs_x = tl.arange(0, half)[None, :]
+        offs_kd = tl.arange(0, half)
+        # The cache holds every position but the last. With EARLY its first tile in this piece is
+        # loaded before the wait (see above), the rest in the loop below.
+        hi_cached = tl.minimum(hi, kv_len - 1)
+        if EARLY:
+            mask_0 = lo + offs_n < hi_cached
+            slots_0 = tl.load(kv_indices_ptr + kv_start + lo + offs_n, mask=mask_0, other=0).to(tl.int64)
+            k_cols_0 = k_ptr + slots_0[None, :] * stride_kn + kv_head * stride_kh + offs_kd[:, None]  # (half, BLOCK_N)
+            k1_0 = tl.load(k_cols_0, mask=mask_0[None, :], other=0.0)
+            k2_0 = tl.load(k_cols_0 + half, mask=mask_0[None, :], other=0.0)
+            v_0 = _v_tile(v_ptr, slots_0, mask_0, kv_head, stride_vn, stride_vh, offs_d, mask_d)
+        pdl_wait(PDL)
         cos_row = cos_ptr + pos * stride_cos
         sin_row = sin_ptr + pos * stride_cos
         q_rows = q_ptr + b * stride_qb + heads[:, None] * HEAD_DIM
@@ -142,10 +171,13 @@ def _decode_split_kernel(
         s_new = (tl.sum(q1.to(tl.float32) * kn1.to(tl.float32), 1)
                  + tl.sum(q2.to(tl.float32) * kn2.to(tl.float32), 1)) * scale_log2  # (BLOCK_H,)
         s_new = tl.where(own, s_new, float("-inf"))
-        # The cache holds every position but the last.
-        hi_cached = tl.minimum(hi, kv_len - 1)
-        offs_kd = tl.arange(0, half)
-        for start in range(lo, hi_cached, BLOCK_N):
+        first = lo
+        if EARLY:
+            s = mma(q2, k2_0, mma(q1, k1_0, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST),
+                    PRECISION, UPCAST) * scale_log2
+            acc, m_i, l_i = _softmax_tile(s, m_i, l_i, acc, v_0, mask_0, PRECISION, UPCAST)
+            first = lo + BLOCK_N
+        for start in range(first, hi_cached, BLOCK_N):
             pos_n = start + offs_n
             mask_n = pos_n < hi_cached
             slots = tl.load(kv_indices_ptr + kv_start + pos_n, mask=mask_n, other=0).to(tl.int64)
@@ -164,6 +196,7 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
         m_i = m_new
     else:
+        pdl_wait(PDL)  # the new token's K and V are in the cache: a kernel before this one stored them
         q = tl.load(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
             mask=mask_h[:, None] & mask_d[None, :], other=0.0,
@@ -199,10 +232,10 @@ def _decode_merge_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_trigger(PDL)
-    pdl_wait(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
-    n_split = tl.load(num_splits_ptr + b)
+    n_split = tl.load(num_splits_ptr + b)  # a step input: read before the wait
+    pdl_wait(PDL)
     offs_s = tl.arange(0, MAX_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < n_split
@@ -286,10 +319,13 @@ def decode_attention_qkv(
     out: torch.Tensor | None = None,
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
+    early_tile: bool | None = None,
 ) -> torch.Tensor:  # (B, Hq, D)
     """``qk_norm_rope_`` of the decoded tokens (storing their k and v at ``rope.slots``), then
     ``decode_attention``, in the split kernel (module doc). Each request's last KV position is the
-    token being decoded; its slot in ``kv_indices`` is ``rope.slots[b]`` and is read from registers."""
+    token being decoded; its slot in ``kv_indices`` is ``rope.slots[b]`` and is read from registers.
+    ``early_tile``: load each piece's first KV tile before the PDL wait (default: with PDL, in
+    split steps); the result is the same either way."""
     batch, width = qkv.shape
     num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
     assert width == (num_q_heads + 2 * num_kv_heads) * head_dim and qkv.stride(-1) == 1, "qkv rows [q | k | v]"
@@ -299,7 +335,7 @@ def decode_attention_qkv(
     assert rope.cos_cache.stride() == rope.sin_cache.stride() and rope.cos_cache.stride(-1) == 1
     assert rope.positions.shape == (batch,) and rope.slots.shape == (batch,)
     return _launch(qkv, num_q_heads, rope, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, None, None, None)
+                   max_splits, out, mid_o, mid_lse, None, None, None, early_tile)
 
 
 def _launch(
@@ -307,6 +343,7 @@ def _launch(
     kv_indices: torch.Tensor, kv_starts: torch.Tensor, kv_lens: torch.Tensor, scale: float,
     num_splits: torch.Tensor, max_splits: int, out: torch.Tensor | None, mid_o: torch.Tensor | None,
     mid_lse: torch.Tensor | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
+    early_tile: bool | None = None,
 ) -> torch.Tensor:
     """The split kernel (and the merge kernel where requests are split) over ``q`` (B, Hq, D) or,
     with ``rope``, the qkv rows (B, (Hq + 2 Hkv) * D)."""
@@ -327,6 +364,9 @@ def _launch(
     dest = out if direct else mid_o
     r = rope
     has_norm = r is not None and r.q_norm_weight is not None
+    pdl = pdl_launch(q, kind="decode")
+    if early_tile is None:
+        early_tile = pdl["PDL"] and not direct
     _decode_split_kernel[(batch, num_kv_heads, max_splits)](
         q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, num_splits, dest, mid_lse,
         *((r.positions, r.cos_cache, r.sin_cache) if r is not None else (num_splits,) * 3),
@@ -337,8 +377,8 @@ def _launch(
         mid_lse.stride(1), r.cos_cache.stride(0) if r is not None else 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q), DIRECT=direct,
-        ROPE=r is not None, HAS_NORM=has_norm,
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch(q, attention=True),
+        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile,
+        num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     if direct:
         return out
@@ -347,6 +387,6 @@ def _launch(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, BLOCK_D=block_d, MAX_SPLITS=triton.next_power_of_2(max_splits),
-        num_warps=4 if block_d >= 128 else 2, **pdl_launch(q, attention=True),
+        num_warps=4 if block_d >= 128 else 2, **pdl_launch(q, kind="decode"),
     )
     return out

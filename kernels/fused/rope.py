@@ -140,5 +140,5 @@ def qk_norm_rope_(
         qkv.stride(0), cos_cache.stride(0), stride_kc, stride_vc, num_q_heads, heads, eps,
         HEAD_DIM=head_dim, BLOCK_H=block_h, BLOCK_KV=triton.next_power_of_2(num_kv_heads), HAS_NORM=has_norm,
         STORE_KV=kv_cache is not None, num_warps=max(1, min(8, block_h * head_dim // 1024)),
-        **pdl_launch(qkv, attention=True),
+        **pdl_launch(qkv, kind="attention"),
     )

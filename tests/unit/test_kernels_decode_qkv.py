@@ -61,10 +61,12 @@ def two_kernels(qkv, hq, rope, k_buf, v_buf, kv_indices, indptr, scale, splits, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("max_splits", [1, 4])
-def test_qkv_decode_is_rotary_then_decode(dtype, norm, max_splits):
+@pytest.mark.parametrize("early_tile", [False, True])
+def test_qkv_decode_is_rotary_then_decode(dtype, norm, max_splits, early_tile):
     """Same output, same cache rows written (the same bits in the interpreter), qkv left as it was;
     requests of one token, of a last position in any piece, and an empty padding row (no KV:
-    zeros, nothing stored)."""
+    zeros, nothing stored). ``early_tile``: each piece's first KV tile loaded ahead of the loop
+    (before the PDL wait, on a GPU that takes PDL launches)."""
     hq, hkv, d = 4, 2, 32
     kv_lens = [1, 37, 64, 100, 0]
     qkv, k_buf, v_buf, kv_indices, indptr, rope = make_step(kv_lens, hq, hkv, d, dtype, norm, seed=max_splits)
@@ -73,7 +75,7 @@ def test_qkv_decode_is_rotary_then_decode(dtype, norm, max_splits):
     want = two_kernels(qkv, hq, rope, k_ref, v_ref, kv_indices, indptr, d**-0.5, splits, max_splits)
     before = qkv.clone()
     got = decode_attention_qkv(qkv, hq, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), d**-0.5,
-                               splits, max_splits)
+                               splits, max_splits, early_tile=early_tile)
     assert torch.equal(qkv, before)
     live = rope.slots[:-1]  # the padding row (kv_len 0) stores nothing
     assert torch.equal(v_buf[live], v_ref[live])
