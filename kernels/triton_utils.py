@@ -62,6 +62,15 @@ def _pdl_device(index: int) -> bool:
 _PDL_MODES = {"linear": ("linear",), "decode": ("linear", "decode"), "all": ("linear", "decode", "attention")}
 
 
+def pdl_kinds() -> tuple[str, ...]:
+    """The kinds of kernel ROLLOUT_PDL launches with PDL where the device takes it (``pdl_enabled``);
+    an unknown value means the default."""
+    mode = os.environ.get("ROLLOUT_PDL", "decode").strip().lower()
+    if mode in ("0", "false", "off", "no"):
+        return ()
+    return _PDL_MODES.get(mode, _PDL_MODES["decode"])
+
+
 def pdl_enabled(t: torch.Tensor, kind: str = "linear") -> bool:
     """Whether kernels of ``kind`` on ``t``'s device launch with programmatic dependent launch (PDL).
 
@@ -72,11 +81,7 @@ def pdl_enabled(t: torch.Tensor, kind: str = "linear") -> bool:
     ``decode`` (decode attention, which loads each piece's first KV tile before its wait) and
     ``attention`` (q/k norm and rotary). ROLLOUT_PDL: ``decode`` (default) for the first two,
     ``linear`` for the first, ``all`` for every kind, ``0`` for none."""
-    if t.device.type != "cuda" or gdc_wait is None or interpreting():
-        return False
-    mode = os.environ.get("ROLLOUT_PDL", "decode").strip().lower()
-    off = mode in ("0", "false", "off", "no")
-    if off or kind not in _PDL_MODES.get(mode, _PDL_MODES["decode"]):
+    if t.device.type != "cuda" or gdc_wait is None or interpreting() or kind not in pdl_kinds():
         return False
     return _pdl_device(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
