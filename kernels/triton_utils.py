@@ -96,10 +96,11 @@ def pdl_launch(t: torch.Tensor, kind: str = "linear") -> dict:
 def pdl_wait(PDL: tl.constexpr):
     """Wait for the kernels before this one on the stream (a PDL launch); nothing without PDL.
 
-    Before this a PDL kernel writes nothing and reads only what no kernel since the stream's last
-    launch without PDL wrote: weights, the step's inputs (copied or computed by torch before the
-    step's kernels) and the KV cache of earlier steps. Kernels launched with PDL may all be
-    running at once back to that launch, since each lets the next start before it waits itself."""
+    Before this a PDL kernel writes nothing and reads only what was written before the stream's
+    last launch without PDL: weights, the step's inputs (copied or computed by torch before the
+    step's first kernels) and the KV cache of earlier steps. Kernels launched with PDL may all be
+    running at once back to that launch, since each lets the next start before it waits itself;
+    so every PDL kernel must have a program that reaches this wait."""
     if PDL:
         gdc_wait()
 

@@ -112,7 +112,9 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     # Every per-request scalar in one round of loads (none depends on another), before the exit.
-    n_split = tl.load(num_splits_ptr + b)
+    # At least one piece: program (b, h, 0) always reaches pdl_wait, so this kernel never ends
+    # before the one it follows (the order every later PDL kernel's early reads rely on).
+    n_split = tl.maximum(tl.load(num_splits_ptr + b), 1)
     kv_start = tl.load(kv_starts_ptr + b).to(tl.int64)
     kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
     if ROPE:
@@ -234,7 +236,7 @@ def _decode_merge_kernel(
     pdl_trigger(PDL)
     b = tl.program_id(0)
     head = tl.program_id(1)
-    n_split = tl.load(num_splits_ptr + b)  # a step input: read before the wait
+    n_split = tl.maximum(tl.load(num_splits_ptr + b), 1)  # a step input: read before the wait
     pdl_wait(PDL)
     offs_s = tl.arange(0, MAX_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)

@@ -45,7 +45,7 @@ _DECODE_QKV = os.environ.get("ROLLOUT_DECODE_QKV", "1").strip().lower() not in (
 # 64, one KV tile: a split kernel launched with PDL loads a piece's first tile before it waits for
 # the qkv matmul, so short contexts split into one-tile pieces have all their KV loaded early
 # (H200, Qwen3-0.6B batch 1 at 128-640 tokens: 0.75 ms per token, 0.83 with pieces of 128).
-_MIN_SPLIT_TOKENS = int(os.environ.get("ROLLOUT_MIN_SPLIT_TOKENS", "64"))
+_MIN_SPLIT_TOKENS = max(1, int(os.environ.get("ROLLOUT_MIN_SPLIT_TOKENS", "64")))
 
 
 @dataclass(frozen=True, slots=True)
