@@ -110,9 +110,10 @@ def test_decode_matches_reference(page_size, group, head_dim, dtype):
     assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, scale), dtype)
 
 
-@pytest.mark.parametrize("splits", [1, 3, 4, 8])
+@pytest.mark.parametrize("splits", [0, 1, 3, 4, 8])
 def test_decode_any_split_count_gives_the_same_result(splits):
-    """Includes pieces left empty (length 5 in 4 pieces of 2) and more pieces than tokens."""
+    """Includes pieces left empty (length 5 in 4 pieces of 2) and more pieces than tokens; a count
+    of 0 is taken as one piece (with PDL every grid needs a program that reaches the wait)."""
     requests = [(4, 1), (2, 1), (70, 1)]
     q, k_buf, v_buf, _, kv_indptr, kv_indices, _ = make_case(requests, 1, 2, 32, torch.float32, 0, seed=1)
     num_splits = torch.full((3,), splits, dtype=torch.int32, device=DEVICE)
