@@ -104,24 +104,19 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
                                           dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=False, ROPE=False,
                                                HAS_NORM=False, EARLY=False, **common), ("scale_log2", "eps")),
          decode_warps, decode_stages),
-        (f"decode split qkv {dtype}", _source(decode._decode_split_kernel, attn,
-                                              dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=False, ROPE=True,
-                                                   HAS_NORM=True, EARLY=False, **common), ("scale_log2", "eps")),
-         decode_warps, decode_stages),
-        (f"decode split qkv direct {dtype}", _source(decode._decode_split_kernel, attn,
-                                                     dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=True, ROPE=True,
-                                                          HAS_NORM=True, EARLY=False, **common), ("scale_log2", "eps")),
-         decode_warps, decode_stages),
-        (f"decode split qkv early {dtype}", _source(decode._decode_split_kernel, attn,
-                                                    dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=False, ROPE=True,
-                                                         HAS_NORM=True, EARLY=True, **common), ("scale_log2", "eps")),
-         decode_warps, decode_stages),
         (f"decode merge {dtype}", _source(decode._decode_merge_kernel, attn,
                                           dict(HEAD_DIM=128, BLOCK_D=128, MAX_SPLITS=16), ()), 4, 1),
         (f"extend {dtype}", _source(extend._extend_kernel, attn,
                                     dict(GROUP=2, BLOCK_M=block_m, BLOCK_N=block_n, **common), ("scale_log2",)),
          warps, stages),
     ]
+    # The decode-from-qkv split kernel in each form a step takes: split, one piece per request
+    # (direct), split with the first KV tile loaded before the PDL wait (early).
+    for form, direct, early in (("", False, False), (" direct", True, False), (" early", False, True)):
+        out.append((f"decode split qkv{form} {dtype}", _source(
+            decode._decode_split_kernel, attn, dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=direct, ROPE=True,
+                                                    HAS_NORM=True, EARLY=early, **common), ("scale_log2", "eps")),
+            decode_warps, decode_stages))
     # The skinny matmul in its largest form (norm, residual, gate), at a config of each kernel.
     skinny = dict(x_ptr=t, w_ptr=t, b_ptr=t, out_ptr=t, r_ptr=t, nw_ptr=t, s_ptr=t)
     normed = dict(HAS_BIAS=False, GATED=True, NORM=True, HAS_RESIDUAL=True)
