@@ -58,6 +58,7 @@ case "${1:-tests}" in
     TAIL=45 step timeline_prompt_profile 200 python3 examples/workload_timeline.py --shape qwen3-0.6b \
       --profile-steps 6
     TAIL=12 step attention_sweep 200 python3 -m kernels.bench_attention --context 640 --sweep
+    TAIL=12 step decode_graph_sweep 200 python3 -m kernels.bench_decode_graph
     ;;
   bench)
     step bf16_vs_hf 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_engine.py -k bf16
