@@ -37,9 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.decode_plan import decode_workspace
+from kernels.attention.decode_plan import decode_tiles, decode_workspace, default_tiles  # noqa: F401 (re-export)
 from kernels.fused.rope import rms_norm_heads, rotate_halves
-from kernels.triton_utils import dot_precision, mma, pdl_launch, pdl_trigger, pdl_wait, upcast_dot
+from kernels.triton_utils import dot_precision, mma, num_sms, pdl_launch, pdl_trigger, pdl_wait, upcast_dot
 
 LOG2E = 1.4426950408889634
 # Stand-in for -inf in running maxima: exp2(NEG - x) is 0 without producing inf - inf = nan.
@@ -254,14 +254,6 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b * stride_outb + head * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def default_tiles(dtype: torch.dtype) -> tuple[int, int, int]:
-    """``(block_n, num_warps, num_stages)`` of the split kernel: KV tiles of 64 for 16-bit inputs,
-    three loads in flight (2.68 vs 2.29 TB/s with two, H100, batch 256 x 640 tokens: the kernel
-    waits on memory latency, not bandwidth, with fewer); the exact fp32 FMA path needs more
-    registers per tile, so it takes tiles of 32 over 8 warps, two stages (no spills)."""
-    return (32, 8, 2) if dtype == torch.float32 else (64, 4, 3)
-
-
 class NewTokenRope(NamedTuple):
     """What ``decode_attention_qkv`` needs to finish the qkv projection of the token being decoded:
     its rotary position, the tables, Qwen3's per-head q / k norm weights (None: no norm) and the
@@ -296,7 +288,7 @@ def decode_attention(
 ) -> torch.Tensor:  # (B, Hq, D)
     """Attention of each request's single query over its whole KV run in the paged pool.
 
-    Tile options left ``None`` take ``default_tiles``."""
+    Tile options left ``None`` take ``decode_tiles`` for the step's batch size and grid depth."""
     num_q_heads = q.shape[1]
     assert k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1, "pool rows must be contiguous"
     if q.dtype != k_buf.dtype or q.stride(-1) != 1:
@@ -322,12 +314,14 @@ def decode_attention_qkv(
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
     early_tile: bool | None = None,
+    tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:  # (B, Hq, D)
     """``qk_norm_rope_`` of the decoded tokens (storing their k and v at ``rope.slots``), then
     ``decode_attention``, in the split kernel (module doc). Each request's last KV position is the
     token being decoded; its slot in ``kv_indices`` is ``rope.slots[b]`` and is read from registers.
     ``early_tile``: load each piece's first KV tile before the PDL wait (default: with PDL, in
-    split steps); the result is the same either way."""
+    split steps); the result is the same either way. ``tiles``: ``(block_n, num_warps, num_stages)``
+    (default: ``decode_tiles`` for the step's batch size and grid depth)."""
     batch, width = qkv.shape
     num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
     assert width == (num_q_heads + 2 * num_kv_heads) * head_dim and qkv.stride(-1) == 1, "qkv rows [q | k | v]"
@@ -337,7 +331,7 @@ def decode_attention_qkv(
     assert rope.cos_cache.stride() == rope.sin_cache.stride() and rope.cos_cache.stride(-1) == 1
     assert rope.positions.shape == (batch,) and rope.slots.shape == (batch,)
     return _launch(qkv, num_q_heads, rope, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, None, None, None, early_tile)
+                   max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile)
 
 
 def _launch(
@@ -360,7 +354,7 @@ def _launch(
     if batch == 0:
         return out
     block_d = triton.next_power_of_2(head_dim)
-    dn, dw, ds = default_tiles(q.dtype)
+    dn, dw, ds = decode_tiles(q.dtype, head_dim, batch, num_kv_heads, num_sms(q.device), max_splits)
     block_n, num_warps, num_stages = block_n or dn, num_warps or dw, num_stages or ds
     direct = max_splits == 1  # each request in one piece: normalise and write the output at once
     dest = out if direct else mid_o

@@ -11,11 +11,46 @@ import triton
 
 def choose_max_splits(batch_size: int, num_kv_heads: int, sm_count: int, cap: int) -> int:
     """Grid depth ``S`` (a power of two <= ``cap``): enough (request, kv head, split) programs for
-    one per SM, no more. Splitting only pays where the (request, kv head) pairs alone leave SMs
-    idle: at 600-token contexts on an H100 (132 SMs, 8 kv heads) one piece per request was faster
-    than 2-8 from batch 16 up (batch 32: 42 vs 53 us), and a single piece also skips the merge."""
-    want = max(1, math.ceil(sm_count / max(1, batch_size * num_kv_heads)))
+    one per SM, and two pieces while the (request, kv head) pairs alone are fewer than 1.5 per SM.
+
+    One piece per request also skips the merge. On an H200 (132 SMs, 8 kv heads, 16-bit KV, the
+    kernels replayed per layer from a graph, ``python -m kernels.bench_decode_graph``), two
+    pieces at batch 17-24 took 0.69x the time of one (with ``decode_tiles``); from batch 32 one
+    piece of 128-token tiles was faster than two."""
+    pairs = max(1, batch_size * num_kv_heads)
+    want = max(math.ceil(sm_count / pairs), 2 if 2 * pairs <= 3 * sm_count else 1)
     return min(triton.next_power_of_2(want), triton.next_power_of_2(cap))
+
+
+def default_tiles(dtype: torch.dtype) -> tuple[int, int, int]:
+    """``(block_n, num_warps, num_stages)`` of the split kernel: KV tiles of 64 for 16-bit inputs,
+    three loads in flight (2.68 vs 2.29 TB/s with two, H100, batch 256 x 640 tokens: the kernel
+    waits on memory latency, not bandwidth, with fewer); the exact fp32 FMA path needs more
+    registers per tile, so it takes tiles of 32 over 8 warps, two stages (no spills)."""
+    return (32, 8, 2) if dtype == torch.float32 else (64, 4, 3)
+
+
+def decode_tiles(dtype: torch.dtype, head_dim: int, batch_size: int, num_kv_heads: int, sm_count: int,
+                 max_splits: int) -> tuple[int, int, int]:
+    """``(block_n, num_warps, num_stages)`` of the split kernel for a step of ``batch_size``
+    requests cut ``max_splits`` deep: what the step's program count fits best.
+
+    Measured for 16-bit KV with head_dim 128 on an H200 (``python -m kernels.bench_decode_graph``,
+    contexts of 300, 1,000 and 3,000 tokens; time relative to ``default_tiles``, mean over them):
+    - two pieces while the pairs fill at most one program per SM (batch 9-16 at 8 kv heads): a
+      five-deep pipeline, 0.84-0.92x at 1,000-3,000 tokens (1.04-1.08x at 300);
+    - two pieces with more pairs (batch 17-24): tiles of 32, five deep, 0.69x with the split;
+    - one piece, up to two pairs per SM (batch 25-33): tiles of 128, 0.80x.
+    Elsewhere ``default_tiles``: at batch 1-8 and 34-96 no choice was better across the contexts;
+    from batch 128 two warps took 0.98x, but spill registers under some Triton releases."""
+    if dtype == torch.float32 or head_dim != 128:
+        return default_tiles(dtype)
+    pairs = batch_size * num_kv_heads
+    if max_splits == 2:
+        return (64, 4, 5) if pairs <= sm_count else (32, 4, 5)
+    if max_splits == 1 and pairs <= 2 * sm_count:
+        return (128, 4, 3)
+    return default_tiles(dtype)
 
 
 def plan_kv_splits(

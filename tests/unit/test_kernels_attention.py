@@ -24,6 +24,7 @@ from kernels.attention import (  # noqa: E402
     plan_kv_splits,
     runs_from_indptr,
 )
+from kernels.attention.decode_plan import decode_tiles, default_tiles  # noqa: E402
 from rollout.attention.registry import create_attention_backend  # noqa: E402
 from rollout.attention.triton_backend import TritonAttentionBackend  # noqa: E402
 from rollout.batch import ForwardBatch  # noqa: E402
@@ -154,12 +155,29 @@ def test_backend_refuses_a_cpu_pool_outside_the_interpreter(monkeypatch):
         TritonAttentionBackend(KVPool(1, 16, 2, 16, torch.float32, "cpu"))
 
 
+def test_decode_tiles_follow_the_program_count():
+    bf16 = torch.bfloat16
+    assert decode_tiles(bf16, 128, 1, 8, 132, 16) == default_tiles(bf16)
+    assert decode_tiles(bf16, 128, 16, 8, 132, 2) == (64, 4, 5)  # 128 pairs: a deeper pipeline
+    assert decode_tiles(bf16, 128, 17, 8, 132, 2) == (32, 4, 5)  # 136 pairs in two pieces: smaller tiles
+    assert decode_tiles(bf16, 128, 25, 8, 132, 1) == (128, 4, 3)
+    assert decode_tiles(bf16, 128, 33, 8, 132, 1) == (128, 4, 3)  # 264 pairs, two per SM
+    assert decode_tiles(bf16, 128, 34, 8, 132, 1) == default_tiles(bf16)
+    assert decode_tiles(bf16, 128, 256, 8, 132, 1) == default_tiles(bf16)
+    assert decode_tiles(bf16, 64, 17, 8, 132, 2) == default_tiles(bf16)  # measured at head_dim 128 only
+    assert decode_tiles(torch.float32, 128, 17, 8, 132, 2) == default_tiles(torch.float32)
+
+
 def test_split_planning():
     assert choose_max_splits(256, 8, 132, 16) == 1
-    assert choose_max_splits(17, 8, 132, 16) == 1  # 136 (request, head) pairs fill 132 SMs
+    assert choose_max_splits(25, 8, 132, 16) == 1  # 200 (request, head) pairs: over 1.5 per SM
+    assert choose_max_splits(24, 8, 132, 16) == 2  # 192: two pieces (fewer than 1.5 pairs per SM)
+    assert choose_max_splits(17, 8, 132, 16) == 2
+    assert choose_max_splits(17, 8, 132, 1) == 1  # the cap
     assert choose_max_splits(16, 8, 132, 16) == 2
     assert choose_max_splits(1, 8, 132, 16) == 16
-    assert choose_max_splits(4, 2, 8, 16) == 1
+    assert choose_max_splits(7, 2, 8, 16) == 1
+    assert choose_max_splits(6, 2, 8, 16) == 2
     assert choose_max_splits(1, 2, 8, 16) == 4
     lens = torch.tensor([0, 1, 128, 129, 5000], device=DEVICE)
     assert plan_kv_splits(lens, 8, 128).tolist() == [1, 1, 1, 2, 8]

@@ -94,6 +94,23 @@ def test_qkv_decode_is_rotary_then_decode(dtype, norm, max_splits, early_tile):
     assert torch.equal(got[-1], torch.zeros_like(got[-1]))
 
 
+@pytest.mark.parametrize("max_splits,tiles", [(1, (128, 4, 3)), (2, (32, 4, 5)), (2, (64, 4, 5))])
+def test_qkv_decode_at_the_tiles_decode_tiles_picks(max_splits, tiles):
+    """The tiles ``decode_tiles`` picks for some batch sizes: a tile longer than every request's KV,
+    and tiles of 32 over pieces of several tiles, against rotary-then-decode."""
+    hq, hkv, d = 4, 2, 32
+    kv_lens = [1, 37, 64, 100, 0]
+    qkv, k_buf, v_buf, kv_indices, indptr, rope = make_step(kv_lens, hq, hkv, d, torch.float32, True, seed=3)
+    splits = plan_kv_splits(torch.tensor(kv_lens, device=DEVICE), max_splits, 16)
+    k_ref, v_ref = k_buf.clone(), v_buf.clone()
+    want = two_kernels(qkv, hq, rope, k_ref, v_ref, kv_indices, indptr, d**-0.5, splits, max_splits)
+    got = decode_attention_qkv(qkv, hq, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), d**-0.5,
+                               splits, max_splits, tiles=tiles)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    live = rope.slots[:-1]  # the padding row (kv_len 0) stores nothing
+    assert torch.equal(v_buf[live], v_ref[live])
+
+
 def test_qkv_decode_refuses_small_or_odd_heads():
     qkv, k_buf, v_buf, kv_indices, indptr, rope = make_step([5], 2, 1, 16, torch.float32, False, seed=0)
     splits = torch.ones(1, dtype=torch.int32, device=DEVICE)
