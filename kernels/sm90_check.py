@@ -29,7 +29,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels import gemv, l2_prefetch
-from kernels.attention import decode, extend
+from kernels.attention import decode, decode_plan, extend
 from kernels.moe import fused_moe, routing
 from kernels.triton_utils import interpreting
 
@@ -93,7 +93,7 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
     precision = "ieee" if dtype == "fp32" else "tf32"
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     block_m, block_n, warps, stages = extend.default_tiles(128, torch_dtype)
-    decode_n, decode_warps, decode_stages = decode.default_tiles(torch_dtype)
+    decode_n, decode_warps, decode_stages = decode_plan.default_tiles(torch_dtype)
     attn = dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, kv_indices_ptr="*i64", kv_starts_ptr="*i64",
                 kv_lens_ptr="*i32",
                 qo_indptr_ptr="*i32", num_splits_ptr="*i32", mid_o_ptr="*fp32", mid_lse_ptr="*fp32",

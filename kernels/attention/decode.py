@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.decode_plan import decode_tiles, decode_workspace, default_tiles  # noqa: F401 (re-export)
+from kernels.attention.decode_plan import decode_tiles, decode_workspace
 from kernels.fused.rope import rms_norm_heads, rotate_halves
 from kernels.triton_utils import dot_precision, mma, num_sms, pdl_launch, pdl_trigger, pdl_wait, upcast_dot
 
