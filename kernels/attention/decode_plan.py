@@ -38,7 +38,7 @@ def decode_tiles(dtype: torch.dtype, head_dim: int, batch_size: int, num_kv_head
     Measured for 16-bit KV with head_dim 128 on an H200 (``python -m kernels.bench_decode_graph``,
     contexts of 300, 1,000 and 3,000 tokens; time relative to ``default_tiles``, mean over them):
     - two pieces while the pairs fill at most one program per SM (batch 9-16 at 8 kv heads): a
-      five-deep pipeline, 0.84-0.92x at 1,000-3,000 tokens (1.04-1.08x at 300);
+      five-deep pipeline, 0.84-0.93x at 1,000-3,000 tokens (1.04-1.08x at 300);
     - two pieces with more pairs (batch 17-24): tiles of 32, five deep, 0.69x with the split;
     - one piece, up to two pairs per SM (batch 25-33): tiles of 128, 0.80x.
     Elsewhere ``default_tiles``: at batch 1-8 and 34-96 no choice was better across the contexts;
