@@ -1,6 +1,7 @@
 """Benchmark of the fused sampling kernels against the sampler's torch path, one GPU.
 
     python -m kernels.bench_sampling                       # Qwen3 vocabulary, bf16 logits, batch 1..256
+    python -m kernels.bench_sampling --chunks 8,16,32,64   # also the plain kernels at other chunk counts
 
 For each batch size: plain temperature sampling, top-p 0.9, top-k 50 + top-p 0.95, min-p 0.1, each
 through ``Sampler.sample`` with the fused kernels on and off (logprobs on). The bandwidth column is
@@ -17,6 +18,7 @@ import argparse
 import torch
 
 from kernels.bench_utils import copy_bandwidth, describe_device, median_ms
+from kernels.sampling.inverse_cdf import num_chunks, sample_rows
 from rollout.layers import fused_ops
 from rollout.sampling.sampler import Sampler
 from rollout.sampling.sampling_batch import SamplingBatch
@@ -37,11 +39,26 @@ def time_sampler(logits: torch.Tensor, batch: SamplingBatch, mode: str) -> float
                                             top_logprobs_num=0))
 
 
+def print_chunk_sweep(logits: torch.Tensor, chunk_counts: list[int]) -> None:
+    """The two plain-sampling kernels alone (``sample_rows``) at the default chunks per row and at
+    ``chunk_counts``: more chunks spread the first kernel and shorten the second's scan."""
+    b, vocab = logits.shape
+    temps = torch.ones(b, device=logits.device)
+    uniforms = torch.rand(b, dtype=torch.float64, device=logits.device)
+    default = num_chunks(b, vocab, logits.device)
+    for n in [default, *(c for c in chunk_counts if c != default)]:
+        us = median_ms(lambda n=n: sample_rows(logits, temps, uniforms, chunks=n)) * 1e3
+        gbps = logits.numel() * logits.element_size() / (us * 1e-6) / 1e9
+        label = f"kernels, {n} chunks" + (" (default)" if n == default else "")
+        print(f"{b:>6} {label:<22} {'':>11} {us:>11.1f} {'':>9} {gbps:>12.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--batches", default="1,16,64,256")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--chunks", default="", help="chunks per row to time the plain kernels at, besides the default")
     args = ap.parse_args()
     device = torch.device("cuda")
     print(describe_device(device))
@@ -58,6 +75,8 @@ def main() -> None:
                 slow, fast = time_sampler(logits, batch, "0"), time_sampler(logits, batch, "1")
                 gbps = logits.numel() * logits.element_size() / (fast * 1e-3) / 1e9
                 print(f"{b:>6} {name:<22} {slow * 1e3:>11.1f} {fast * 1e3:>11.1f} {slow / fast:>8.1f}x {gbps:>12.0f}")
+            if args.chunks:
+                print_chunk_sweep(logits, [int(x) for x in args.chunks.split(",")])
     finally:
         fused_ops.MODE = saved
 
