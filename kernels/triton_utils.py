@@ -32,8 +32,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+@functools.cache
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a nominal 8 for the CPU interpreter)."""
+    """Streaming multiprocessors of ``device`` (a nominal 8 for the CPU interpreter). Cached: the
+    decode launcher asks once per layer to pick its tiles."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8
