@@ -2,6 +2,7 @@
 
     python -m kernels.bench_sampling                       # Qwen3 vocabulary, bf16 logits, batch 1..256
     python -m kernels.bench_sampling --chunks 8,16,32,64   # also the plain kernels at other chunk counts
+    python -m kernels.bench_sampling --chunks 8,16,32,64 --only-chunks   # those alone
 
 For each batch size: plain temperature sampling, top-p 0.9, top-k 50 + top-p 0.95, min-p 0.1, each
 through ``Sampler.sample`` with the fused kernels on and off (logprobs on). The bandwidth column is
@@ -41,13 +42,20 @@ def time_sampler(logits: torch.Tensor, batch: SamplingBatch, mode: str) -> float
 
 def print_chunk_sweep(logits: torch.Tensor, chunk_counts: list[int]) -> None:
     """The two plain-sampling kernels alone (``sample_rows``) at the default chunks per row and at
-    ``chunk_counts``: more chunks spread the first kernel and shorten the second's scan."""
+    ``chunk_counts``: more chunks spread the first kernel and shorten the second's scan. Timed as
+    the device runs them, back to back in a CUDA graph (``rollout.layers.skinny``'s timing): one
+    launch timed from the host measures the host's launch cost at small batches."""
+    from rollout.layers.skinny import _per_call_ms
+
     b, vocab = logits.shape
     temps = torch.ones(b, device=logits.device)
     uniforms = torch.rand(b, dtype=torch.float64, device=logits.device)
     default = num_chunks(b, vocab, logits.device)
-    for n in [default, *(c for c in chunk_counts if c != default)]:
-        us = median_ms(lambda n=n: sample_rows(logits, temps, uniforms, chunks=n)) * 1e3
+    counts = [default, *(c for c in chunk_counts if c != default)]
+    for n in counts:  # every count once before any is timed: the first timed is not the coldest
+        sample_rows(logits, temps, uniforms, chunks=n)
+    for n in counts:
+        us = _per_call_ms(lambda x, n=n: sample_rows(x, temps, uniforms, chunks=n), [logits]) * 1e3
         gbps = logits.numel() * logits.element_size() / (us * 1e-6) / 1e9
         label = f"kernels, {n} chunks" + (" (default)" if n == default else "")
         print(f"{b:>6} {label:<22} {'':>11} {us:>11.1f} {'':>9} {gbps:>12.0f}")
@@ -59,6 +67,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64,256")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--chunks", default="", help="chunks per row to time the plain kernels at, besides the default")
+    ap.add_argument("--only-chunks", action="store_true", help="skip the sampler cases: the chunk sweep alone")
     args = ap.parse_args()
     device = torch.device("cuda")
     print(describe_device(device))
@@ -70,7 +79,7 @@ def main() -> None:
         for b in (int(x) for x in args.batches.split(",")):
             gen = torch.Generator(device=device).manual_seed(b)
             logits = (torch.randn(b, args.vocab, device=device, generator=gen) * 2).to(getattr(torch, args.dtype))
-            for name, sp in CASES.items():
+            for name, sp in ({} if args.only_chunks else CASES).items():
                 batch = SamplingBatch.build([sp] * b, list(range(b)), [0] * b, None, device)
                 slow, fast = time_sampler(logits, batch, "0"), time_sampler(logits, batch, "1")
                 gbps = logits.numel() * logits.element_size() / (fast * 1e-3) / 1e9

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.sampling.inverse_cdf import MAX_CHUNKS, launch
+from kernels.sampling.inverse_cdf import MAX_CHUNKS, default_block, filtered_num_chunks, launch
 
 LEVELS = 8  # 4-bit digits of a 32-bit key
 BINS = 16
@@ -324,8 +324,10 @@ def sample_rows_filtered(
     off) and ``min_ps`` (B,) float32 (0: off). Rows with a filter on are drawn as in
     ``rollout/sampling/filtered.py``, the others (greedy, plain temperature) as ``sample_rows``.
     """
-    run = launch(logits, temperatures, uniforms, block, chunks)  # every row, and the chunk maxima
     b, vocab = logits.shape
+    block = block or default_block(vocab)
+    chunks = chunks or filtered_num_chunks(b, vocab, logits.device, block)
+    run = launch(logits, temperatures, uniforms, block, chunks)  # every row, and the chunk maxima
     if b == 0:
         return run.tokens, run.logprobs
     assert top_ks.shape == top_ps.shape == min_ps.shape == (b,)

@@ -32,7 +32,13 @@ import triton
 import triton.language as tl
 
 BLOCK = 1024  # ids per load
-PROGRAMS_PER_SM = 4  # the chunk count aims at this many programs per SM for the first kernel
+# Chunks are one block of ids each until the first kernel would have more than this many programs
+# per SM, then two blocks (``num_chunks``).
+PROGRAMS_PER_SM = 80
+# The filtered kernels (``filtered.py``) merge every chunk's histogram in each program, so their
+# cost grows with the chunk count: they keep fewer, longer chunks, about this many programs per SM
+# (more chunks made them 1.2-1.9x slower at 16-256 rows on an H200).
+FILTERED_PROGRAMS_PER_SM = 4
 # Chunks per row at most; also the width of the per-row statistics, fixed so that the kernels
 # compile once whatever the batch size (a width per batch size meant a compile in the middle of
 # serving each time the batch crossed a power of two).
@@ -143,9 +149,29 @@ def _sm_count(device: torch.device) -> int:
 
 
 def num_chunks(batch: int, vocab: int, device: torch.device, block: int = BLOCK) -> int:
-    """Chunks per row: enough programs to fill the GPU, none smaller than one block of ids."""
-    want = triton.cdiv(PROGRAMS_PER_SM * _sm_count(device), max(batch, 1))
+    """Chunks per row: one block of ids each, or two where one-block chunks would give the first
+    kernel more than ``PROGRAMS_PER_SM`` programs per SM.
+
+    Short chunks make the second kernel's scan short (it walks one chunk per row, serially) and
+    give the first kernel many programs. Timed on an H200 in CUDA graphs over a 151,936-id
+    vocabulary (``python -m kernels.bench_sampling --only-chunks``), one-block chunks were fastest
+    up to 64 rows (32 rows: 15.1 us against 30.2 for the earlier rule of four programs per SM) and
+    two-block chunks from 128 rows (256 rows: 70.5 us against 188.0)."""
+    blocks = triton.cdiv(vocab, block)
+    per_chunk = 1 if max(batch, 1) * blocks <= PROGRAMS_PER_SM * _sm_count(device) else 2
+    return max(1, min(triton.cdiv(blocks, per_chunk), MAX_CHUNKS))
+
+
+def filtered_num_chunks(batch: int, vocab: int, device: torch.device, block: int = BLOCK) -> int:
+    """Chunks per row for the filtered kernels: about ``FILTERED_PROGRAMS_PER_SM`` programs per SM,
+    none smaller than one block of ids."""
+    want = triton.cdiv(FILTERED_PROGRAMS_PER_SM * _sm_count(device), max(batch, 1))
     return max(1, min(want, triton.cdiv(vocab, block), MAX_CHUNKS))
+
+
+def default_block(vocab: int) -> int:
+    """Ids per load: ``BLOCK``, or the vocabulary rounded up to a power of two where smaller."""
+    return min(BLOCK, triton.next_power_of_2(vocab))
 
 
 def sample_rows(
@@ -185,7 +211,7 @@ def launch(
     dev = logits.device
     tokens = torch.empty(b, dtype=torch.int64, device=dev)
     logprobs = torch.empty(b, dtype=torch.float32, device=dev)
-    block = block or min(BLOCK, triton.next_power_of_2(vocab))
+    block = block or default_block(vocab)
     width = MAX_CHUNKS
     maxes = torch.empty(b, width, dtype=torch.float32, device=dev)
     if b == 0:

@@ -177,3 +177,22 @@ def test_filtered_kernel_ties_signed_zeros_and_bans(monkeypatch) -> None:
                                   block=4, chunks=2)
     assert set(got.cpu().tolist()) <= {2, 3} and torch.equal(got.cpu(), reference(zeros.to(DEVICE), zb,
                                                                                     monkeypatch)[0].cpu())
+
+
+def test_chunk_rules_of_the_plain_and_filtered_kernels() -> None:
+    """Plain sampling cuts rows into one-block chunks until that gives more than PROGRAMS_PER_SM
+    programs per SM, then two-block chunks; the filtered kernels keep few, long chunks (their
+    programs merge every chunk's histogram)."""
+    from kernels.sampling.inverse_cdf import (
+        FILTERED_PROGRAMS_PER_SM, PROGRAMS_PER_SM, _sm_count, filtered_num_chunks, num_chunks,
+    )
+
+    cpu, vocab, block = torch.device("cpu"), 151936, 1024
+    blocks = -(-vocab // block)  # 149
+    most = PROGRAMS_PER_SM * _sm_count(cpu) // blocks  # rows that still get one-block chunks
+    assert num_chunks(1, vocab, cpu, block) == blocks
+    assert num_chunks(most, vocab, cpu, block) == blocks
+    assert num_chunks(most + 1, vocab, cpu, block) == -(-blocks // 2)
+    assert num_chunks(1, 500, cpu, block) == 1
+    assert filtered_num_chunks(1, vocab, cpu, block) == FILTERED_PROGRAMS_PER_SM * _sm_count(cpu)
+    assert filtered_num_chunks(10_000, vocab, cpu, block) == 1
