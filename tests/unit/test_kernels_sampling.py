@@ -184,7 +184,11 @@ def test_chunk_rules_of_the_plain_and_filtered_kernels() -> None:
     programs per SM, then two-block chunks; the filtered kernels keep few, long chunks (their
     programs merge every chunk's histogram)."""
     from kernels.sampling.inverse_cdf import (
-        FILTERED_PROGRAMS_PER_SM, PROGRAMS_PER_SM, _sm_count, filtered_num_chunks, num_chunks,
+        FILTERED_PROGRAMS_PER_SM,
+        PROGRAMS_PER_SM,
+        _sm_count,
+        filtered_num_chunks,
+        num_chunks,
     )
 
     cpu, vocab, block = torch.device("cpu"), 151936, 1024
