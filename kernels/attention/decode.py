@@ -1,11 +1,10 @@
 """Paged decode attention (one query token per request), split over the KV length.
 
-Flash-decoding. The split kernel gives each (request, kv head, split) a contiguous piece of the
-request's KV run and computes, for all ``G = Hq / Hkv`` query heads of that kv head at once (so
-each K/V tile is loaded once for the whole group), a partial output normalised by its own softmax
-sum plus the log-sum-exp of the piece. The pieces of each request are then merged, by the last
-piece of each (request, kv head) or by a second kernel (``kernels.attention.decode_merge``); with
-``max_splits == 1`` (large batches) the split kernel writes the output itself::
+Flash-decoding in two kernels. The first gives each (request, kv head, split) a contiguous piece
+of the request's KV run and computes, for all ``G = Hq / Hkv`` query heads of that kv head at once
+(so each K/V tile is loaded once for the whole group), a partial output normalised by its own
+softmax sum plus the log-sum-exp of the piece. The second merges the pieces of each (request,
+q head) (with ``max_splits == 1``, large batches, the first kernel writes the output itself)::
 
     kv run of request b   | split 0 | split 1 | ... | split n_b-1 |     n_b = num_splits[b] <= S
     partial               (o_0, lse_0) (o_1, lse_1)  ...
@@ -38,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.decode_merge import fused_merge_enabled, launch_merge, merge_counts, merge_if_last
 from kernels.attention.decode_plan import decode_tiles, decode_workspace
 from kernels.fused.rope import rms_norm_heads, rotate_halves
 from kernels.triton_utils import dot_precision, mma, num_sms, pdl_launch, pdl_trigger, pdl_wait, upcast_dot
@@ -94,17 +92,14 @@ def _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, str
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, kv_indices_ptr, kv_starts_ptr, kv_lens_ptr, num_splits_ptr, mid_o_ptr, mid_lse_ptr,
-    pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, out_ptr, count_ptr, scale_log2, eps,
+    pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, scale_log2, eps,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_cos, stride_outb, stride_outh,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_cos,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr,
     ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
 ):
     # DIRECT: one split per request (large batches): mid_o is the output itself, no lse, no merge.
-    # FUSED_MERGE (split steps): the last piece of each (request, kv head) merges them into out_ptr
-    # (kernels.attention.decode_merge.merge_if_last); else the merge kernel does, after this one.
     # ROPE: q_ptr is the qkv projection (see decode_attention_qkv); q and the new k are rotated here.
     # With PDL (pdl_launch(kind="decode")) everything up to pdl_wait runs while the qkv matmul
     # before this kernel still does: the step's scalars (written before its first kernel) and, on
@@ -229,13 +224,34 @@ def _decode_split_kernel(
     tl.store(o_base + heads[:, None] * stride_oh + offs_d[None, :], out.to(mid_o_ptr.dtype.element_ty),
              mask=mask_h[:, None] & mask_d[None, :])
     if not DIRECT:
-        lse_rows = mid_lse_ptr + b * stride_lb + heads * stride_lh
-        tl.store(lse_rows + split, lse, mask=mask_h)
-        if FUSED_MERGE:
-            merge_if_last(count_ptr + b * tl.num_programs(1) + kv_head, n_split,
-                          mid_o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], lse_rows,
-                          out_ptr + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :], stride_os,
-                          mask_h, mask_d, BLOCK_H, BLOCK_D)
+        tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    mid_o_ptr, mid_lse_ptr, num_splits_ptr, out_ptr,
+    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl_trigger(PDL)
+    b = tl.program_id(0)
+    head = tl.program_id(1)
+    n_split = tl.maximum(tl.load(num_splits_ptr + b), 1)  # a step input: read before the wait
+    pdl_wait(PDL)
+    offs_s = tl.arange(0, MAX_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < n_split
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(mid_lse_ptr + b * stride_lb + head * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.maximum(tl.max(lse, 0), NEG)  # finite even when every piece is empty
+    w = tl.exp2(lse - m)  # (MAX_SPLITS,)
+    o = tl.load(
+        mid_o_ptr + b * stride_ob + head * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :], other=0.0,
+    )  # (MAX_SPLITS, BLOCK_D)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b * stride_outb + head * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 class NewTokenRope(NamedTuple):
@@ -269,21 +285,16 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    fused_merge: bool | None = None,
-    counts: torch.Tensor | None = None,  # (>= B * Hkv,) int32 zeros, left zeroed
 ) -> torch.Tensor:  # (B, Hq, D)
     """Attention of each request's single query over its whole KV run in the paged pool.
 
-    Tile options left ``None`` take ``decode_tiles`` for the step's batch size and grid depth.
-    ``fused_merge``: split requests are merged by their last piece, not a second kernel
-    (``kernels.attention.decode_merge``; default ``ROLLOUT_FUSED_MERGE``, on), which counts the
-    pieces in ``counts`` (default: ``merge_counts``, one buffer per device)."""
+    Tile options left ``None`` take ``decode_tiles`` for the step's batch size and grid depth."""
     num_q_heads = q.shape[1]
     assert k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1, "pool rows must be contiguous"
     if q.dtype != k_buf.dtype or q.stride(-1) != 1:
         q = q.to(k_buf.dtype).contiguous()
     return _launch(q, num_q_heads, None, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages, None, fused_merge, counts)
+                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages)
 
 
 def decode_attention_qkv(
@@ -304,16 +315,13 @@ def decode_attention_qkv(
     mid_lse: torch.Tensor | None = None,
     early_tile: bool | None = None,
     tiles: tuple[int, int, int] | None = None,
-    fused_merge: bool | None = None,
-    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (B, Hq, D)
     """``qk_norm_rope_`` of the decoded tokens (storing their k and v at ``rope.slots``), then
     ``decode_attention``, in the split kernel (module doc). Each request's last KV position is the
     token being decoded; its slot in ``kv_indices`` is ``rope.slots[b]`` and is read from registers.
     ``early_tile``: load each piece's first KV tile before the PDL wait (default: with PDL, in
     split steps); the result is the same either way. ``tiles``: ``(block_n, num_warps, num_stages)``
-    (default: ``decode_tiles`` for the step's batch size and grid depth). ``fused_merge``,
-    ``counts``: as in ``decode_attention``."""
+    (default: ``decode_tiles`` for the step's batch size and grid depth)."""
     batch, width = qkv.shape
     num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
     assert width == (num_q_heads + 2 * num_kv_heads) * head_dim and qkv.stride(-1) == 1, "qkv rows [q | k | v]"
@@ -323,8 +331,7 @@ def decode_attention_qkv(
     assert rope.cos_cache.stride() == rope.sin_cache.stride() and rope.cos_cache.stride(-1) == 1
     assert rope.positions.shape == (batch,) and rope.slots.shape == (batch,)
     return _launch(qkv, num_q_heads, rope, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile, fused_merge,
-                   counts)
+                   max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile)
 
 
 def _launch(
@@ -332,10 +339,10 @@ def _launch(
     kv_indices: torch.Tensor, kv_starts: torch.Tensor, kv_lens: torch.Tensor, scale: float,
     num_splits: torch.Tensor, max_splits: int, out: torch.Tensor | None, mid_o: torch.Tensor | None,
     mid_lse: torch.Tensor | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
-    early_tile: bool | None = None, fused_merge: bool | None = None, counts: torch.Tensor | None = None,
+    early_tile: bool | None = None,
 ) -> torch.Tensor:
-    """The split kernel (and, where requests are split and ``fused_merge`` is off, the merge
-    kernel) over ``q`` (B, Hq, D) or, with ``rope``, the qkv rows (B, (Hq + 2 Hkv) * D)."""
+    """The split kernel (and the merge kernel where requests are split) over ``q`` (B, Hq, D) or,
+    with ``rope``, the qkv rows (B, (Hq + 2 Hkv) * D)."""
     batch = q.shape[0]
     num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
     assert num_q_heads % num_kv_heads == 0, "q heads must be a multiple of kv heads"
@@ -356,26 +363,26 @@ def _launch(
     pdl = pdl_launch(q, kind="decode")
     if early_tile is None:
         early_tile = pdl["PDL"] and not direct
-    fused = not direct and (fused_merge_enabled() if fused_merge is None else fused_merge)
-    if not fused:
-        counts = num_splits  # unused
-    elif counts is None:
-        counts = merge_counts(q.device, batch * num_kv_heads)
-    else:
-        assert counts.dtype == torch.int32 and counts.numel() >= batch * num_kv_heads, "counts: B * Hkv int32"
     _decode_split_kernel[(batch, num_kv_heads, max_splits)](
         q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, num_splits, dest, mid_lse,
         *((r.positions, r.cos_cache, r.sin_cache) if r is not None else (num_splits,) * 3),
         *((r.q_norm_weight, r.k_norm_weight) if has_norm else (num_splits,) * 2),
-        r.slots if r is not None else num_splits, out, counts, scale * LOG2E, r.eps if r is not None else 0.0,
+        r.slots if r is not None else num_splits, scale * LOG2E, r.eps if r is not None else 0.0,
         q.stride(0), q.stride(1) if r is None else head_dim, k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
         v_buf.stride(1), dest.stride(0), dest.stride(1), 0 if direct else mid_o.stride(2), mid_lse.stride(0),
-        mid_lse.stride(1), r.cos_cache.stride(0) if r is not None else 0, out.stride(0), out.stride(1),
+        mid_lse.stride(1), r.cos_cache.stride(0) if r is not None else 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q), DIRECT=direct,
-        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile, FUSED_MERGE=fused,
+        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile,
         num_warps=num_warps, num_stages=num_stages, **pdl,
     )
-    if not direct and not fused:
-        launch_merge(mid_o, mid_lse, num_splits, out, max_splits, pdl_launch(q, kind="decode"))
+    if direct:
+        return out
+    _decode_merge_kernel[(batch, num_q_heads)](
+        mid_o, mid_lse, num_splits, out,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, MAX_SPLITS=triton.next_power_of_2(max_splits),
+        num_warps=4 if block_d >= 128 else 2, **pdl_launch(q, kind="decode"),
+    )
     return out

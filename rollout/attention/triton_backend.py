@@ -98,10 +98,6 @@ class TritonAttentionBackend(AttentionBackend):
         self._kv_starts = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
         self._kv_lens = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
         self._workspace: torch.Tensor | None = None  # flat fp32: partial outputs, then their lse
-        # Split steps merge in their last piece, counted here per (request, kv head); each launch
-        # leaves the counts zeroed (kernels.attention.decode_merge).
-        self._merge_counts = torch.zeros(max_batch_size * self.kv_pool.num_kv_heads, dtype=torch.int32,
-                                         device=self.kv_pool.device)
 
     def init_cuda_graph(self, max_bs: int, max_kv_tokens: int) -> None:
         """Size the split-count buffer for ``max_bs`` requests (the KV index buffers are the batch's own)."""
@@ -174,7 +170,7 @@ class TritonAttentionBackend(AttentionBackend):
         mid_o, mid_lse = self._decode_workspace(plan, q.shape[1], q.shape[2])
         out = decode_attention(
             q, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
-            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse, counts=self._counts(plan),
+            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse,
         )
         return out.to(q.dtype)
 
@@ -202,12 +198,8 @@ class TritonAttentionBackend(AttentionBackend):
         mid_o, mid_lse = self._decode_workspace(plan, num_q_heads, head_dim)
         return decode_attention_qkv(
             qkv, num_q_heads, rope, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
-            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse, counts=self._counts(plan),
+            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse,
         )
-
-    def _counts(self, plan: _StepPlan) -> torch.Tensor | None:
-        """The merge counts of a step that fits them (None: the kernel's per-device buffer)."""
-        return self._merge_counts if plan.batch_size <= self.max_batch_size else None
 
     def _decode_workspace(
         self, plan: _StepPlan, num_q_heads: int, head_dim: int

@@ -46,12 +46,9 @@ def _step_inputs(batch, lens, table, dev):
     return {"rope": rope, "table": table, "starts": starts, "lens": lens_t}
 
 
-@pytest.mark.parametrize("fused_merge", ["1", "0"])
 @pytest.mark.parametrize("batch,min_split", [(1, 64), (1, 128), (4, 64), (16, 128)])
 @torch.no_grad()
-def test_pdl_decode_chain_over_steps_matches_plain_launches(batch, min_split, fused_merge, monkeypatch) -> None:
-    """``fused_merge``: split requests merged by their last piece (kernels.attention.decode_merge,
-    the counts read and reset after the PDL wait) or by the merge kernel."""
+def test_pdl_decode_chain_over_steps_matches_plain_launches(batch, min_split, monkeypatch) -> None:
     from kernels.attention import choose_max_splits, plan_kv_splits
     from kernels.gemv import candidates
     from kernels.triton_utils import num_sms, pdl_enabled
@@ -59,7 +56,6 @@ def test_pdl_decode_chain_over_steps_matches_plain_launches(batch, min_split, fu
     dev = torch.device("cuda")
     if torch.cuda.get_device_capability(dev)[0] < 9:
         pytest.skip("PDL needs Hopper or later")
-    monkeypatch.setenv("ROLLOUT_FUSED_MERGE", fused_merge)
     gen = torch.Generator(device=dev).manual_seed(batch)
     bf = torch.bfloat16
     weights = [(torch.randn((HQ + 2 * HKV) * D, HIDDEN, device=dev, dtype=bf, generator=gen) * 0.03,
