@@ -33,23 +33,38 @@ def _tiles(text: str) -> list[tuple[int, int, int]]:
     return [tuple(int(x) for x in t.split("/")) for t in text.split(",") if t]
 
 
+def request_lens(batch: int, context: int, ragged: float) -> torch.Tensor:
+    """KV lengths (B,): ``context`` each, or uniform in ``context * (1 +- ragged)`` (fixed seed)."""
+    if ragged <= 0:
+        return torch.full((batch,), context, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(batch + context)
+    lo, hi = max(2, round(context * (1 - ragged))), round(context * (1 + ragged))
+    return torch.randint(lo, hi + 1, (batch,), generator=gen, dtype=torch.int32)
+
+
 def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[int, int, int], heads: tuple[int, int],
-              head_dim: int, pools: list[tuple[torch.Tensor, torch.Tensor]], replays: int) -> float:
-    """Microseconds per layer of one decode step's attention at ``batch`` x ``context`` tokens."""
+              head_dim: int, pools: list[tuple[torch.Tensor, torch.Tensor]], replays: int, heads_per_program: int = 1,
+              lens_cpu: torch.Tensor | None = None, interleaved: bool = False) -> float:
+    """Microseconds per layer of one decode step's attention at ``batch`` x ``context`` tokens
+    (``lens_cpu``: each request's length, at most ``context``). ``interleaved``: token t of
+    every request in neighbouring slots, as slots taken one per request per decode step lie; else
+    each request's slots contiguous, requests shuffled."""
     dev, dt = pools[0][0].device, pools[0][0].dtype
     hq, hkv = heads
     gen = torch.Generator().manual_seed(batch * 7919 + context)
-    order = torch.randperm(batch, generator=gen)  # each request's slots contiguous, requests shuffled
-    kv_indices = (torch.arange(context)[None, :] + 1 + order[:, None] * context).reshape(-1).to(dev)
+    order = torch.randperm(batch, generator=gen)
+    t = torch.arange(context)[None, :]
+    slots = 1 + (t * batch + order[:, None] if interleaved else t + order[:, None] * context)
+    kv_indices = slots.reshape(-1).to(dev)
     starts = torch.arange(0, batch * context, context, dtype=torch.int32, device=dev)
-    lens = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    lens = (lens_cpu if lens_cpu is not None else torch.full((batch,), context, dtype=torch.int32)).to(dev)
     num_splits = plan_kv_splits(lens, splits, 64)
     qkv = torch.randn(batch, (hq + 2 * hkv) * head_dim, device=dev, dtype=dt)
     cos = torch.randn(context, head_dim, device=dev)
     sin = torch.randn(context, head_dim, device=dev)
     norm = torch.ones(head_dim, device=dev, dtype=dt)
-    rope = NewTokenRope(torch.full((batch,), context - 1, device=dev), cos, sin, norm, norm, 1e-6,
-                        kv_indices[starts.long() + context - 1].clone())
+    last = lens.long() - 1
+    rope = NewTokenRope(last, cos, sin, norm, norm, 1e-6, kv_indices[starts.long() + last].clone())
     out = torch.empty(batch, hq, head_dim, device=dev, dtype=dt)
     mid_o, mid_lse = decode_workspace(batch, hq, splits, head_dim, dev)
 
@@ -57,7 +72,8 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
         for i in range(layers):
             k, v = pools[i]
             decode_attention_qkv(qkv, hq, rope, k, v, kv_indices, starts, lens, head_dim**-0.5, num_splits, splits,
-                                 out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles)
+                                 out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles,
+                                 heads_per_program=heads_per_program)
 
     step()  # compile outside the capture
     torch.cuda.synchronize()
@@ -77,12 +93,20 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
     return sorted(times)[len(times) // 2]
 
 
+def _name(key: tuple) -> str:
+    splits, (n, w, st), hp = key
+    return f"S{splits} {n}/{w}/{st}" + (f" H{hp}" if hp > 1 else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=_ints, default=_ints("17,24,32,48,64,96,128,192,256"))
     p.add_argument("--context", type=_ints, default=_ints("300,1000,3000"))
     p.add_argument("--splits", type=_ints, default=_ints("1,2"), help="grid depths tried")
     p.add_argument("--tiles", type=_tiles, default=_tiles(TILES), help="block_n/warps/stages choices tried")
+    p.add_argument("--heads", type=_ints, default=_ints("1"), help="kv heads per program tried")
+    p.add_argument("--ragged", type=float, default=0.0, help="lengths uniform in context * (1 +- this)")
+    p.add_argument("--interleaved", action="store_true", help="slots as decode steps take them (see time_case)")
     p.add_argument("--q-heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -101,24 +125,26 @@ def main() -> None:
     token_bytes = 2 * hkv * d * 2
     best_by_batch: dict[int, dict] = {}
     for batch, context in itertools.product(args.batch, args.context):
-        layer_bytes = batch * context * token_bytes
+        lens = request_lens(batch, context, args.ragged)
+        span = int(lens.max())
+        layer_bytes = int(lens.sum()) * token_bytes
         layers = max(1, min(args.max_layers, math.floor(args.step_bytes / layer_bytes)))
-        slots = batch * context + 1
+        slots = batch * span + 1
         pools = [(torch.empty(slots, hkv, d, device=dev, dtype=dt).normal_(),
                   torch.empty(slots, hkv, d, device=dev, dtype=dt).normal_()) for _ in range(layers)]
         results = {}
-        for splits, tiles in itertools.product(args.splits, args.tiles):
-            results[(splits, tiles)] = time_case(batch, context, layers, splits, tiles, (hq, hkv), d, pools,
-                                                 args.replays)
+        for splits, tiles, hp in itertools.product(args.splits, args.tiles, args.heads):
+            results[(splits, tiles, hp)] = time_case(batch, span, layers, splits, tiles, (hq, hkv), d, pools,
+                                                     args.replays, hp, lens, args.interleaved)
         del pools
         ranked = sorted(results, key=results.get)
-        cells = "  ".join(f"S{s} {t[0]}/{t[1]}/{t[2]} {results[(s, t)]:6.1f}" for s, t in ranked[:4])
-        base = results[(args.splits[0], args.tiles[0])]
+        cells = "  ".join(f"{_name(k)} {results[k]:6.1f}" for k in ranked[:4])
+        base = results[(args.splits[0], args.tiles[0], args.heads[0])]
         pct = 100 * layer_bytes / (results[ranked[0]] * 1e-6) / copy_bps
         print(f"B {batch:4d} ctx {context:5d} L {layers:2d} | first {base:7.1f} us | best {cells} "
               f"({pct:.0f}% of copy)", flush=True)
         if args.all:
-            print("    " + "  ".join(f"S{s} {t[0]}/{t[1]}/{t[2]} {us:.1f}" for (s, t), us in results.items()))
+            print("    " + "  ".join(f"{_name(k)} {us:.1f}" for k, us in results.items()))
         for key, us in results.items():
             best_by_batch.setdefault(batch, {}).setdefault(key, 0.0)
             best_by_batch[batch][key] += us / base  # each context weighs the same
@@ -126,7 +152,7 @@ def main() -> None:
     for batch, sums in best_by_batch.items():
         key = min(sums, key=sums.get)
         n = len(args.context)
-        print(f"B {batch:4d}: S{key[0]} tiles {key[1]}  mean ratio {sums[key] / n:.3f}")
+        print(f"B {batch:4d}: {_name(key)}  mean ratio {sums[key] / n:.3f}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.attention.decode_merge import launch_merge
 from kernels.attention.decode_plan import decode_tiles, decode_workspace
 from kernels.fused.rope import rms_norm_heads, rotate_halves
 from kernels.triton_utils import dot_precision, mma, num_sms, pdl_launch, pdl_trigger, pdl_wait, upcast_dot
@@ -97,10 +98,13 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_cos,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr,
-    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, HEADS: tl.constexpr,
 ):
     # DIRECT: one split per request (large batches): mid_o is the output itself, no lse, no merge.
     # ROPE: q_ptr is the qkv projection (see decode_attention_qkv); q and the new k are rotated here.
+    # HEADS: kv heads per program. Its rows are their HEADS * GROUP q heads, and one loop walks
+    # the piece tile by tile, each tile head by head, so the program reads whole runs of each slot
+    # row; rows of other heads are masked out of each tile's softmax.
     # With PDL (pdl_launch(kind="decode")) everything up to pdl_wait runs while the qkv matmul
     # before this kernel still does: the step's scalars (written before its first kernel) and, on
     # the ROPE path with EARLY, the piece's first KV tile, whose positions earlier steps stored.
@@ -109,7 +113,7 @@ def _decode_split_kernel(
     # request the tile held across the wait costs registers, hence occupancy, on long runs.
     pdl_trigger(PDL)
     b = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    head0 = tl.program_id(1) * HEADS  # first kv head of this program
     split = tl.program_id(2)
     # Every per-request scalar in one round of loads (none depends on another), before the exit.
     # At least one piece: program (b, h, 0) always reaches pdl_wait, so this kernel never ends
@@ -129,8 +133,9 @@ def _decode_split_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    heads = kv_head * GROUP + offs_h  # (BLOCK_H,) q heads of this kv head; rows >= GROUP are padding
-    mask_h = offs_h < GROUP
+    heads = head0 * GROUP + offs_h  # (BLOCK_H,) q heads of this program; rows >= HEADS * GROUP are padding
+    row_head = offs_h // GROUP  # (BLOCK_H,) each row's kv head, counted from head0
+    mask_h = offs_h < HEADS * GROUP
     mask_d = offs_d < HEAD_DIM
     m_i = tl.full([BLOCK_H], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -140,62 +145,71 @@ def _decode_split_kernel(
         half: tl.constexpr = HEAD_DIM // 2
         offs_x = tl.arange(0, half)[None, :]
         offs_kd = tl.arange(0, half)
-        # The cache holds every position but the last. With EARLY its first tile in this piece is
-        # loaded before the wait (see above), the rest in the loop below.
+        # The cache holds every position but the last. With EARLY the first tile of head0 in this
+        # piece is loaded before the wait (see above), the rest in the loop below.
         hi_cached = tl.minimum(hi, kv_len - 1)
         if EARLY:
             mask_0 = lo + offs_n < hi_cached
             slots_0 = tl.load(kv_indices_ptr + kv_start + lo + offs_n, mask=mask_0, other=0).to(tl.int64)
-            k_cols_0 = k_ptr + slots_0[None, :] * stride_kn + kv_head * stride_kh + offs_kd[:, None]  # (half, BLOCK_N)
+            k_cols_0 = k_ptr + slots_0[None, :] * stride_kn + head0 * stride_kh + offs_kd[:, None]  # (half, BLOCK_N)
             k1_0 = tl.load(k_cols_0, mask=mask_0[None, :], other=0.0)
             k2_0 = tl.load(k_cols_0 + half, mask=mask_0[None, :], other=0.0)
-            v_0 = _v_tile(v_ptr, slots_0, mask_0, kv_head, stride_vn, stride_vh, offs_d, mask_d)
+            v_0 = _v_tile(v_ptr, slots_0, mask_0, head0, stride_vn, stride_vh, offs_d, mask_d)
         pdl_wait(PDL)
         cos_row = cos_ptr + pos * stride_cos
         sin_row = sin_ptr + pos * stride_cos
         q_rows = q_ptr + b * stride_qb + heads[:, None] * HEAD_DIM
         q1, q2 = _norm_rope_heads(q_rows, mask_h[:, None], qw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM, HAS_NORM)
         # The token being decoded, in this piece when its position kv_len - 1 is (else masked out):
-        # its k head rotated, stored with its v head (no program reads that slot from the cache),
-        # and its score, all before the loop so that these loads overlap the loop's first ones.
+        # each row's k head rotated, stored with its v head by the head's first row (no program
+        # reads that slot from the cache), and each row's score, all before the loop so that these
+        # loads overlap the loop's first ones.
         own = (lo <= kv_len - 1) & (kv_len - 1 < hi)
-        num_q_heads = GROUP * tl.num_programs(1)
-        k_row = q_ptr + b * stride_qb + (num_q_heads + kv_head) * HEAD_DIM
-        v_row = q_ptr + b * stride_qb + (num_q_heads + tl.num_programs(1) + kv_head) * HEAD_DIM
-        kn1, kn2 = _norm_rope_heads(k_row, offs_x < half, kw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM,
-                                    HAS_NORM)  # (1, half)
-        vn = tl.load(v_row + offs_d, mask=mask_d, other=0.0)  # (BLOCK_D,)
-        k_dst = k_ptr + slot * stride_kn + kv_head * stride_kh + offs_x
-        stored = tl.where(own, HEAD_DIM, 0)  # the masks as bounds (the interpreter takes no scalar & block)
-        tl.store(k_dst, kn1, mask=offs_x < stored)
-        tl.store(k_dst + half, kn2, mask=offs_x < stored)
-        tl.store(v_ptr + slot * stride_vn + kv_head * stride_vh + offs_d, vn, mask=offs_d < stored)
+        num_kv_heads = HEADS * tl.num_programs(1)
+        kv_of_row = head0 + row_head
+        k_rows = q_ptr + b * stride_qb + (GROUP * num_kv_heads + kv_of_row[:, None]) * HEAD_DIM  # (BLOCK_H, 1)
+        v_rows = q_ptr + b * stride_qb + ((GROUP + 1) * num_kv_heads + kv_of_row[:, None]) * HEAD_DIM
+        kn1, kn2 = _norm_rope_heads(k_rows, mask_h[:, None], kw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM,
+                                    HAS_NORM)  # (BLOCK_H, half)
+        vn = tl.load(v_rows + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
+        # The masks as bounds (the interpreter takes no scalar & block): a head's first row stores.
+        stores = tl.where((offs_h % GROUP == 0) & mask_h, tl.where(own, HEAD_DIM, 0), 0)[:, None]  # (BLOCK_H, 1)
+        k_dst = k_ptr + slot * stride_kn + kv_of_row[:, None] * stride_kh + offs_x
+        tl.store(k_dst, kn1, mask=offs_x < stores)
+        tl.store(k_dst + half, kn2, mask=offs_x < stores)
+        tl.store(v_ptr + slot * stride_vn + kv_of_row[:, None] * stride_vh + offs_d[None, :], vn,
+                 mask=offs_d[None, :] < stores)
         s_new = (tl.sum(q1.to(tl.float32) * kn1.to(tl.float32), 1)
                  + tl.sum(q2.to(tl.float32) * kn2.to(tl.float32), 1)) * scale_log2  # (BLOCK_H,)
         s_new = tl.where(own, s_new, float("-inf"))
-        first = lo
+        first = 0
         if EARLY:
             s = mma(q2, k2_0, mma(q1, k1_0, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST),
                     PRECISION, UPCAST) * scale_log2
+            s = tl.where((row_head == 0)[:, None], s, float("-inf"))
             acc, m_i, l_i = _softmax_tile(s, m_i, l_i, acc, v_0, mask_0, PRECISION, UPCAST)
-            first = lo + BLOCK_N
-        for start in range(first, hi_cached, BLOCK_N):
-            pos_n = start + offs_n
+            first = 1
+        n_tiles = tl.cdiv(tl.maximum(hi_cached - lo, 0), BLOCK_N)
+        for it in range(first, n_tiles * HEADS):
+            hh = it % HEADS
+            pos_n = lo + (it // HEADS) * BLOCK_N + offs_n
             mask_n = pos_n < hi_cached
             slots = tl.load(kv_indices_ptr + kv_start + pos_n, mask=mask_n, other=0).to(tl.int64)
-            k_cols = k_ptr + slots[None, :] * stride_kn + kv_head * stride_kh + offs_kd[:, None]  # (half, BLOCK_N)
+            k_cols = k_ptr + slots[None, :] * stride_kn + (head0 + hh) * stride_kh + offs_kd[:, None]  # (half, BLOCK_N)
             k1 = tl.load(k_cols, mask=mask_n[None, :], other=0.0)
             k2 = tl.load(k_cols + half, mask=mask_n[None, :], other=0.0)
             s = mma(q2, k2, mma(q1, k1, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST),
                     PRECISION, UPCAST) * scale_log2
-            acc, m_i, l_i = _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh,
+            if HEADS > 1:
+                s = tl.where((row_head == hh)[:, None], s, float("-inf"))
+            acc, m_i, l_i = _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, head0 + hh, stride_vn, stride_vh,
                                          offs_d, mask_d, PRECISION, UPCAST)
         m_new = tl.maximum(m_i, s_new)
         alpha = tl.exp2(m_i - m_new)
         p_new = tl.exp2(s_new - m_new)
         l_i = l_i * alpha + p_new
         p_new = p_new.to(vn.dtype).to(tl.float32)  # rounded for the product with v, as the tiles' p is
-        acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
+        acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)
         m_i = m_new
     else:
         pdl_wait(PDL)  # the new token's K and V are in the cache: a kernel before this one stored them
@@ -203,16 +217,20 @@ def _decode_split_kernel(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
             mask=mask_h[:, None] & mask_d[None, :], other=0.0,
         )  # (BLOCK_H, BLOCK_D)
-        for start in range(lo, hi, BLOCK_N):
-            pos_n = start + offs_n
+        n_tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
+        for it in range(0, n_tiles * HEADS):
+            hh = it % HEADS
+            pos_n = lo + (it // HEADS) * BLOCK_N + offs_n
             mask_n = pos_n < hi
             slots = tl.load(kv_indices_ptr + kv_start + pos_n, mask=mask_n, other=0).to(tl.int64)  # (BLOCK_N,)
             k = tl.load(
-                k_ptr + slots[None, :] * stride_kn + kv_head * stride_kh + offs_d[:, None],
+                k_ptr + slots[None, :] * stride_kn + (head0 + hh) * stride_kh + offs_d[:, None],
                 mask=mask_n[None, :] & mask_d[:, None], other=0.0,
             )  # (BLOCK_D, BLOCK_N)
             s = mma(q, k, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST) * scale_log2
-            acc, m_i, l_i = _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh,
+            if HEADS > 1:
+                s = tl.where((row_head == hh)[:, None], s, float("-inf"))
+            acc, m_i, l_i = _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, head0 + hh, stride_vn, stride_vh,
                                          offs_d, mask_d, PRECISION, UPCAST)
 
     # An empty piece (kv_len not divisible into n_split nonempty ones, or kv_len 0) has l_i = 0:
@@ -225,33 +243,6 @@ def _decode_split_kernel(
              mask=mask_h[:, None] & mask_d[None, :])
     if not DIRECT:
         tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
-
-
-@triton.jit
-def _decode_merge_kernel(
-    mid_o_ptr, mid_lse_ptr, num_splits_ptr, out_ptr,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_outb, stride_outh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MAX_SPLITS: tl.constexpr, PDL: tl.constexpr,
-):
-    pdl_trigger(PDL)
-    b = tl.program_id(0)
-    head = tl.program_id(1)
-    n_split = tl.maximum(tl.load(num_splits_ptr + b), 1)  # a step input: read before the wait
-    pdl_wait(PDL)
-    offs_s = tl.arange(0, MAX_SPLITS)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < n_split
-    mask_d = offs_d < HEAD_DIM
-    lse = tl.load(mid_lse_ptr + b * stride_lb + head * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.maximum(tl.max(lse, 0), NEG)  # finite even when every piece is empty
-    w = tl.exp2(lse - m)  # (MAX_SPLITS,)
-    o = tl.load(
-        mid_o_ptr + b * stride_ob + head * stride_oh + offs_s[:, None] * stride_os + offs_d[None, :],
-        mask=mask_s[:, None] & mask_d[None, :], other=0.0,
-    )  # (MAX_SPLITS, BLOCK_D)
-    total = tl.sum(w, 0)
-    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b * stride_outb + head * stride_outh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 class NewTokenRope(NamedTuple):
@@ -285,16 +276,19 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    heads_per_program: int = 1,
 ) -> torch.Tensor:  # (B, Hq, D)
     """Attention of each request's single query over its whole KV run in the paged pool.
 
-    Tile options left ``None`` take ``decode_tiles`` for the step's batch size and grid depth."""
+    Tile options left ``None`` take ``decode_tiles`` for the step's batch size and grid depth.
+    ``heads_per_program``: kv heads each program attends for, tile by tile (a divisor of the kv
+    heads; each K/V tile row is then read in runs of that many heads)."""
     num_q_heads = q.shape[1]
     assert k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1, "pool rows must be contiguous"
     if q.dtype != k_buf.dtype or q.stride(-1) != 1:
         q = q.to(k_buf.dtype).contiguous()
     return _launch(q, num_q_heads, None, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages)
+                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages, None, heads_per_program)
 
 
 def decode_attention_qkv(
@@ -315,13 +309,15 @@ def decode_attention_qkv(
     mid_lse: torch.Tensor | None = None,
     early_tile: bool | None = None,
     tiles: tuple[int, int, int] | None = None,
+    heads_per_program: int = 1,
 ) -> torch.Tensor:  # (B, Hq, D)
     """``qk_norm_rope_`` of the decoded tokens (storing their k and v at ``rope.slots``), then
     ``decode_attention``, in the split kernel (module doc). Each request's last KV position is the
     token being decoded; its slot in ``kv_indices`` is ``rope.slots[b]`` and is read from registers.
     ``early_tile``: load each piece's first KV tile before the PDL wait (default: with PDL, in
     split steps); the result is the same either way. ``tiles``: ``(block_n, num_warps, num_stages)``
-    (default: ``decode_tiles`` for the step's batch size and grid depth)."""
+    (default: ``decode_tiles`` for the step's batch size and grid depth). ``heads_per_program``:
+    kv heads each program attends for (a divisor of the kv heads)."""
     batch, width = qkv.shape
     num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
     assert width == (num_q_heads + 2 * num_kv_heads) * head_dim and qkv.stride(-1) == 1, "qkv rows [q | k | v]"
@@ -331,7 +327,8 @@ def decode_attention_qkv(
     assert rope.cos_cache.stride() == rope.sin_cache.stride() and rope.cos_cache.stride(-1) == 1
     assert rope.positions.shape == (batch,) and rope.slots.shape == (batch,)
     return _launch(qkv, num_q_heads, rope, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile)
+                   max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile,
+                   heads_per_program)
 
 
 def _launch(
@@ -339,7 +336,7 @@ def _launch(
     kv_indices: torch.Tensor, kv_starts: torch.Tensor, kv_lens: torch.Tensor, scale: float,
     num_splits: torch.Tensor, max_splits: int, out: torch.Tensor | None, mid_o: torch.Tensor | None,
     mid_lse: torch.Tensor | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
-    early_tile: bool | None = None,
+    early_tile: bool | None = None, heads_per_program: int = 1,
 ) -> torch.Tensor:
     """The split kernel (and the merge kernel where requests are split) over ``q`` (B, Hq, D) or,
     with ``rope``, the qkv rows (B, (Hq + 2 Hkv) * D)."""
@@ -363,7 +360,8 @@ def _launch(
     pdl = pdl_launch(q, kind="decode")
     if early_tile is None:
         early_tile = pdl["PDL"] and not direct
-    _decode_split_kernel[(batch, num_kv_heads, max_splits)](
+    assert num_kv_heads % heads_per_program == 0, "heads_per_program must divide the kv heads"
+    _decode_split_kernel[(batch, num_kv_heads // heads_per_program, max_splits)](
         q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, num_splits, dest, mid_lse,
         *((r.positions, r.cos_cache, r.sin_cache) if r is not None else (num_splits,) * 3),
         *((r.q_norm_weight, r.k_norm_weight) if has_norm else (num_splits,) * 2),
@@ -371,18 +369,13 @@ def _launch(
         q.stride(0), q.stride(1) if r is None else head_dim, k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
         v_buf.stride(1), dest.stride(0), dest.stride(1), 0 if direct else mid_o.stride(2), mid_lse.stride(0),
         mid_lse.stride(1), r.cos_cache.stride(0) if r is not None else 0,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group * heads_per_program)),
+        BLOCK_N=block_n,
         BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q), DIRECT=direct,
-        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile,
+        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile, HEADS=heads_per_program,
         num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     if direct:
         return out
-    _decode_merge_kernel[(batch, num_q_heads)](
-        mid_o, mid_lse, num_splits, out,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, MAX_SPLITS=triton.next_power_of_2(max_splits),
-        num_warps=4 if block_d >= 128 else 2, **pdl_launch(q, kind="decode"),
-    )
+    launch_merge(mid_o, mid_lse, num_splits, out, max_splits, pdl_launch(q, kind="decode"))
     return out
