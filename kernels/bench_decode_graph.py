@@ -43,7 +43,7 @@ def request_lens(batch: int, context: int, ragged: float) -> torch.Tensor:
 
 
 def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[int, int, int], heads: tuple[int, int],
-              head_dim: int, pools: list[tuple[torch.Tensor, torch.Tensor]], replays: int, heads_per_program: int = 1,
+              head_dim: int, pools: list[tuple[torch.Tensor, torch.Tensor]], replays: int,
               lens_cpu: torch.Tensor | None = None, interleaved: bool = False) -> float:
     """Microseconds per layer of one decode step's attention at ``batch`` x ``context`` tokens
     (``lens_cpu``: each request's length, at most ``context``). ``interleaved``: token t of
@@ -72,8 +72,7 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
         for i in range(layers):
             k, v = pools[i]
             decode_attention_qkv(qkv, hq, rope, k, v, kv_indices, starts, lens, head_dim**-0.5, num_splits, splits,
-                                 out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles,
-                                 heads_per_program=heads_per_program)
+                                 out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles)
 
     step()  # compile outside the capture
     torch.cuda.synchronize()
@@ -94,8 +93,8 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
 
 
 def _name(key: tuple) -> str:
-    splits, (n, w, st), hp = key
-    return f"S{splits} {n}/{w}/{st}" + (f" H{hp}" if hp > 1 else "")
+    splits, (n, w, st) = key
+    return f"S{splits} {n}/{w}/{st}"
 
 
 def main() -> None:
@@ -104,7 +103,6 @@ def main() -> None:
     p.add_argument("--context", type=_ints, default=_ints("300,1000,3000"))
     p.add_argument("--splits", type=_ints, default=_ints("1,2"), help="grid depths tried")
     p.add_argument("--tiles", type=_tiles, default=_tiles(TILES), help="block_n/warps/stages choices tried")
-    p.add_argument("--heads", type=_ints, default=_ints("1"), help="kv heads per program tried")
     p.add_argument("--ragged", type=float, default=0.0, help="lengths uniform in context * (1 +- this)")
     p.add_argument("--interleaved", action="store_true", help="slots as decode steps take them (see time_case)")
     p.add_argument("--q-heads", type=int, default=16)
@@ -133,13 +131,13 @@ def main() -> None:
         pools = [(torch.empty(slots, hkv, d, device=dev, dtype=dt).normal_(),
                   torch.empty(slots, hkv, d, device=dev, dtype=dt).normal_()) for _ in range(layers)]
         results = {}
-        for splits, tiles, hp in itertools.product(args.splits, args.tiles, args.heads):
-            results[(splits, tiles, hp)] = time_case(batch, span, layers, splits, tiles, (hq, hkv), d, pools,
-                                                     args.replays, hp, lens, args.interleaved)
+        for splits, tiles in itertools.product(args.splits, args.tiles):
+            results[(splits, tiles)] = time_case(batch, span, layers, splits, tiles, (hq, hkv), d, pools,
+                                                 args.replays, lens, args.interleaved)
         del pools
         ranked = sorted(results, key=results.get)
         cells = "  ".join(f"{_name(k)} {results[k]:6.1f}" for k in ranked[:4])
-        base = results[(args.splits[0], args.tiles[0], args.heads[0])]
+        base = results[(args.splits[0], args.tiles[0])]
         pct = 100 * layer_bytes / (results[ranked[0]] * 1e-6) / copy_bps
         print(f"B {batch:4d} ctx {context:5d} L {layers:2d} | first {base:7.1f} us | best {cells} "
               f"({pct:.0f}% of copy)", flush=True)

@@ -3,8 +3,9 @@
 Flash-decoding in two kernels. The first gives each (request, kv head, split) a contiguous piece
 of the request's KV run and computes, for all ``G = Hq / Hkv`` query heads of that kv head at once
 (so each K/V tile is loaded once for the whole group), a partial output normalised by its own
-softmax sum plus the log-sum-exp of the piece. The second merges the pieces of each (request,
-q head) (with ``max_splits == 1``, large batches, the first kernel writes the output itself)::
+softmax sum plus the log-sum-exp of the piece. The second (``kernels.attention.decode_merge``)
+merges the pieces of each (request, q head) (with ``max_splits == 1``, large batches, the first
+kernel writes the output itself)::
 
     kv run of request b   | split 0 | split 1 | ... | split n_b-1 |     n_b = num_splits[b] <= S
     partial               (o_0, lse_0) (o_1, lse_1)  ...
@@ -98,13 +99,10 @@ def _decode_split_kernel(
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_cos,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr,
-    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, HEADS: tl.constexpr,
+    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
 ):
     # DIRECT: one split per request (large batches): mid_o is the output itself, no lse, no merge.
     # ROPE: q_ptr is the qkv projection (see decode_attention_qkv); q and the new k are rotated here.
-    # HEADS: kv heads per program. Its rows are their HEADS * GROUP q heads, and one loop walks
-    # the piece tile by tile, each tile head by head, so the program reads whole runs of each slot
-    # row; rows of other heads are masked out of each tile's softmax.
     # With PDL (pdl_launch(kind="decode")) everything up to pdl_wait runs while the qkv matmul
     # before this kernel still does: the step's scalars (written before its first kernel) and, on
     # the ROPE path with EARLY, the piece's first KV tile, whose positions earlier steps stored.
@@ -113,7 +111,7 @@ def _decode_split_kernel(
     # request the tile held across the wait costs registers, hence occupancy, on long runs.
     pdl_trigger(PDL)
     b = tl.program_id(0)
-    head0 = tl.program_id(1) * HEADS  # first kv head of this program
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     # Every per-request scalar in one round of loads (none depends on another), before the exit.
     # At least one piece: program (b, h, 0) always reaches pdl_wait, so this kernel never ends
@@ -133,9 +131,8 @@ def _decode_split_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    heads = head0 * GROUP + offs_h  # (BLOCK_H,) q heads of this program; rows >= HEADS * GROUP are padding
-    row_head = offs_h // GROUP  # (BLOCK_H,) each row's kv head, counted from head0
-    mask_h = offs_h < HEADS * GROUP
+    heads = kv_head * GROUP + offs_h  # (BLOCK_H,) q heads of this kv head; rows >= GROUP are padding
+    mask_h = offs_h < GROUP
     mask_d = offs_d < HEAD_DIM
     m_i = tl.full([BLOCK_H], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -145,71 +142,62 @@ def _decode_split_kernel(
         half: tl.constexpr = HEAD_DIM // 2
         offs_x = tl.arange(0, half)[None, :]
         offs_kd = tl.arange(0, half)
-        # The cache holds every position but the last. With EARLY the first tile of head0 in this
-        # piece is loaded before the wait (see above), the rest in the loop below.
+        # The cache holds every position but the last. With EARLY its first tile in this piece is
+        # loaded before the wait (see above), the rest in the loop below.
         hi_cached = tl.minimum(hi, kv_len - 1)
         if EARLY:
             mask_0 = lo + offs_n < hi_cached
             slots_0 = tl.load(kv_indices_ptr + kv_start + lo + offs_n, mask=mask_0, other=0).to(tl.int64)
-            k_cols_0 = k_ptr + slots_0[None, :] * stride_kn + head0 * stride_kh + offs_kd[:, None]  # (half, BLOCK_N)
+            k_cols_0 = k_ptr + slots_0[None, :] * stride_kn + kv_head * stride_kh + offs_kd[:, None]  # (half, BLOCK_N)
             k1_0 = tl.load(k_cols_0, mask=mask_0[None, :], other=0.0)
             k2_0 = tl.load(k_cols_0 + half, mask=mask_0[None, :], other=0.0)
-            v_0 = _v_tile(v_ptr, slots_0, mask_0, head0, stride_vn, stride_vh, offs_d, mask_d)
+            v_0 = _v_tile(v_ptr, slots_0, mask_0, kv_head, stride_vn, stride_vh, offs_d, mask_d)
         pdl_wait(PDL)
         cos_row = cos_ptr + pos * stride_cos
         sin_row = sin_ptr + pos * stride_cos
         q_rows = q_ptr + b * stride_qb + heads[:, None] * HEAD_DIM
         q1, q2 = _norm_rope_heads(q_rows, mask_h[:, None], qw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM, HAS_NORM)
         # The token being decoded, in this piece when its position kv_len - 1 is (else masked out):
-        # each row's k head rotated, stored with its v head by the head's first row (no program
-        # reads that slot from the cache), and each row's score, all before the loop so that these
-        # loads overlap the loop's first ones.
+        # its k head rotated, stored with its v head (no program reads that slot from the cache),
+        # and its score, all before the loop so that these loads overlap the loop's first ones.
         own = (lo <= kv_len - 1) & (kv_len - 1 < hi)
-        num_kv_heads = HEADS * tl.num_programs(1)
-        kv_of_row = head0 + row_head
-        k_rows = q_ptr + b * stride_qb + (GROUP * num_kv_heads + kv_of_row[:, None]) * HEAD_DIM  # (BLOCK_H, 1)
-        v_rows = q_ptr + b * stride_qb + ((GROUP + 1) * num_kv_heads + kv_of_row[:, None]) * HEAD_DIM
-        kn1, kn2 = _norm_rope_heads(k_rows, mask_h[:, None], kw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM,
-                                    HAS_NORM)  # (BLOCK_H, half)
-        vn = tl.load(v_rows + offs_d[None, :], mask=mask_h[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_H, BLOCK_D)
-        # The masks as bounds (the interpreter takes no scalar & block): a head's first row stores.
-        stores = tl.where((offs_h % GROUP == 0) & mask_h, tl.where(own, HEAD_DIM, 0), 0)[:, None]  # (BLOCK_H, 1)
-        k_dst = k_ptr + slot * stride_kn + kv_of_row[:, None] * stride_kh + offs_x
-        tl.store(k_dst, kn1, mask=offs_x < stores)
-        tl.store(k_dst + half, kn2, mask=offs_x < stores)
-        tl.store(v_ptr + slot * stride_vn + kv_of_row[:, None] * stride_vh + offs_d[None, :], vn,
-                 mask=offs_d[None, :] < stores)
+        num_q_heads = GROUP * tl.num_programs(1)
+        k_row = q_ptr + b * stride_qb + (num_q_heads + kv_head) * HEAD_DIM
+        v_row = q_ptr + b * stride_qb + (num_q_heads + tl.num_programs(1) + kv_head) * HEAD_DIM
+        kn1, kn2 = _norm_rope_heads(k_row, offs_x < half, kw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM,
+                                    HAS_NORM)  # (1, half)
+        vn = tl.load(v_row + offs_d, mask=mask_d, other=0.0)  # (BLOCK_D,)
+        k_dst = k_ptr + slot * stride_kn + kv_head * stride_kh + offs_x
+        stored = tl.where(own, HEAD_DIM, 0)  # the masks as bounds (the interpreter takes no scalar & block)
+        tl.store(k_dst, kn1, mask=offs_x < stored)
+        tl.store(k_dst + half, kn2, mask=offs_x < stored)
+        tl.store(v_ptr + slot * stride_vn + kv_head * stride_vh + offs_d, vn, mask=offs_d < stored)
         s_new = (tl.sum(q1.to(tl.float32) * kn1.to(tl.float32), 1)
                  + tl.sum(q2.to(tl.float32) * kn2.to(tl.float32), 1)) * scale_log2  # (BLOCK_H,)
         s_new = tl.where(own, s_new, float("-inf"))
-        first = 0
+        first = lo
         if EARLY:
             s = mma(q2, k2_0, mma(q1, k1_0, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST),
                     PRECISION, UPCAST) * scale_log2
-            s = tl.where((row_head == 0)[:, None], s, float("-inf"))
             acc, m_i, l_i = _softmax_tile(s, m_i, l_i, acc, v_0, mask_0, PRECISION, UPCAST)
-            first = 1
-        n_tiles = tl.cdiv(tl.maximum(hi_cached - lo, 0), BLOCK_N)
-        for it in range(first, n_tiles * HEADS):
-            hh = it % HEADS
-            pos_n = lo + (it // HEADS) * BLOCK_N + offs_n
+            first = lo + BLOCK_N
+        for start in range(first, hi_cached, BLOCK_N):
+            pos_n = start + offs_n
             mask_n = pos_n < hi_cached
             slots = tl.load(kv_indices_ptr + kv_start + pos_n, mask=mask_n, other=0).to(tl.int64)
-            k_cols = k_ptr + slots[None, :] * stride_kn + (head0 + hh) * stride_kh + offs_kd[:, None]  # (half, BLOCK_N)
+            k_cols = k_ptr + slots[None, :] * stride_kn + kv_head * stride_kh + offs_kd[:, None]  # (half, BLOCK_N)
             k1 = tl.load(k_cols, mask=mask_n[None, :], other=0.0)
             k2 = tl.load(k_cols + half, mask=mask_n[None, :], other=0.0)
             s = mma(q2, k2, mma(q1, k1, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST),
                     PRECISION, UPCAST) * scale_log2
-            if HEADS > 1:
-                s = tl.where((row_head == hh)[:, None], s, float("-inf"))
-            acc, m_i, l_i = _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, head0 + hh, stride_vn, stride_vh,
+            acc, m_i, l_i = _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh,
                                          offs_d, mask_d, PRECISION, UPCAST)
         m_new = tl.maximum(m_i, s_new)
         alpha = tl.exp2(m_i - m_new)
         p_new = tl.exp2(s_new - m_new)
         l_i = l_i * alpha + p_new
         p_new = p_new.to(vn.dtype).to(tl.float32)  # rounded for the product with v, as the tiles' p is
-        acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)
+        acc = acc * alpha[:, None] + p_new[:, None] * vn.to(tl.float32)[None, :]
         m_i = m_new
     else:
         pdl_wait(PDL)  # the new token's K and V are in the cache: a kernel before this one stored them
@@ -217,20 +205,16 @@ def _decode_split_kernel(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
             mask=mask_h[:, None] & mask_d[None, :], other=0.0,
         )  # (BLOCK_H, BLOCK_D)
-        n_tiles = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N)
-        for it in range(0, n_tiles * HEADS):
-            hh = it % HEADS
-            pos_n = lo + (it // HEADS) * BLOCK_N + offs_n
+        for start in range(lo, hi, BLOCK_N):
+            pos_n = start + offs_n
             mask_n = pos_n < hi
             slots = tl.load(kv_indices_ptr + kv_start + pos_n, mask=mask_n, other=0).to(tl.int64)  # (BLOCK_N,)
             k = tl.load(
-                k_ptr + slots[None, :] * stride_kn + (head0 + hh) * stride_kh + offs_d[:, None],
+                k_ptr + slots[None, :] * stride_kn + kv_head * stride_kh + offs_d[:, None],
                 mask=mask_n[None, :] & mask_d[:, None], other=0.0,
             )  # (BLOCK_D, BLOCK_N)
             s = mma(q, k, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), PRECISION, UPCAST) * scale_log2
-            if HEADS > 1:
-                s = tl.where((row_head == hh)[:, None], s, float("-inf"))
-            acc, m_i, l_i = _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, head0 + hh, stride_vn, stride_vh,
+            acc, m_i, l_i = _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, stride_vh,
                                          offs_d, mask_d, PRECISION, UPCAST)
 
     # An empty piece (kv_len not divisible into n_split nonempty ones, or kv_len 0) has l_i = 0:
@@ -276,19 +260,16 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    heads_per_program: int = 1,
 ) -> torch.Tensor:  # (B, Hq, D)
     """Attention of each request's single query over its whole KV run in the paged pool.
 
-    Tile options left ``None`` take ``decode_tiles`` for the step's batch size and grid depth.
-    ``heads_per_program``: kv heads each program attends for, tile by tile (a divisor of the kv
-    heads; each K/V tile row is then read in runs of that many heads)."""
+    Tile options left ``None`` take ``decode_tiles`` for the step's batch size and grid depth."""
     num_q_heads = q.shape[1]
     assert k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1, "pool rows must be contiguous"
     if q.dtype != k_buf.dtype or q.stride(-1) != 1:
         q = q.to(k_buf.dtype).contiguous()
     return _launch(q, num_q_heads, None, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages, None, heads_per_program)
+                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages)
 
 
 def decode_attention_qkv(
@@ -309,15 +290,13 @@ def decode_attention_qkv(
     mid_lse: torch.Tensor | None = None,
     early_tile: bool | None = None,
     tiles: tuple[int, int, int] | None = None,
-    heads_per_program: int = 1,
 ) -> torch.Tensor:  # (B, Hq, D)
     """``qk_norm_rope_`` of the decoded tokens (storing their k and v at ``rope.slots``), then
     ``decode_attention``, in the split kernel (module doc). Each request's last KV position is the
     token being decoded; its slot in ``kv_indices`` is ``rope.slots[b]`` and is read from registers.
     ``early_tile``: load each piece's first KV tile before the PDL wait (default: with PDL, in
     split steps); the result is the same either way. ``tiles``: ``(block_n, num_warps, num_stages)``
-    (default: ``decode_tiles`` for the step's batch size and grid depth). ``heads_per_program``:
-    kv heads each program attends for (a divisor of the kv heads)."""
+    (default: ``decode_tiles`` for the step's batch size and grid depth)."""
     batch, width = qkv.shape
     num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
     assert width == (num_q_heads + 2 * num_kv_heads) * head_dim and qkv.stride(-1) == 1, "qkv rows [q | k | v]"
@@ -327,8 +306,7 @@ def decode_attention_qkv(
     assert rope.cos_cache.stride() == rope.sin_cache.stride() and rope.cos_cache.stride(-1) == 1
     assert rope.positions.shape == (batch,) and rope.slots.shape == (batch,)
     return _launch(qkv, num_q_heads, rope, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile,
-                   heads_per_program)
+                   max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile)
 
 
 def _launch(
@@ -336,7 +314,7 @@ def _launch(
     kv_indices: torch.Tensor, kv_starts: torch.Tensor, kv_lens: torch.Tensor, scale: float,
     num_splits: torch.Tensor, max_splits: int, out: torch.Tensor | None, mid_o: torch.Tensor | None,
     mid_lse: torch.Tensor | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
-    early_tile: bool | None = None, heads_per_program: int = 1,
+    early_tile: bool | None = None,
 ) -> torch.Tensor:
     """The split kernel (and the merge kernel where requests are split) over ``q`` (B, Hq, D) or,
     with ``rope``, the qkv rows (B, (Hq + 2 Hkv) * D)."""
@@ -360,8 +338,7 @@ def _launch(
     pdl = pdl_launch(q, kind="decode")
     if early_tile is None:
         early_tile = pdl["PDL"] and not direct
-    assert num_kv_heads % heads_per_program == 0, "heads_per_program must divide the kv heads"
-    _decode_split_kernel[(batch, num_kv_heads // heads_per_program, max_splits)](
+    _decode_split_kernel[(batch, num_kv_heads, max_splits)](
         q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, num_splits, dest, mid_lse,
         *((r.positions, r.cos_cache, r.sin_cache) if r is not None else (num_splits,) * 3),
         *((r.q_norm_weight, r.k_norm_weight) if has_norm else (num_splits,) * 2),
@@ -369,10 +346,9 @@ def _launch(
         q.stride(0), q.stride(1) if r is None else head_dim, k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
         v_buf.stride(1), dest.stride(0), dest.stride(1), 0 if direct else mid_o.stride(2), mid_lse.stride(0),
         mid_lse.stride(1), r.cos_cache.stride(0) if r is not None else 0,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group * heads_per_program)),
-        BLOCK_N=block_n,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q), DIRECT=direct,
-        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile, HEADS=heads_per_program,
+        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile,
         num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     if direct:

@@ -46,8 +46,6 @@ _DECODE_QKV = os.environ.get("ROLLOUT_DECODE_QKV", "1").strip().lower() not in (
 # the qkv matmul, so short contexts split into one-tile pieces have all their KV loaded early
 # (H200, Qwen3-0.6B batch 1 at 128-640 tokens: 0.75 ms per token, 0.83 with pieces of 128).
 _MIN_SPLIT_TOKENS = max(1, int(os.environ.get("ROLLOUT_MIN_SPLIT_TOKENS", "64")))
-# ROLLOUT_DECODE_HEADS: kv heads per program in decode steps of one piece per request.
-_DECODE_HEADS = max(1, int(os.environ.get("ROLLOUT_DECODE_HEADS", "1")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,14 +199,7 @@ class TritonAttentionBackend(AttentionBackend):
         return decode_attention_qkv(
             qkv, num_q_heads, rope, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
             plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse,
-            heads_per_program=self._heads_per_program(plan.max_splits, num_kv_heads),
         )
-
-    @staticmethod
-    def _heads_per_program(max_splits: int, num_kv_heads: int) -> int:
-        """Kv heads per program of the split kernel: ``_DECODE_HEADS`` in steps of one piece per
-        request where it divides the kv heads, else one."""
-        return _DECODE_HEADS if max_splits == 1 and num_kv_heads % _DECODE_HEADS == 0 else 1
 
     def _decode_workspace(
         self, plan: _StepPlan, num_q_heads: int, head_dim: int

@@ -122,17 +122,6 @@ def test_decode_any_split_count_gives_the_same_result(splits):
     assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, 0.2), torch.float32)
 
 
-@pytest.mark.parametrize("heads,max_splits", [(2, 1), (2, 4)])
-def test_decode_with_two_kv_heads_per_program(heads, max_splits):
-    """One program attending for both kv heads, tile by tile: the reference's result."""
-    requests = [(0, 1), (40, 1), (99, 1), (7, 1)]
-    q, k_buf, v_buf, _, kv_indptr, kv_indices, kv_lens = make_case(requests, 1, 2, 32, torch.float32, 23, seed=6)
-    num_splits = plan_kv_splits(torch.tensor(kv_lens, device=DEVICE), max_splits, 32)
-    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.2, num_splits, max_splits,
-                           block_n=16, heads_per_program=heads)
-    assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, 0.2), torch.float32)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_in_one_piece_writes_the_output_directly(dtype):
     """``max_splits == 1`` (large batches) skips the merge kernel: same result as the reference."""

@@ -111,26 +111,6 @@ def test_qkv_decode_at_the_tiles_decode_tiles_picks(max_splits, tiles):
     assert torch.equal(v_buf[live], v_ref[live])
 
 
-@pytest.mark.parametrize("heads,max_splits,early_tile", [(2, 1, False), (4, 1, False), (2, 4, True), (4, 2, False)])
-def test_qkv_decode_with_several_kv_heads_per_program(heads, max_splits, early_tile):
-    """A program attending for ``heads`` kv heads (their q heads as its rows, tile by tile, each
-    head masked out of the others' softmax) gives what one program per kv head gives: the same
-    output and the same k and v stored, each by one row."""
-    hq, hkv, d = 8, 4, 32
-    kv_lens = [1, 37, 64, 100, 0]
-    results = []
-    for hp in (1, heads):
-        qkv, k_buf, v_buf, kv_indices, indptr, rope = make_step(kv_lens, hq, hkv, d, torch.float32, True, seed=11)
-        splits = plan_kv_splits(torch.tensor(kv_lens, device=DEVICE), max_splits, 16)
-        out = decode_attention_qkv(qkv, hq, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), d**-0.5,
-                                   splits, max_splits, early_tile=early_tile, tiles=(16, 4, 2), heads_per_program=hp)
-        results.append((out, k_buf, v_buf))
-    (want, k_want, v_want), (got, k_got, v_got) = results
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
-    assert torch.equal(got[-1], torch.zeros_like(got[-1]))
-
-
 def test_qkv_decode_refuses_small_or_odd_heads():
     qkv, k_buf, v_buf, kv_indices, indptr, rope = make_step([5], 2, 1, 16, torch.float32, False, seed=0)
     splits = torch.ones(1, dtype=torch.int32, device=DEVICE)
