@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step")
     ap.add_argument("--chunked-prefill-size", type=int, default=None, help="longest prompt chunk per step")
     ap.add_argument("--kv-memory-fraction", type=float, default=None, help="share of free GPU memory for KV")
+    ap.add_argument("--page-size", type=int, default=None, help="KV token slots per page (default: the engine's)")
     ap.add_argument("--attention-backend", default=None, help="torch | triton | flashinfer (default: engine's)")
     ap.add_argument("--tp-size", type=int, default=None, help="tensor-parallel ranks (GPUs from --device on)")
     ap.add_argument("--ep-size", type=int, default=None, help="expert-parallel ranks (MoE shapes)")
@@ -120,7 +121,8 @@ def main() -> None:
         options["attention_backend"] = args.attention_backend
     if args.return_routed_experts:
         options["enable_return_routed_experts"] = True
-    for name in ("max_num_batched_tokens", "chunked_prefill_size", "kv_memory_fraction", "tp_size", "ep_size"):
+    for name in ("max_num_batched_tokens", "chunked_prefill_size", "kv_memory_fraction", "page_size", "tp_size",
+                 "ep_size"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if not args.model and args.shape != "tiny":
