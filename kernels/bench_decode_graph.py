@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from kernels.attention import NewTokenRope, decode_attention_qkv, decode_workspace, plan_kv_splits
+from kernels.attention import NewTokenRope, decode_attention_qkv, decode_workspace, longest_first, plan_kv_splits
 from kernels.bench_utils import copy_bandwidth, describe_device
 
 TILES = "64/4/3,64/2/3,128/4/3,64/4/5,32/4/5"  # block_n / warps / stages; the first is the baseline
@@ -44,11 +44,12 @@ def request_lens(batch: int, context: int, ragged: float) -> torch.Tensor:
 
 def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[int, int, int], heads: tuple[int, int],
               head_dim: int, pools: list[tuple[torch.Tensor, torch.Tensor]], replays: int,
-              lens_cpu: torch.Tensor | None = None, interleaved: bool = False) -> float:
+              lens_cpu: torch.Tensor | None = None, interleaved: bool = False, ordered: bool = False) -> float:
     """Microseconds per layer of one decode step's attention at ``batch`` x ``context`` tokens
     (``lens_cpu``: each request's length, at most ``context``). ``interleaved``: token t of
     every request in neighbouring slots, as slots taken one per request per decode step lie; else
-    each request's slots contiguous, requests shuffled."""
+    each request's slots contiguous, requests shuffled. ``ordered``: programs start longest run
+    first (``longest_first``)."""
     dev, dt = pools[0][0].device, pools[0][0].dtype
     hq, hkv = heads
     gen = torch.Generator().manual_seed(batch * 7919 + context)
@@ -67,12 +68,13 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
     rope = NewTokenRope(last, cos, sin, norm, norm, 1e-6, kv_indices[starts.long() + last].clone())
     out = torch.empty(batch, hq, head_dim, device=dev, dtype=dt)
     mid_o, mid_lse = decode_workspace(batch, hq, splits, head_dim, dev)
+    order = longest_first(lens) if ordered else None
 
     def step() -> None:
         for i in range(layers):
             k, v = pools[i]
             decode_attention_qkv(qkv, hq, rope, k, v, kv_indices, starts, lens, head_dim**-0.5, num_splits, splits,
-                                 out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles)
+                                 out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles, order=order)
 
     step()  # compile outside the capture
     torch.cuda.synchronize()
@@ -105,6 +107,7 @@ def main() -> None:
     p.add_argument("--tiles", type=_tiles, default=_tiles(TILES), help="block_n/warps/stages choices tried")
     p.add_argument("--ragged", type=float, default=0.0, help="lengths uniform in context * (1 +- this)")
     p.add_argument("--interleaved", action="store_true", help="slots as decode steps take them (see time_case)")
+    p.add_argument("--longest-first", action="store_true", help="programs start longest run first")
     p.add_argument("--q-heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -133,7 +136,8 @@ def main() -> None:
         results = {}
         for splits, tiles in itertools.product(args.splits, args.tiles):
             results[(splits, tiles)] = time_case(batch, span, layers, splits, tiles, (hq, hkv), d, pools,
-                                                 args.replays, lens, args.interleaved)
+                                                 args.replays, lens, args.interleaved,
+                                                 args.longest_first)
         del pools
         ranked = sorted(results, key=results.get)
         cells = "  ".join(f"{_name(k)} {results[k]:6.1f}" for k in ranked[:4])

@@ -97,12 +97,13 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
     attn = dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, kv_indices_ptr="*i64", kv_starts_ptr="*i64",
                 kv_lens_ptr="*i32",
                 qo_indptr_ptr="*i32", num_splits_ptr="*i32", mid_o_ptr="*fp32", mid_lse_ptr="*fp32",
-                pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr=t, kw_ptr=t, slot_ptr="*i64")
+                pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr=t, kw_ptr=t, slot_ptr="*i64", order_ptr="*i64")
     common = dict(HEAD_DIM=128, BLOCK_D=128, PRECISION=precision, UPCAST=False)
     out = [
         (f"decode split {dtype}", _source(decode._decode_split_kernel, attn,
                                           dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=False, ROPE=False,
-                                               HAS_NORM=False, EARLY=False, **common), ("scale_log2", "eps")),
+                                               HAS_NORM=False, EARLY=False, ORDERED=False, **common),
+                                          ("scale_log2", "eps")),
          decode_warps, decode_stages),
         (f"decode merge {dtype}", _source(decode_merge._decode_merge_kernel, attn,
                                           dict(HEAD_DIM=128, BLOCK_D=128, MAX_SPLITS=16), ()), 4, 1),
@@ -120,7 +121,8 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
         n, w, st = tiles or (decode_n, decode_warps, decode_stages)
         out.append((f"decode split qkv{form} {dtype}", _source(
             decode._decode_split_kernel, attn, dict(GROUP=2, BLOCK_H=16, BLOCK_N=n, DIRECT=direct, ROPE=True,
-                                                    HAS_NORM=True, EARLY=early, **common), ("scale_log2", "eps")),
+                                                    HAS_NORM=True, EARLY=early, ORDERED=True, **common),
+            ("scale_log2", "eps")),
             w, st))
     # The skinny matmul in its largest form (norm, residual, gate), at a config of each kernel.
     skinny = dict(x_ptr=t, w_ptr=t, b_ptr=t, out_ptr=t, r_ptr=t, nw_ptr=t, s_ptr=t)

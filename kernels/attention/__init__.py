@@ -1,7 +1,13 @@
 """Triton paged attention over the ``KVPool`` layout, with flashinfer-style index metadata."""
 
 from kernels.attention.decode import NewTokenRope, decode_attention, decode_attention_qkv
-from kernels.attention.decode_plan import choose_max_splits, decode_workspace, plan_kv_splits, runs_from_indptr
+from kernels.attention.decode_plan import (
+    choose_max_splits,
+    decode_workspace,
+    longest_first,
+    plan_kv_splits,
+    runs_from_indptr,
+)
 from kernels.attention.extend import extend_attention
 from kernels.attention.reference import decode_attention_reference, paged_attention_reference
 
@@ -13,6 +19,7 @@ __all__ = [
     "decode_attention_reference",
     "decode_workspace",
     "extend_attention",
+    "longest_first",
     "paged_attention_reference",
     "plan_kv_splits",
     "runs_from_indptr",

@@ -94,14 +94,17 @@ def _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, str
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, kv_indices_ptr, kv_starts_ptr, kv_lens_ptr, num_splits_ptr, mid_o_ptr, mid_lse_ptr,
-    pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, scale_log2, eps,
+    pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, order_ptr, scale_log2, eps,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_cos,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr,
-    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, ORDERED: tl.constexpr,
 ):
     # DIRECT: one split per request (large batches): mid_o is the output itself, no lse, no merge.
+    # The grid is (kv head, split, i), the first fastest, so programs start request by request,
+    # every piece of one before the next; ORDERED: the i-th request is order_ptr[i] (longest first,
+    # so that the long runs do not start last and leave the SMs idle behind them).
     # ROPE: q_ptr is the qkv projection (see decode_attention_qkv); q and the new k are rotated here.
     # With PDL (pdl_launch(kind="decode")) everything up to pdl_wait runs while the qkv matmul
     # before this kernel still does: the step's scalars (written before its first kernel) and, on
@@ -110,9 +113,11 @@ def _decode_split_kernel(
     # for split steps (small batches, where that latency is the kernel's time); with one piece per
     # request the tile held across the wait costs registers, hence occupancy, on long runs.
     pdl_trigger(PDL)
-    b = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    b = tl.program_id(2)
+    if ORDERED:
+        b = tl.load(order_ptr + b).to(tl.int32)
     # Every per-request scalar in one round of loads (none depends on another), before the exit.
     # At least one piece: program (b, h, 0) always reaches pdl_wait, so this kernel never ends
     # before the one it follows (the order every later PDL kernel's early reads rely on).
@@ -161,9 +166,9 @@ def _decode_split_kernel(
         # its k head rotated, stored with its v head (no program reads that slot from the cache),
         # and its score, all before the loop so that these loads overlap the loop's first ones.
         own = (lo <= kv_len - 1) & (kv_len - 1 < hi)
-        num_q_heads = GROUP * tl.num_programs(1)
+        num_q_heads = GROUP * tl.num_programs(0)
         k_row = q_ptr + b * stride_qb + (num_q_heads + kv_head) * HEAD_DIM
-        v_row = q_ptr + b * stride_qb + (num_q_heads + tl.num_programs(1) + kv_head) * HEAD_DIM
+        v_row = q_ptr + b * stride_qb + (num_q_heads + tl.num_programs(0) + kv_head) * HEAD_DIM
         kn1, kn2 = _norm_rope_heads(k_row, offs_x < half, kw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM,
                                     HAS_NORM)  # (1, half)
         vn = tl.load(v_row + offs_d, mask=mask_d, other=0.0)  # (BLOCK_D,)
@@ -260,16 +265,19 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    order: torch.Tensor | None = None,  # (B,) int, a permutation of the requests
 ) -> torch.Tensor:  # (B, Hq, D)
     """Attention of each request's single query over its whole KV run in the paged pool.
 
-    Tile options left ``None`` take ``decode_tiles`` for the step's batch size and grid depth."""
+    Tile options left ``None`` take ``decode_tiles`` for the step's batch size and grid depth.
+    ``order``: the order in which the requests' programs start (``longest_first``: the long runs
+    first, so that none starts last and holds up the end of the kernel); default batch order."""
     num_q_heads = q.shape[1]
     assert k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1, "pool rows must be contiguous"
     if q.dtype != k_buf.dtype or q.stride(-1) != 1:
         q = q.to(k_buf.dtype).contiguous()
     return _launch(q, num_q_heads, None, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages)
+                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages, None, order)
 
 
 def decode_attention_qkv(
@@ -290,13 +298,15 @@ def decode_attention_qkv(
     mid_lse: torch.Tensor | None = None,
     early_tile: bool | None = None,
     tiles: tuple[int, int, int] | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:  # (B, Hq, D)
     """``qk_norm_rope_`` of the decoded tokens (storing their k and v at ``rope.slots``), then
     ``decode_attention``, in the split kernel (module doc). Each request's last KV position is the
     token being decoded; its slot in ``kv_indices`` is ``rope.slots[b]`` and is read from registers.
     ``early_tile``: load each piece's first KV tile before the PDL wait (default: with PDL, in
     split steps); the result is the same either way. ``tiles``: ``(block_n, num_warps, num_stages)``
-    (default: ``decode_tiles`` for the step's batch size and grid depth)."""
+    (default: ``decode_tiles`` for the step's batch size and grid depth). ``order``: as in
+    ``decode_attention``."""
     batch, width = qkv.shape
     num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
     assert width == (num_q_heads + 2 * num_kv_heads) * head_dim and qkv.stride(-1) == 1, "qkv rows [q | k | v]"
@@ -306,7 +316,8 @@ def decode_attention_qkv(
     assert rope.cos_cache.stride() == rope.sin_cache.stride() and rope.cos_cache.stride(-1) == 1
     assert rope.positions.shape == (batch,) and rope.slots.shape == (batch,)
     return _launch(qkv, num_q_heads, rope, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile)
+                   max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile,
+                   order)
 
 
 def _launch(
@@ -314,7 +325,7 @@ def _launch(
     kv_indices: torch.Tensor, kv_starts: torch.Tensor, kv_lens: torch.Tensor, scale: float,
     num_splits: torch.Tensor, max_splits: int, out: torch.Tensor | None, mid_o: torch.Tensor | None,
     mid_lse: torch.Tensor | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
-    early_tile: bool | None = None,
+    early_tile: bool | None = None, order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The split kernel (and the merge kernel where requests are split) over ``q`` (B, Hq, D) or,
     with ``rope``, the qkv rows (B, (Hq + 2 Hkv) * D)."""
@@ -338,17 +349,18 @@ def _launch(
     pdl = pdl_launch(q, kind="decode")
     if early_tile is None:
         early_tile = pdl["PDL"] and not direct
-    _decode_split_kernel[(batch, num_kv_heads, max_splits)](
+    _decode_split_kernel[(num_kv_heads, max_splits, batch)](
         q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, num_splits, dest, mid_lse,
         *((r.positions, r.cos_cache, r.sin_cache) if r is not None else (num_splits,) * 3),
         *((r.q_norm_weight, r.k_norm_weight) if has_norm else (num_splits,) * 2),
-        r.slots if r is not None else num_splits, scale * LOG2E, r.eps if r is not None else 0.0,
+        r.slots if r is not None else num_splits, order if order is not None else num_splits, scale * LOG2E,
+        r.eps if r is not None else 0.0,
         q.stride(0), q.stride(1) if r is None else head_dim, k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
         v_buf.stride(1), dest.stride(0), dest.stride(1), 0 if direct else mid_o.stride(2), mid_lse.stride(0),
         mid_lse.stride(1), r.cos_cache.stride(0) if r is not None else 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q), DIRECT=direct,
-        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile,
+        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile, ORDERED=order is not None,
         num_warps=num_warps, num_stages=num_stages, **pdl,
     )
     if direct:

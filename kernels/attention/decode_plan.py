@@ -69,6 +69,18 @@ def plan_kv_splits(
     return out
 
 
+def longest_first(seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # (B,) int64
+    """Request indices, longest KV run first: the order for the split kernel's programs.
+
+    With lengths spread over a batch, programs started in batch order can leave a long run to
+    start last, and the SMs idle behind it. Device arithmetic only (graph safe)."""
+    order = torch.argsort(seq_lens, descending=True)
+    if out is None:
+        return order
+    out.copy_(order)
+    return out
+
+
 def decode_workspace(
     batch_size: int, num_q_heads: int, max_splits: int, head_dim: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from kernels.attention import (
     decode_attention,
     decode_attention_qkv,
     extend_attention,
+    longest_first,
     plan_kv_splits,
     runs_from_indptr,
 )
@@ -46,6 +47,8 @@ _DECODE_QKV = os.environ.get("ROLLOUT_DECODE_QKV", "1").strip().lower() not in (
 # the qkv matmul, so short contexts split into one-tile pieces have all their KV loaded early
 # (H200, Qwen3-0.6B batch 1 at 128-640 tokens: 0.75 ms per token, 0.83 with pieces of 128).
 _MIN_SPLIT_TOKENS = max(1, int(os.environ.get("ROLLOUT_MIN_SPLIT_TOKENS", "64")))
+# ROLLOUT_DECODE_ORDER=0: decode programs start in batch order, not longest run first.
+_DECODE_ORDER = os.environ.get("ROLLOUT_DECODE_ORDER", "1").strip().lower() not in ("0", "false", "off", "no")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,7 @@ class _StepPlan:
     kv_indices: torch.Tensor  # (N,) slots: the flattened request table or the batch's kv_indices
     kv_starts: torch.Tensor  # (B,) where each request's run starts in kv_indices
     kv_lens: torch.Tensor  # (B,) its length
+    order: torch.Tensor | None = None  # (B,) decode: the order the requests' programs start in
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -97,6 +101,7 @@ class TritonAttentionBackend(AttentionBackend):
         self._num_splits = torch.ones(max_batch_size, dtype=torch.int32, device=self.kv_pool.device)  # (B_max,)
         self._kv_starts = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
         self._kv_lens = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
+        self._order = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
         self._workspace: torch.Tensor | None = None  # flat fp32: partial outputs, then their lse
 
     def init_cuda_graph(self, max_bs: int, max_kv_tokens: int) -> None:
@@ -140,7 +145,10 @@ class TritonAttentionBackend(AttentionBackend):
         max_splits = self._max_splits(bs)
         out = self._num_splits[:bs] if fixed else None
         num_splits = plan_kv_splits(batch.seq_lens, max_splits, self.min_split_tokens, out=out)
-        self._plan = _StepPlan(True, bs, max_splits, 1, num_splits, kv_indices, kv_starts, kv_lens)
+        order = None
+        if _DECODE_ORDER:  # long runs first (kernels.attention.decode_plan.longest_first)
+            order = longest_first(kv_lens, out=self._order[:bs] if fixed else None)
+        self._plan = _StepPlan(True, bs, max_splits, 1, num_splits, kv_indices, kv_starts, kv_lens, order)
 
     def _max_splits(self, batch_size: int) -> int:
         return choose_max_splits(batch_size, self.kv_pool.num_kv_heads, self._sm_count, self.max_kv_splits)
@@ -170,7 +178,7 @@ class TritonAttentionBackend(AttentionBackend):
         mid_o, mid_lse = self._decode_workspace(plan, q.shape[1], q.shape[2])
         out = decode_attention(
             q, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
-            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse,
+            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse, order=plan.order,
         )
         return out.to(q.dtype)
 
@@ -198,7 +206,7 @@ class TritonAttentionBackend(AttentionBackend):
         mid_o, mid_lse = self._decode_workspace(plan, num_q_heads, head_dim)
         return decode_attention_qkv(
             qkv, num_q_heads, rope, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
-            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse,
+            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse, order=plan.order,
         )
 
     def _decode_workspace(

@@ -20,6 +20,7 @@ from kernels.attention import (  # noqa: E402
     decode_attention,
     decode_attention_reference,
     extend_attention,
+    longest_first,
     paged_attention_reference,
     plan_kv_splits,
     runs_from_indptr,
@@ -120,6 +121,25 @@ def test_decode_any_split_count_gives_the_same_result(splits):
     num_splits = torch.full((3,), splits, dtype=torch.int32, device=DEVICE)
     out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.2, num_splits, 8, block_n=16)
     assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, 0.2), torch.float32)
+
+
+@pytest.mark.parametrize("max_splits", [1, 4])
+def test_decode_programs_in_any_request_order_give_the_same_bits(max_splits):
+    """The order the requests' programs start in (longest run first, or any permutation) changes
+    nothing in any request's result."""
+    requests = [(0, 1), (40, 1), (150, 1), (7, 1), (99, 1)]
+    q, k_buf, v_buf, _, kv_indptr, kv_indices, kv_lens = make_case(requests, 1, 2, 32, torch.float32, 0, seed=8)
+    lens = torch.tensor(kv_lens, device=DEVICE)
+    num_splits = plan_kv_splits(lens, max_splits, 32)
+    args = (q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.2, num_splits, max_splits)
+    want = decode_attention(*args, block_n=16)
+    order = longest_first(lens)
+    assert lens[order].tolist() == sorted(kv_lens, reverse=True)
+    assert torch.equal(decode_attention(*args, block_n=16, order=order), want)
+    shuffled = torch.randperm(len(requests), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    assert torch.equal(decode_attention(*args, block_n=16, order=shuffled), want)
+    buf = torch.zeros(8, dtype=torch.int64, device=DEVICE)
+    assert longest_first(lens, out=buf[:5]) is not None and torch.equal(buf[:5], order)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -19,6 +19,7 @@ from kernels.attention import (  # noqa: E402
     NewTokenRope,
     decode_attention,
     decode_attention_qkv,
+    longest_first,
     plan_kv_splits,
     runs_from_indptr,
 )
@@ -109,6 +110,23 @@ def test_qkv_decode_at_the_tiles_decode_tiles_picks(max_splits, tiles):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     live = rope.slots[:-1]  # the padding row (kv_len 0) stores nothing
     assert torch.equal(v_buf[live], v_ref[live])
+
+
+@pytest.mark.parametrize("max_splits", [1, 4])
+def test_qkv_decode_longest_first_gives_the_same_bits(max_splits):
+    """Programs started longest run first: the same output and the same k / v stored."""
+    hq, hkv, d = 4, 2, 32
+    kv_lens = [1, 37, 64, 100, 0]
+    results = []
+    for ordered in (False, True):
+        qkv, k_buf, v_buf, kv_indices, indptr, rope = make_step(kv_lens, hq, hkv, d, torch.float32, True, seed=5)
+        lens = torch.tensor(kv_lens, device=DEVICE)
+        splits = plan_kv_splits(lens, max_splits, 16)
+        out = decode_attention_qkv(qkv, hq, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), d**-0.5,
+                                   splits, max_splits, order=longest_first(lens) if ordered else None)
+        results.append((out, k_buf, v_buf))
+    (want, k_want, v_want), (got, k_got, v_got) = results
+    assert torch.equal(got, want) and torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
 
 
 def test_qkv_decode_refuses_small_or_odd_heads():
