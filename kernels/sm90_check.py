@@ -114,14 +114,16 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
     # The decode-from-qkv split kernel in each form a step takes: split, one piece per request
     # (direct), split with the first KV tile loaded before the PDL wait (early), at the default
     # tiles, then at the other tiles decode_tiles picks for those forms.
-    forms = [("", False, False, None), (" direct", True, False, None), (" early", False, True, None)]
+    forms = [("", False, False, None), (" direct", True, False, None), (" early", False, True, None),
+             (" direct ordered", True, False, None)]
     forms += [(f" {name} {n}/{w}/{st}", direct, not direct, (n, w, st)) for name, direct, (n, w, st) in (
         ("early", False, (64, 4, 5)), ("early", False, (32, 4, 5)), ("direct", True, (128, 4, 3)))]
     for form, direct, early, tiles in forms:
         n, w, st = tiles or (decode_n, decode_warps, decode_stages)
         out.append((f"decode split qkv{form} {dtype}", _source(
             decode._decode_split_kernel, attn, dict(GROUP=2, BLOCK_H=16, BLOCK_N=n, DIRECT=direct, ROPE=True,
-                                                    HAS_NORM=True, EARLY=early, ORDERED=True, **common),
+                                                    HAS_NORM=True, EARLY=early,
+                                                    ORDERED="ordered" in form, **common),
             ("scale_log2", "eps")),
             w, st))
     # The skinny matmul in its largest form (norm, residual, gate), at a config of each kernel.

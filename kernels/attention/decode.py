@@ -102,9 +102,9 @@ def _decode_split_kernel(
     ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, ORDERED: tl.constexpr,
 ):
     # DIRECT: one split per request (large batches): mid_o is the output itself, no lse, no merge.
-    # The grid is (kv head, split, i), the first fastest, so programs start request by request,
-    # every piece of one before the next; ORDERED: the i-th request is order_ptr[i] (longest first,
-    # so that the long runs do not start last and leave the SMs idle behind them).
+    # The grid is (request, kv head, split), the first fastest. ORDERED: it is (kv head, split, i)
+    # and the i-th request is order_ptr[i], so that programs start request by request in that
+    # order (longest first: the long runs do not start last and leave the SMs idle behind them).
     # ROPE: q_ptr is the qkv projection (see decode_attention_qkv); q and the new k are rotated here.
     # With PDL (pdl_launch(kind="decode")) everything up to pdl_wait runs while the qkv matmul
     # before this kernel still does: the step's scalars (written before its first kernel) and, on
@@ -113,11 +113,16 @@ def _decode_split_kernel(
     # for split steps (small batches, where that latency is the kernel's time); with one piece per
     # request the tile held across the wait costs registers, hence occupancy, on long runs.
     pdl_trigger(PDL)
-    kv_head = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2)
     if ORDERED:
-        b = tl.load(order_ptr + b).to(tl.int32)
+        kv_head = tl.program_id(0)
+        split = tl.program_id(1)
+        b = tl.load(order_ptr + tl.program_id(2)).to(tl.int32)
+        num_kv_heads = tl.num_programs(0)
+    else:
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        num_kv_heads = tl.num_programs(1)
     # Every per-request scalar in one round of loads (none depends on another), before the exit.
     # At least one piece: program (b, h, 0) always reaches pdl_wait, so this kernel never ends
     # before the one it follows (the order every later PDL kernel's early reads rely on).
@@ -166,9 +171,9 @@ def _decode_split_kernel(
         # its k head rotated, stored with its v head (no program reads that slot from the cache),
         # and its score, all before the loop so that these loads overlap the loop's first ones.
         own = (lo <= kv_len - 1) & (kv_len - 1 < hi)
-        num_q_heads = GROUP * tl.num_programs(0)
+        num_q_heads = GROUP * num_kv_heads
         k_row = q_ptr + b * stride_qb + (num_q_heads + kv_head) * HEAD_DIM
-        v_row = q_ptr + b * stride_qb + (num_q_heads + tl.num_programs(0) + kv_head) * HEAD_DIM
+        v_row = q_ptr + b * stride_qb + (num_q_heads + num_kv_heads + kv_head) * HEAD_DIM
         kn1, kn2 = _norm_rope_heads(k_row, offs_x < half, kw_ptr, cos_row, sin_row, eps, offs_x, HEAD_DIM,
                                     HAS_NORM)  # (1, half)
         vn = tl.load(v_row + offs_d, mask=mask_d, other=0.0)  # (BLOCK_D,)
@@ -349,7 +354,8 @@ def _launch(
     pdl = pdl_launch(q, kind="decode")
     if early_tile is None:
         early_tile = pdl["PDL"] and not direct
-    _decode_split_kernel[(num_kv_heads, max_splits, batch)](
+    grid = (batch, num_kv_heads, max_splits) if order is None else (num_kv_heads, max_splits, batch)
+    _decode_split_kernel[grid](
         q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, num_splits, dest, mid_lse,
         *((r.positions, r.cos_cache, r.sin_cache) if r is not None else (num_splits,) * 3),
         *((r.q_norm_weight, r.k_norm_weight) if has_norm else (num_splits,) * 2),

@@ -47,8 +47,9 @@ _DECODE_QKV = os.environ.get("ROLLOUT_DECODE_QKV", "1").strip().lower() not in (
 # the qkv matmul, so short contexts split into one-tile pieces have all their KV loaded early
 # (H200, Qwen3-0.6B batch 1 at 128-640 tokens: 0.75 ms per token, 0.83 with pieces of 128).
 _MIN_SPLIT_TOKENS = max(1, int(os.environ.get("ROLLOUT_MIN_SPLIT_TOKENS", "64")))
-# ROLLOUT_DECODE_ORDER=0: decode programs start in batch order, not longest run first.
-_DECODE_ORDER = os.environ.get("ROLLOUT_DECODE_ORDER", "1").strip().lower() not in ("0", "false", "off", "no")
+# ROLLOUT_DECODE_ORDER=1: decode programs start request by request, longest KV run first (opt-in:
+# measured on the kernel alone, not yet in the engine; see docs/benchmarks.md).
+_DECODE_ORDER = os.environ.get("ROLLOUT_DECODE_ORDER", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 @dataclass(frozen=True, slots=True)

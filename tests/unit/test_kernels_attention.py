@@ -274,13 +274,16 @@ def forward_batch(
     return batch
 
 
-@pytest.mark.parametrize("dtype,max_batch_size,table", [
-    (torch.float32, 256, True), (torch.bfloat16, 256, True), (torch.float32, 2, True), (torch.float32, 256, False),
+@pytest.mark.parametrize("dtype,max_batch_size,table,ordered", [
+    (torch.float32, 256, True, False), (torch.bfloat16, 256, True, False), (torch.float32, 2, True, False),
+    (torch.float32, 256, False, False), (torch.float32, 256, True, True), (torch.float32, 2, False, True),
 ])
-def test_backend_matches_torch_reference(dtype, max_batch_size, table):
+def test_backend_matches_torch_reference(dtype, max_batch_size, table, ordered, monkeypatch):
     """Prefill, then a mixed extend step, then decode steps: outputs and written KV equal the reference.
     ``max_batch_size`` 2 sends the 3-request decode steps through the oversized-batch buffers;
-    ``table`` gives the Triton backend the request table instead of flat KV indices."""
+    ``table`` gives the Triton backend the request table instead of flat KV indices; ``ordered``:
+    decode programs start longest run first (ROLLOUT_DECODE_ORDER=1)."""
+    monkeypatch.setattr("rollout.attention.triton_backend._DECODE_ORDER", ordered)
     gen = torch.Generator().manual_seed(3)
     layers, num_kv_heads, group, head_dim = 1, 2, 2, 32
     pools = [KVPool(layers, 512, num_kv_heads, head_dim, dtype, DEVICE) for _ in range(2)]
