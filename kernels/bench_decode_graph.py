@@ -53,9 +53,9 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
     dev, dt = pools[0][0].device, pools[0][0].dtype
     hq, hkv = heads
     gen = torch.Generator().manual_seed(batch * 7919 + context)
-    order = torch.randperm(batch, generator=gen)
+    place = torch.randperm(batch, generator=gen)  # where each request's slots go among the others'
     t = torch.arange(context)[None, :]
-    slots = 1 + (t * batch + order[:, None] if interleaved else t + order[:, None] * context)
+    slots = 1 + (t * batch + place[:, None] if interleaved else t + place[:, None] * context)
     kv_indices = slots.reshape(-1).to(dev)
     starts = torch.arange(0, batch * context, context, dtype=torch.int32, device=dev)
     lens = (lens_cpu if lens_cpu is not None else torch.full((batch,), context, dtype=torch.int32)).to(dev)

@@ -38,14 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention.decode_merge import launch_merge
+from kernels.attention.decode_merge import NEG, launch_merge
 from kernels.attention.decode_plan import decode_tiles, decode_workspace
 from kernels.fused.rope import rms_norm_heads, rotate_halves
 from kernels.triton_utils import dot_precision, mma, num_sms, pdl_launch, pdl_trigger, pdl_wait, upcast_dot
 
 LOG2E = 1.4426950408889634
-# Stand-in for -inf in running maxima: exp2(NEG - x) is 0 without producing inf - inf = nan.
-NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -19,7 +19,9 @@ import triton.language as tl
 
 from kernels.triton_utils import pdl_trigger, pdl_wait
 
-NEG = tl.constexpr(-1.0e30)  # a finite -inf for maxima (as in kernels.attention.decode)
+# Stand-in for -inf in running maxima (here and in the split kernel): exp2(NEG - x) is 0 without
+# producing inf - inf = nan.
+NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
