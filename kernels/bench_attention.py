@@ -17,6 +17,7 @@ import torch
 
 from kernels.attention import (
     choose_max_splits,
+    cut_pieces,
     decode_attention,
     decode_attention_reference,
     decode_workspace,
@@ -65,12 +66,13 @@ def bench_decode(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     def run(max_splits: int, **kw) -> float:
         # As in the backend: split counts planned once per step, workspace and output preallocated.
         splits = plan_kv_splits(seq_lens, max_splits, args.min_split_tokens)
-        mid_o, mid_lse = decode_workspace(b, hq, max_splits, d, device)
+        pieces = cut_pieces(splits, b * max_splits)
+        mid_o, mid_lse = decode_workspace(pieces.grid, hq, d, device)
         out = torch.empty_like(q)
         return median_ms(
             lambda: decode_attention(
                 q, k_buf, v_buf, kv_indices, starts, lens, scale, splits, max_splits,
-                out=out, mid_o=mid_o, mid_lse=mid_lse, **kw,
+                out=out, mid_o=mid_o, mid_lse=mid_lse, pieces=pieces, **kw,
             )
         )
 

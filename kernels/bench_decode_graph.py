@@ -5,6 +5,7 @@ bandwidth against the copy bandwidth measured in the same run.
 
     python -m kernels.bench_decode_graph                         # Qwen3-0.6B heads, the default sweep
     python -m kernels.bench_decode_graph --batch 17,32 --context 1000,3000
+    python -m kernels.bench_decode_graph --splits 1 --tiles 64/4/3 --ragged 0.8 --interleaved --spare u,0.5,1
 
 Unlike ``kernels.bench_attention`` (one launch timed by ``do_bench`` after an L2 flush, whose
 write-back overlaps the next small kernel), consecutive layers here read distinct pools, as in a
@@ -19,7 +20,14 @@ import math
 
 import torch
 
-from kernels.attention import NewTokenRope, decode_attention_qkv, decode_workspace, longest_first, plan_kv_splits
+from kernels.attention import (
+    NewTokenRope,
+    balanced_splits,
+    cut_pieces,
+    decode_attention_qkv,
+    decode_workspace,
+    plan_kv_splits,
+)
 from kernels.bench_utils import copy_bandwidth, describe_device
 
 TILES = "64/4/3,64/2/3,128/4/3,64/4/5,32/4/5"  # block_n / warps / stages; the first is the baseline
@@ -29,27 +37,38 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+def _spares(text: str) -> list[float | None]:
+    return [None if x == "u" else float(x) for x in text.split(",") if x]
+
+
 def _tiles(text: str) -> list[tuple[int, int, int]]:
     return [tuple(int(x) for x in t.split("/")) for t in text.split(",") if t]
 
 
-def request_lens(batch: int, context: int, ragged: float) -> torch.Tensor:
-    """KV lengths (B,): ``context`` each, or uniform in ``context * (1 +- ragged)`` (fixed seed)."""
-    if ragged <= 0:
-        return torch.full((batch,), context, dtype=torch.int32)
+def request_lens(batch: int, context: int, ragged: float, long: float = 0.0) -> torch.Tensor:
+    """KV lengths (B,): ``context`` each, or uniform in ``context * (1 +- ragged)`` (fixed seed);
+    ``long``: that fraction of the requests (at least one if above 0) five times as long, as the
+    few samples of an RL rollout step that run on to the length cap."""
     gen = torch.Generator().manual_seed(batch + context)
-    lo, hi = max(2, round(context * (1 - ragged))), round(context * (1 + ragged))
-    return torch.randint(lo, hi + 1, (batch,), generator=gen, dtype=torch.int32)
+    if ragged <= 0:
+        lens = torch.full((batch,), context, dtype=torch.int32)
+    else:
+        lo, hi = max(2, round(context * (1 - ragged))), round(context * (1 + ragged))
+        lens = torch.randint(lo, hi + 1, (batch,), generator=gen, dtype=torch.int32)
+    if long > 0:
+        lens[torch.randperm(batch, generator=gen)[: math.ceil(long * batch)]] *= 5
+    return lens
 
 
 def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[int, int, int], heads: tuple[int, int],
               head_dim: int, pools: list[tuple[torch.Tensor, torch.Tensor]], replays: int,
-              lens_cpu: torch.Tensor | None = None, interleaved: bool = False, ordered: bool = False) -> float:
+              lens_cpu: torch.Tensor | None = None, interleaved: bool = False, spare: float | None = None) -> float:
     """Microseconds per layer of one decode step's attention at ``batch`` x ``context`` tokens
     (``lens_cpu``: each request's length, at most ``context``). ``interleaved``: token t of
     every request in neighbouring slots, as slots taken one per request per decode step lie; else
-    each request's slots contiguous, requests shuffled. ``ordered``: programs start longest run
-    first (``longest_first``)."""
+    each request's slots contiguous, requests shuffled. ``spare``: the balanced cut
+    (``balanced_splits``) over a grid of at least ``spare * batch`` pieces beyond one per request
+    and ``splits`` per request; None: each request in up to ``splits`` pieces of 64 tokens or more."""
     dev, dt = pools[0][0].device, pools[0][0].dtype
     hq, hkv = heads
     gen = torch.Generator().manual_seed(batch * 7919 + context)
@@ -59,7 +78,13 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
     kv_indices = slots.reshape(-1).to(dev)
     starts = torch.arange(0, batch * context, context, dtype=torch.int32, device=dev)
     lens = (lens_cpu if lens_cpu is not None else torch.full((batch,), context, dtype=torch.int32)).to(dev)
-    num_splits = plan_kv_splits(lens, splits, 64)
+    if spare is None:
+        grid = batch * splits
+        num_splits = plan_kv_splits(lens, splits, 64)
+    else:
+        grid = max(batch * splits, batch + math.ceil(spare * batch))
+        num_splits = balanced_splits(lens, grid, 64)
+    pieces = cut_pieces(num_splits, grid)
     qkv = torch.randn(batch, (hq + 2 * hkv) * head_dim, device=dev, dtype=dt)
     cos = torch.randn(context, head_dim, device=dev)
     sin = torch.randn(context, head_dim, device=dev)
@@ -67,14 +92,13 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
     last = lens.long() - 1
     rope = NewTokenRope(last, cos, sin, norm, norm, 1e-6, kv_indices[starts.long() + last].clone())
     out = torch.empty(batch, hq, head_dim, device=dev, dtype=dt)
-    mid_o, mid_lse = decode_workspace(batch, hq, splits, head_dim, dev)
-    order = longest_first(lens) if ordered else None
+    mid_o, mid_lse = decode_workspace(grid, hq, head_dim, dev)
 
     def step() -> None:
         for i in range(layers):
             k, v = pools[i]
             decode_attention_qkv(qkv, hq, rope, k, v, kv_indices, starts, lens, head_dim**-0.5, num_splits, splits,
-                                 out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles, order=order)
+                                 out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles, pieces=pieces)
 
     step()  # compile outside the capture
     torch.cuda.synchronize()
@@ -95,8 +119,9 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
 
 
 def _name(key: tuple) -> str:
-    splits, (n, w, st) = key
-    return f"S{splits} {n}/{w}/{st}"
+    splits, spare, (n, w, st) = key
+    cut = "" if spare is None else f" bal{spare:g}"
+    return f"S{splits}{cut} {n}/{w}/{st}"
 
 
 def main() -> None:
@@ -106,8 +131,10 @@ def main() -> None:
     p.add_argument("--splits", type=_ints, default=_ints("1,2"), help="grid depths tried")
     p.add_argument("--tiles", type=_tiles, default=_tiles(TILES), help="block_n/warps/stages choices tried")
     p.add_argument("--ragged", type=float, default=0.0, help="lengths uniform in context * (1 +- this)")
+    p.add_argument("--long", type=float, default=0.0, help="this fraction of requests 5x as long")
     p.add_argument("--interleaved", action="store_true", help="slots as decode steps take them (see time_case)")
-    p.add_argument("--longest-first", action="store_true", help="programs start longest run first")
+    p.add_argument("--spare", type=_spares, default=_spares("u"),
+                   help="cuts tried: 'u' uniform, a number the balanced cut's spare pieces per request")
     p.add_argument("--q-heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
@@ -126,7 +153,7 @@ def main() -> None:
     token_bytes = 2 * hkv * d * 2
     best_by_batch: dict[int, dict] = {}
     for batch, context in itertools.product(args.batch, args.context):
-        lens = request_lens(batch, context, args.ragged)
+        lens = request_lens(batch, context, args.ragged, args.long)
         span = int(lens.max())
         layer_bytes = int(lens.sum()) * token_bytes
         layers = max(1, min(args.max_layers, math.floor(args.step_bytes / layer_bytes)))
@@ -134,14 +161,13 @@ def main() -> None:
         pools = [(torch.empty(slots, hkv, d, device=dev, dtype=dt).normal_(),
                   torch.empty(slots, hkv, d, device=dev, dtype=dt).normal_()) for _ in range(layers)]
         results = {}
-        for splits, tiles in itertools.product(args.splits, args.tiles):
-            results[(splits, tiles)] = time_case(batch, span, layers, splits, tiles, (hq, hkv), d, pools,
-                                                 args.replays, lens, args.interleaved,
-                                                 args.longest_first)
+        for splits, spare, tiles in itertools.product(args.splits, args.spare, args.tiles):
+            results[(splits, spare, tiles)] = time_case(batch, span, layers, splits, tiles, (hq, hkv), d, pools,
+                                                        args.replays, lens, args.interleaved, spare)
         del pools
         ranked = sorted(results, key=results.get)
         cells = "  ".join(f"{_name(k)} {results[k]:6.1f}" for k in ranked[:4])
-        base = results[(args.splits[0], args.tiles[0])]
+        base = results[(args.splits[0], args.spare[0], args.tiles[0])]
         pct = 100 * layer_bytes / (results[ranked[0]] * 1e-6) / copy_bps
         print(f"B {batch:4d} ctx {context:5d} L {layers:2d} | first {base:7.1f} us | best {cells} "
               f"({pct:.0f}% of copy)", flush=True)

@@ -96,17 +96,18 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
     decode_n, decode_warps, decode_stages = decode_plan.default_tiles(torch_dtype)
     attn = dict(q_ptr=t, k_ptr=t, v_ptr=t, out_ptr=t, kv_indices_ptr="*i64", kv_starts_ptr="*i64",
                 kv_lens_ptr="*i32",
-                qo_indptr_ptr="*i32", num_splits_ptr="*i32", mid_o_ptr="*fp32", mid_lse_ptr="*fp32",
-                pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr=t, kw_ptr=t, slot_ptr="*i64", order_ptr="*i64")
+                qo_indptr_ptr="*i32", counts_ptr="*i32", first_ptr="*i32", owner_ptr="*i32", mid_o_ptr="*fp32",
+                mid_lse_ptr="*fp32", pos_ptr="*i64", cos_ptr="*fp32", sin_ptr="*fp32", qw_ptr=t, kw_ptr=t,
+                slot_ptr="*i64")
     common = dict(HEAD_DIM=128, BLOCK_D=128, PRECISION=precision, UPCAST=False)
     out = [
         (f"decode split {dtype}", _source(decode._decode_split_kernel, attn,
                                           dict(GROUP=2, BLOCK_H=16, BLOCK_N=decode_n, DIRECT=False, ROPE=False,
-                                               HAS_NORM=False, EARLY=False, ORDERED=False, **common),
+                                               HAS_NORM=False, EARLY=False, **common),
                                           ("scale_log2", "eps")),
          decode_warps, decode_stages),
         (f"decode merge {dtype}", _source(decode_merge._decode_merge_kernel, attn,
-                                          dict(HEAD_DIM=128, BLOCK_D=128, MAX_SPLITS=16), ()), 4, 1),
+                                          dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=16), ()), 4, 1),
         (f"extend {dtype}", _source(extend._extend_kernel, attn,
                                     dict(GROUP=2, BLOCK_M=block_m, BLOCK_N=block_n, **common), ("scale_log2",)),
          warps, stages),
@@ -114,16 +115,14 @@ def default_builds(dtype: str) -> list[tuple[str, ASTSource, int, int]]:
     # The decode-from-qkv split kernel in each form a step takes: split, one piece per request
     # (direct), split with the first KV tile loaded before the PDL wait (early), at the default
     # tiles, then at the other tiles decode_tiles picks for those forms.
-    forms = [("", False, False, None), (" direct", True, False, None), (" early", False, True, None),
-             (" direct ordered", True, False, None)]
+    forms = [("", False, False, None), (" direct", True, False, None), (" early", False, True, None)]
     forms += [(f" {name} {n}/{w}/{st}", direct, not direct, (n, w, st)) for name, direct, (n, w, st) in (
         ("early", False, (64, 4, 5)), ("early", False, (32, 4, 5)), ("direct", True, (128, 4, 3)))]
     for form, direct, early, tiles in forms:
         n, w, st = tiles or (decode_n, decode_warps, decode_stages)
         out.append((f"decode split qkv{form} {dtype}", _source(
             decode._decode_split_kernel, attn, dict(GROUP=2, BLOCK_H=16, BLOCK_N=n, DIRECT=direct, ROPE=True,
-                                                    HAS_NORM=True, EARLY=early,
-                                                    ORDERED="ordered" in form, **common),
+                                                    HAS_NORM=True, EARLY=early, **common),
             ("scale_log2", "eps")),
             w, st))
     # The skinny matmul in its largest form (norm, residual, gate), at a config of each kernel.

@@ -1,18 +1,19 @@
 """Paged decode attention (one query token per request), split over the KV length.
 
-Flash-decoding in two kernels. The first gives each (request, kv head, split) a contiguous piece
-of the request's KV run and computes, for all ``G = Hq / Hkv`` query heads of that kv head at once
-(so each K/V tile is loaded once for the whole group), a partial output normalised by its own
-softmax sum plus the log-sum-exp of the piece. The second (``kernels.attention.decode_merge``)
-merges the pieces of each (request, q head) (with ``max_splits == 1``, large batches, the first
-kernel writes the output itself)::
+Flash-decoding in two kernels. The first gives each (kv head, piece) a contiguous piece of a
+request's KV run and computes, for all ``G = Hq / Hkv`` query heads of that kv head at once (so
+each K/V tile is loaded once for the whole group), a partial output normalised by its own softmax
+sum plus the log-sum-exp of the piece. The second (``kernels.attention.decode_merge``) merges the
+pieces of each (request, q head); a request in one piece has its output written by the first::
 
-    kv run of request b   | split 0 | split 1 | ... | split n_b-1 |     n_b = num_splits[b] <= S
+    kv run of request b   | split 0 | split 1 | ... | split n_b-1 |     n_b = num_splits[b]
+    pieces                first[b]  first[b] + 1 ...                   (DecodePieces)
     partial               (o_0, lse_0) (o_1, lse_1)  ...
     out                   sum_s exp2(lse_s - m) o_s / sum_s exp2(lse_s - m),   m = max_s lse_s
 
-``S`` (``max_splits``) fixes the grid; ``num_splits`` is a device tensor, so the split count of
-each request follows its length without a host sync, which keeps the launch CUDA-graph safe.
+The grid holds a fixed number of pieces (``DecodePieces.grid``: ``B * max_splits`` for a uniform
+cut); the counts, each request's first piece and each piece's request are device tensors, so the
+cut follows the requests' lengths without a host sync, which keeps the launch CUDA-graph safe.
 
 Request ``b``'s KV slots are ``kv_indices[kv_starts[b] : kv_starts[b] + kv_lens[b]]``. With a flat
 per-step index array that is ``kv_starts = kv_indptr[:-1]`` (``runs_from_indptr``); the engine
@@ -27,7 +28,7 @@ to it from registers and stores it and its v head in the cache. That is the work
 ``kernels.fused.qk_norm_rope_`` for a decode step, without its kernel and its round trip::
 
     qkv row of request b  | q heads (Hq) | k heads (Hkv) | v heads (Hkv) |
-    program (b, h, split) | q heads of kv head h, rotated | ... last piece only: k / v head h -> cache
+    program (h, piece)    | q heads of kv head h, rotated | ... last piece only: k / v head h -> cache
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention.decode_merge import NEG, launch_merge
-from kernels.attention.decode_plan import decode_tiles, decode_workspace
+from kernels.attention.decode_plan import DecodePieces, cut_pieces, decode_tiles, decode_workspace
 from kernels.fused.rope import rms_norm_heads, rotate_halves
 from kernels.triton_utils import dot_precision, mma, num_sms, pdl_launch, pdl_trigger, pdl_wait, upcast_dot
 
@@ -91,18 +92,19 @@ def _attend_tile(s, m_i, l_i, acc, v_ptr, slots, mask_n, kv_head, stride_vn, str
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, kv_indices_ptr, kv_starts_ptr, kv_lens_ptr, num_splits_ptr, mid_o_ptr, mid_lse_ptr,
-    pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, order_ptr, scale_log2, eps,
+    q_ptr, k_ptr, v_ptr, kv_indices_ptr, kv_starts_ptr, kv_lens_ptr, counts_ptr, first_ptr, owner_ptr, out_ptr,
+    mid_o_ptr, mid_lse_ptr, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, slot_ptr, batch, scale_log2, eps,
     stride_qb, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh,
-    stride_ob, stride_oh, stride_os, stride_lb, stride_lh, stride_cos,
+    stride_outb, stride_outh, stride_og, stride_oh, stride_lg, stride_lh, stride_cos,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, DIRECT: tl.constexpr,
-    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, ORDERED: tl.constexpr,
+    ROPE: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
 ):
-    # DIRECT: one split per request (large batches): mid_o is the output itself, no lse, no merge.
-    # The grid is (request, kv head, split), the first fastest. ORDERED: it is (kv head, split, i)
-    # and the i-th request is order_ptr[i], so that programs start request by request in that
-    # order (longest first: the long runs do not start last and leave the SMs idle behind them).
+    # The grid is (kv head, piece), the head fastest: the programs of one piece start together and
+    # read neighbouring rows of the same slots. Pieces 0..B-1 are the requests' first, the rest
+    # belong to request owner[piece - B] (DecodePieces). DIRECT: one piece per request, no merge.
+    # A request in one piece writes its output itself; the others' pieces leave a partial output
+    # and its lse for the merge kernel.
     # ROPE: q_ptr is the qkv projection (see decode_attention_qkv); q and the new k are rotated here.
     # With PDL (pdl_launch(kind="decode")) everything up to pdl_wait runs while the qkv matmul
     # before this kernel still does: the step's scalars (written before its first kernel) and, on
@@ -111,27 +113,33 @@ def _decode_split_kernel(
     # for split steps (small batches, where that latency is the kernel's time); with one piece per
     # request the tile held across the wait costs registers, hence occupancy, on long runs.
     pdl_trigger(PDL)
-    if ORDERED:
-        kv_head = tl.program_id(0)
-        split = tl.program_id(1)
-        b = tl.load(order_ptr + tl.program_id(2)).to(tl.int32)
-        num_kv_heads = tl.num_programs(0)
+    kv_head = tl.program_id(0)
+    num_kv_heads = tl.num_programs(0)
+    piece = tl.program_id(1)
+    if DIRECT:
+        b = piece
+        n_split = 1
+        split = 0
     else:
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
-        num_kv_heads = tl.num_programs(1)
-    # Every per-request scalar in one round of loads (none depends on another), before the exit.
-    # At least one piece: program (b, h, 0) always reaches pdl_wait, so this kernel never ends
-    # before the one it follows (the order every later PDL kernel's early reads rely on).
-    n_split = tl.maximum(tl.load(num_splits_ptr + b), 1)
+        # First pieces need no lookup: their scalars load in one round with the request's others.
+        extra = piece - batch
+        b = piece
+        if extra >= 0:
+            b = tl.load(owner_ptr + extra)
+        # Slots of the grid past the last piece exit. Piece 0 is request 0's: programs (h, 0)
+        # always reach pdl_wait, so this kernel never ends before the one it follows (the order
+        # every later PDL kernel's early reads rely on).
+        if b >= batch:
+            return
+        n_split = tl.maximum(tl.load(counts_ptr + b), 1)
+        split = extra * 0
+        if extra >= 0:
+            split = extra - tl.load(first_ptr + b) + 1
     kv_start = tl.load(kv_starts_ptr + b).to(tl.int64)
     kv_len = tl.load(kv_lens_ptr + b).to(tl.int32)
     if ROPE:
         pos = tl.load(pos_ptr + b)
         slot = tl.load(slot_ptr + b).to(tl.int64)
-    if split >= n_split:
-        return
     split_len = tl.cdiv(kv_len, n_split)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_len)
@@ -230,11 +238,13 @@ def _decode_split_kernel(
     nonempty = l_i > 0
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    o_base = mid_o_ptr + b * stride_ob + split * stride_os
-    tl.store(o_base + heads[:, None] * stride_oh + offs_d[None, :], out.to(mid_o_ptr.dtype.element_ty),
-             mask=mask_h[:, None] & mask_d[None, :])
-    if not DIRECT:
-        tl.store(mid_lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=mask_h)
+    if n_split == 1:
+        tl.store(out_ptr + b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    else:  # piece: b for the first piece, past the B first ones for the others (DecodePieces)
+        tl.store(mid_o_ptr + piece * stride_og + heads[:, None] * stride_oh + offs_d[None, :], out,
+                 mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(mid_lse_ptr + piece * stride_lg + heads * stride_lh, lse, mask=mask_h)
 
 
 class NewTokenRope(NamedTuple):
@@ -259,28 +269,29 @@ def decode_attention(
     kv_starts: torch.Tensor,  # (B,) int offsets into kv_indices
     kv_lens: torch.Tensor,  # (B,) int KV length of each request
     scale: float,
-    num_splits: torch.Tensor,  # (B,) int32, each in [1, max_splits]
+    num_splits: torch.Tensor,  # (B,) int32 pieces per request, each in [1, max_splits] without pieces
     max_splits: int,
     *,
     out: torch.Tensor | None = None,  # (B, Hq, D)
-    mid_o: torch.Tensor | None = None,  # (B, Hq, >= max_splits, D) fp32
-    mid_lse: torch.Tensor | None = None,  # (B, Hq, >= max_splits) fp32
+    mid_o: torch.Tensor | None = None,  # (>= grid, Hq, D) fp32
+    mid_lse: torch.Tensor | None = None,  # (>= grid, Hq) fp32
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    order: torch.Tensor | None = None,  # (B,) int, a permutation of the requests
+    pieces: DecodePieces | None = None,
 ) -> torch.Tensor:  # (B, Hq, D)
     """Attention of each request's single query over its whole KV run in the paged pool.
 
-    Tile options left ``None`` take ``decode_tiles`` for the step's batch size and grid depth.
-    ``order``: the order in which the requests' programs start (``longest_first``: the long runs
-    first, so that none starts last and holds up the end of the kernel); default batch order."""
+    ``pieces``: the cut of ``num_splits`` (``pieces.counts``) over its own grid, made once per step
+    by ``cut_pieces`` (the engine's balanced cut, ``balanced_splits``); without it the grid holds
+    ``B * max_splits`` pieces, cut here. ``max_splits`` is also the grid depth that the tiles left
+    ``None`` follow (``decode_tiles``) and, with PDL, whether pieces load their first KV tile early."""
     num_q_heads = q.shape[1]
     assert k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1, "pool rows must be contiguous"
     if q.dtype != k_buf.dtype or q.stride(-1) != 1:
         q = q.to(k_buf.dtype).contiguous()
     return _launch(q, num_q_heads, None, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages, None, order)
+                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages, None, pieces)
 
 
 def decode_attention_qkv(
@@ -301,14 +312,14 @@ def decode_attention_qkv(
     mid_lse: torch.Tensor | None = None,
     early_tile: bool | None = None,
     tiles: tuple[int, int, int] | None = None,
-    order: torch.Tensor | None = None,
+    pieces: DecodePieces | None = None,
 ) -> torch.Tensor:  # (B, Hq, D)
     """``qk_norm_rope_`` of the decoded tokens (storing their k and v at ``rope.slots``), then
     ``decode_attention``, in the split kernel (module doc). Each request's last KV position is the
     token being decoded; its slot in ``kv_indices`` is ``rope.slots[b]`` and is read from registers.
     ``early_tile``: load each piece's first KV tile before the PDL wait (default: with PDL, in
     split steps); the result is the same either way. ``tiles``: ``(block_n, num_warps, num_stages)``
-    (default: ``decode_tiles`` for the step's batch size and grid depth). ``order``: as in
+    (default: ``decode_tiles`` for the step's batch size and grid depth). ``pieces``: as in
     ``decode_attention``."""
     batch, width = qkv.shape
     num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
@@ -320,7 +331,7 @@ def decode_attention_qkv(
     assert rope.positions.shape == (batch,) and rope.slots.shape == (batch,)
     return _launch(qkv, num_q_heads, rope, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
                    max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile,
-                   order)
+                   pieces)
 
 
 def _launch(
@@ -328,7 +339,7 @@ def _launch(
     kv_indices: torch.Tensor, kv_starts: torch.Tensor, kv_lens: torch.Tensor, scale: float,
     num_splits: torch.Tensor, max_splits: int, out: torch.Tensor | None, mid_o: torch.Tensor | None,
     mid_lse: torch.Tensor | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
-    early_tile: bool | None = None, order: torch.Tensor | None = None,
+    early_tile: bool | None = None, pieces: DecodePieces | None = None,
 ) -> torch.Tensor:
     """The split kernel (and the merge kernel where requests are split) over ``q`` (B, Hq, D) or,
     with ``rope``, the qkv rows (B, (Hq + 2 Hkv) * D)."""
@@ -338,36 +349,39 @@ def _launch(
     group = num_q_heads // num_kv_heads
     if out is None:
         out = torch.empty(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
-    if mid_o is None or mid_lse is None:
-        mid_o, mid_lse = decode_workspace(batch, num_q_heads, max_splits, head_dim, q.device)
     if batch == 0:
         return out
+    if pieces is None:
+        pieces = cut_pieces(torch.clamp(num_splits, 1, max_splits), batch * max_splits)
+    else:
+        assert pieces.counts.data_ptr() == num_splits.data_ptr(), "pieces must cut num_splits"
+    direct = pieces.grid == batch  # each request in one piece: normalise and write the output at once
+    if not direct and (mid_o is None or mid_lse is None):
+        mid_o, mid_lse = decode_workspace(pieces.grid, num_q_heads, head_dim, q.device)
+    if direct:
+        mid_o = mid_lse = out  # not read
     block_d = triton.next_power_of_2(head_dim)
     dn, dw, ds = decode_tiles(q.dtype, head_dim, batch, num_kv_heads, num_sms(q.device), max_splits)
     block_n, num_warps, num_stages = block_n or dn, num_warps or dw, num_stages or ds
-    direct = max_splits == 1  # each request in one piece: normalise and write the output at once
-    dest = out if direct else mid_o
     r = rope
     has_norm = r is not None and r.q_norm_weight is not None
     pdl = pdl_launch(q, kind="decode")
     if early_tile is None:
-        early_tile = pdl["PDL"] and not direct
-    grid = (batch, num_kv_heads, max_splits) if order is None else (num_kv_heads, max_splits, batch)
-    _decode_split_kernel[grid](
-        q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, num_splits, dest, mid_lse,
-        *((r.positions, r.cos_cache, r.sin_cache) if r is not None else (num_splits,) * 3),
-        *((r.q_norm_weight, r.k_norm_weight) if has_norm else (num_splits,) * 2),
-        r.slots if r is not None else num_splits, order if order is not None else num_splits, scale * LOG2E,
-        r.eps if r is not None else 0.0,
+        early_tile = pdl["PDL"] and max_splits > 1
+    _decode_split_kernel[(num_kv_heads, pieces.grid)](
+        q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, pieces.counts, pieces.first, pieces.owner, out,
+        mid_o, mid_lse,
+        *((r.positions, r.cos_cache, r.sin_cache) if r is not None else (kv_lens,) * 3),
+        *((r.q_norm_weight, r.k_norm_weight) if has_norm else (kv_lens,) * 2),
+        r.slots if r is not None else kv_lens, batch, scale * LOG2E, r.eps if r is not None else 0.0,
         q.stride(0), q.stride(1) if r is None else head_dim, k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
-        v_buf.stride(1), dest.stride(0), dest.stride(1), 0 if direct else mid_o.stride(2), mid_lse.stride(0),
+        v_buf.stride(1), out.stride(0), out.stride(1), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0),
         mid_lse.stride(1), r.cos_cache.stride(0) if r is not None else 0,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         BLOCK_D=block_d, PRECISION=dot_precision(q.dtype), UPCAST=upcast_dot(q), DIRECT=direct,
-        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile, ORDERED=order is not None,
+        ROPE=r is not None, HAS_NORM=has_norm, EARLY=early_tile,
         num_warps=num_warps, num_stages=num_stages, **pdl,
     )
-    if direct:
-        return out
-    launch_merge(mid_o, mid_lse, num_splits, out, max_splits, pdl_launch(q, kind="decode"))
+    if not direct:
+        launch_merge(mid_o, mid_lse, pieces, out, pdl_launch(q, kind="decode"))
     return out

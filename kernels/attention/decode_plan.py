@@ -4,6 +4,7 @@ grid depth, each request's piece count, the partial-result workspace, and KV run
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -20,6 +21,14 @@ def choose_max_splits(batch_size: int, num_kv_heads: int, sm_count: int, cap: in
     pairs = max(1, batch_size * num_kv_heads)
     want = max(math.ceil(sm_count / pairs), 2 if 2 * pairs <= 3 * sm_count else 1)
     return min(triton.next_power_of_2(want), triton.next_power_of_2(cap))
+
+
+def decode_grid(batch_size: int, num_kv_heads: int, sm_count: int, cap: int, spare: float) -> int:
+    """Pieces in a decode step's grid (``DecodePieces.grid``): ``choose_max_splits`` deep, and at
+    least ``spare * batch_size`` beyond one per request, which ``balanced_splits`` hands to the
+    longest requests. A grid of exactly ``batch_size`` takes one piece per request and no merge."""
+    deep = batch_size * choose_max_splits(batch_size, num_kv_heads, sm_count, cap)
+    return max(deep, batch_size + math.ceil(spare * batch_size))
 
 
 def default_tiles(dtype: torch.dtype) -> tuple[int, int, int]:
@@ -69,24 +78,69 @@ def plan_kv_splits(
     return out
 
 
-def longest_first(seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:  # (B,) int64
-    """Request indices, longest KV run first: the order for the split kernel's programs.
+def balanced_splits(
+    seq_lens: torch.Tensor,  # (B,) int
+    grid: int,
+    min_split_tokens: int,
+    out: torch.Tensor | None = None,  # (B,) int32, written in place when given
+) -> torch.Tensor:  # (B,) int32
+    """Pieces per request over ``grid`` pieces in all: each request's share of the ``grid - B``
+    pieces beyond one each follows its share of the step's KV, so pieces are about equally long
+    (at most ``sum(seq_lens) / (grid - B)`` tokens) and a long request no longer holds up the end
+    of the kernel; no piece shorter than ``min_split_tokens``.
 
-    With lengths spread over a batch, programs started in batch order can leave a long run to
-    start last, and the SMs idle behind it. Device arithmetic only (graph safe)."""
-    order = torch.argsort(seq_lens, descending=True)
+    ``n_b = min(floor(len_b * (grid - B) / sum(len)) + 1, ceil(len_b / min_split_tokens))``, at
+    least 1, so the counts sum to at most ``grid``. Device arithmetic only (graph safe)."""
+    lens = seq_lens.to(torch.int64)
+    spare = max(grid - lens.numel(), 0)
+    total = lens.sum().clamp_min(1)
+    n = torch.minimum(lens * spare // total + 1, (lens + min_split_tokens - 1) // min_split_tokens).clamp_min(1)
     if out is None:
-        return order
-    out.copy_(order)
+        return n.to(torch.int32)
+    out.copy_(n)
+    return out
+
+
+class DecodePieces(NamedTuple):
+    """A decode step's KV runs cut into pieces, one split-kernel program per (kv head, piece).
+
+    Piece ``b < B`` is request ``b``'s first (so a request in one piece needs no lookup); the
+    other pieces follow request by request: request ``b``'s piece ``s >= 1`` is ``B + first[b] +
+    s - 1``, and ``owner[i]`` is the request of piece ``B + i`` (the batch size for the slots of a
+    grid of ``grid`` past the last piece; those programs exit)."""
+
+    counts: torch.Tensor  # (B,) int32 pieces per request
+    first: torch.Tensor  # (B,) int32 where its pieces after the first start, past the B first ones
+    owner: torch.Tensor  # (max(grid - B, 1),) int32
+    grid: int
+
+
+def cut_pieces(counts: torch.Tensor, grid: int, out: DecodePieces | None = None) -> DecodePieces:
+    """``DecodePieces`` of ``counts`` (B,) pieces per request (at least one each, summing to at most
+    ``grid``) over a grid of ``grid`` pieces; ``out``: buffers written in place (graph safe:
+    device math only)."""
+    counts = counts.to(torch.int32)
+    more = counts - 1
+    ends = torch.cumsum(more, 0, dtype=torch.int32)
+    ids = torch.arange(max(grid - counts.numel(), 1), dtype=torch.int32, device=counts.device)
+    if out is None:
+        owner = torch.searchsorted(ends, ids, right=True, out_int32=True)
+        return DecodePieces(counts, ends - more, owner, grid)
+    assert out.grid == grid and out.owner.numel() == ids.numel()
+    if out.counts.data_ptr() != counts.data_ptr():
+        out.counts.copy_(counts)
+    torch.sub(ends, more, out=out.first)
+    torch.searchsorted(ends, ids, right=True, out_int32=True, out=out.owner)
     return out
 
 
 def decode_workspace(
-    batch_size: int, num_q_heads: int, max_splits: int, head_dim: int, device: torch.device | str
+    num_pieces: int, num_q_heads: int, head_dim: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fresh partial-result buffers ``(mid_o (B, Hq, S, D) fp32, mid_lse (B, Hq, S) fp32)``."""
-    mid_o = torch.empty(batch_size, num_q_heads, max_splits, head_dim, dtype=torch.float32, device=device)
-    mid_lse = torch.empty(batch_size, num_q_heads, max_splits, dtype=torch.float32, device=device)
+    """Fresh partial-result buffers ``(mid_o (G, Hq, D) fp32, mid_lse (G, Hq) fp32)`` for a grid
+    of ``num_pieces`` pieces."""
+    mid_o = torch.empty(num_pieces, num_q_heads, head_dim, dtype=torch.float32, device=device)
+    mid_lse = torch.empty(num_pieces, num_q_heads, dtype=torch.float32, device=device)
     return mid_o, mid_lse
 
 

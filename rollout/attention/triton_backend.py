@@ -6,11 +6,21 @@ splits (the decode kernel's split count follows the batch size), so a query's bi
 on the batch, the chunking or a prefix hit.
 
 The decode path is CUDA-graph safe: ``forward`` performs no host sync and allocates nothing whose
-size depends on tensor values. Each request's split count lives in a buffer of ``max_batch_size``
-rows (written in ``prepare``, read by the kernels at a fixed address), and the partial results go
-to a workspace sized for every batch up to ``max_batch_size`` on the first decode step (the graph
-warm-up, before any capture). Neither buffer is ever replaced: a batch larger than
-``max_batch_size`` (never graphed) gets buffers of its own for that step.
+size depends on tensor values. Each step's cut of the requests' KV into pieces (``DecodePieces``:
+each request's piece count and first piece, each piece's request) lives in buffers sized for
+``max_batch_size`` (written in ``prepare``, read by the kernels at fixed addresses), and the
+partial results go to a workspace sized for every batch up to ``max_batch_size`` on the first
+decode step (the graph warm-up, before any capture). No buffer is ever replaced: a batch larger
+than ``max_batch_size`` (never graphed) gets buffers of its own for that step.
+
+By default each request is cut in up to ``choose_max_splits`` pieces of at least
+``min_split_tokens`` (``plan_kv_splits``). ROLLOUT_DECODE_CUT=balanced (opt-in) shares a grid of
+``decode_grid`` pieces out by length instead (``balanced_splits``), so pieces are about equally
+long and a long request does not hold up the end of the kernel; ROLLOUT_DECODE_SPARE sets that
+grid's pieces beyond one per request at large batches (a fraction of the batch, default 0.5; 0:
+one piece each and no merge). On an H200 the balanced cut took half the kernel time or less on
+batches with a few long requests, but the engine's GRPO steps were not faster with it
+(docs/benchmarks.md), so it is not the default.
 
 The kernels find each request's KV slots in the engine's request table when the batch carries it
 (``req_table`` / ``req_rows``: run ``b`` starts at ``req_rows[b] * max_context`` of the flattened
@@ -25,15 +35,17 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention import (
+    DecodePieces,
     NewTokenRope,
     choose_max_splits,
+    cut_pieces,
     decode_attention,
     decode_attention_qkv,
+    decode_grid,
     extend_attention,
-    longest_first,
-    plan_kv_splits,
     runs_from_indptr,
 )
+from kernels.attention.decode_cut import cut_step
 from kernels.triton_utils import interpreting, num_sms
 from rollout.attention.base import AttentionBackend
 from rollout.batch import ForwardBatch
@@ -47,9 +59,9 @@ _DECODE_QKV = os.environ.get("ROLLOUT_DECODE_QKV", "1").strip().lower() not in (
 # the qkv matmul, so short contexts split into one-tile pieces have all their KV loaded early
 # (H200, Qwen3-0.6B batch 1 at 128-640 tokens: 0.75 ms per token, 0.83 with pieces of 128).
 _MIN_SPLIT_TOKENS = max(1, int(os.environ.get("ROLLOUT_MIN_SPLIT_TOKENS", "64")))
-# ROLLOUT_DECODE_ORDER=1: decode programs start request by request, longest KV run first (opt-in:
-# measured on the kernel alone, not yet in the engine; see docs/benchmarks.md).
-_DECODE_ORDER = os.environ.get("ROLLOUT_DECODE_ORDER", "0").strip().lower() in ("1", "true", "on", "yes")
+# ROLLOUT_DECODE_CUT / ROLLOUT_DECODE_SPARE: how decode steps cut the requests' KV (module doc).
+_BALANCED = os.environ.get("ROLLOUT_DECODE_CUT", "uniform").strip().lower() == "balanced"
+_SPARE = max(0.0, float(os.environ.get("ROLLOUT_DECODE_SPARE", "0.5")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +70,12 @@ class _StepPlan:
 
     is_decode: bool
     batch_size: int
-    max_splits: int  # decode grid depth
+    max_splits: int  # decode grid depth that the tiles follow (choose_max_splits)
     max_extend_len: int  # extend grid rows
-    num_splits: torch.Tensor | None  # (B,) int32 pieces per request (decode only)
+    pieces: DecodePieces | None  # decode only: the cut of the requests' KV runs
     kv_indices: torch.Tensor  # (N,) slots: the flattened request table or the batch's kv_indices
     kv_starts: torch.Tensor  # (B,) where each request's run starts in kv_indices
     kv_lens: torch.Tensor  # (B,) its length
-    order: torch.Tensor | None = None  # (B,) decode: the order the requests' programs start in
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -82,6 +93,8 @@ class TritonAttentionBackend(AttentionBackend):
         max_kv_splits: int = 16,
         min_split_tokens: int = _MIN_SPLIT_TOKENS,
         deterministic: bool = False,
+        balanced: bool = _BALANCED,
+        spare: float = _SPARE,
     ) -> None:
         super().__init__(kv_pool)
         self.deterministic = deterministic
@@ -93,16 +106,21 @@ class TritonAttentionBackend(AttentionBackend):
             )
         self.max_kv_splits = max_kv_splits
         self.min_split_tokens = min_split_tokens
+        self.balanced, self.spare = balanced, spare
         self._sm_count = num_sms(kv_pool.device)
         self._size_buffers(max_batch_size)
         self._plan: _StepPlan | None = None
 
     def _size_buffers(self, max_batch_size: int) -> None:
         self.max_batch_size = max_batch_size
-        self._num_splits = torch.ones(max_batch_size, dtype=torch.int32, device=self.kv_pool.device)  # (B_max,)
+        dev = self.kv_pool.device
+        largest = max(self._grid(b) for b in range(1, max_batch_size + 1))
+        extra = max(max(self._grid(b) - b, 1) for b in range(1, max_batch_size + 1))
+        self._pieces = DecodePieces(torch.ones(max_batch_size, dtype=torch.int32, device=dev),
+                                    torch.zeros(max_batch_size, dtype=torch.int32, device=dev),
+                                    torch.zeros(extra, dtype=torch.int32, device=dev), largest)
         self._kv_starts = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
         self._kv_lens = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
-        self._order = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
         self._workspace: torch.Tensor | None = None  # flat fp32: partial outputs, then their lse
 
     def init_cuda_graph(self, max_bs: int, max_kv_tokens: int) -> None:
@@ -143,16 +161,23 @@ class TritonAttentionBackend(AttentionBackend):
             self._plan = _StepPlan(False, bs, 0, max(batch.extend_lens_cpu, default=0), None,
                                    kv_indices, kv_starts, kv_lens)
             return
-        max_splits = self._max_splits(bs)
-        out = self._num_splits[:bs] if fixed else None
-        num_splits = plan_kv_splits(batch.seq_lens, max_splits, self.min_split_tokens, out=out)
-        order = None
-        if _DECODE_ORDER:  # long runs first (kernels.attention.decode_plan.longest_first)
-            order = longest_first(kv_lens, out=self._order[:bs] if fixed else None)
-        self._plan = _StepPlan(True, bs, max_splits, 1, num_splits, kv_indices, kv_starts, kv_lens, order)
+        max_splits, grid = self._max_splits(bs), self._grid(bs)
+        if fixed:
+            own = self._pieces
+            pieces = DecodePieces(own.counts[:bs], own.first[:bs], own.owner[:max(grid - bs, 1)], grid)
+        else:  # an oversized batch (never graphed): buffers of its own
+            pieces = cut_pieces(torch.ones(bs, dtype=torch.int32, device=batch.seq_lens.device), grid)
+        cut_step(batch.seq_lens, grid, self.min_split_tokens, pieces, balanced=self.balanced, max_splits=max_splits)
+        self._plan = _StepPlan(True, bs, max_splits, 1, pieces, kv_indices, kv_starts, kv_lens)
 
     def _max_splits(self, batch_size: int) -> int:
         return choose_max_splits(batch_size, self.kv_pool.num_kv_heads, self._sm_count, self.max_kv_splits)
+
+    def _grid(self, batch_size: int) -> int:
+        """Pieces in a decode step's grid (``decode_grid``; ``B * max_splits`` for the uniform cut)."""
+        if not self.balanced:
+            return batch_size * self._max_splits(batch_size)
+        return decode_grid(batch_size, self.kv_pool.num_kv_heads, self._sm_count, self.max_kv_splits, self.spare)
 
     def forward(
         self,
@@ -175,11 +200,12 @@ class TritonAttentionBackend(AttentionBackend):
                 q, k_buf, v_buf, batch.qo_indptr, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
                 plan.max_extend_len, deterministic=self.deterministic,
             ).to(q.dtype)
-        assert plan.num_splits is not None
-        mid_o, mid_lse = self._decode_workspace(plan, q.shape[1], q.shape[2])
+        pieces = plan.pieces
+        assert pieces is not None
+        mid_o, mid_lse = self._decode_workspace(pieces, q.shape[1], q.shape[2])
         out = decode_attention(
             q, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
-            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse, order=plan.order,
+            pieces.counts, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse, pieces=pieces,
         )
         return out.to(q.dtype)
 
@@ -203,30 +229,29 @@ class TritonAttentionBackend(AttentionBackend):
         if (qkv.dtype != k_buf.dtype or qkv.dim() != 2 or qkv.stride(-1) != 1 or head_dim < 32
                 or head_dim & (head_dim - 1) or qkv.shape[1] != (num_q_heads + 2 * num_kv_heads) * head_dim):
             return None
-        assert plan.num_splits is not None
-        mid_o, mid_lse = self._decode_workspace(plan, num_q_heads, head_dim)
+        pieces = plan.pieces
+        assert pieces is not None
+        mid_o, mid_lse = self._decode_workspace(pieces, num_q_heads, head_dim)
         return decode_attention_qkv(
             qkv, num_q_heads, rope, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
-            plan.num_splits, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse, order=plan.order,
+            pieces.counts, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse, pieces=pieces,
         )
 
     def _decode_workspace(
-        self, plan: _StepPlan, num_q_heads: int, head_dim: int
+        self, pieces: DecodePieces, num_q_heads: int, head_dim: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views ``(mid_o (B, Hq, S, D), mid_lse (B, Hq, S))`` of the workspace."""
-        bs, splits = plan.batch_size, plan.max_splits
-        per_split = num_q_heads * (head_dim + 1)
-        need = bs * splits * per_split
+        """Views ``(mid_o (G, Hq, D), mid_lse (G, Hq))`` of the workspace for a grid of G pieces."""
+        per_piece = num_q_heads * (head_dim + 1)
+        need = pieces.grid * per_piece
         workspace = self._workspace
-        if workspace is None and bs <= self.max_batch_size:
-            largest = max(b * self._max_splits(b) for b in range(1, self.max_batch_size + 1))
+        if workspace is None and pieces.grid <= self._pieces.grid:
             workspace = self._workspace = torch.empty(
-                largest * per_split, dtype=torch.float32, device=self.kv_pool.device
+                self._pieces.grid * per_piece, dtype=torch.float32, device=self.kv_pool.device
             )
         if workspace is None or workspace.numel() < need:
             # Oversized batch, or a head shape the workspace was not sized for: this step only.
             workspace = torch.empty(need, dtype=torch.float32, device=self.kv_pool.device)
-        n_o = bs * num_q_heads * splits * head_dim
-        mid_o = workspace[:n_o].view(bs, num_q_heads, splits, head_dim)
-        mid_lse = workspace[n_o:need].view(bs, num_q_heads, splits)
+        n_o = pieces.grid * num_q_heads * head_dim
+        mid_o = workspace[:n_o].view(pieces.grid, num_q_heads, head_dim)
+        mid_lse = workspace[n_o:need].view(pieces.grid, num_q_heads)
         return mid_o, mid_lse

@@ -17,9 +17,10 @@ pytest.importorskip("triton")
 
 from kernels.attention import (  # noqa: E402
     NewTokenRope,
+    balanced_splits,
+    cut_pieces,
     decode_attention,
     decode_attention_qkv,
-    longest_first,
     plan_kv_splits,
     runs_from_indptr,
 )
@@ -112,21 +113,27 @@ def test_qkv_decode_at_the_tiles_decode_tiles_picks(max_splits, tiles):
     assert torch.equal(v_buf[live], v_ref[live])
 
 
-@pytest.mark.parametrize("max_splits", [1, 4])
-def test_qkv_decode_longest_first_gives_the_same_bits(max_splits):
-    """Programs started longest run first: the same output and the same k / v stored."""
+@pytest.mark.parametrize("grid,early_tile", [(5, False), (12, False), (12, True), (30, True)])
+def test_qkv_decode_with_a_balanced_cut_is_rotary_then_decode(grid, early_tile):
+    """A balanced cut (``balanced_splits``): the new token's k / v stored by whichever piece holds
+    it, requests in one piece written directly, the others merged (over 16 pieces: in chunks)."""
     hq, hkv, d = 4, 2, 32
-    kv_lens = [1, 37, 64, 100, 0]
-    results = []
-    for ordered in (False, True):
-        qkv, k_buf, v_buf, kv_indices, indptr, rope = make_step(kv_lens, hq, hkv, d, torch.float32, True, seed=5)
-        lens = torch.tensor(kv_lens, device=DEVICE)
-        splits = plan_kv_splits(lens, max_splits, 16)
-        out = decode_attention_qkv(qkv, hq, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), d**-0.5,
-                                   splits, max_splits, order=longest_first(lens) if ordered else None)
-        results.append((out, k_buf, v_buf))
-    (want, k_want, v_want), (got, k_got, v_got) = results
-    assert torch.equal(got, want) and torch.equal(k_got, k_want) and torch.equal(v_got, v_want)
+    kv_lens = [1, 37, 64, 300, 0]
+    qkv, k_buf, v_buf, kv_indices, indptr, rope = make_step(kv_lens, hq, hkv, d, torch.float32, True, seed=5)
+    k_ref, v_ref = k_buf.clone(), v_buf.clone()
+    pieces = cut_pieces(balanced_splits(torch.tensor(kv_lens, device=DEVICE), grid, 8), grid)
+    assert int(pieces.counts.max()) > (16 if grid == 30 else 1) or grid == 5
+    uniform = torch.ones(len(kv_lens), dtype=torch.int32, device=DEVICE)
+    want = two_kernels(qkv, hq, rope, k_ref, v_ref, kv_indices, indptr, d**-0.5, uniform, 1)
+    got = decode_attention_qkv(qkv, hq, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), d**-0.5,
+                               pieces.counts, 2, early_tile=early_tile, pieces=pieces)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    live = rope.slots[:-1]  # the padding row (kv_len 0) stores nothing
+    assert torch.equal(v_buf[live], v_ref[live])
+    if DEVICE == "cpu":
+        assert torch.equal(k_buf[live], k_ref[live])
+    else:  # compiled, the rotation's products may round apart (test_qkv_decode_is_rotary_then_decode)
+        torch.testing.assert_close(k_buf[live], k_ref[live], rtol=1e-5, atol=1e-5)
 
 
 def test_qkv_decode_refuses_small_or_odd_heads():
