@@ -355,11 +355,15 @@ def _launch(
         pieces = cut_pieces(torch.clamp(num_splits, 1, max_splits), batch * max_splits)
     else:
         assert pieces.counts.data_ptr() == num_splits.data_ptr(), "pieces must cut num_splits"
+    assert pieces.grid < 65536, "at most 65,535 pieces: the grid's second axis (a smaller batch or spare)"
     direct = pieces.grid == batch  # each request in one piece: normalise and write the output at once
-    if not direct and (mid_o is None or mid_lse is None):
-        mid_o, mid_lse = decode_workspace(pieces.grid, num_q_heads, head_dim, q.device)
     if direct:
         mid_o = mid_lse = out  # not read
+    else:
+        if mid_o is None or mid_lse is None:
+            mid_o, mid_lse = decode_workspace(pieces.grid, num_q_heads, head_dim, q.device)
+        assert mid_o.dim() == 3 and mid_lse.dim() == 2 and min(mid_o.shape[0], mid_lse.shape[0]) >= pieces.grid, \
+            "workspace: mid_o (>= grid, Hq, D) and mid_lse (>= grid, Hq) (decode_workspace)"
     block_d = triton.next_power_of_2(head_dim)
     dn, dw, ds = decode_tiles(q.dtype, head_dim, batch, num_kv_heads, num_sms(q.device), max_splits)
     block_n, num_warps, num_stages = block_n or dn, num_warps or dw, num_stages or ds

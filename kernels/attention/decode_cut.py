@@ -4,7 +4,9 @@ The torch functions of ``kernels.attention.decode_plan`` (``balanced_splits`` or
 ``plan_kv_splits``, then ``cut_pieces``) are the reference; they take about sixteen small
 launches per step, which this kernel replaces with one program: the piece counts, their prefix
 sums and, for each piece past the requests' first ones, its request (a count of the prefix sums
-at or below the piece's index).
+at or below the piece's index). That count compares every request with every such piece:
+``B * (grid - B)`` comparisons, none for the uniform cut at large batches (one piece each) and
+about 33,000 for the balanced cut at batch 256.
 """
 
 from __future__ import annotations

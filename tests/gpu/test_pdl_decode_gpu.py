@@ -16,15 +16,18 @@ pytestmark = pytest.mark.gpu
 HQ, HKV, D, HIDDEN, LAYERS, MAX_CTX = 16, 8, 128, 1024, 4, 1024
 
 
-def _layers(x, weights, caches, step, num_splits, max_splits, configs):
-    """``LAYERS`` of qkv matmul -> decode attention from qkv (storing the new k, v) -> o matmul."""
+def _layers(x, weights, caches, step, pieces, max_splits, configs):
+    """``LAYERS`` of qkv matmul -> decode attention from qkv (storing the new k, v) -> o matmul.
+    ``pieces``: the step's cut, made before (so no launch sits between the matmul and the
+    attention kernel, whose early loads then overlap the matmul as in the engine)."""
     from kernels.attention import decode_attention_qkv
     from kernels.gemv import gemv
 
     for (w_qkv, w_o), (k_buf, v_buf) in zip(weights, caches):
         qkv = gemv(x, w_qkv, None, configs[0])
         attn = decode_attention_qkv(qkv, HQ, step["rope"], k_buf, v_buf, step["table"].view(-1),
-                                    step["starts"], step["lens"], D ** -0.5, num_splits, max_splits)
+                                    step["starts"], step["lens"], D ** -0.5, pieces.counts, max_splits,
+                                    pieces=pieces)
         x = gemv(attn.view(x.shape[0], HQ * D), w_o, None, configs[1])
     return x
 
@@ -49,7 +52,7 @@ def _step_inputs(batch, lens, table, dev):
 @pytest.mark.parametrize("batch,min_split", [(1, 64), (1, 128), (4, 64), (16, 128)])
 @torch.no_grad()
 def test_pdl_decode_chain_over_steps_matches_plain_launches(batch, min_split, monkeypatch) -> None:
-    from kernels.attention import choose_max_splits, plan_kv_splits
+    from kernels.attention import choose_max_splits, cut_pieces, plan_kv_splits
     from kernels.gemv import candidates
     from kernels.triton_utils import num_sms, pdl_enabled
 
@@ -75,16 +78,17 @@ def test_pdl_decode_chain_over_steps_matches_plain_launches(batch, min_split, mo
         caches = [tuple(c.clone() for c in pair) for pair in caches0]
         step = _step_inputs(batch, start_lens, table, dev)  # fixed buffers, refilled each step
         num_splits = plan_kv_splits(step["lens"], max_splits, min_split)
+        pieces = cut_pieces(num_splits, batch * max_splits)
         x_in = x0.clone()
         outs = []
         if graphed:
-            _layers(x_in, weights, [tuple(c.clone() for c in p) for p in caches], step, num_splits, max_splits,
+            _layers(x_in, weights, [tuple(c.clone() for c in p) for p in caches], step, pieces, max_splits,
                     configs)  # compile outside the capture
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-                got = _layers(x_in, weights, caches, step, num_splits, max_splits, configs)
+                got = _layers(x_in, weights, caches, step, pieces, max_splits, configs)
             torch.cuda.current_stream().wait_stream(stream)
         for t in range(steps):
             fresh = _step_inputs(batch, [n + t for n in start_lens], table, dev)
@@ -93,12 +97,13 @@ def test_pdl_decode_chain_over_steps_matches_plain_launches(batch, min_split, mo
             step["rope"].positions.copy_(fresh["rope"].positions)
             step["rope"].slots.copy_(fresh["rope"].slots)
             plan_kv_splits(step["lens"], max_splits, min_split, out=num_splits)
+            cut_pieces(num_splits, batch * max_splits, out=pieces)
             x_in.copy_(x0 + t)
             if graphed:
                 graph.replay()
                 outs.append(got.clone())
             else:
-                outs.append(_layers(x_in, weights, caches, step, num_splits, max_splits, configs))
+                outs.append(_layers(x_in, weights, caches, step, pieces, max_splits, configs))
         torch.cuda.synchronize()
         return outs
 

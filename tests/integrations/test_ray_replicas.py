@@ -13,6 +13,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from tests.ray_start import start_ray
 from tests.waiting import process_running
 
 ray = pytest.importorskip("ray")
@@ -34,15 +35,7 @@ STEP_S = 20.0  # deadline of any single wait on a replica: a bug fails in second
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray instance for this module: 2 logical CPUs (Ray starts one idle worker per CPU)."""
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    except Exception as e:
-        # Ray gives its raylet a fixed 30 s to register; a machine loaded by other work can miss that.
-        # One more start, then the error stands.
-        if "timed out during startup" not in str(e):
-            raise
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_ray(ray, num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield
     ray.shutdown()
 

@@ -29,6 +29,7 @@ from integrations.verl.replica import RolloutServerReplica  # noqa: E402
 from rollout import Engine, SamplingParams  # noqa: E402
 from rollout.errors import InvalidArgumentError, UnimplementedError  # noqa: E402
 from rollout.testing.random_model import write_random_model  # noqa: E402
+from tests.ray_start import start_ray  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT_LEN, RESPONSE_LEN = 24, 6
@@ -81,8 +82,8 @@ def serve_replicas(config, num_gpus: int, models: tuple[str, str]):
 
     env = {"VERL_USE_EXTERNAL_MODULES": "integrations.verl", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
-    ray.init(num_cpus=8, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": env})
+    start_ray(ray, num_cpus=8, num_gpus=num_gpus, include_dashboard=False, log_to_driver=True,
+              runtime_env={"env_vars": env})
     manager = None
     try:
         manager = LLMServerManager.create(config=config, worker_group=None)

@@ -341,18 +341,21 @@ def forward_batch(
 @pytest.mark.parametrize("dtype,max_batch_size,table,cut", [
     (torch.float32, 256, True, 0.5), (torch.bfloat16, 256, True, 0.5), (torch.float32, 2, True, 0.5),
     (torch.float32, 256, False, 0.5), (torch.float32, 256, True, None), (torch.float32, 2, False, None),
-    (torch.float32, 256, True, 3.0), (torch.float32, 2, False, 3.0),
+    (torch.float32, 256, True, 3.0), (torch.float32, 2, False, 3.0), (torch.float32, 256, True, "direct"),
 ])
 def test_backend_matches_torch_reference(dtype, max_batch_size, table, cut):
-    """Prefill, then a mixed extend step, then decode steps: outputs and written KV equal the reference.
+    """Prefill, then a mixed extend step, then decode steps of 3 requests and then of 2 (the fixed
+    buffers' slices reused at another size): outputs and written KV equal the reference.
     ``max_batch_size`` 2 sends the 3-request decode steps through the oversized-batch buffers;
     ``table`` gives the Triton backend the request table instead of flat KV indices; ``cut``: the
-    balanced cut's spare pieces per request, or None for the uniform cut (ROLLOUT_DECODE_CUT)."""
+    balanced cut's spare pieces per request, None for the uniform cut (ROLLOUT_DECODE_CUT), or
+    ``direct``: one piece per request, no merge (no split allowed, no spare piece)."""
     gen = torch.Generator().manual_seed(3)
     layers, num_kv_heads, group, head_dim = 1, 2, 2, 32
     pools = [KVPool(layers, 512, num_kv_heads, head_dim, dtype, DEVICE) for _ in range(2)]
-    triton_backend = TritonAttentionBackend(pools[0], max_batch_size=max_batch_size, min_split_tokens=16,
-                                            balanced=cut is not None, spare=cut or 0.0)
+    cuts = dict(max_kv_splits=1, balanced=True, spare=0.0) if cut == "direct" else dict(
+        balanced=cut is not None, spare=cut or 0.0)
+    triton_backend = TritonAttentionBackend(pools[0], max_batch_size=max_batch_size, min_split_tokens=16, **cuts)
     ref_backend = create_attention_backend("torch", pools[1])
     # Request 1 starts from request 0's first page, cached in step 1 (a shared prefix).
     slots = paged_slots([(0, 50), (0, 30), (0, 140)], 16, 32, 16, gen)
@@ -361,7 +364,9 @@ def test_backend_matches_torch_reference(dtype, max_batch_size, table, cut):
         [(0, 20, 28), (1, 16, 1), (2, 130, 1)],  # extend, one-token extend, decode row
         [(0, 48, 1), (1, 17, 1), (2, 131, 1)],  # decode
         [(0, 49, 1), (1, 18, 1), (2, 132, 1)],
+        [(1, 19, 1), (2, 133, 1)],
     ]
+    grids = []
     for step in steps:
         outs = []
         t = sum(n for _, _, n in step)
@@ -372,6 +377,10 @@ def test_backend_matches_torch_reference(dtype, max_batch_size, table, cut):
             batch = forward_batch(backend, step, slots, table=table and backend is triton_backend)
             outs.append(torch.stack([backend.forward(q, k, v, layer, 0.2, batch) for layer in range(layers)]))
         assert_close(outs[0], outs[1], dtype)
+        plan = triton_backend._plan
+        grids.append(plan.pieces.grid if plan.pieces is not None else 0)
+    # The 2-request decode step: one piece each with "direct", else split (small batches always are).
+    assert grids[-1] == 2 if cut == "direct" else grids[-1] > 2
     for layer in range(layers):
         assert torch.equal(pools[0].k_buffers[layer], pools[1].k_buffers[layer])
         assert torch.equal(pools[0].v_buffers[layer], pools[1].v_buffers[layer])
