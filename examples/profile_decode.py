@@ -3,15 +3,20 @@
     python examples/profile_decode.py --shape qwen3-0.6b --batch 256 --context 600
     python examples/profile_decode.py --shape qwen3-0.6b --batch 1
     python examples/profile_decode.py --shape qwen3-0.6b --batch 256 --deterministic
+    python examples/profile_decode.py --shape qwen3-0.6b --batch 128 --context 1200 --ragged 0.5 --long 0.05 --group 8
 
 Runs the engine core directly (no front end): fills ``--batch`` sequences of ``--context`` prompt
 tokens, lets them reach steady decode, then times ``--steps`` steps and profiles a few more with
-torch.profiler, printing the kernels by total device time.
+torch.profiler, printing the kernels by total device time. ``--ragged`` / ``--long`` spread the
+prompt lengths as a continuously batched RL step has them (a few samples far longer than the
+rest); ``--group`` gives each group of that many sequences one prompt, as GRPO samples share
+theirs, so their KV is shared through the prefix cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import time
 
@@ -36,11 +41,38 @@ def print_device_busy(prof, steps: int, wall_ms: float) -> None:
           f"(busy {busy_ms / wall_ms:.0%} of it)")
 
 
+def prompt_lengths(batch: int, context: int, ragged: float, long: float, seed: int = 0) -> list[int]:
+    """Prompt lengths of ``batch`` sequences: ``context`` each, or uniform in ``context * (1 +-
+    ragged)``; ``long``: that fraction of them (at least one if above 0) five times as long."""
+    rng = random.Random(seed)
+    lo, hi = max(1, round(context * (1 - ragged))), max(1, round(context * (1 + ragged)))
+    lens = [rng.randint(lo, hi) for _ in range(batch)]
+    for i in rng.sample(range(batch), min(batch, math.ceil(long * batch)) if long > 0 else 0):
+        lens[i] *= 5
+    return lens
+
+
+def make_prompts(batch: int, context: int, ragged: float, long: float, group: int, vocab: int,
+                 seed: int = 0) -> list[list[int]]:
+    """Random prompts of ``prompt_lengths``; sequences ``g * group .. (g + 1) * group - 1`` share
+    the prompt of the first of them (a GRPO group)."""
+    rng = random.Random(seed)
+    lens = prompt_lengths(batch, context, ragged, long, seed)
+    prompts: list[list[int]] = []
+    for i, n in enumerate(lens):
+        first = i - i % max(group, 1)
+        prompts.append(list(prompts[first]) if first != i else [rng.randrange(vocab) for _ in range(n)])
+    return prompts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="qwen3-0.6b")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--context", type=int, default=600, help="prompt tokens per sequence")
+    ap.add_argument("--ragged", type=float, default=0.0, help="prompt lengths uniform in context * (1 +- this)")
+    ap.add_argument("--long", type=float, default=0.0, help="this fraction of sequences 5x as long")
+    ap.add_argument("--group", type=int, default=1, help="sequences per shared prompt (a GRPO group)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--no-overlap", action="store_true")
@@ -75,12 +107,11 @@ def main() -> None:
         if gpu:
             torch.cuda.synchronize()
 
-    rng = random.Random(0)
-    vocab = core.limits.vocab_size
     total = args.steps + 40
-    for i in range(args.batch):
+    prompts = make_prompts(args.batch, args.context, args.ragged, args.long, args.group, core.limits.vocab_size)
+    for i, prompt in enumerate(prompts):
         core.add(make_add_request(
-            f"r{i}", input_ids=[rng.randrange(vocab) for _ in range(args.context)], text=None,
+            f"r{i}", input_ids=prompt, text=None,
             sampling=SamplingParams(temperature=args.temperature, max_new_tokens=total, ignore_eos=True, seed=i),
             limits=core.limits, tokenizer=None, return_logprob=True, return_raw_logprob=False, top_logprobs_num=0,
             stream=True))
@@ -95,7 +126,9 @@ def main() -> None:
         core.step()
     sync()
     per_step = (time.perf_counter() - t0) / args.steps
-    print(f"{args.shape} batch {args.batch} context ~{args.context}: {per_step * 1e3:.3f} ms/step, "
+    spread = f", ragged {args.ragged:g}, long {args.long:g}, groups of {args.group}" if (
+        args.ragged or args.long or args.group > 1) else ""
+    print(f"{args.shape} batch {args.batch} context ~{args.context}{spread}: {per_step * 1e3:.3f} ms/step, "
           f"{args.batch / per_step:,.0f} tok/s (overlap {'off' if args.no_overlap else 'on'})")
     from torch.profiler import ProfilerActivity, profile
 
