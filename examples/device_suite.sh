@@ -7,6 +7,7 @@
 #   examples/device_suite.sh sync       # memory release/resume and colocated weight-sync benchmarks (1 GPU)
 #   examples/device_suite.sh timeline   # the offline workload step by step, prompt-phase kernels, attention tiles
 #   examples/device_suite.sh rollout    # a GRPO rollout step: makespan, tail, prefix-cache gain (1 GPU)
+#   examples/device_suite.sh cuts       # decode pieces: the uniform and the balanced cut, kernel and engine
 #   examples/device_suite.sh moe        # Qwen3-30B-A3B throughput (one H200)
 #   examples/device_suite.sh multi      # multi-GPU tests and the NCCL weight-sync benchmark
 #
@@ -43,8 +44,8 @@ case "${1:-tests}" in
     ;;
   fast)  # the fast path's checks and figures first: fused kernels, HF equality, throughput, latency, profiles
     step fused_kernels 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kernels_fused.py \
-      tests/unit/test_kernels_attention.py tests/unit/test_kernels_decode_qkv.py tests/unit/test_kernels_sampling.py \
-      tests/unit/test_kernels_gemv_norm.py
+      tests/unit/test_kernels_attention.py tests/unit/test_kernels_decode_pieces.py tests/unit/test_kernels_decode_qkv.py \
+      tests/unit/test_kernels_sampling.py tests/unit/test_kernels_gemv_norm.py
     step bf16_vs_hf 180 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_engine.py
     step offline_qwen3_0.6b 200 python3 examples/offline_throughput.py --shape qwen3-0.6b --attention-backend triton
     step batch1_qwen3_0.6b 100 python3 examples/offline_throughput.py --shape qwen3-0.6b --batch1 \
@@ -75,6 +76,19 @@ case "${1:-tests}" in
     ;;
   rollout)  # one GRPO rollout step (128 x 8, shared prefix, long tail to 8k), prefix cache on and off
     TAIL=45 step rollout_qwen3_0.6b 540 python3 examples/rollout_bench.py --shape qwen3-0.6b --attention-backend triton
+    ;;
+  cuts)  # decode pieces cut uniformly (default) or by length (ROLLOUT_DECODE_CUT=balanced)
+    step cut_tests 200 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kernels_decode_pieces.py \
+      tests/gpu/test_pdl_decode_gpu.py tests/gpu/test_triton_backend_gpu.py
+    TAIL=12 step cut_kernel 120 python3 -m kernels.bench_decode_graph --splits 1 --tiles 64/4/3 --interleaved --all \
+      --batch 32,128,256 --context 600 --ragged 0.8 --long 0.05 --spare u,0.5
+    for cut in uniform balanced; do
+      TAIL=40 step "profile_grouped_$cut" 150 env ROLLOUT_DECODE_CUT=$cut python3 examples/profile_decode.py \
+        --shape qwen3-0.6b --batch 128 --context 1200 --ragged 0.5 --long 0.05 --group 8
+      TAIL=20 step "rollout_staggered_$cut" 150 env ROLLOUT_DECODE_CUT=$cut python3 examples/rollout_bench.py \
+        --shape qwen3-0.6b --attention-backend triton --prompts 64 --max-running-requests 128 \
+        --max-new-tokens 4096 --only "cache on"
+    done
     ;;
   moe)  # one H200: the Qwen3-30B-A3B anchor (1,000 in / 2,000 out)
     step offline_qwen3_30b_a3b 540 python3 examples/offline_throughput.py --shape qwen3-30b-a3b --num-prompts 256 \
