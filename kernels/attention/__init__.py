@@ -8,6 +8,7 @@ from kernels.attention.decode_plan import (
     cut_pieces,
     decode_grid,
     decode_workspace,
+    piece_buffers,
     plan_kv_splits,
     runs_from_indptr,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "decode_workspace",
     "extend_attention",
     "paged_attention_reference",
+    "piece_buffers",
     "plan_kv_splits",
     "runs_from_indptr",
 ]

@@ -115,6 +115,15 @@ class DecodePieces(NamedTuple):
     grid: int
 
 
+def piece_buffers(batch_size: int, grid: int, device: torch.device | str) -> DecodePieces:
+    """Unfilled ``DecodePieces`` buffers of a step of ``batch_size`` requests over ``grid`` pieces
+    (for ``cut_step`` to write)."""
+    def ints(n: int) -> torch.Tensor:
+        return torch.empty(n, dtype=torch.int32, device=device)
+
+    return DecodePieces(ints(batch_size), ints(batch_size), ints(max(grid - batch_size, 1)), grid)
+
+
 def cut_pieces(counts: torch.Tensor, grid: int, out: DecodePieces | None = None) -> DecodePieces:
     """``DecodePieces`` of ``counts`` (B,) pieces per request (at least one each, summing to at most
     ``grid``) over a grid of ``grid`` pieces; ``out``: buffers written in place (graph safe:

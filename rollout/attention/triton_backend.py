@@ -38,11 +38,11 @@ from kernels.attention import (
     DecodePieces,
     NewTokenRope,
     choose_max_splits,
-    cut_pieces,
     decode_attention,
     decode_attention_qkv,
     decode_grid,
     extend_attention,
+    piece_buffers,
     runs_from_indptr,
 )
 from kernels.attention.decode_cut import cut_step
@@ -113,12 +113,10 @@ class TritonAttentionBackend(AttentionBackend):
 
     def _size_buffers(self, max_batch_size: int) -> None:
         self.max_batch_size = max_batch_size
-        dev = self.kv_pool.device
-        largest = max(self._grid(b) for b in range(1, max_batch_size + 1))
-        extra = max(max(self._grid(b) - b, 1) for b in range(1, max_batch_size + 1))
-        self._pieces = DecodePieces(torch.ones(max_batch_size, dtype=torch.int32, device=dev),
-                                    torch.zeros(max_batch_size, dtype=torch.int32, device=dev),
-                                    torch.zeros(extra, dtype=torch.int32, device=dev), largest)
+        # Sized for every batch up to max_batch_size: the counts and firsts by the batch, the owner
+        # list by the most pieces any batch takes beyond one per request.
+        extra = max(self._grid(b) - b for b in range(1, max_batch_size + 1))
+        self._pieces = piece_buffers(max_batch_size, max_batch_size + extra, self.kv_pool.device)
         self._kv_starts = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
         self._kv_lens = torch.zeros(max_batch_size, dtype=torch.int64, device=self.kv_pool.device)  # (B_max,)
         self._workspace: torch.Tensor | None = None  # flat fp32: partial outputs, then their lse
@@ -166,7 +164,7 @@ class TritonAttentionBackend(AttentionBackend):
             own = self._pieces
             pieces = DecodePieces(own.counts[:bs], own.first[:bs], own.owner[:max(grid - bs, 1)], grid)
         else:  # an oversized batch (never graphed): buffers of its own
-            pieces = cut_pieces(torch.ones(bs, dtype=torch.int32, device=batch.seq_lens.device), grid)
+            pieces = piece_buffers(bs, grid, batch.seq_lens.device)
         cut_step(batch.seq_lens, grid, self.min_split_tokens, pieces, balanced=self.balanced, max_splits=max_splits)
         self._plan = _StepPlan(True, bs, max_splits, 1, pieces, kv_indices, kv_starts, kv_lens)
 
