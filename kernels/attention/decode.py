@@ -365,7 +365,8 @@ def _launch(
         assert mid_o.dim() == 3 and mid_lse.dim() == 2 and min(mid_o.shape[0], mid_lse.shape[0]) >= pieces.grid, \
             "workspace: mid_o (>= grid, Hq, D) and mid_lse (>= grid, Hq) (decode_workspace)"
     block_d = triton.next_power_of_2(head_dim)
-    dn, dw, ds = decode_tiles(q.dtype, head_dim, batch, num_kv_heads, num_sms(q.device), max_splits)
+    dn, dw, ds = decode_tiles(q.dtype, head_dim, batch, num_kv_heads, num_sms(q.device), max_splits,
+                              pieces.grid)
     block_n, num_warps, num_stages = block_n or dn, num_warps or dw, num_stages or ds
     r = rope
     has_norm = r is not None and r.q_norm_weight is not None

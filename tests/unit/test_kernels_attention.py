@@ -163,6 +163,8 @@ def test_decode_tiles_follow_the_program_count():
     assert decode_tiles(bf16, 128, 17, 8, 132, 2) == (32, 4, 5)  # 136 pairs in two pieces: smaller tiles
     assert decode_tiles(bf16, 128, 25, 8, 132, 1) == (128, 4, 3)
     assert decode_tiles(bf16, 128, 33, 8, 132, 1) == (128, 4, 3)  # 264 pairs, two per SM
+    assert decode_tiles(bf16, 128, 32, 8, 132, 1, grid=32) == (128, 4, 3)
+    assert decode_tiles(bf16, 128, 32, 8, 132, 1, grid=48) == default_tiles(bf16)  # a balanced cut's spare pieces
     assert decode_tiles(bf16, 128, 34, 8, 132, 1) == default_tiles(bf16)
     assert decode_tiles(bf16, 128, 256, 8, 132, 1) == default_tiles(bf16)
     assert decode_tiles(bf16, 64, 17, 8, 132, 2) == default_tiles(bf16)  # measured at head_dim 128 only
