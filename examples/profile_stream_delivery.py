@@ -8,8 +8,9 @@ thread that shares the GIL with the streams' consumers, so the Python each token
 front end adds to the host time of a step, next to the loop's own (``profile_host_step.py``).
 This times that part alone:
 
-- an ``EngineClient`` whose engine loop is a stand-in: each step it answers with one single-token
-  ``StreamChunk`` per stream, routed by the client's router thread as the loop's events are;
+- an ``EngineClient`` whose engine loop is a stand-in (``rollout.testing.stand_in_loop``): each
+  step it answers with one single-token ``StreamChunk`` per stream, routed by the client's router
+  thread as the loop's events are;
 - ``--batch`` asyncio tasks consume ``EngineClient.astream`` as ``Engine.async_stream`` does
   (``TextDeltas`` with the embedded model's tokenizer, unless ``--no-text``) and as the
   benchmark's consumer does (a timestamp per chunk);
@@ -23,35 +24,20 @@ import argparse
 import asyncio
 import cProfile
 import pstats
-import queue
 import random
 import threading
 import time
 
 from rollout.detokenize import TextDeltas
-from rollout.engine.client import EngineClient
-from rollout.engine.messages import AddRequest, Control, ControlReply
+from rollout.engine.messages import AddRequest
+from rollout.testing.stand_in_loop import StandInLoop
 from rollout.types import SamplingParams, StreamChunk
-
-
-def _client(inbox: queue.Queue) -> EngineClient:
-    def recv(timeout: float) -> list | None:
-        try:
-            return inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def send(command: object) -> None:  # requests need no answer; the shutdown call gets its reply
-        if isinstance(command, Control):
-            inbox.put([ControlReply(command.call_id)])
-
-    return EngineClient(send=send, recv=recv, info=None, limits=None, tokenizer=None)
 
 
 async def _run(batch: int, steps: int, tokenizer, vocab: int) -> float:
     """Seconds per step of ``steps`` steps of ``batch`` streams (after a few unmeasured ones)."""
-    inbox: queue.Queue = queue.Queue()
-    client = _client(inbox)
+    engine = StandInLoop(record=False)
+    client = engine.client()
     loop = asyncio.get_running_loop()
     step_done = threading.Event()
     taken = [0]
@@ -80,7 +66,7 @@ async def _run(batch: int, steps: int, tokenizer, vocab: int) -> float:
     def produce() -> None:
         for k in range(steps):
             last = k == steps - 1
-            inbox.put([StreamChunk(rid, 0, [rng.randrange(vocab)], finished=last) for rid in ids])
+            engine.inbox.put([StreamChunk(rid, 0, [rng.randrange(vocab)], finished=last) for rid in ids])
             step_done.wait()
             step_done.clear()
             if k == warm - 1 or last:

@@ -199,6 +199,7 @@ class EngineClient:
         left = req.sampling.n
         try:
             while left:
+                # An event already queued is taken without the coroutine call (one per token).
                 ev = sink.events.popleft() if sink.events else await sink.get()
                 if isinstance(ev, RequestFailed):
                     raise error_from_code(ev.error_code, ev.error_message)

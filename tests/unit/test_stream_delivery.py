@@ -6,41 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import subprocess
 import sys
 
 import pytest
 
-from rollout.engine.client import EngineClient
-from rollout.engine.messages import Abort, AddRequest, Control, ControlReply
+from rollout.engine.messages import Abort, AddRequest
+from rollout.testing.stand_in_loop import StandInLoop
 from rollout.types import SamplingParams, StreamChunk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-class StandInLoop:
-    """The engine side of an ``EngineClient``: records what is sent, answers control calls, and
-    hands over whatever events the test puts in."""
-
-    def __init__(self) -> None:
-        self.inbox: queue.Queue = queue.Queue()
-        self.sent: list = []
-
-    def send(self, command: object) -> None:
-        self.sent.append(command)
-        if isinstance(command, Control):
-            self.inbox.put([ControlReply(command.call_id)])
-
-    def recv(self, timeout: float) -> list | None:
-        try:
-            return self.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-
-def _client(loop: StandInLoop) -> EngineClient:
-    return EngineClient(send=loop.send, recv=loop.recv, info=None, limits=None, tokenizer=None)
 
 
 def _chunk(rid: str, token: int, finished: bool = False) -> StreamChunk:
@@ -49,7 +24,7 @@ def _chunk(rid: str, token: int, finished: bool = False) -> StreamChunk:
 
 def test_events_before_and_during_the_wait_all_arrive_in_order():
     engine = StandInLoop()
-    client = _client(engine)
+    client = engine.client()
 
     async def main() -> list[int]:
         got = []
@@ -75,7 +50,7 @@ def test_events_before_and_during_the_wait_all_arrive_in_order():
 
 def test_a_consumer_cancelled_while_waiting_aborts_and_leaves_no_waiter():
     engine = StandInLoop()
-    client = _client(engine)
+    client = engine.client()
 
     async def main() -> None:
         async def consume() -> None:
