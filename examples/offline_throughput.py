@@ -3,6 +3,9 @@
 The standard shape (nano-vllm's bench.py, also used by mini-sglang): 256 requests of random token
 ids, input and output lengths uniform in [100, 1024] (seed 0), temperature 0.6, ignore_eos; output
 tokens over wall time including prefill. Every request streams, so TTFT and ITL come out too.
+``--generate`` instead hands the whole batch to ``Engine.generate``, which returns each sample once
+it finishes (what nano-vllm's bench.py and vLLM's ``LLM.generate`` time): no per-token hand-over to
+a consumer, and no TTFT or ITL.
 
     python examples/offline_throughput.py                          # embedded default model, CPU-sized
     python examples/offline_throughput.py --shape qwen3-0.6b --device cuda --dtype bfloat16 \
@@ -21,6 +24,7 @@ import functools
 import json
 import os
 import tempfile
+import time
 
 import torch
 
@@ -52,6 +56,16 @@ async def run_workload(engine: Engine, wl: Workload, temperature: float, progres
     # The same streams, each also asking for its routing: the one difference between the two runs.
     stream = functools.partial(engine.async_stream, return_routed_experts=routed_experts)
     return await run_streams(stream, wl.prompts, wl.sampling_params(temperature), progress=progress)
+
+
+def run_generate(engine: Engine, wl: Workload, temperature: float) -> tuple[list[RequestRecord], float]:
+    """The workload as one ``Engine.generate`` call: each record has its token count and no arrival
+    times, so TTFT and ITL come out empty rather than made up."""
+    t0 = time.perf_counter()
+    outs = engine.generate(wl.prompts, wl.sampling_params(temperature))
+    duration = time.perf_counter() - t0
+    return [RequestRecord(start=t0, prompt_tokens=len(p), chunk_tokens=[len(o.output_ids)])
+            for p, o in zip(wl.prompts, outs)], duration
 
 
 def print_roofline(path: str, args: argparse.Namespace, wl: Workload, figures: dict) -> None:
@@ -105,10 +119,14 @@ def main() -> None:
     ap.add_argument("--return-routed-experts", action="store_true",
                     help="MoE models: record the routing (Engine enable_return_routed_experts=True) and ask every "
                          "request for it (return_routed_experts=True), to measure what it costs")
+    ap.add_argument("--generate", action="store_true",
+                    help="one Engine.generate call for the whole batch instead of a stream per request")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--separate-process", action="store_true",
                     help="engine loop in its own process (no GIL shared with the streams' consumer)")
     args = ap.parse_args()
+    if args.generate and (args.batch1 or args.return_routed_experts):
+        ap.error("--generate times the batch as a whole: not with --batch1 or --return-routed-experts")
     gpu = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     num = args.num_prompts or (256 if gpu else 16)
@@ -142,15 +160,19 @@ def main() -> None:
     warm = Workload.random(args.warmup, 16, 32, 8, 16, vocab, seed=1)
     routed = args.return_routed_experts
     asyncio.run(run_workload(engine, warm, args.temperature, routed_experts=routed))
-    records, duration = asyncio.run(run_workload(engine, wl, args.temperature, progress="benchmark",
-                                                 routed_experts=routed))
+    if args.generate:
+        records, duration = run_generate(engine, wl, args.temperature)
+    else:
+        records, duration = asyncio.run(run_workload(engine, wl, args.temperature, progress="benchmark",
+                                                     routed_experts=routed))
     figures = summarize(records, duration)
     if args.batch1:
         figures["ms_per_token"] = figures["mean_itl_ms"]
     engine.shutdown()
     title = (f"{'batch-1 latency' if args.batch1 else 'offline throughput'}: {args.shape if not args.model else path}"
              f", {args.dtype}, {args.device}, temperature {args.temperature}, ignore_eos, warm-up {args.warmup}"
-             f"{', deterministic' if args.deterministic else ''}{', routed experts' if routed else ''}")
+             f"{', deterministic' if args.deterministic else ''}{', routed experts' if routed else ''}"
+             f"{', one Engine.generate call' if args.generate else ''}")
     print(format_report(title, {"in-process": figures}))
     if args.batch1:
         print(f"{'Decode ms per token (mean ITL)':<34}{figures['ms_per_token']:>14.3f}")
