@@ -1,7 +1,7 @@
 """No caller can wedge the server: callers that give up, joins that never complete, engines that stall.
 
-Each test gets its own server (module scope) with a short engine-stall limit, so a wedge shows up as a
-failure within seconds instead of a hang.
+Each test that could wedge a server gets its own, with a short engine-stall limit, so a wedge shows up
+as a failure within seconds instead of a hang; requests refused up front use the shared server.
 """
 
 from __future__ import annotations
@@ -104,13 +104,13 @@ def test_a_pending_join_does_not_stall_generation_and_reports_its_failure(wedge_
 
 
 @pytest.mark.parametrize("timeout_s", [-1.0, 1e9, float("nan")])
-def test_a_join_with_an_absurd_timeout_is_refused(wedge_server, timeout_s):
-    channel, stub = _stub(wedge_server.address)
+def test_a_join_with_an_absurd_timeout_is_refused(server, token, timeout_s):
+    channel, stub = _stub(server.address)
     with channel:
         req = pb.InitWeightUpdateGroupRequest(master_address="127.0.0.1", master_port=29999, rank_offset=1,
                                               world_size=2, group_name="bad", backend="gloo", timeout_s=timeout_s)
         with pytest.raises(grpc.RpcError) as err:
-            stub.InitWeightUpdateGroup(req, timeout=10)
+            stub.InitWeightUpdateGroup(req, timeout=10, metadata=(("authorization", f"Bearer {token}"),))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "timeout_s" in err.value.details()
 
