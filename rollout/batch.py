@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from rollout.attention.base import AttentionBackend
-    from rollout.runner.two_batch import HalfTurn
 
 
 @dataclass(slots=True)
@@ -141,9 +140,6 @@ class ForwardBatch:
     # LM head's input) at its ``out_cache_loc`` slot, so it is kept beside the token's KV (speculative
     # method "eagle" reads them); None: not kept.
     feature_store: torch.Tensor | None = None
-    # Two-batch decode (``rollout.runner.two_batch``): this half's turn for attention against the
-    # other half's, layer by layer; None: a whole batch.
-    attn_turn: HalfTurn | None = None
 
     @property
     def batch_size(self) -> int:

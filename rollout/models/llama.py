@@ -195,7 +195,6 @@ class LlamaDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
-        self.layer_id = layer_id
         self.self_attn = LlamaAttention(
             config, layer_id, dtype=dtype, device=device, prefix=f"{prefix}.self_attn", tp=tp
         )
@@ -236,12 +235,7 @@ class LlamaDecoderLayer(nn.Module):
                 hidden, residual = attn_norm(hidden, residual)
             qkv = self.self_attn.qkv_proj(hidden)
         self.prefetch.start(qkv)  # a few rows: the weights after attention into L2 while it runs
-        turn = batch.attn_turn  # two-batch decode: the other half's attention goes first
-        if turn is not None:
-            turn.wait(self.layer_id)
         hidden = self.self_attn(rope, qkv, batch)
-        if turn is not None:
-            turn.done(self.layer_id)
         fused = None
         if isinstance(self.mlp, LlamaMLP) and _takes_norm_into_matmul(mlp_norm):
             fused = self.mlp.gate_up_proj.silu_and_mul_normed(hidden, residual, mlp_norm.weight, mlp_norm.eps)
@@ -298,22 +292,15 @@ class LlamaModel(nn.Module):
         )
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        hidden, rope = self.begin(batch)
+        hidden = self.embed_tokens(batch.input_ids)  # (T, H)
+        rope = step_rope(self.rotary_emb, batch.positions, hidden)
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(rope, hidden, residual, batch)
-        return self.finish(hidden, residual)
-
-    def begin(self, batch: ForwardBatch) -> tuple[torch.Tensor, StepRope]:
-        """The embedded tokens (T, H) and the step's rotary tables: what the first layer takes."""
-        hidden = self.embed_tokens(batch.input_ids)
-        return hidden, step_rope(self.rotary_emb, batch.positions, hidden)
-
-    def finish(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """The final norm of the last layer's output plus its residual stream: (T, H)."""
         if residual is None:  # a model without layers
             return self.norm(hidden)
-        return self.norm(hidden, residual)[0]
+        hidden, _ = self.norm(hidden, residual)
+        return hidden  # (T, H)
 
 
 class LlamaForCausalLM(nn.Module):

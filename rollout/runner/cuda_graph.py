@@ -16,9 +16,6 @@ Two ways in, after the attention backend:
 - Otherwise (flashinfer): ``run(batch)`` copies an eager batch's tensors into the static buffers,
   its ``kv_indices`` included, and pads them on the device.
 
-Large graphs may run the batch as two halves on two streams (``rollout.runner.two_batch``, opt-in:
-``ROLLOUT_TWO_BATCH_MIN``), with a second attention backend for the second half.
-
 The attention backend's ``prepare()`` runs eagerly before each replay and must write its metadata
 into buffers whose addresses stay fixed (see ``AttentionBackend.supports_cuda_graph``); a backend
 whose decode ``prepare()`` is device work only (``capturable_prepare``: Triton) has it captured
@@ -34,7 +31,6 @@ import logging
 import torch
 
 from rollout.batch import ForwardBatch
-from rollout.runner.two_batch import AttentionTurns, forward_halves, split_decode_batch, two_batch_min
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +61,7 @@ class DecodeGraphRunner:
     def __init__(self, model: torch.nn.Module, attn_backend, max_bs: int, max_kv_tokens: int,
                  device: torch.device, batch_sizes: list[int] | None = None,
                  req_table: torch.Tensor | None = None, padding_row: int = 0,
-                 routed_experts: torch.Tensor | None = None, feature_store: torch.Tensor | None = None,
-                 second_backend=None) -> None:
+                 routed_experts: torch.Tensor | None = None, feature_store: torch.Tensor | None = None) -> None:
         self.model = model
         self.routed_experts = routed_experts  # the MoE layers' static routing buffer, when recorded
         self.feature_store = feature_store  # per-slot final hidden states (ForwardBatch.feature_store)
@@ -96,22 +91,6 @@ class DecodeGraphRunner:
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
         self.backend.init_cuda_graph(self.max_bs, max_kv_tokens)
-        # Two-batch decode from this many rows (0: off): the second half's backend, captured prepare.
-        self.second_backend = second_backend
-        usable = (second_backend is not None and self.table_mode and routed_experts is None
-                  and feature_store is None and attn_backend.capturable_prepare)
-        self.two_batch_min = two_batch_min() if usable else 0
-        if self.two_batch_min:
-            second_backend.init_cuda_graph(self.max_bs, max_kv_tokens)
-
-    def halved(self, gbs: int) -> bool:
-        """Whether graph ``gbs`` runs its batch as two halves (``rollout.runner.two_batch``)."""
-        return bool(self.two_batch_min) and gbs >= self.two_batch_min and gbs % 2 == 0
-
-    def halves(self, gbs: int, turns: AttentionTurns | None) -> tuple[ForwardBatch, ForwardBatch]:
-        """Graph ``gbs``'s static batch cut in two halves (views), the second on the second backend."""
-        return split_decode_batch(self.static_batch(gbs), self.second_backend, self.qo_indptr, self.logits_indices,
-                                  turns)
 
     @property
     def table_mode(self) -> bool:
@@ -173,9 +152,6 @@ class DecodeGraphRunner:
         with torch.cuda.stream(stream):
             for bs in reversed(self.batch_sizes):
                 self._reset_inputs(bs)
-                if self.halved(bs):
-                    self._capture_halves(bs, stream)
-                    continue
                 batch = self.static_batch(bs)
                 self.backend.prepare(batch)
                 for _ in range(2):  # warm up: autotuning and lazy init happen outside the capture
@@ -189,21 +165,7 @@ class DecodeGraphRunner:
                 self.graphs[bs] = graph
                 self.outputs[bs] = out
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        logger.info("captured decode CUDA graphs for batch sizes %s%s", self.batch_sizes,
-                    f" (two halves from {self.two_batch_min} rows)" if self.two_batch_min else "")
-
-    def _capture_halves(self, bs: int, stream: torch.cuda.Stream) -> None:
-        """Capture graph ``bs`` as two halves on ``stream`` and a side stream (``forward_halves``)."""
-        side = torch.cuda.Stream(self.device)
-        halves = self.halves(bs, AttentionTurns(len(self.model.model.layers)))
-        for _ in range(2):  # warm up outside the capture
-            forward_halves(self.model, *halves, side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-            out = forward_halves(self.model, *halves, side)
-        self.pool = graph.pool()
-        self.graphs[bs] = graph
-        self.outputs[bs] = out
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.batch_sizes)
 
     def can_run(self, batch: ForwardBatch) -> bool:
         """Whether ``run(batch)`` can take this eager batch (flat-index mode)."""

@@ -28,7 +28,6 @@ from rollout.runner.step_inputs import (
     put_previous_samples,
     resolve_previous_samples,
 )
-from rollout.runner.two_batch import two_batch_min
 from rollout.runner.verify_graph import VerifyGraphRunner
 from rollout.sampling.batch_cache import SamplingBatchCache
 from rollout.sampling.noise import uniform_draws
@@ -83,7 +82,6 @@ class ModelRunner:
         backend = config.attention_backend
         if backend == "auto":
             backend = default_attention_backend(self.device, config.deterministic)
-        self._backend_name = backend
         self.attn_backend = create_attention_backend(backend, self.kv_pool, config.deterministic)
         self.routing = self._routing_recorder()
         self.sampler = Sampler(deterministic=config.deterministic)
@@ -118,13 +116,10 @@ class ModelRunner:
         max_kv = min(max_bs * cfg.context_length, MAX_GRAPH_KV_ENTRIES)
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
-        # Two-batch decode (opt-in): dense models on one rank; the second half's own backend.
-        second = (create_attention_backend(self._backend_name, self.kv_pool, cfg.deterministic)
-                  if two_batch_min() and not cfg.model.is_moe and cfg.parallel.ranks == 1 else None)
         self.graphs = DecodeGraphRunner(self.model, self.attn_backend, max_bs, max_kv, self.device,
                                         req_table=self.req_table, padding_row=self.padding_row,
                                         routed_experts=self.routing.step if self.routing is not None else None,
-                                        feature_store=self.feature_store, second_backend=second)
+                                        feature_store=self.feature_store)
         self.graphs.capture()
         torch.cuda.synchronize(self.device)
         self.graph_bytes = max(torch.cuda.memory_reserved(self.device) - before, 0)

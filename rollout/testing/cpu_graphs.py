@@ -19,10 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rollout.attention.registry import create_attention_backend
 from rollout.batch import ForwardBatch
 from rollout.runner.cuda_graph import DecodeGraphRunner
-from rollout.runner.two_batch import forward_halves
 
 if TYPE_CHECKING:
     from rollout.runner.model_runner import ModelRunner
@@ -31,7 +29,7 @@ if TYPE_CHECKING:
 class CpuDecodeGraphs(DecodeGraphRunner):
     """``DecodeGraphRunner``'s buffers and replay path, with an eager forward (or none) for the replay."""
 
-    def __init__(self, runner: ModelRunner, max_bs: int, run_model: bool, two_batch_min: int = 0) -> None:
+    def __init__(self, runner: ModelRunner, max_bs: int, run_model: bool) -> None:
         backend = runner.attn_backend
         if not backend.supports_cuda_graph:  # the base class would ask it for graph buffers
             backend.init_cuda_graph = lambda max_bs, max_kv: None
@@ -45,12 +43,6 @@ class CpuDecodeGraphs(DecodeGraphRunner):
         self.kv_indptr = self.kv_indices = None
         self.run_model = run_model
         self._hidden = (runner.config.model.hidden_size, runner.dtype)
-        # Two-batch decode from this many rows: the halves one after the other, the second on a
-        # backend of its own (what the GPU graphs run on two streams).
-        self.two_batch_min = two_batch_min
-        if two_batch_min:
-            self.second_backend = create_attention_backend(runner._backend_name, runner.kv_pool,
-                                                           runner.config.deterministic)
 
     def capture(self) -> None:
         """Nothing is captured; without a forward each graph size gets a fixed zero hidden state."""
@@ -64,11 +56,6 @@ class CpuDecodeGraphs(DecodeGraphRunner):
         if not self.run_model:
             self.backend.prepare(batch)
             return self.outputs[gbs]
-        if self.halved(gbs):
-            a, b = self.halves(gbs, None)
-            if not self.backend.reads_req_table:
-                a, b = self._with_kv_indices(a), self._with_kv_indices(b)
-            return forward_halves(self.model, a, b, None)
         if not self.backend.reads_req_table:
             batch = self._with_kv_indices(batch)
         self.backend.prepare(batch)
@@ -86,13 +73,11 @@ class CpuDecodeGraphs(DecodeGraphRunner):
             seq_lens_cpu=seq_lens, prefix_lens_cpu=[n - 1 for n in seq_lens], req_rows=None, req_table=None)
 
 
-def install_cpu_graphs(runner: ModelRunner, run_model: bool = True, two_batch_min: int = 0) -> CpuDecodeGraphs:
+def install_cpu_graphs(runner: ModelRunner, run_model: bool = True) -> CpuDecodeGraphs:
     """Give ``runner`` a ``CpuDecodeGraphs`` for batches up to the engine's graph limit, whatever
-    its attention backend (the replay path is put in table mode, as with Triton on a GPU);
-    ``two_batch_min``: graph sizes from which the batch runs as two halves."""
+    its attention backend (the replay path is put in table mode, as with Triton on a GPU)."""
     cfg = runner.config
-    graphs = CpuDecodeGraphs(runner, min(cfg.cuda_graph_max_bs, cfg.scheduler.max_running_requests), run_model,
-                             two_batch_min)
+    graphs = CpuDecodeGraphs(runner, min(cfg.cuda_graph_max_bs, cfg.scheduler.max_running_requests), run_model)
     graphs.capture()
     runner.graphs = graphs
     return graphs

@@ -51,20 +51,17 @@ def _middle_ends_first(vocab: int) -> list[tuple[list[int], SamplingParams]]:
 Requests = Callable[[int], list[tuple[list[int], SamplingParams]]]  # vocabulary size -> prompts and params
 
 
-def _generate(path: str, requests: Requests, graphs: bool, two_batch_min: int = 0) -> Outputs:
+def _generate(path: str, requests: Requests, graphs: bool) -> Outputs:
     """Every request's tokens and logprobs, on three rows; with ``graphs`` the decode steps take the
-    graph path, without them each step's sampling rows are built anew (the reference).
-    ``two_batch_min``: graphs of that many rows or more run their batch as two halves."""
+    graph path, without them each step's sampling rows are built anew (the reference)."""
     core = EngineCore(EngineConfig.build(path, device="cpu", max_running_requests=3))
-    replays = halved = 0
+    replays = 0
     if graphs:
-        cpu_graphs = install_cpu_graphs(core.runner, two_batch_min=two_batch_min)
-        replay = cpu_graphs.replay
+        replay = install_cpu_graphs(core.runner).replay
 
         def counted(gbs: int):
-            nonlocal replays, halved
+            nonlocal replays
             replays += 1
-            halved += cpu_graphs.halved(gbs)
             return replay(gbs)
 
         core.runner.graphs.replay = counted
@@ -84,7 +81,6 @@ def _generate(path: str, requests: Requests, graphs: bool, two_batch_min: int = 
     core.shutdown()
     core.close()
     assert not graphs or replays > 4  # the decode steps took the graph path
-    assert halved > 2 if two_batch_min else halved == 0
     return dict(outs)
 
 
@@ -110,16 +106,3 @@ def test_graph_decode_path_matches_the_eager_path(tiny_model_dir, monkeypatch) -
             assert g_ids == ids, key
             assert max(abs(a - b) for a, b in zip(lps, g_lps)) < 1e-4
     assert resolved > 0
-
-
-def test_two_batch_halves_give_the_whole_batch_outputs(tiny_model_dir) -> None:
-    """Graphs of two rows or more run as two halves (rows [0, B/2) and [B/2, B), each prepared on an
-    attention backend of its own, padding rows in the second): tokens and logprobs as the eager path."""
-    path = tiny_model_dir("qwen3")
-    for requests in (_mixed, _middle_ends_first):
-        reference = _generate(path, requests, graphs=False)
-        halves = _generate(path, requests, graphs=True, two_batch_min=2)
-        assert reference.keys() == halves.keys()
-        for key, (ids, lps) in reference.items():
-            assert halves[key][0] == ids, key
-            assert max(abs(a - b) for a, b in zip(lps, halves[key][1])) < 1e-4
