@@ -1,30 +1,20 @@
 """examples/offline_throughput.py: the streamed run and the ``--generate`` run (one ``Engine.generate``
-call) produce the workload's exact token counts and the same samples, and only the streamed run
-reports TTFT and ITL."""
+call) produce the workload's exact token counts, and only the streamed run reports TTFT and ITL."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import math
 import os
 import subprocess
 import sys
 
+from examples import offline_throughput as example
 from rollout.testing.benchmark import Workload, summarize
 from tests.e2e.conftest import REPO_ROOT
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("offline_throughput", os.path.join(REPO_ROOT, "examples",
-                                                                                    "offline_throughput.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_generate_mode_counts_the_same_tokens_without_latencies(engine) -> None:
-    example = _example()
     wl = Workload.random(6, 8, 24, 4, 12, engine.limits.vocab_size, seed=0)
     streamed = summarize(*asyncio.run(example.run_workload(engine, wl, 0.6)))
     batched = summarize(*example.run_generate(engine, wl, 0.6))
