@@ -17,7 +17,6 @@ import torch
 
 from kernels.attention import (
     choose_max_splits,
-    cut_pieces,
     decode_attention,
     decode_attention_reference,
     decode_workspace,
@@ -25,6 +24,7 @@ from kernels.attention import (
     paged_attention_reference,
     plan_kv_splits,
     runs_from_indptr,
+    uniform_pieces,
 )
 from kernels.bench_utils import bandwidth_line, copy_bandwidth, describe_device, flops_line, median_ms
 from kernels.triton_utils import num_sms
@@ -63,22 +63,21 @@ def bench_decode(args: argparse.Namespace, device: torch.device, dtype: torch.dt
 
     starts, lens = runs_from_indptr(kv_indptr)
 
-    def run(max_splits: int, **kw) -> float:
+    def run(max_splits: int, tiles: tuple[int, int, int] | None = None) -> float:
         # As in the backend: split counts planned once per step, workspace and output preallocated.
-        splits = plan_kv_splits(seq_lens, max_splits, args.min_split_tokens)
-        pieces = cut_pieces(splits, b * max_splits)
+        pieces = uniform_pieces(plan_kv_splits(seq_lens, max_splits, args.min_split_tokens), max_splits)
         mid_o, mid_lse = decode_workspace(pieces.grid, hq, d, device)
         out = torch.empty_like(q)
         return median_ms(
             lambda: decode_attention(
-                q, k_buf, v_buf, kv_indices, starts, lens, scale, splits, max_splits,
-                out=out, mid_o=mid_o, mid_lse=mid_lse, pieces=pieces, **kw,
+                q, k_buf, v_buf, kv_indices, starts, lens, scale, pieces,
+                out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles,
             )
         )
 
     planned = choose_max_splits(b, hkv, num_sms(device), args.max_kv_splits)
-    splits = plan_kv_splits(seq_lens, planned, args.min_split_tokens)
-    out = decode_attention(q, k_buf, v_buf, kv_indices, starts, lens, scale, splits, planned)
+    pieces = uniform_pieces(plan_kv_splits(seq_lens, planned, args.min_split_tokens), planned)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, starts, lens, scale, pieces)
     n_check = min(b, 8)
     ref = decode_attention_reference(q[:n_check], k_buf, v_buf, kv_indptr[: n_check + 1], kv_indices, scale)
     err = (out[:n_check].float() - ref.float()).abs().max().item()
@@ -90,7 +89,7 @@ def bench_decode(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         for block_n, warps, stages, max_splits in itertools.product(
             (32, 64, 128), (4, 8), (1, 2, 3), sorted({1, 2, 4, planned})
         ):
-            ms = run(max_splits, block_n=block_n, num_warps=warps, num_stages=stages)
+            ms = run(max_splits, (block_n, warps, stages))
             results.append((ms, f"block_n={block_n} warps={warps} stages={stages} splits<={max_splits}"))
         for ms, cfg in sorted(results)[:5]:
             print(bandwidth_line(f"  sweep {cfg:44s}", ms, nbytes, copy_bps))

@@ -84,7 +84,7 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
     else:
         grid = max(batch * splits, batch + math.ceil(spare * batch))
         num_splits = balanced_splits(lens, grid, 64)
-    pieces = cut_pieces(num_splits, grid)
+    pieces = cut_pieces(num_splits, grid, depth=splits)
     qkv = torch.randn(batch, (hq + 2 * hkv) * head_dim, device=dev, dtype=dt)
     cos = torch.randn(context, head_dim, device=dev)
     sin = torch.randn(context, head_dim, device=dev)
@@ -97,8 +97,8 @@ def time_case(batch: int, context: int, layers: int, splits: int, tiles: tuple[i
     def step() -> None:
         for i in range(layers):
             k, v = pools[i]
-            decode_attention_qkv(qkv, hq, rope, k, v, kv_indices, starts, lens, head_dim**-0.5, num_splits, splits,
-                                 out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles, pieces=pieces)
+            decode_attention_qkv(qkv, hq, rope, k, v, kv_indices, starts, lens, head_dim**-0.5, pieces,
+                                 out=out, mid_o=mid_o, mid_lse=mid_lse, tiles=tiles)
 
     step()  # compile outside the capture
     torch.cuda.synchronize()

@@ -18,7 +18,14 @@ import itertools
 import torch
 from triton.testing import do_bench
 
-from kernels.attention import choose_max_splits, decode_attention, extend_attention, plan_kv_splits, runs_from_indptr
+from kernels.attention import (
+    choose_max_splits,
+    decode_attention,
+    extend_attention,
+    plan_kv_splits,
+    runs_from_indptr,
+    uniform_pieces,
+)
 from kernels.bench_attention import make_pool, paged_indices
 from kernels.bench_utils import describe_device
 from kernels.invariant_matmul import MatmulConfig, choose_config, invariant_matmul
@@ -86,8 +93,8 @@ def bench_attention(shape: str, batch: int, context: int, device: torch.device) 
     q = torch.randn(batch, hq, d, device=device, dtype=dtype)
     qo = torch.arange(batch + 1, dtype=torch.int32, device=device)
     max_splits = choose_max_splits(batch, hkv, num_sms(device), 16)
-    splits = plan_kv_splits(lens, max_splits, 128)
-    plain = us(lambda: decode_attention(q, k_buf, v_buf, kv_indices, starts, lens, scale, splits, max_splits))
+    pieces = uniform_pieces(plan_kv_splits(lens, max_splits, 128), max_splits)
+    plain = us(lambda: decode_attention(q, k_buf, v_buf, kv_indices, starts, lens, scale, pieces))
     kv_bytes = 2 * batch * context * hkv * d * 2
     print(f"attention {shape} decode B={batch} ctx={context}: split-KV decode {plain:.1f} us "
           f"({kv_bytes / plain / 1e3:.0f} GB/s of K/V)")

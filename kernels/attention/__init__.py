@@ -11,6 +11,7 @@ from kernels.attention.decode_plan import (
     piece_buffers,
     plan_kv_splits,
     runs_from_indptr,
+    uniform_pieces,
 )
 from kernels.attention.extend import extend_attention
 from kernels.attention.reference import decode_attention_reference, paged_attention_reference
@@ -31,4 +32,5 @@ __all__ = [
     "piece_buffers",
     "plan_kv_splits",
     "runs_from_indptr",
+    "uniform_pieces",
 ]

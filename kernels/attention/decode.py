@@ -6,7 +6,7 @@ each K/V tile is loaded once for the whole group), a partial output normalised b
 sum plus the log-sum-exp of the piece. The second (``kernels.attention.decode_merge``) merges the
 pieces of each (request, q head); a request in one piece has its output written by the first::
 
-    kv run of request b   | split 0 | split 1 | ... | split n_b-1 |     n_b = num_splits[b]
+    kv run of request b   | split 0 | split 1 | ... | split n_b-1 |     n_b = pieces.counts[b]
     pieces                first[b]  first[b] + 1 ...                   (DecodePieces)
     partial               (o_0, lse_0) (o_1, lse_1)  ...
     out                   sum_s exp2(lse_s - m) o_s / sum_s exp2(lse_s - m),   m = max_s lse_s
@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention.decode_merge import NEG, launch_merge
-from kernels.attention.decode_plan import DecodePieces, cut_pieces, decode_tiles, decode_workspace
+from kernels.attention.decode_plan import DecodePieces, decode_tiles, decode_workspace
 from kernels.fused.rope import rms_norm_heads, rotate_halves
 from kernels.triton_utils import dot_precision, mma, num_sms, pdl_launch, pdl_trigger, pdl_wait, upcast_dot
 
@@ -269,29 +269,24 @@ def decode_attention(
     kv_starts: torch.Tensor,  # (B,) int offsets into kv_indices
     kv_lens: torch.Tensor,  # (B,) int KV length of each request
     scale: float,
-    num_splits: torch.Tensor,  # (B,) int32 pieces per request, each in [1, max_splits] without pieces
-    max_splits: int,
+    pieces: DecodePieces,
     *,
     out: torch.Tensor | None = None,  # (B, Hq, D)
     mid_o: torch.Tensor | None = None,  # (>= grid, Hq, D) fp32
     mid_lse: torch.Tensor | None = None,  # (>= grid, Hq) fp32
-    block_n: int | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
-    pieces: DecodePieces | None = None,
+    tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:  # (B, Hq, D)
     """Attention of each request's single query over its whole KV run in the paged pool.
 
-    ``pieces``: the cut of ``num_splits`` (``pieces.counts``) over its own grid, made once per step
-    by ``cut_pieces`` (the engine's balanced cut, ``balanced_splits``); without it the grid holds
-    ``B * max_splits`` pieces, cut here. ``max_splits`` is also the grid depth that the tiles left
-    ``None`` follow (``decode_tiles``) and, with PDL, whether pieces load their first KV tile early."""
+    ``pieces``: the step's cut of the runs (``uniform_pieces`` of ``plan_kv_splits`` counts, or the
+    engine's ``cut_step``). ``tiles``: ``(block_n, num_warps, num_stages)`` (default:
+    ``decode_tiles`` for the batch size and the cut's depth and grid)."""
     num_q_heads = q.shape[1]
     assert k_buf.stride(-1) == 1 and v_buf.stride(-1) == 1, "pool rows must be contiguous"
     if q.dtype != k_buf.dtype or q.stride(-1) != 1:
         q = q.to(k_buf.dtype).contiguous()
-    return _launch(q, num_q_heads, None, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, block_n, num_warps, num_stages, None, pieces)
+    return _launch(q, num_q_heads, None, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, pieces,
+                   out, mid_o, mid_lse, tiles, None)
 
 
 def decode_attention_qkv(
@@ -304,22 +299,19 @@ def decode_attention_qkv(
     kv_starts: torch.Tensor,
     kv_lens: torch.Tensor,  # (B,) KV length including the token being decoded
     scale: float,
-    num_splits: torch.Tensor,
-    max_splits: int,
+    pieces: DecodePieces,
     *,
     out: torch.Tensor | None = None,
     mid_o: torch.Tensor | None = None,
     mid_lse: torch.Tensor | None = None,
     early_tile: bool | None = None,
     tiles: tuple[int, int, int] | None = None,
-    pieces: DecodePieces | None = None,
 ) -> torch.Tensor:  # (B, Hq, D)
     """``qk_norm_rope_`` of the decoded tokens (storing their k and v at ``rope.slots``), then
     ``decode_attention``, in the split kernel (module doc). Each request's last KV position is the
     token being decoded; its slot in ``kv_indices`` is ``rope.slots[b]`` and is read from registers.
     ``early_tile``: load each piece's first KV tile before the PDL wait (default: with PDL, in
-    split steps); the result is the same either way. ``tiles``: ``(block_n, num_warps, num_stages)``
-    (default: ``decode_tiles`` for the step's batch size and grid depth). ``pieces``: as in
+    split steps); the result is the same either way. ``pieces`` and ``tiles``: as in
     ``decode_attention``."""
     batch, width = qkv.shape
     num_kv_heads, head_dim = k_buf.shape[1], k_buf.shape[2]
@@ -329,17 +321,15 @@ def decode_attention_qkv(
         assert c.dtype == qkv.dtype and c.stride(2) == 1 and c.stride(1) == head_dim, "cache rows (N, Hkv, D)"
     assert rope.cos_cache.stride() == rope.sin_cache.stride() and rope.cos_cache.stride(-1) == 1
     assert rope.positions.shape == (batch,) and rope.slots.shape == (batch,)
-    return _launch(qkv, num_q_heads, rope, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, num_splits,
-                   max_splits, out, mid_o, mid_lse, *(tiles or (None, None, None)), early_tile,
-                   pieces)
+    return _launch(qkv, num_q_heads, rope, k_buf, v_buf, kv_indices, kv_starts, kv_lens, scale, pieces,
+                   out, mid_o, mid_lse, tiles, early_tile)
 
 
 def _launch(
     q: torch.Tensor, num_q_heads: int, rope: NewTokenRope | None, k_buf: torch.Tensor, v_buf: torch.Tensor,
     kv_indices: torch.Tensor, kv_starts: torch.Tensor, kv_lens: torch.Tensor, scale: float,
-    num_splits: torch.Tensor, max_splits: int, out: torch.Tensor | None, mid_o: torch.Tensor | None,
-    mid_lse: torch.Tensor | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
-    early_tile: bool | None = None, pieces: DecodePieces | None = None,
+    pieces: DecodePieces, out: torch.Tensor | None, mid_o: torch.Tensor | None, mid_lse: torch.Tensor | None,
+    tiles: tuple[int, int, int] | None, early_tile: bool | None,
 ) -> torch.Tensor:
     """The split kernel (and the merge kernel where requests are split) over ``q`` (B, Hq, D) or,
     with ``rope``, the qkv rows (B, (Hq + 2 Hkv) * D)."""
@@ -351,10 +341,7 @@ def _launch(
         out = torch.empty(batch, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
-    if pieces is None:
-        pieces = cut_pieces(torch.clamp(num_splits, 1, max_splits), batch * max_splits)
-    else:
-        assert pieces.counts.data_ptr() == num_splits.data_ptr(), "pieces must cut num_splits"
+    assert pieces.counts.numel() == batch and pieces.grid >= batch, "pieces: a cut of this batch's requests"
     assert pieces.grid < 65536, "at most 65,535 pieces: the grid's second axis (a smaller batch or spare)"
     direct = pieces.grid == batch  # each request in one piece: normalise and write the output at once
     if direct:
@@ -365,14 +352,13 @@ def _launch(
         assert mid_o.dim() == 3 and mid_lse.dim() == 2 and min(mid_o.shape[0], mid_lse.shape[0]) >= pieces.grid, \
             "workspace: mid_o (>= grid, Hq, D) and mid_lse (>= grid, Hq) (decode_workspace)"
     block_d = triton.next_power_of_2(head_dim)
-    dn, dw, ds = decode_tiles(q.dtype, head_dim, batch, num_kv_heads, num_sms(q.device), max_splits,
-                              pieces.grid)
-    block_n, num_warps, num_stages = block_n or dn, num_warps or dw, num_stages or ds
+    block_n, num_warps, num_stages = tiles or decode_tiles(q.dtype, head_dim, batch, num_kv_heads,
+                                                           num_sms(q.device), pieces.depth, pieces.grid)
     r = rope
     has_norm = r is not None and r.q_norm_weight is not None
     pdl = pdl_launch(q, kind="decode")
     if early_tile is None:
-        early_tile = pdl["PDL"] and max_splits > 1
+        early_tile = pdl["PDL"] and pieces.depth > 1
     _decode_split_kernel[(num_kv_heads, pieces.grid)](
         q, k_buf, v_buf, kv_indices, kv_starts, kv_lens, pieces.counts, pieces.first, pieces.owner, out,
         mid_o, mid_lse,

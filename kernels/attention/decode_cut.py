@@ -45,19 +45,17 @@ def _cut_kernel(
         tl.store(owner_ptr + offs_o, owner, mask=offs_o < num_owner)
 
 
-def cut_step(seq_lens: torch.Tensor, grid: int, min_split_tokens: int, out: DecodePieces, *,
-             balanced: bool, max_splits: int) -> DecodePieces:
-    """Write the cut of a decode step over a grid of ``grid`` pieces into ``out`` (its buffers
-    sized for ``seq_lens`` (B,) and ``grid``): ``balanced_splits(seq_lens, grid,
-    min_split_tokens)`` counts if ``balanced``, else ``plan_kv_splits(seq_lens, max_splits,
-    min_split_tokens)`` (``grid`` then ``B * max_splits``); then ``cut_pieces``. One launch, device
-    work only (graph safe)."""
-    batch = seq_lens.numel()
-    assert out.grid == grid and out.counts.numel() == batch and out.owner.numel() == max(grid - batch, 1)
+def cut_step(seq_lens: torch.Tensor, min_split_tokens: int, out: DecodePieces, *, balanced: bool) -> DecodePieces:
+    """Write the cut of a decode step into ``out`` (its buffers sized for ``seq_lens`` (B,) and
+    ``out.grid`` pieces): ``balanced_splits(seq_lens, out.grid, min_split_tokens)`` counts if
+    ``balanced``, else ``plan_kv_splits(seq_lens, out.depth, min_split_tokens)`` (the grid then
+    ``B * out.depth``); then ``cut_pieces``. One launch, device work only (graph safe)."""
+    batch, grid = seq_lens.numel(), out.grid
+    assert out.counts.numel() == batch and out.owner.numel() == max(grid - batch, 1)
     block_b = max(16, triton.next_power_of_2(batch))
     block_o = max(1, min(triton.next_power_of_2(out.owner.numel()), 8192 // block_b))
     _cut_kernel[(1,)](
-        seq_lens, out.counts, out.first, out.owner, batch, grid, out.owner.numel(), min_split_tokens, max_splits,
+        seq_lens, out.counts, out.first, out.owner, batch, grid, out.owner.numel(), min_split_tokens, out.depth,
         BALANCED=balanced, BLOCK_B=block_b, BLOCK_O=block_o, num_warps=4,
     )
     return out

@@ -112,40 +112,57 @@ class DecodePieces(NamedTuple):
     Piece ``b < B`` is request ``b``'s first (so a request in one piece needs no lookup); the
     other pieces follow request by request: request ``b``'s piece ``s >= 1`` is ``B + first[b] +
     s - 1``, and ``owner[i]`` is the request of piece ``B + i`` (the batch size for the slots of a
-    grid of ``grid`` past the last piece; those programs exit)."""
+    grid of ``grid`` past the last piece; those programs exit). ``depth`` is the grid depth the
+    cut was planned for (``choose_max_splits``): the kernel's tiles follow it (``decode_tiles``),
+    and with PDL pieces load their first KV tile early when it is above one."""
 
     counts: torch.Tensor  # (B,) int32 pieces per request
     first: torch.Tensor  # (B,) int32 where its pieces after the first start, past the B first ones
     owner: torch.Tensor  # (max(grid - B, 1),) int32
     grid: int
+    depth: int
 
 
-def piece_buffers(batch_size: int, grid: int, device: torch.device | str) -> DecodePieces:
+def _depth(batch_size: int, grid: int, depth: int | None) -> int:
+    """``depth``, or the uniform cut's (``grid = B * depth``)."""
+    return depth if depth is not None else max(1, grid // max(batch_size, 1))
+
+
+def piece_buffers(batch_size: int, grid: int, device: torch.device | str, depth: int | None = None) -> DecodePieces:
     """Unfilled ``DecodePieces`` buffers of a step of ``batch_size`` requests over ``grid`` pieces
-    (for ``cut_step`` to write)."""
+    (for ``cut_step`` to write); ``depth`` defaults to the uniform cut's, ``grid // batch_size``."""
     def ints(n: int) -> torch.Tensor:
         return torch.empty(n, dtype=torch.int32, device=device)
 
-    return DecodePieces(ints(batch_size), ints(batch_size), ints(max(grid - batch_size, 1)), grid)
+    return DecodePieces(ints(batch_size), ints(batch_size), ints(max(grid - batch_size, 1)), grid,
+                        _depth(batch_size, grid, depth))
 
 
-def cut_pieces(counts: torch.Tensor, grid: int, out: DecodePieces | None = None) -> DecodePieces:
+def cut_pieces(counts: torch.Tensor, grid: int, out: DecodePieces | None = None,
+               depth: int | None = None) -> DecodePieces:
     """``DecodePieces`` of ``counts`` (B,) pieces per request (at least one each, summing to at most
     ``grid``) over a grid of ``grid`` pieces; ``out``: buffers written in place (graph safe:
-    device math only)."""
+    device math only). ``depth``: as in ``piece_buffers`` (``out`` keeps its own)."""
     counts = counts.to(torch.int32)
     more = counts - 1
     ends = torch.cumsum(more, 0, dtype=torch.int32)
     ids = torch.arange(max(grid - counts.numel(), 1), dtype=torch.int32, device=counts.device)
     if out is None:
         owner = torch.searchsorted(ends, ids, right=True, out_int32=True)
-        return DecodePieces(counts, ends - more, owner, grid)
+        return DecodePieces(counts, ends - more, owner, grid, _depth(counts.numel(), grid, depth))
     assert out.grid == grid and out.owner.numel() == ids.numel()
     if out.counts.data_ptr() != counts.data_ptr():
         out.counts.copy_(counts)
     torch.sub(ends, more, out=out.first)
     torch.searchsorted(ends, ids, right=True, out_int32=True, out=out.owner)
     return out
+
+
+def uniform_pieces(num_splits: torch.Tensor, max_splits: int) -> DecodePieces:
+    """The uniform cut: request ``b`` in ``num_splits[b]`` pieces (clamped to ``[1, max_splits]``)
+    over a grid ``max_splits`` deep, ``B * max_splits`` pieces (``plan_kv_splits`` gives counts)."""
+    counts = torch.clamp(num_splits, 1, max_splits)
+    return cut_pieces(counts, counts.numel() * max_splits, depth=max_splits)
 
 
 def decode_workspace(

@@ -70,7 +70,6 @@ class _StepPlan:
 
     is_decode: bool
     batch_size: int
-    max_splits: int  # decode grid depth that the tiles follow (choose_max_splits)
     max_extend_len: int  # extend grid rows
     pieces: DecodePieces | None  # decode only: the cut of the requests' KV runs
     kv_indices: torch.Tensor  # (N,) slots: the flattened request table or the batch's kv_indices
@@ -156,17 +155,17 @@ class TritonAttentionBackend(AttentionBackend):
             else:
                 kv_starts, kv_lens = runs_from_indptr(indptr)
         if not decode or self.deterministic:
-            self._plan = _StepPlan(False, bs, 0, max(batch.extend_lens_cpu, default=0), None,
+            self._plan = _StepPlan(False, bs, max(batch.extend_lens_cpu, default=0), None,
                                    kv_indices, kv_starts, kv_lens)
             return
         max_splits, grid = self._max_splits(bs), self._grid(bs)
         if fixed:
             own = self._pieces
-            pieces = DecodePieces(own.counts[:bs], own.first[:bs], own.owner[:max(grid - bs, 1)], grid)
+            pieces = DecodePieces(own.counts[:bs], own.first[:bs], own.owner[:max(grid - bs, 1)], grid, max_splits)
         else:  # an oversized batch (never graphed): buffers of its own
-            pieces = piece_buffers(bs, grid, batch.seq_lens.device)
-        cut_step(batch.seq_lens, grid, self.min_split_tokens, pieces, balanced=self.balanced, max_splits=max_splits)
-        self._plan = _StepPlan(True, bs, max_splits, 1, pieces, kv_indices, kv_starts, kv_lens)
+            pieces = piece_buffers(bs, grid, batch.seq_lens.device, max_splits)
+        cut_step(batch.seq_lens, self.min_split_tokens, pieces, balanced=self.balanced)
+        self._plan = _StepPlan(True, bs, 1, pieces, kv_indices, kv_starts, kv_lens)
 
     def _max_splits(self, batch_size: int) -> int:
         return choose_max_splits(batch_size, self.kv_pool.num_kv_heads, self._sm_count, self.max_kv_splits)
@@ -202,8 +201,8 @@ class TritonAttentionBackend(AttentionBackend):
         assert pieces is not None
         mid_o, mid_lse = self._decode_workspace(pieces, q.shape[1], q.shape[2])
         out = decode_attention(
-            q, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
-            pieces.counts, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse, pieces=pieces,
+            q, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale, pieces,
+            mid_o=mid_o, mid_lse=mid_lse,
         )
         return out.to(q.dtype)
 
@@ -231,8 +230,8 @@ class TritonAttentionBackend(AttentionBackend):
         assert pieces is not None
         mid_o, mid_lse = self._decode_workspace(pieces, num_q_heads, head_dim)
         return decode_attention_qkv(
-            qkv, num_q_heads, rope, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale,
-            pieces.counts, plan.max_splits, mid_o=mid_o, mid_lse=mid_lse, pieces=pieces,
+            qkv, num_q_heads, rope, k_buf, v_buf, plan.kv_indices, plan.kv_starts, plan.kv_lens, scale, pieces,
+            mid_o=mid_o, mid_lse=mid_lse,
         )
 
     def _decode_workspace(

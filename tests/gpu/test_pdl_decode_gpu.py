@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 HQ, HKV, D, HIDDEN, LAYERS, MAX_CTX = 16, 8, 128, 1024, 4, 1024
 
 
-def _layers(x, weights, caches, step, pieces, max_splits, configs):
+def _layers(x, weights, caches, step, pieces, configs):
     """``LAYERS`` of qkv matmul -> decode attention from qkv (storing the new k, v) -> o matmul.
     ``pieces``: the step's cut, made before (so no launch sits between the matmul and the
     attention kernel, whose early loads then overlap the matmul as in the engine)."""
@@ -26,8 +26,7 @@ def _layers(x, weights, caches, step, pieces, max_splits, configs):
     for (w_qkv, w_o), (k_buf, v_buf) in zip(weights, caches):
         qkv = gemv(x, w_qkv, None, configs[0])
         attn = decode_attention_qkv(qkv, HQ, step["rope"], k_buf, v_buf, step["table"].view(-1),
-                                    step["starts"], step["lens"], D ** -0.5, pieces.counts, max_splits,
-                                    pieces=pieces)
+                                    step["starts"], step["lens"], D ** -0.5, pieces)
         x = gemv(attn.view(x.shape[0], HQ * D), w_o, None, configs[1])
     return x
 
@@ -78,17 +77,17 @@ def test_pdl_decode_chain_over_steps_matches_plain_launches(batch, min_split, mo
         caches = [tuple(c.clone() for c in pair) for pair in caches0]
         step = _step_inputs(batch, start_lens, table, dev)  # fixed buffers, refilled each step
         num_splits = plan_kv_splits(step["lens"], max_splits, min_split)
-        pieces = cut_pieces(num_splits, batch * max_splits)
+        pieces = cut_pieces(num_splits, batch * max_splits, depth=max_splits)
         x_in = x0.clone()
         outs = []
         if graphed:
-            _layers(x_in, weights, [tuple(c.clone() for c in p) for p in caches], step, pieces, max_splits,
-                    configs)  # compile outside the capture
+            # compile outside the capture
+            _layers(x_in, weights, [tuple(c.clone() for c in p) for p in caches], step, pieces, configs)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
-                got = _layers(x_in, weights, caches, step, pieces, max_splits, configs)
+                got = _layers(x_in, weights, caches, step, pieces, configs)
             torch.cuda.current_stream().wait_stream(stream)
         for t in range(steps):
             fresh = _step_inputs(batch, [n + t for n in start_lens], table, dev)
@@ -103,7 +102,7 @@ def test_pdl_decode_chain_over_steps_matches_plain_launches(batch, min_split, mo
                 graph.replay()
                 outs.append(got.clone())
             else:
-                outs.append(_layers(x_in, weights, caches, step, pieces, max_splits, configs))
+                outs.append(_layers(x_in, weights, caches, step, pieces, configs))
         torch.cuda.synchronize()
         return outs
 

@@ -162,6 +162,7 @@ def test_kernels_at_realistic_sizes():
         paged_attention_reference,
         plan_kv_splits,
         runs_from_indptr,
+        uniform_pieces,
     )
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -173,7 +174,8 @@ def test_kernels_at_realistic_sizes():
     kv_indptr = indptr(kv_lens)
     q = torch.randn(len(kv_lens), hq, d, device=DEVICE, generator=gen, dtype=torch.bfloat16)
     splits = plan_kv_splits(torch.tensor(kv_lens, device=DEVICE), 16, 128)
-    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), d**-0.5, splits, 16)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), d**-0.5,
+                           uniform_pieces(splits, 16))
     ref = decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, d**-0.5)
     assert (out.float() - ref.float()).abs().max().item() <= 1e-2 * ref.float().abs().max().item()
 

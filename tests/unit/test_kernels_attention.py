@@ -24,6 +24,7 @@ from kernels.attention import (  # noqa: E402
     paged_attention_reference,
     plan_kv_splits,
     runs_from_indptr,
+    uniform_pieces,
 )
 from kernels.attention.decode_plan import decode_tiles, default_tiles  # noqa: E402
 from rollout.attention.registry import create_attention_backend  # noqa: E402
@@ -108,7 +109,8 @@ def test_decode_matches_reference(page_size, group, head_dim, dtype):
     scale = head_dim**-0.5
     num_splits = plan_kv_splits(torch.tensor(kv_lens, device=DEVICE), 4, 32)
     assert num_splits.tolist() == [1, 2, 4, 1, 4]
-    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), scale, num_splits, 4)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), scale,
+                           uniform_pieces(num_splits, 4))
     assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, scale), dtype)
 
 
@@ -119,7 +121,8 @@ def test_decode_any_split_count_gives_the_same_result(splits):
     requests = [(4, 1), (2, 1), (70, 1)]
     q, k_buf, v_buf, _, kv_indptr, kv_indices, _ = make_case(requests, 1, 2, 32, torch.float32, 0, seed=1)
     num_splits = torch.full((3,), splits, dtype=torch.int32, device=DEVICE)
-    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.2, num_splits, 8, block_n=16)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.2,
+                           uniform_pieces(num_splits, 8), tiles=(16, 8, 2))
     assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, 0.2), torch.float32)
 
 
@@ -129,7 +132,8 @@ def test_decode_in_one_piece_writes_the_output_directly(dtype):
     requests = [(0, 1), (40, 1), (150, 1), (7, 1)]
     q, k_buf, v_buf, _, kv_indptr, kv_indices, _ = make_case(requests, 16, 2, 64, dtype, 16, seed=4)
     num_splits = torch.ones(4, dtype=torch.int32, device=DEVICE)
-    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.125, num_splits, 1)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.125,
+                           uniform_pieces(num_splits, 1))
     assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, 0.125), dtype)
 
 
@@ -139,7 +143,8 @@ def test_decode_empty_request_gives_zeros():
     q = torch.cat([q, q])  # (2, Hq, D): request 1 has no KV
     kv_indptr = torch.tensor([0, 10, 10], dtype=torch.int32, device=DEVICE)
     num_splits = torch.tensor([2, 1], dtype=torch.int32, device=DEVICE)
-    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.25, num_splits, 2)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.25,
+                           uniform_pieces(num_splits, 2))
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     ref = decode_attention_reference(q[:1], k_buf, v_buf, kv_indptr[:2], kv_indices, 0.25)
     assert_close(out[:1], ref, torch.float32)

@@ -22,6 +22,7 @@ from kernels.attention import (  # noqa: E402
     decode_attention_reference,
     plan_kv_splits,
     runs_from_indptr,
+    uniform_pieces,
 )
 from kernels.attention.decode_cut import cut_step  # noqa: E402
 from tests.unit.test_kernels_attention import DEVICE, assert_close, make_case  # noqa: E402
@@ -40,8 +41,8 @@ def test_decode_with_a_balanced_cut_matches_reference(grid, min_tokens, dtype):
     pieces = cut_pieces(balanced_splits(lens, grid, min_tokens), grid)
     counts = pieces.counts.tolist()
     assert sum(counts) <= grid and min(counts) >= 1
-    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.2, pieces.counts, 4,
-                           block_n=16, pieces=pieces)
+    out = decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.2, pieces,
+                           tiles=(16, 8, 2))
     assert_close(out, decode_attention_reference(q, k_buf, v_buf, kv_indptr, kv_indices, 0.2), dtype)
 
 
@@ -62,6 +63,19 @@ def test_balanced_splits_share_the_spare_pieces_by_length():
         assert int(n.sum()) <= grid and int(n.min()) >= 1
         if grid > b:
             assert int(((lens + n - 1) // n).max()) <= -(-int(lens.sum()) // (grid - b)) + 1
+
+
+def test_uniform_pieces_clamp_the_counts_to_the_depth():
+    """The uniform cut: counts clamped to [1, max_splits], a grid B * max_splits deep, that depth
+    kept for the tiles; a launch with a cut of another batch is refused."""
+    pieces = uniform_pieces(torch.tensor([0, 3, 9], dtype=torch.int32, device=DEVICE), 4)
+    assert pieces.counts.tolist() == [1, 3, 4] and pieces.grid == 12 and pieces.depth == 4
+    assert pieces.first.tolist() == [0, 0, 2]
+    assert cut_pieces(pieces.counts, 9).depth == 3  # by default the uniform cut's depth, grid // B
+    requests = [(4, 1), (9, 1)]
+    q, k_buf, v_buf, _, kv_indptr, kv_indices, _ = make_case(requests, 1, 2, 32, torch.float32, 0, seed=2)
+    with pytest.raises(AssertionError, match="a cut of this batch"):
+        decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(kv_indptr), 0.2, pieces)
 
 
 def test_cut_pieces_numbers_the_pieces_request_by_request():
@@ -96,8 +110,8 @@ def test_cut_step_is_the_torch_cut(balanced):
             grid = batch * max_splits
             counts = plan_kv_splits(lens, max_splits, 64)
         want = cut_pieces(counts, grid)
-        out = cut_pieces(torch.zeros(batch, dtype=torch.int32, device=DEVICE), grid)
-        got = cut_step(lens, grid, 64, out, balanced=balanced, max_splits=max_splits)
+        out = cut_pieces(torch.zeros(batch, dtype=torch.int32, device=DEVICE), grid, depth=max_splits)
+        got = cut_step(lens, 64, out, balanced=balanced)
         assert got is out
         for name in ("counts", "first", "owner"):
             assert torch.equal(getattr(got, name), getattr(want, name)), (batch, extra, name)

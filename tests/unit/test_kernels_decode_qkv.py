@@ -23,6 +23,7 @@ from kernels.attention import (  # noqa: E402
     decode_attention_qkv,
     plan_kv_splits,
     runs_from_indptr,
+    uniform_pieces,
 )
 from kernels.fused import qk_norm_rope_  # noqa: E402
 
@@ -57,7 +58,8 @@ def two_kernels(qkv, hq, rope, k_buf, v_buf, kv_indices, indptr, scale, splits, 
     qk_norm_rope_(qkv, rope.positions, rope.cos_cache, rope.sin_cache, hq, hkv, d, rope.q_norm_weight,
                   rope.k_norm_weight, rope.eps, kv_cache=(k_buf, v_buf, rope.slots))
     q = qkv[:, : hq * d].reshape(-1, hq, d)
-    return decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), scale, splits, max_splits)
+    return decode_attention(q, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), scale,
+                            uniform_pieces(splits, max_splits))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -77,7 +79,7 @@ def test_qkv_decode_is_rotary_then_decode(dtype, norm, max_splits, early_tile):
     want = two_kernels(qkv, hq, rope, k_ref, v_ref, kv_indices, indptr, d**-0.5, splits, max_splits)
     before = qkv.clone()
     got = decode_attention_qkv(qkv, hq, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), d**-0.5,
-                               splits, max_splits, early_tile=early_tile)
+                               uniform_pieces(splits, max_splits), early_tile=early_tile)
     assert torch.equal(qkv, before)
     live = rope.slots[:-1]  # the padding row (kv_len 0) stores nothing
     assert torch.equal(v_buf[live], v_ref[live])
@@ -107,7 +109,7 @@ def test_qkv_decode_at_the_tiles_decode_tiles_picks(max_splits, tiles):
     k_ref, v_ref = k_buf.clone(), v_buf.clone()
     want = two_kernels(qkv, hq, rope, k_ref, v_ref, kv_indices, indptr, d**-0.5, splits, max_splits)
     got = decode_attention_qkv(qkv, hq, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), d**-0.5,
-                               splits, max_splits, tiles=tiles)
+                               uniform_pieces(splits, max_splits), tiles=tiles)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     live = rope.slots[:-1]  # the padding row (kv_len 0) stores nothing
     assert torch.equal(v_buf[live], v_ref[live])
@@ -121,12 +123,12 @@ def test_qkv_decode_with_a_balanced_cut_is_rotary_then_decode(grid, early_tile):
     kv_lens = [1, 37, 64, 300, 0]
     qkv, k_buf, v_buf, kv_indices, indptr, rope = make_step(kv_lens, hq, hkv, d, torch.float32, True, seed=5)
     k_ref, v_ref = k_buf.clone(), v_buf.clone()
-    pieces = cut_pieces(balanced_splits(torch.tensor(kv_lens, device=DEVICE), grid, 8), grid)
+    pieces = cut_pieces(balanced_splits(torch.tensor(kv_lens, device=DEVICE), grid, 8), grid, depth=2)
     assert int(pieces.counts.max()) > (16 if grid == 30 else 1) or grid == 5
     uniform = torch.ones(len(kv_lens), dtype=torch.int32, device=DEVICE)
     want = two_kernels(qkv, hq, rope, k_ref, v_ref, kv_indices, indptr, d**-0.5, uniform, 1)
     got = decode_attention_qkv(qkv, hq, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), d**-0.5,
-                               pieces.counts, 2, early_tile=early_tile, pieces=pieces)
+                               pieces, early_tile=early_tile)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     live = rope.slots[:-1]  # the padding row (kv_len 0) stores nothing
     assert torch.equal(v_buf[live], v_ref[live])
@@ -140,7 +142,8 @@ def test_qkv_decode_refuses_small_or_odd_heads():
     qkv, k_buf, v_buf, kv_indices, indptr, rope = make_step([5], 2, 1, 16, torch.float32, False, seed=0)
     splits = torch.ones(1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(AssertionError, match="head_dim"):
-        decode_attention_qkv(qkv, 2, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), 0.25, splits, 1)
+        decode_attention_qkv(qkv, 2, rope, k_buf, v_buf, kv_indices, *runs_from_indptr(indptr), 0.25,
+                             uniform_pieces(splits, 1))
 
 
 def test_engine_decodes_from_qkv_as_the_torch_backend(tiny_model_dir, monkeypatch):
