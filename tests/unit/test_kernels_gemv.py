@@ -66,7 +66,8 @@ def test_candidates_offer_the_fma_kernel_only_to_few_rows():
 @pytest.mark.parametrize("bias", [False, True])
 def test_gated_gemv_is_the_plain_product_then_silu_and_mul(dtype, m, half, k, bias):
     """The gated form gives the bits of the plain kernel followed by the activation kernel: same
-    accumulation, each projection rounded before the silu, the silu rounded before the product.
+    accumulation, each projection rounded before the silu, the silu rounded before the product
+    (compiled; in the interpreter within an ulp or so).
     Tiles too large for the GPU's shared memory in the gated form (fp32) are skipped, as the timed
     choice skips them."""
     from kernels.fused import silu_and_mul
@@ -84,7 +85,12 @@ def test_gated_gemv_is_the_plain_product_then_silu_and_mul(dtype, m, half, k, bi
         except triton.runtime.errors.OutOfResources:
             continue
         assert got.shape == (m, half) and got.dtype == dtype
-        assert torch.equal(got, silu_and_mul(gemv(x, w, b, config))), config
+        want = silu_and_mul(gemv(x, w, b, config))
+        if DEVICE == "cuda":
+            assert torch.equal(got, want), config
+        else:  # the interpreter's tl.dot is numpy's matmul, whose sums may round apart by a tile's
+            # shape (numpy 2.4: 1 ulp at 32-column tiles): the bits are pinned on the GPU
+            torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6, msg=str(config))
         ran += 1
     assert ran
 
