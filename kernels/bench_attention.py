@@ -14,6 +14,7 @@ import argparse
 import itertools
 
 import torch
+import triton
 
 from kernels.attention import (
     choose_max_splits,
@@ -121,11 +122,16 @@ def bench_extend(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     print(flops_line("  triton extend", run(), flops))
     if args.sweep:
         results = []
-        for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3)):
-            ms = run(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
-            results.append((ms, f"block_m={block_m} block_n={block_n} warps={warps} stages={stages}"))
+        for block_m, block_n, warps, stages, pack in itertools.product(
+            (64, 128), (32, 64, 128), (4, 8), (2, 3), (False, True)
+        ):
+            try:
+                ms = run(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages, pack_gqa=pack)
+            except triton.runtime.errors.OutOfResources:  # tiles over the shared-memory limit
+                continue
+            results.append((ms, f"block_m={block_m} block_n={block_n} warps={warps} stages={stages} pack={pack:d}"))
         for ms, cfg in sorted(results)[:5]:
-            print(flops_line(f"  sweep {cfg:44s}", ms, flops))
+            print(flops_line(f"  sweep {cfg:51s}", ms, flops))
 
 
 def main() -> None:
@@ -143,6 +149,7 @@ def main() -> None:
     p.add_argument("--extend-len", type=int, default=1024)
     p.add_argument("--extend-prefix", type=int, default=0)
     p.add_argument("--sweep", action="store_true", help="also time other tile / warp / stage / split choices")
+    p.add_argument("--only", choices=("decode", "extend"), help="one of the two kernels")
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -151,8 +158,10 @@ def main() -> None:
     copy_bps = copy_bandwidth(device)
     print(describe_device(device))
     print(f"measured copy bandwidth (1 GiB device-to-device, read + write): {copy_bps / 1e12:.2f} TB/s")
-    bench_decode(args, device, dtype, copy_bps)
-    bench_extend(args, device, dtype, copy_bps)
+    if args.only != "extend":
+        bench_decode(args, device, dtype, copy_bps)
+    if args.only != "decode":
+        bench_extend(args, device, dtype, copy_bps)
 
 
 if __name__ == "__main__":
