@@ -205,6 +205,8 @@ class Engine:
     def abort(self, request_id: str | Sequence[str] | None = None) -> None:
         """Abort requests by id, or all when None; they finish with reason abort."""
         ids = None if request_id is None else ([request_id] if isinstance(request_id, str) else list(request_id))
+        if ids is not None and not all(isinstance(i, str) for i in ids):
+            raise InvalidArgumentError("request ids are strings: one, or a list of them", field="request_id")
         self._client.abort(ids)
 
     def pause(self, mode: PauseMode | str = PauseMode.ABORT) -> None:

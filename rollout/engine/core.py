@@ -257,7 +257,8 @@ class EngineCore:
         self._fail_running(self.broken, "UNAVAILABLE")
 
     def _fail_running(self, message: str, code: str) -> None:
-        """Fail every request with a running sample (their KV state is unknown after a failed step)."""
+        """Fail every request the failed step held (a running sample, or a queued one owed a token by
+        it): their KV state is unknown (``Scheduler.drop_running``)."""
         for rid in self.scheduler.drop_running():
             self._live.pop(rid, None)
             self._events.append(RequestFailed(rid, code, message))

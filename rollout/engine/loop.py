@@ -108,7 +108,10 @@ class EngineLoop:
                 return [RequestFailed(cmd.request_id, e.code, e.message)]
             return []
         if isinstance(cmd, Abort):
-            core.abort(cmd.request_ids)
+            try:
+                core.abort(cmd.request_ids)
+            except Exception:  # noqa: BLE001 - an abort has no reply; the loop must outlive a bad one
+                logger.exception("ignoring an abort that failed: %r", cmd.request_ids)
             return core.take_events()
         if isinstance(cmd, Control):
             return self._control(cmd)

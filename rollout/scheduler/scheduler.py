@@ -98,9 +98,12 @@ class Scheduler:
         return hit
 
     def drop_running(self) -> set[str]:
-        """Remove every request that has a running sample, all its samples with it, without caching
-        their KV (a failed step left it unknown); returns their ids. No finish events are made."""
-        failed = {s.request_id for s in self.running}
+        """After a failed step: remove every request that has a running sample or a queued one owed a
+        token by the step (retracted while it ran), all its samples with it, without caching their
+        KV; returns their ids. No finish events are made. The step's KV is unknown, and prefixes
+        were handed to the prefix cache when it was queued (``launched``), so a new KV epoch
+        retires every cached prefix: later requests compute theirs again."""
+        failed = {s.request_id for s in self.running} | {s.request_id for s in self.waiting if s.pending}
         for seq in self.running:
             self.cache.release(seq.handle, [], cache=False)
             seq.handle = None
@@ -111,6 +114,7 @@ class Scheduler:
             if seq.request_id in failed:
                 seq.status = SeqStatus.FINISHED
         self.waiting = deque(kept)
+        self.new_kv_epoch()
         return failed
 
     def pause(self, mode: PauseMode) -> None:
