@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from rollout.errors import InvalidArgumentError
 from rollout.models.loader import checkpoint_files
@@ -23,11 +23,14 @@ def checkpoint_specs(model_path: str) -> list[tuple[str, torch.dtype, tuple[int,
     """``(name, dtype, shape)`` of every tensor of the checkpoint at ``model_path``."""
     specs = []
     for path in checkpoint_files(model_path):
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-                if dtype is None:
-                    raise InvalidArgumentError(f"unsupported dtype {sl.get_dtype()}", field=name)
-                specs.append((name, dtype, tuple(sl.get_shape())))
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise InvalidArgumentError(f"unsupported dtype {sl.get_dtype()}", field=name)
+                    specs.append((name, dtype, tuple(sl.get_shape())))
+        except SafetensorError as e:  # a corrupt or truncated file: the caller's input, read before any write
+            raise InvalidArgumentError(f"{path} is not a readable safetensors file: {e}", field="model_path") from e
     return specs

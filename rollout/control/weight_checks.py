@@ -59,7 +59,10 @@ class UpdateChecker:
                 raise InvalidArgumentError(
                     f"dtype {str(dtype).removeprefix('torch.')} is not a floating-point weight dtype", field=name
                 )
-            metas.append((name, torch.empty(shape, dtype=dtype, device="meta")))
+            try:
+                metas.append((name, torch.empty(shape, dtype=dtype, device="meta")))
+            except RuntimeError as e:  # a negative dimension, or more elements than a tensor can hold
+                raise InvalidArgumentError(f"shape {list(shape)} is not a tensor shape ({e})", field=name) from e
         covered = frozenset(self.meta_model.load_weights(metas))
         self._last = (key, covered)
         return covered

@@ -59,6 +59,8 @@ DEFAULT_TIMEOUT_S = 300.0
 # A received bucket may carry alignment padding, but not enough to make the engine allocate much
 # more than the tensors themselves.
 MAX_PADDING_PER_TENSOR = 4096
+# Versions travel as int64 (protos/rollout.proto): the largest an update can make current.
+MAX_VERSION = 2**63 - 1
 
 
 class VersionOwner(Protocol):
@@ -278,10 +280,17 @@ class WeightUpdater:
 
     # ------------------------------------------------------------------ shared steps
     def _version(self, version: Any) -> int:
+        """The version an update makes current: ``version``, or (None) the current one + 1. Versions
+        travel as int64 on the wire, so none past ``MAX_VERSION`` is taken."""
         if version is None:
-            return self._scheduler.weight_version + 1
-        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise InvalidArgumentError(f"must be an integer >= 0, got {quoted(version)}", field="version")
+            version = self._scheduler.weight_version + 1
+            if version > MAX_VERSION:
+                raise InvalidArgumentError(f"the next version would pass {MAX_VERSION}; give one explicitly",
+                                           field="version")
+            return version
+        if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= MAX_VERSION:
+            raise InvalidArgumentError(f"must be an integer in [0, {MAX_VERSION}], got {quoted(version)}",
+                                       field="version")
         return version
 
     def _layouts(self, wire: WireLayout) -> list[BucketLayout]:

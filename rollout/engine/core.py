@@ -312,6 +312,9 @@ class EngineCore:
             case InitWeightGroup():
                 return self.ranks.init_group(cmd)
             case DestroyWeightGroup():
+                # A swap's receives run beside the loop on a group; closing it here would block the
+                # loop until the collective timed out.
+                self.swap.check_idle("destroying a weight group")
                 return self.ranks.destroy_group(cmd)
             case UpdateWeightsFromDistributed() | UpdateWeightsFromTensor() | UpdateWeightsFromDisk():
                 self.memory.check_weights_writable()

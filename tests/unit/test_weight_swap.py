@@ -118,6 +118,9 @@ def test_swap_push_while_streams_generate(model_dir, perturbed, expected) -> Non
             assert not push.done()
             with pytest.raises(FailedPreconditionError, match="swap weight update is in progress"):
                 engine.update_weights_from_disk(model_dir)
+            # Closing the group under the receive would hold the loop until the collective timed out.
+            with pytest.raises(FailedPreconditionError, match="destroying a weight group must wait"):
+                engine.destroy_weight_update_group(group.group_name)
             held.release()
             assert push.result(timeout=WAIT_S) == SwapResult(1, swapped=True)
         after = streams.counts()
