@@ -45,6 +45,10 @@ def test_pauses_aborts_and_memory_pressure_lose_nothing(tiny_model_dir) -> None:
         aborted = {"q3", "q8"}
         for mode in (PauseMode.RETRACT, PauseMode.IN_PLACE, PauseMode.RETRACT, PauseMode.IN_PLACE):
             time.sleep(0.05)
+            if mode is PauseMode.RETRACT:  # something to retract, however slowly this machine runs
+                deadline = time.monotonic() + 30
+                while engine.info().num_running == 0 and time.monotonic() < deadline:
+                    time.sleep(0.005)
             engine.pause(mode)
             engine.check_integrity()
             time.sleep(0.02)
