@@ -254,6 +254,10 @@ class EngineConfig:
             # The verify and draft steps run on rank 0's runner alone; the other ranks never see them.
             raise InvalidArgumentError("speculative decoding runs on one rank for now; use tp_size = ep_size = 1",
                                        field="speculative_method")
+        if self.spec.method is not None and self.enable_return_routed_experts:
+            # Verify steps record no routing rows, so the rows would fall out of line with the tokens.
+            raise InvalidArgumentError("speculative decoding does not return routed experts; turn one of them off",
+                                       field="speculative_method")
         if self.enable_return_routed_experts and not self.model.moe_layer_ids:
             raise InvalidArgumentError(
                 f"the model ({self.model.architecture}) has no MoE layers, so it has no routed experts to return",

@@ -108,6 +108,12 @@ def test_dense_model_refuses(tiny_model_dir) -> None:
         Engine(tiny_model_dir("qwen3"), enable_return_routed_experts=True)
 
 
+def test_speculation_with_routed_experts_refuses(tiny_model_dir) -> None:
+    """Verify steps record no routing rows: the combination is refused at start, not failed mid-run."""
+    with pytest.raises(InvalidArgumentError, match="does not return routed experts"):
+        Engine(tiny_model_dir("qwen3_moe"), enable_return_routed_experts=True, speculative_method="ngram")
+
+
 def test_moe_engine_without_recording_refuses() -> None:
     limits = RequestLimits(vocab_size=100, context_length=64, max_total_tokens=64, num_moe_layers=2)
     with pytest.raises(FailedPreconditionError, match="enable_return_routed_experts"):
