@@ -56,7 +56,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings, matched on the decoded output
     stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS ids
     ignore_eos: bool = False
-    seed: int | None = None  # same seed, same tokens (sample i of n uses seed + i)
+    seed: int | None = None  # same seed, same tokens (sample i of n uses seed + i); not under draft / eagle
     n: int = 1  # samples of this prompt; they share the prompt's KV
 
     def __post_init__(self) -> None:
