@@ -43,6 +43,10 @@ def parse_pause_mode(mode: PauseMode | str) -> PauseMode:
             f"unknown pause mode {quoted(mode)}; use one of {[m.value for m in PauseMode]}", field="mode") from None
 
 
+# The largest top_k a request may give (the wire's int32; any value past the vocabulary means no cut).
+TOP_K_MAX = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one prompt. Defaults match SGLang / vLLM (temperature 1, no filtering)."""
@@ -88,8 +92,8 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise bad(name, "must be an integer")
-        if self.top_k < -1:
-            raise bad("top_k", "must be -1 (off), 0 (off) or positive")
+        if not -1 <= self.top_k <= TOP_K_MAX:
+            raise bad("top_k", f"must be -1 (off), 0 (off) or positive, at most {TOP_K_MAX}")
         if self.max_new_tokens < 1:
             raise bad("max_new_tokens", "must be >= 1")
         if self.min_new_tokens < 0:

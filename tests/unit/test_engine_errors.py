@@ -26,6 +26,7 @@ def engine(tiny_model_dir):
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -5}, "top_k"),
+        ({"top_k": 10**400}, "top_k"),  # once took the engine step down (float64 overflow) with every request in it
         ({"min_p": 2.0}, "min_p"),
         ({"n": 0}, "n"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
