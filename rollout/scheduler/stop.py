@@ -58,14 +58,19 @@ class StopChecker:
     def _match_stop_string(self, seq: Sequence) -> str | None:
         assert self.tokenizer is not None
         state = seq.stop_text
+        longest = max(len(s) for s in seq.sampling.stop)
         if state is None:
+            # The first check (at min_new_tokens outputs, or the first token): what came before the
+            # last token is context only, as later checks see it; a stop string wholly inside it
+            # does not count (it came before min_new_tokens).
             state = seq.stop_text = StopText(self.tokenizer.decode_stream())
+            before = state.feed(seq.output_ids[:-1])
+            state.tail = before[len(before) - longest + 1:] if longest > 1 else ""
         new = state.feed(seq.output_ids)
         if not new:  # nothing decoded since the last check (e.g. a character's bytes still incomplete)
             return None
         # Only text that appeared since the last check (plus room for a stop string that straddles
         # the boundary) can hold a new match.
-        longest = max(len(s) for s in seq.sampling.stop)
         window = state.tail + new
         state.tail = window[len(window) - longest + 1:] if longest > 1 else ""
         for s in seq.sampling.stop:

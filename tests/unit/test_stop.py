@@ -81,6 +81,15 @@ def test_stop_string_completed_by_the_min_new_tokens_th_token_ends_the_sample() 
     assert got is None or got >= 4, f"min_new_tokens=4 but the sample ended after {got} tokens"
 
 
+def test_a_stop_string_wholly_before_min_new_tokens_does_not_count() -> None:
+    """"ab" is complete after 2 tokens, before min_new_tokens=3: it is output, not a stop (as in vLLM).
+    A later "ab" ends the sample, and so does one the min_new_tokens-th token completes."""
+    seq, got = run(["a", "b", "c", "d", "e"], SamplingParams(max_new_tokens=9, min_new_tokens=3, stop=["ab"]))
+    assert got is None and seq.finish_reason is None
+    seq, got = run(["a", "b", "c", "a", "b"], SamplingParams(max_new_tokens=9, min_new_tokens=3, stop=["ab"]))
+    assert got == 5 and seq.finish_reason is FinishReason.STOP
+
+
 def test_stop_ids_are_banned_exactly_until_min_new_tokens() -> None:
     checker = StopChecker((EOS,), context_length=1000, tokenizer=None)
     sp = SamplingParams(max_new_tokens=10, min_new_tokens=3, stop_token_ids=[STOP_ID])
