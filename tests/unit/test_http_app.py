@@ -97,3 +97,46 @@ def test_metrics_report_speculation_counters() -> None:
     assert samples["rollout_spec_draft_tokens_total"] == 40
     assert samples["rollout_spec_accepted_tokens_total"] == 31
     assert samples["rollout_spec_verify_sequence_steps_total"] == 11
+
+
+def test_a_body_that_is_not_json_names_no_field(http) -> None:
+    reply = http.post("/v1/completions", content="{not json", headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] is None  # not a character offset
+
+
+def test_booleans_are_not_token_ids(http) -> None:
+    for body in ({"prompt": [True, False]}, {"prompt": "hi", "stop_token_ids": [True]}):
+        reply = http.post("/v1/completions", json={"model": "m", **body})
+        assert reply.status_code == 400, body
+
+
+def test_a_completion_asks_for_at_most_max_choices() -> None:
+    """Every choice is built on the event loop the gRPC service shares: a small body must not ask
+    for hundreds of thousands of them."""
+    from rollout.errors import InvalidArgumentError
+    from rollout.server.http.schemas import CompletionRequest
+    from rollout.server.http.to_engine import MAX_CHOICES, completion_call
+
+    body = CompletionRequest(model="m", prompt=[[1, 2]] * 100, n=1024)
+    assert 100 * 1024 > MAX_CHOICES
+    with pytest.raises(InvalidArgumentError, match="choices .prompts x n. per request"):
+        completion_call(body, None, set())  # refused before the engine is asked anything
+
+
+def test_the_text_is_cut_at_the_stop_the_engine_matched(tiny_model_dir) -> None:
+    """The engine ends a sample on the token that completes a stop string: the text is cut at that
+    occurrence, even when the token's text holds the stop twice ("ll", stop "l")."""
+    from rollout.server.http.responses import Choice
+    from rollout.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_model_dir(tiny_model_dir("qwen3"))
+    ids = tok.encode("he") + [370]
+    assert tok.decode(ids[-1:]) == "ll"
+    choice = Choice(0, tok, ("l",))
+    choice.add(StreamChunk("r", 0, ids, finished=True, finish_reason=FinishReason.STOP, matched_stop="l"))
+    assert choice.text == "he"
+    # An occurrence before the last token's text (output before min_new_tokens) stays in the text.
+    ids = tok.encode("hello wor") + [370]
+    choice = Choice(0, tok, ("l",))
+    choice.add(StreamChunk("r", 0, ids, finished=True, finish_reason=FinishReason.STOP, matched_stop="l"))
+    assert choice.text == "hello wor"

@@ -258,7 +258,8 @@ def build_app(state: HttpState, max_request_bytes: int) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # A body that is not JSON has a character offset for a location: no field to name.
+        loc = [] if first.get("type") == "json_invalid" else [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(loc) or None
         message = f"{param}: {first.get('msg', 'invalid request')}" if param else str(first.get("msg", err))
         return JSONResponse(error_body("INVALID_ARGUMENT", message, param), status_code=400)

@@ -47,13 +47,24 @@ class Choice:
         self.top += chunk.top_logprobs or []
         stop = chunk.matched_stop
         is_stop_id = isinstance(stop, int) and not isinstance(stop, bool)
-        self._decoder.push(ids[:-1] if chunk.finished and is_stop_id and ids and ids[-1] == stop else ids)
+        if chunk.finished and isinstance(stop, str) and ids:
+            # The engine matched the stop in the last token's text (with the characters just before
+            # it): the cut is that occurrence, not an earlier one the text may hold.
+            self._decoder.push(ids[:-1])
+            before = len(self._decoder.text)
+            self._decoder.push(ids[-1:])
+        else:
+            self._decoder.push(ids[:-1] if chunk.finished and is_stop_id and ids and ids[-1] == stop else ids)
         if chunk.finished:
             self.last = chunk
             self._decoder.finish()
             text = self._decoder.text
-            if isinstance(stop, str) and (cut := text.rfind(stop)) >= 0:
-                text = text[:cut]
+            if isinstance(stop, str):
+                cut = text.find(stop, max(0, before - len(stop) + 1)) if ids else -1
+                if cut < 0:
+                    cut = text.rfind(stop)
+                if cut >= 0:
+                    text = text[:cut]
             self.text = text
             delta, self.sent = text[self.sent:], len(text)
             return delta

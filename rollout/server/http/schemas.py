@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 # field -> the values that mean "not used" (anything else is refused: the engine cannot do it)
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -52,7 +52,7 @@ class _Common(BaseModel):
     min_p: float | None = None
     seed: int | None = None
     stop: Union[str, list[str], None] = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
     stream: bool = False
@@ -75,7 +75,7 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]  # strict: true is no token id
     max_tokens: int | None = 16  # OpenAI's default for completions; null: what is left of the context
     logprobs: int | None = Field(default=None, ge=0)
     echo: bool = False

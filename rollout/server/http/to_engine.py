@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Choices (prompts x n) one completion request may ask for.
+MAX_CHOICES = 4096
+
 
 @dataclass(frozen=True)
 class EngineCall:
@@ -74,6 +77,10 @@ def completion_call(body: CompletionRequest, engine: EngineClient, warned: set[s
         prompts = list(prompt)
     else:
         prompts = [prompt]
+    if len(prompts) * body.n > MAX_CHOICES:
+        # Each choice is built on the server's event loop, which the gRPC service shares.
+        raise InvalidArgumentError(f"at most {MAX_CHOICES} choices (prompts x n) per request, got "
+                                   f"{len(prompts)} x {body.n}; split the batch", field="prompt")
     rid = f"cmpl-{uuid.uuid4().hex}"
     adds = []
     for i, p in enumerate(prompts):
