@@ -73,10 +73,9 @@ class StopChecker:
         # the boundary) can hold a new match.
         window = state.tail + new
         state.tail = window[len(window) - longest + 1:] if longest > 1 else ""
-        for s in seq.sampling.stop:
-            if s in window:
-                return s
-        return None
+        # The stop that starts first in the text (OpenAI cuts there), whatever the list order.
+        found = [(window.find(s), i) for i, s in enumerate(seq.sampling.stop) if s in window]
+        return seq.sampling.stop[min(found)[1]] if found else None
 
 
 class StopText:

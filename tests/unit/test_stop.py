@@ -65,6 +65,12 @@ def test_stop_string_split_across_tokens_ends_the_sample(pieces, stop, ends_at) 
     assert seq.finish_reason is FinishReason.STOP and seq.matched_stop in stop
 
 
+def test_the_stop_reported_is_the_one_that_starts_first() -> None:
+    """The text is cut at the reported stop, so it must be the first in the text, not in the list."""
+    seq, got = run(["x", "ab"], SamplingParams(max_new_tokens=5, stop=["b", "a"]))
+    assert got == 2 and seq.matched_stop == "a"
+
+
 def test_a_stop_string_never_produced_does_not_end_the_sample() -> None:
     # "bd" is made of the pieces' characters but never adjacent: only the length limit ends the sample.
     seq, got = run(["ab", "cd", "ba"], SamplingParams(max_new_tokens=3, stop=["bd", "ca"]))
