@@ -25,7 +25,7 @@ from weight_sync.buckets import (
     pack_bucket,
     plan_buckets,
 )
-from weight_sync.sender import named_tensor_list, root_cause_first
+from weight_sync.sender import check_version, named_tensor_list, root_cause_first
 from weight_sync.shm import ExportedBuffer
 from weight_sync.sources import CudaIpcSource, SharedMemorySource, source_to_dict
 from weight_sync.targets import as_target
@@ -56,6 +56,7 @@ def push_tensors_shm(
 
     ``swap``: the engines load into a shadow copy while generating and switch between two steps (the
     result is then a ``SwapResult``)."""
+    check_version(version)
     items = named_tensor_list(named_tensors)
     layouts = plan_buckets(((n, t.dtype, t.shape) for n, t in items), bucket_bytes)
     buffers: list[ExportedBuffer] = []
@@ -118,6 +119,7 @@ def push_tensors_ipc(
     allocation involved becomes one bucket of the update: its handle and the tensors' offsets in it.
     ``swap``: the engines read into a shadow copy while generating and switch between two steps.
     """
+    check_version(version)
     items = named_tensor_list(named_tensors)
     dev = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
     shared = [(n, t) for n, t in items if in_place and t.is_cuda and t.is_contiguous() and t.numel() > 0]

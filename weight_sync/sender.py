@@ -45,6 +45,13 @@ PIPELINE_DEPTH = 2  # buckets in flight: one broadcasting while the next is pack
 EDGE_BUCKET_BYTES = 64 << 20
 
 
+def check_version(version: Any) -> None:
+    """Refuse, on the trainer's side, a version that is not an integer >= 0 (None: the engines'
+    version + 1): over gRPC it would be coerced by ``int()`` or fail after the engines were asked."""
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 0):
+        raise InvalidArgumentError(f"must be an integer >= 0 or None, got {quoted(version)}", field="version")
+
+
 def named_tensor_list(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     """Materialise ``(name, tensor)`` pairs (references, no copies), checking names are unique."""
     items, seen = [], set()
@@ -133,6 +140,9 @@ class WeightSyncGroup:
         group is closed; engines that had written part of the weights refuse to generate until a
         full push over a new group).
         """
+        if self.comm.closed:
+            raise GroupFailedError(f"group {quoted(self.group_name)} is closed; connect a new one")
+        check_version(version)
         items = named_tensor_list(named_tensors)
         order, layouts, wire = self._plan(items)
         items = [items[i] for i in order]
@@ -194,20 +204,25 @@ class WeightSyncGroup:
             self.comm.wait(work, f"broadcast of bucket {k}", engine_failed)
 
     def close(self) -> None:
-        """Destroy the group on every engine and here. Idempotent; engine errors are logged."""
+        """Destroy the group on every engine and here. Idempotent; engine errors are logged, and an
+        engine that does not answer within the group's timeout is left (logged), never waited on."""
         if self.comm.closed:
             return
-        broken = self.comm.broken
         # The engines leave while this side leaves: tearing down an NCCL communicator can wait for
         # every rank to do the same, so closing here first and asking the engines after deadlocks.
-        # The trainer's store (rank 0 serves it) stays up until the engines are done.
+        # The trainer's store (rank 0 serves it) stays up until the engines are done. A broken
+        # group is destroyed on the engines too: one that refused a push before the status vote
+        # never saw the abort, and would keep the group's name.
         store = self.comm.store
-        futures = [] if broken else [
-            self._pool.submit(t.destroy_weight_update_group, self.group_name) for t in self.targets]
+        futures = [self._pool.submit(t.destroy_weight_update_group, self.group_name) for t in self.targets]
         self.comm.close()
-        for fut in concurrent.futures.as_completed(futures):
-            if fut.exception() is not None:
+        done, late = concurrent.futures.wait(futures, timeout=self.comm.cfg.timeout_s)
+        for fut in done:
+            if fut.exception() is not None and not isinstance(fut.exception(), NotFoundError):
                 logger.warning("destroying group %s on an engine failed: %s", self.group_name, fut.exception())
+        if late:
+            logger.warning("group %s: %d engine(s) did not answer its destroy within %g s", self.group_name,
+                           len(late), self.comm.cfg.timeout_s)
         del store
         self._pool.shutdown(wait=False)
 

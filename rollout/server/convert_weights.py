@@ -53,7 +53,9 @@ def _layout_to_proto(msg: Any, names: Sequence[str], dtypes: Sequence[str], shap
     msg.bucket_sizes.extend(int(b) for b in bucket_sizes or ())
     msg.flat_bucket = bool(flat_bucket)
     if version is not None:
-        msg.version = int(version)
+        if isinstance(version, bool) or not isinstance(version, int):  # int() would coerce 7.9 or "8"
+            raise InvalidArgumentError(f"must be an integer, got {quoted(version)}", field="version")
+        msg.version = version
     return msg
 
 
