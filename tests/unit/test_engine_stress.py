@@ -39,9 +39,16 @@ def test_pauses_aborts_and_memory_pressure_lose_nothing(tiny_model_dir) -> None:
                 errors.append(e)
 
         threads = [threading.Thread(target=run, args=(i,), name=f"q{i}", daemon=True) for i in range(len(prompts))]
+        # Queue every request behind a pause first, so the pauses below find them under way however
+        # fast or slowly this machine runs (under load they could all finish before the first pause).
+        engine.pause(PauseMode.IN_PLACE)
         for t in threads:
             t.start()
             time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while engine.info().num_waiting < sum(ns) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        engine.continue_()
         aborted = {"q3", "q8"}
         for mode in (PauseMode.RETRACT, PauseMode.IN_PLACE, PauseMode.RETRACT, PauseMode.IN_PLACE):
             time.sleep(0.05)
