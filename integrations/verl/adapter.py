@@ -79,6 +79,11 @@ class ServerAdapter(BaseRollout):
         The version is ``global_steps``; without it, the step last given to the server's
         ``set_global_steps`` when that is newer than the loaded weights, else their version + 1. All
         buckets carry the same version. The prefix cache is dropped after.
+
+        Each bucket is its own engine update (so the trainer stages one bucket at a time). If one is
+        refused after earlier ones were applied, the server holds the earlier buckets' weights under
+        the new version: the error propagates, and the weights must be pushed again before the
+        next rollout.
         """
         if wire_format != "named_tensors":
             raise UnimplementedError(f"only full tensors are loaded, not {wire_format!r}",
