@@ -364,7 +364,7 @@ class TensorSource(_message.Message):
     def __init__(self, cuda_ipc: _Optional[_Union[CudaIpcHandle, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
 
 class UpdateWeightsFromTensorRequest(_message.Message):
-    __slots__ = ("names", "dtypes", "shapes", "sources", "version", "flat_bucket", "offsets", "bucket_sizes", "swap")
+    __slots__ = ("names", "dtypes", "shapes", "sources", "version", "flat_bucket", "offsets", "bucket_sizes", "swap", "more")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     DTYPES_FIELD_NUMBER: _ClassVar[int]
     SHAPES_FIELD_NUMBER: _ClassVar[int]
@@ -374,6 +374,7 @@ class UpdateWeightsFromTensorRequest(_message.Message):
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     BUCKET_SIZES_FIELD_NUMBER: _ClassVar[int]
     SWAP_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     dtypes: _containers.RepeatedScalarFieldContainer[str]
     shapes: _containers.RepeatedCompositeFieldContainer[TensorShape]
@@ -383,7 +384,8 @@ class UpdateWeightsFromTensorRequest(_message.Message):
     offsets: _containers.RepeatedScalarFieldContainer[int]
     bucket_sizes: _containers.RepeatedScalarFieldContainer[int]
     swap: bool
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[TensorSource, _Mapping]]] = ..., version: _Optional[int] = ..., flat_bucket: _Optional[bool] = ..., offsets: _Optional[_Iterable[int]] = ..., bucket_sizes: _Optional[_Iterable[int]] = ..., swap: _Optional[bool] = ...) -> None: ...
+    more: bool
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., dtypes: _Optional[_Iterable[str]] = ..., shapes: _Optional[_Iterable[_Union[TensorShape, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[TensorSource, _Mapping]]] = ..., version: _Optional[int] = ..., flat_bucket: _Optional[bool] = ..., offsets: _Optional[_Iterable[int]] = ..., bucket_sizes: _Optional[_Iterable[int]] = ..., swap: _Optional[bool] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class UpdateWeightsFromDiskRequest(_message.Message):
     __slots__ = ("model_path", "version", "swap")

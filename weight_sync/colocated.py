@@ -51,11 +51,13 @@ def push_tensors_shm(
     version: int | None = None,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     swap: bool = False,
+    more: bool = False,
 ) -> Any:
     """Pack the tensors into shared-memory buckets and have every engine load them; returns the new version.
 
     ``swap``: the engines load into a shadow copy while generating and switch between two steps (the
-    result is then a ``SwapResult``)."""
+    result is then a ``SwapResult``). ``more``: further calls carry more of this update, with the
+    same version; the engines generate again after the last one (``Engine.update_weights_from_tensor``)."""
     check_version(version)
     items = named_tensor_list(named_tensors)
     layouts = plan_buckets(((n, t.dtype, t.shape) for n, t in items), bucket_bytes)
@@ -69,7 +71,7 @@ def push_tensors_shm(
             start += len(layout.tensors)
         sources = [source_to_dict(SharedMemorySource(b.name, 0, b.nbytes)) for b in buffers]
         return _call_all(targets, {**layouts_to_args(layouts), "sources": sources, "version": version,
-                                   **({"swap": True} if swap else {})})
+                                   **({"swap": True} if swap else {}), **({"more": True} if more else {})})
     finally:
         for buf in buffers:
             buf.close()
@@ -109,6 +111,7 @@ def push_tensors_ipc(
     device: torch.device | str | None = None,
     in_place: bool = True,
     swap: bool = False,
+    more: bool = False,
 ) -> Any:
     """Share the tensors with colocated engines by CUDA IPC; returns the engines' new version.
 
@@ -118,6 +121,7 @@ def push_tensors_ipc(
     current device), which costs a copy but gives the engine fewer handles to open. Every CUDA
     allocation involved becomes one bucket of the update: its handle and the tensors' offsets in it.
     ``swap``: the engines read into a shadow copy while generating and switch between two steps.
+    ``more``: as in ``push_tensors_shm``.
     """
     check_version(version)
     items = named_tensor_list(named_tensors)
@@ -140,6 +144,8 @@ def push_tensors_ipc(
     args = {**layouts_to_args(layouts), "sources": [source_to_dict(s) for s in sources], "version": version}
     if swap:
         args["swap"] = True
+    if more:
+        args["more"] = True
     result = _call_all(targets, args)
     del packed
     return result

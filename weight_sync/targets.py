@@ -46,8 +46,9 @@ class ColocatedTarget(Protocol):
                                    shapes: Sequence[Sequence[int]], sources: Sequence[Any],
                                    offsets: Sequence[int] | None = None, bucket_sizes: Sequence[int] | None = None,
                                    flat_bucket: bool = False, version: int | None = None,
-                                   swap: bool = False) -> Any:
-        """Load shared buckets, one source per bucket (``swap``: beside generation, then switch)."""
+                                   swap: bool = False, more: bool = False) -> Any:
+        """Load shared buckets, one source per bucket (``swap``: beside generation, then switch;
+        ``more``: further calls carry more of this update)."""
         ...
 
 

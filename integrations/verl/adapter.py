@@ -80,10 +80,9 @@ class ServerAdapter(BaseRollout):
         ``set_global_steps`` when that is newer than the loaded weights, else their version + 1. All
         buckets carry the same version. The prefix cache is dropped after.
 
-        Each bucket is its own engine update (so the trainer stages one bucket at a time). If one is
-        refused after earlier ones were applied, the server holds the earlier buckets' weights under
-        the new version: the error propagates, and the weights must be pushed again before the
-        next rollout.
+        Each bucket is one call of a single update (``more`` on all but the last, so at most two
+        buckets are staged at a time), and the server generates again only after the last: if a
+        call fails once earlier ones were written, the server refuses to generate until a full update.
         """
         if wire_format != "named_tensors":
             raise UnimplementedError(f"only full tensors are loaded, not {wire_format!r}",
@@ -98,8 +97,13 @@ class ServerAdapter(BaseRollout):
         client = await self._connect()
         version = global_steps if global_steps is not None else await self._next_version(client)
         bucket_bytes = int(self.config.checkpoint_engine.update_weights_bucket_megabytes) << 20
+        held = None  # one bucket behind, so that the last one goes without ``more``
         async for bucket in _buckets(weights, bucket_bytes):
-            await asyncio.to_thread(_push, client, bucket, version, bucket_bytes)
+            if held is not None:
+                await asyncio.to_thread(_push, client, held, version, bucket_bytes, True)
+            held = bucket
+        if held is not None:
+            await asyncio.to_thread(_push, client, held, version, bucket_bytes, False)
         await asyncio.to_thread(client.flush_cache)
         await self._server.set_global_steps.remote(version)
 
@@ -110,11 +114,11 @@ class ServerAdapter(BaseRollout):
 
 
 def _push(client: RolloutClient, items: list[tuple[str, torch.Tensor]], version: int | None,
-          bucket_bytes: int) -> None:
+          bucket_bytes: int, more: bool) -> None:
     if any(t.is_cuda for _, t in items):
-        weight_sync.push_tensors_ipc([client], items, version=version, bucket_bytes=bucket_bytes)
+        weight_sync.push_tensors_ipc([client], items, version=version, bucket_bytes=bucket_bytes, more=more)
     else:
-        weight_sync.push_tensors_shm([client], items, version=version, bucket_bytes=bucket_bytes)
+        weight_sync.push_tensors_shm([client], items, version=version, bucket_bytes=bucket_bytes, more=more)
 
 
 async def _items(weights: Any) -> AsyncIterator[tuple[str, torch.Tensor]]:

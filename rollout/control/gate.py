@@ -2,7 +2,8 @@
 
 Generation is refused (new requests fail with FAILED_PRECONDITION, queued ones wait) while any cause
 is set. Each cause has one owner that sets and clears it: the weight updater (``WEIGHTS_INVALID``,
-after a partly written update or a release without backup) and memory control (``MEMORY_RELEASED``).
+after a partly written update or a release without backup; ``WEIGHTS_UPDATING``, between the calls
+of an update sent in several) and memory control (``MEMORY_RELEASED``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ class Blocker(enum.Enum):
     """What can block generation."""
 
     WEIGHTS_INVALID = "weights"  # tensors were partly written, or released without a backup
+    WEIGHTS_UPDATING = "updating"  # an update sent in several calls has not had its last one yet
     MEMORY_RELEASED = "memory"  # some tagged memory is released
 
 

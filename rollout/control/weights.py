@@ -15,6 +15,7 @@ in the same pass, into the draft model (``control/draft_weights.py``).
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import os
@@ -33,6 +34,7 @@ from rollout.control.draft_weights import (
     update_checkpoint_specs,
 )
 from rollout.control.gate import Blocker
+from rollout.control.update_calls import UpdateInCalls
 from rollout.control.weight_checks import UpdateChecker
 from rollout.control.weight_sources import OpenedSources, check_sources
 from rollout.engine.jobs import Background
@@ -91,6 +93,7 @@ class WeightUpdater:
         self._groups: dict[str, CommGroup] = {}
         self._joining: set[str] = set()  # names of groups whose join runs beside the loop
         self._layout_cache = LayoutCache()
+        self._calls = UpdateInCalls()  # an update sent in several calls, until its last one
 
     @property
     def group_names(self) -> list[str]:
@@ -205,6 +208,8 @@ class WeightUpdater:
 
     def apply(self, cmd: UpdateWeightsFromDistributed | UpdateWeightsFromTensor | UpdateWeightsFromDisk) -> int:
         """Run the update ``cmd`` in place (between steps: the pausing path)."""
+        if self._calls.open and not isinstance(cmd, UpdateWeightsFromTensor):
+            self._abandon(f"{type(cmd).__name__} came before its last call")
         if isinstance(cmd, UpdateWeightsFromDistributed):
             return self.from_distributed(cmd)
         if isinstance(cmd, UpdateWeightsFromTensor):
@@ -213,6 +218,7 @@ class WeightUpdater:
 
     def distributed_layouts(self, cmd: UpdateWeightsFromDistributed) -> tuple[list[BucketLayout], int, frozenset[str]]:
         """The buckets of a push, its version and the parameters it covers completely (all checked)."""
+        self._calls.check_swap(cmd)
         layouts = self._layouts(cmd.layout)
         version = self._version(cmd.version)
         for i, layout in enumerate(layouts):
@@ -223,6 +229,7 @@ class WeightUpdater:
     def tensor_sources(self, cmd: UpdateWeightsFromTensor) -> tuple[list[BucketLayout], list[Any], int,
                                                                      frozenset[str]]:
         """The buckets and sources of a colocated update, its version and the parameters it covers."""
+        self._calls.check_swap(cmd)
         layouts = self._layouts(cmd.layout)
         version = self._version(cmd.version)
         sources = list(cmd.sources)
@@ -236,6 +243,7 @@ class WeightUpdater:
         path = cmd.model_path
         if not isinstance(path, str) or not os.path.isdir(path):
             raise InvalidArgumentError(f"not a directory: {quoted(path)}", field="model_path")
+        self._calls.check_swap(cmd)
         version = self._version(cmd.version)
         specs = update_checkpoint_specs(path)
         return path, version, len(specs), self.check(specs)
@@ -266,12 +274,27 @@ class WeightUpdater:
         return version
 
     def from_tensor(self, cmd: UpdateWeightsFromTensor) -> int:
-        """Load tensors a colocated trainer shares by CUDA IPC handle or shared-memory segment."""
-        layouts, sources, version, _ = self.tensor_sources(cmd)
-        total = sum(len(lay.tensors) for lay in layouts)
-        with OpenedSources(sources, layouts, self._runner.device) as buffers:
-            named = itertools.chain.from_iterable(bucket_views(lay, buf) for lay, buf in zip(layouts, buffers))
-            return self._apply("reading shared tensors", named, total, version)
+        """Load tensors a colocated trainer shares by CUDA IPC handle or shared-memory segment; one
+        call of several with ``cmd.more`` (``control/update_calls.py``)."""
+        try:
+            cmd = dataclasses.replace(cmd, version=self._calls.version_of(cmd.version))
+            layouts, sources, version, _ = self.tensor_sources(cmd)
+            total = sum(len(lay.tensors) for lay in layouts)
+            with OpenedSources(sources, layouts, self._runner.device) as buffers:
+                named = itertools.chain.from_iterable(bucket_views(lay, buf) for lay, buf in zip(layouts, buffers))
+                return self._apply("reading shared tensors", named, total, version, more=cmd.more)
+        except Exception as e:
+            if not self._calls.open:
+                raise
+            cause = e.message if isinstance(e, RolloutError) else f"{type(e).__name__}: {e}"
+            raise FailedPreconditionError(self._abandon(f"a call failed: {cause}")) from e
+
+    def _abandon(self, why: str) -> str:
+        """The open update in calls stops short (``UpdateInCalls.abandon``); the caller's message."""
+        msg = self._calls.abandon(why, self._gate)
+        self._scheduler.new_kv_epoch()  # the weights changed: no prefix computed before is valid
+        logger.error(msg)
+        return msg
 
     def from_disk(self, cmd: UpdateWeightsFromDisk) -> int:
         """Reload weights from a safetensors checkpoint directory."""
@@ -301,7 +324,8 @@ class WeightUpdater:
         self.covered(layouts)
         return sum(len(lay.tensors) for lay in layouts)
 
-    def _apply(self, what: str, named: Iterable[tuple[str, torch.Tensor]], total: int, version: int) -> int:
+    def _apply(self, what: str, named: Iterable[tuple[str, torch.Tensor]], total: int, version: int,
+               more: bool = False) -> int:
         """Stream ``named`` into the model in place (``draft.`` tensors into the draft model, in the
         same pass); on success make ``version`` current.
 
@@ -349,4 +373,14 @@ class WeightUpdater:
             self._scheduler.new_kv_epoch()  # the weights changed: no prefix computed before is valid
             logger.error(msg)
             raise FailedPreconditionError(msg) from e
+        if more:  # generation waits for the update's last call
+            self._calls.add(version, set(written), drafted > 0)
+            self._gate.block(Blocker.WEIGHTS_UPDATING,
+                             f"a weight update sent in several calls (version {version}) waits for its last call")
+            return version
+        if self._calls.open:
+            earlier, _, drafted_before = self._calls.close()
+            written = set(written) | earlier
+            drafted += drafted_before
+            self._gate.clear(Blocker.WEIGHTS_UPDATING)
         return self.mark_loaded(written, version, what, total, draft=drafted > 0)

@@ -260,12 +260,15 @@ class Engine:
                                    shapes: Sequence[Sequence[int]], sources: Sequence[Any],
                                    offsets: Sequence[int] | None = None, bucket_sizes: Sequence[int] | None = None,
                                    flat_bucket: bool = False, version: int | None = None,
-                                   swap: bool = False) -> int | SwapResult:
+                                   swap: bool = False, more: bool = False) -> int | SwapResult:
         """Load weights shared by a colocated trainer: one source per bucket (a ``weight_sync.sources``
         value or its wire dict, CUDA IPC handle or shared-memory segment). ``swap``: as for
-        ``update_weights_from_distributed``."""
+        ``update_weights_from_distributed``. ``more``: further calls carry more of this update (same
+        version); generation waits for the last one (``more=False``), and if a call fails after
+        earlier ones were written, the weights count as invalid until a full update."""
         layout = WireLayout(names, dtypes, shapes, offsets, bucket_sizes, flat_bucket)
-        return self._client.call(UpdateWeightsFromTensor(layout, parse_sources(sources), version, _swap(swap)))
+        return self._client.call(UpdateWeightsFromTensor(layout, parse_sources(sources), version, _swap(swap),
+                                                         _swap(more, "more")))
 
     def update_weights_from_disk(self, model_path: str, version: int | None = None,
                                  swap: bool = False) -> int | SwapResult:
@@ -301,9 +304,9 @@ class Engine:
 
 
 
-def _swap(swap: Any) -> bool:
+def _swap(swap: Any, field: str = "swap") -> bool:
     if not isinstance(swap, bool):
-        raise InvalidArgumentError(f"must be true or false, got {swap!r}", field="swap")
+        raise InvalidArgumentError(f"must be true or false, got {swap!r}", field=field)
     return swap
 
 

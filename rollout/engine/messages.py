@@ -111,6 +111,7 @@ class UpdateWeightsFromTensor:
     sources: tuple[Source, ...]
     version: int | None = None
     swap: bool = False  # receive into a shadow copy while generating; switch between two steps
+    more: bool = False  # more calls of this update follow (``WeightUpdater.from_tensor``)
 
 
 @dataclass(frozen=True, slots=True)

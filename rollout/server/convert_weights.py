@@ -125,14 +125,16 @@ def _source_to_proto(src: dict[str, Any] | pb.TensorSource) -> pb.TensorSource:
 
 def tensor_from_proto(msg: pb.UpdateWeightsFromTensorRequest) -> UpdateWeightsFromTensor:
     sources = tuple(_source_from_proto(s) for s in msg.sources)
-    return UpdateWeightsFromTensor(_layout_from_proto(msg), sources, _version(msg), msg.swap)
+    return UpdateWeightsFromTensor(_layout_from_proto(msg), sources, _version(msg), msg.swap, msg.more)
 
 
 def tensor_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes: Sequence[Sequence[int]],
                     sources: Sequence[dict[str, Any] | pb.TensorSource], offsets: Sequence[int] | None = None,
                     bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
-                    version: int | None = None, swap: bool = False) -> pb.UpdateWeightsFromTensorRequest:
-    msg = pb.UpdateWeightsFromTensorRequest(sources=[_source_to_proto(s) for s in sources], swap=_swap(swap))
+                    version: int | None = None, swap: bool = False,
+                    more: bool = False) -> pb.UpdateWeightsFromTensorRequest:
+    msg = pb.UpdateWeightsFromTensorRequest(sources=[_source_to_proto(s) for s in sources], swap=_swap(swap),
+                                            more=_swap(more, "more"))
     return _layout_to_proto(msg, names, dtypes, shapes, offsets, bucket_sizes, flat_bucket, version)
 
 
@@ -158,7 +160,7 @@ def update_result_from_proto(msg: pb.UpdateWeightsResponse, swap: bool) -> int |
     return int(msg.weight_version)
 
 
-def _swap(swap: Any) -> bool:
+def _swap(swap: Any, field: str = "swap") -> bool:
     if not isinstance(swap, bool):
-        raise InvalidArgumentError(f"must be true or false, got {quoted(swap)}", field="swap")
+        raise InvalidArgumentError(f"must be true or false, got {quoted(swap)}", field=field)
     return swap

@@ -1,0 +1,70 @@
+"""An update sent in several calls (``UpdateWeightsFromTensor.more``): what its earlier calls wrote.
+
+A trainer that stages one bucket at a time (the verl adapter) sends each bucket as its own call. The
+calls of one update carry one version; between them generation waits (``Blocker.WEIGHTS_UPDATING``),
+and the last call (``more`` False) makes the version current with every call's tensors counted. If a
+call fails once earlier ones were written, the weights are a mix of two versions: they count as
+invalid (``Blocker.WEIGHTS_INVALID``) until an update that covers every parameter succeeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollout.control.gate import Blocker, GenerationGate
+from rollout.errors import FailedPreconditionError, InvalidArgumentError
+
+
+@dataclass
+class UpdateInCalls:
+    """The update whose last call has not come yet (``version`` None: none is open)."""
+
+    version: int | None = None
+    written: set[str] = field(default_factory=set)
+    calls: int = 0
+    drafted: int = 0  # draft model tensors its calls wrote
+
+    @property
+    def open(self) -> bool:
+        return self.version is not None
+
+    def version_of(self, version: int | None) -> int | None:
+        """The version a call of the open update makes current: its own, which must be the update's,
+        or (None) the update's."""
+        if not self.open or version is None:
+            return version if not self.open else self.version
+        if version != self.version:
+            raise InvalidArgumentError(f"the calls of one update carry one version: {self.version}, got {version}",
+                                       field="version")
+        return version
+
+    def add(self, version: int, written: set[str], drafted: bool) -> None:
+        """A call with more to follow wrote ``written`` (and draft tensors if ``drafted``)."""
+        self.version = version
+        self.written |= written
+        self.calls += 1
+        self.drafted += int(drafted)
+
+    def close(self) -> tuple[set[str], int, int]:
+        """End the open update; returns what its earlier calls wrote, how many there were, and how
+        many of them wrote draft tensors."""
+        out = (self.written, self.calls, self.drafted)
+        self.version, self.written, self.calls, self.drafted = None, set(), 0, 0
+        return out
+
+    def abandon(self, why: str, gate: GenerationGate) -> str:
+        """The open update stops short: its calls left a mix of two versions, so the weights count
+        as invalid until a full update. Returns the message a caller reads."""
+        _, calls, _ = self.close()
+        gate.clear(Blocker.WEIGHTS_UPDATING)
+        msg = (f"the weights are invalid: an update sent in several calls stopped after {calls} of them ({why}); "
+               "push a full set of weights")
+        gate.block(Blocker.WEIGHTS_INVALID, msg)
+        return msg
+
+    def check_swap(self, cmd: Any) -> None:
+        """A swap update neither comes in several calls nor starts while such an update is open."""
+        if getattr(cmd, "swap", False) and (getattr(cmd, "more", False) or self.open):
+            raise FailedPreconditionError("a swap update cannot come in several calls, nor between the calls "
+                                          "of an update that does")

@@ -1,0 +1,84 @@
+"""An update sent in several calls (``more``): generation waits for the last call, the calls count as
+one update, and a call that fails once earlier ones were written leaves the weights invalid (never a
+mix of two versions that generates)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import weight_sync
+from rollout import Engine, SamplingParams
+from rollout.errors import FailedPreconditionError
+from rollout.models.loader import iter_checkpoint
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
+PROMPT = [3, 4, 5, 6]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir) -> str:
+    return tiny_model_dir("qwen3")
+
+
+@pytest.fixture(scope="module")
+def halves(model_dir) -> tuple[list, list]:
+    gen = torch.Generator().manual_seed(0)
+    items = [(n, t + 0.5 * t.float().std() * torch.randn(t.shape, generator=gen).to(t.dtype))
+             for n, t in iter_checkpoint(model_dir)]
+    return items[: len(items) // 2], items[len(items) // 2:]
+
+
+def test_two_calls_are_one_update(model_dir, halves) -> None:
+    first, second = halves
+    with Engine(model_dir, max_total_tokens=1024) as engine:
+        assert weight_sync.push_tensors_shm([engine], first + second, version=1) == 1
+        want = engine.generate(PROMPT, GREEDY)[0].output_ids
+        engine.update_weights_from_disk(model_dir, version=2)  # the old weights again
+        assert engine.generate(PROMPT, GREEDY)[0].output_ids != want
+        assert weight_sync.push_tensors_shm([engine], first, version=3, more=True) == 3
+        with pytest.raises(FailedPreconditionError, match="waits for its last call"):
+            engine.generate(PROMPT, GREEDY)
+        assert engine.info().weight_version == 2
+        assert weight_sync.push_tensors_shm([engine], second) == 3  # the version of the update's first call
+        out = engine.generate(PROMPT, GREEDY)[0]
+        assert out.output_ids == want and out.weight_versions == [3] * len(want)
+        assert engine.info().weights_valid
+
+
+def test_a_failed_later_call_leaves_the_weights_invalid(model_dir, halves) -> None:
+    first, second = halves
+    bad = second[:-1] + [(second[-1][0], torch.ones(3))]
+    with Engine(model_dir, max_total_tokens=1024) as engine:
+        weight_sync.push_tensors_shm([engine], first, version=1, more=True)
+        with pytest.raises(FailedPreconditionError, match="weights are invalid.*stopped after 1"):
+            weight_sync.push_tensors_shm([engine], bad, version=1)
+        info = engine.info()
+        assert not info.weights_valid and info.weight_version == 0
+        with pytest.raises(FailedPreconditionError, match="weights are invalid"):
+            engine.generate(PROMPT, GREEDY)
+        assert weight_sync.push_tensors_shm([engine], first + second, version=2) == 2  # a full update heals
+        assert engine.info().weights_valid and engine.generate(PROMPT, GREEDY)[0].weight_versions[0] == 2
+
+
+def test_other_updates_between_the_calls(model_dir, halves) -> None:
+    """A swap update is refused while an update in calls is open; another kind of update ends it
+    (the weights invalid until that one, a full update here, succeeds)."""
+    first, _ = halves
+    with Engine(model_dir, max_total_tokens=1024) as engine:
+        weight_sync.push_tensors_shm([engine], first, version=1, more=True)
+        with pytest.raises(FailedPreconditionError, match="cannot come in several calls"):
+            engine.update_weights_from_disk(model_dir, swap=True)
+        assert engine.update_weights_from_disk(model_dir, version=5) == 5
+        assert engine.info().weights_valid and engine.generate(PROMPT, GREEDY)[0].weight_versions[0] == 5
+        with pytest.raises(FailedPreconditionError, match="cannot come in several calls"):
+            weight_sync.push_tensors_shm([engine], first, version=6, more=True, swap=True)
+
+
+def test_more_crosses_the_wire() -> None:
+    from rollout.server.convert_weights import tensor_from_proto, tensor_to_proto
+
+    source = {"shared_memory": {"name": "x", "offset": 0, "size": 4}}
+    for more in (True, False):
+        msg = tensor_to_proto(names=["a"], dtypes=["float32"], shapes=[[1]], sources=[source], version=3, more=more)
+        assert tensor_from_proto(msg).more is more
