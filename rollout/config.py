@@ -24,6 +24,27 @@ MEMORY_TAGS: tuple[str, ...] = ("weights", "kv_cache", "cuda_graph")
 ROUTED_EXPERT_ID_LIMIT = 1 << 15
 
 
+_NUMBERS = {"int": (int,), "float": (int, float), "bool": (bool,)}
+
+
+def _check_types(obj: Any, names: dict[str, str] | None = None) -> None:
+    """Refuse an int, float or bool option of another type, naming it (``names``: field -> option
+    name): a float in an int option, or "false" in a bool one, would otherwise be taken and fail
+    (or mean true) later. A bool is no int; an int is a float."""
+    for f in fields(obj):
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        wanted = [k for k in kinds if k in _NUMBERS]
+        if not wanted or len(wanted) + ("None" in kinds) != len(kinds):
+            continue  # other types are checked where they are read
+        value = getattr(obj, f.name)
+        if value is None and "None" in kinds:
+            continue
+        if not any(isinstance(value, _NUMBERS[k]) and (k == "bool" or not isinstance(value, bool)) for k in wanted):
+            allowed = " or ".join(wanted + (["None"] if "None" in kinds else []))
+            name = (names or {}).get(f.name, f.name)
+            raise InvalidArgumentError(f"must be {allowed}, got {quoted(value)}", field=name)
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """KV cache sizing."""
@@ -37,7 +58,10 @@ class CacheConfig:
     memory_backup_tags: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _check_types(self)
         tags = self.memory_backup_tags
+        if tags is None or not isinstance(tags, (str, tuple, list)):
+            raise InvalidArgumentError(f"must be a list of memory tags, got {quoted(tags)}", field="memory_backup_tags")
         object.__setattr__(self, "memory_backup_tags", (tags,) if isinstance(tags, str) else tuple(tags))
         for tag in self.memory_backup_tags:
             if tag not in MEMORY_TAGS:
@@ -67,6 +91,7 @@ class SchedulerConfig:
     overlap_schedule: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("max_running_requests", "max_num_batched_tokens", "chunked_prefill_size",
                      "max_queued_requests"):
             if getattr(self, name) < 1:
@@ -92,6 +117,7 @@ class ParallelConfig:
     ep_rebalance_interval: int = 0  # rebalance the experts every this many steps (0: only on request)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("tp_size", "ep_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 64:
@@ -169,6 +195,7 @@ class SpecConfig:
     oracle_acceptance: float = 0.8  # method "oracle": probability each draft is taken as accepted
 
     def __post_init__(self) -> None:
+        _check_types(self, {field: option for option, field in SPEC_OPTIONS.items()})
         if self.method is None:
             return
         if self.method not in SPEC_METHODS:
@@ -185,7 +212,8 @@ class SpecConfig:
         if self.on_stale_weights not in ("disable", "keep"):
             raise InvalidArgumentError("must be 'disable' or 'keep'", field="draft_on_stale_weights")
         if not 1 <= self.ngram_min_match <= self.ngram_max_match <= 64:
-            raise InvalidArgumentError("need 1 <= ngram_min_match <= ngram_max_match <= 64", field="ngram_max_match")
+            raise InvalidArgumentError("need 1 <= ngram_min_match <= ngram_max_match <= 64",
+                                       field="ngram_min_match" if self.ngram_min_match < 1 else "ngram_max_match")
         if not 0.0 <= self.oracle_acceptance <= 1.0:
             raise InvalidArgumentError("must be in [0, 1]", field="oracle_acceptance")
 
@@ -235,6 +263,7 @@ class EngineConfig:
     spec: SpecConfig = field(default_factory=SpecConfig)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check_device(self.device)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidArgumentError("must be float32, bfloat16 or float16", field="dtype")
@@ -266,10 +295,15 @@ class EngineConfig:
             raise InvalidArgumentError(
                 f"{self.model.num_experts} experts do not fit the int16 expert ids of routed-expert output",
                 field="enable_return_routed_experts")
+        limit = self.model.max_position_embeddings
+        if self.model.sliding_window:  # sliding-window attention is not implemented: attend within it
+            limit = min(limit, self.model.sliding_window)
+        if self.context_length > limit:
+            raise InvalidArgumentError(
+                f"the model attends over at most {limit} positions (max_position_embeddings"
+                f"{', sliding_window' if self.model.sliding_window else ''}); give at most {limit}",
+                field="context_length")
         if self.context_length == 0:
-            limit = self.model.max_position_embeddings
-            if self.model.sliding_window:
-                limit = min(limit, self.model.sliding_window)
             object.__setattr__(self, "context_length", limit)
 
     @property

@@ -113,7 +113,16 @@ def draft_engine_config(target: EngineConfig, num_slots: int, model: ModelConfig
     path = target.spec.draft_model_path
     assert path is not None
     if model is None:
-        model = ModelConfig.from_pretrained(path)
+        try:
+            model = ModelConfig.from_pretrained(path)
+        except InvalidArgumentError as e:  # it names model_path, the target's option
+            raise InvalidArgumentError(e.message.removeprefix("model_path: "), field="draft_model_path") from e
+    positions = min(model.max_position_embeddings, model.sliding_window or model.max_position_embeddings)
+    if positions < target.context_length:
+        raise InvalidArgumentError(
+            f"the draft model attends over {positions} positions, fewer than the engine's context_length "
+            f"({target.context_length}); give a smaller context_length or another draft model",
+            field="draft_model_path")
     if model.vocab_size > target.model.vocab_size:
         raise InvalidArgumentError(
             f"the draft model's vocabulary ({model.vocab_size}) is larger than the target's "
