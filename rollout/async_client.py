@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import rollout_pb2 as pb
 from protos import rollout_pb2_grpc
+from rollout.errors import UnavailableError
 from rollout.server import client_calls as calls
 from rollout.server import convert
 from rollout.server import convert_weights as cw
@@ -38,10 +39,17 @@ class AsyncRolloutClient:
         self._metadata = bearer_metadata(token) if token else ()
         self.timeout = timeout
         self.target = target
+        self._closed = False
 
     async def close(self) -> None:
-        """Close the channel (calls in flight are cancelled)."""
+        """Close the channel; calls in flight raise ``UnavailableError`` (their requests are aborted)."""
+        self._closed = True
         await self._channel.close()
+
+    def _closed_mid_call(self) -> UnavailableError:
+        # grpc.aio cancels the calls of a closed channel: without this they would look cancelled
+        # (asyncio.CancelledError) though nobody cancelled their task.
+        return UnavailableError(f"the client of {self.target} was closed while the call ran")
 
     async def __aenter__(self) -> AsyncRolloutClient:
         return self
@@ -55,10 +63,10 @@ class AsyncRolloutClient:
         except grpc.RpcError as e:
             raise await calls.async_rpc_error(e, self._channel, self.target) from None
 
-    async def health(self, service: str = "") -> bool:
-        """True when the server reports SERVING."""
+    async def health(self, service: str = "", timeout: float = 5.0) -> bool:
+        """True when the server reports SERVING within ``timeout`` s."""
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError:
             return False
         return reply.status == SERVING
@@ -66,7 +74,7 @@ class AsyncRolloutClient:
     async def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until health is SERVING; raise ``UnavailableError`` after ``timeout`` s."""
         deadline = time.monotonic() + timeout
-        while not await self.health():
+        while not await self.health(timeout=max(0.05, min(5.0, deadline - time.monotonic()))):
             if time.monotonic() > deadline:
                 raise calls.not_ready(self.target, timeout, await calls.async_connects(self._channel, 0.2))
             await asyncio.sleep(0.2)
@@ -87,6 +95,10 @@ class AsyncRolloutClient:
                 yield call.chunk(msg)
         except grpc.RpcError as e:
             raise await calls.async_rpc_error(e, self._channel, self.target) from None
+        except asyncio.CancelledError:
+            if self._closed:
+                raise self._closed_mid_call() from None
+            raise
         finally:
             responses.cancel()
 
@@ -107,6 +119,10 @@ class AsyncRolloutClient:
                 call.add(msg)
         except grpc.RpcError as e:
             raise await calls.async_rpc_error(e, self._channel, self.target) from None
+        except asyncio.CancelledError:
+            if self._closed:
+                raise self._closed_mid_call() from None
+            raise
         finally:
             responses.cancel()
         return call.outputs()

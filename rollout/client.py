@@ -67,10 +67,10 @@ class RolloutClient:
             raise calls.rpc_error(e, self._channel, self.target) from None
 
     # ------------------------------------------------------------------ health
-    def health(self, service: str = "") -> bool:
-        """True when the server reports SERVING (the model is loaded)."""
+    def health(self, service: str = "", timeout: float = 5.0) -> bool:
+        """True when the server reports SERVING (the model is loaded) within ``timeout`` s."""
         try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         except grpc.RpcError:
             return False
         return reply.status == SERVING
@@ -78,7 +78,7 @@ class RolloutClient:
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Block until health is SERVING; raise ``UnavailableError`` (UNAVAILABLE) after ``timeout`` s."""
         deadline = time.monotonic() + timeout
-        while not self.health():
+        while not self.health(timeout=max(0.05, min(5.0, deadline - time.monotonic()))):
             if time.monotonic() > deadline:
                 raise calls.not_ready(self.target, timeout, calls.connects(self._channel, 0.2))
             time.sleep(0.2)
@@ -149,6 +149,11 @@ class RolloutClient:
             futures = [pool.submit(self.generate, p, sp, request_id=rid, **kwargs)
                        for p, sp, rid in zip(prompts, params, ids)]
             try:
+                # The first failure ends the batch at once, not when every earlier prompt has finished.
+                done, _ = concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+                for f in futures:
+                    if f in done and f.exception() is not None:
+                        raise f.exception()
                 return [o for f in futures for o in f.result()]
             except BaseException:
                 for f in futures:

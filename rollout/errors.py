@@ -112,6 +112,12 @@ class EngineDeadError(UnavailableError):
     """The engine loop died; the message carries the cause."""
 
 
+class DeadlineExceededError(RolloutError, TimeoutError):
+    """A call ran past the timeout its caller gave (also a ``TimeoutError``)."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 ERROR_TYPES: dict[str, type[RolloutError]] = {
     cls.code: cls
     for cls in (
@@ -125,6 +131,7 @@ ERROR_TYPES: dict[str, type[RolloutError]] = {
         PermissionDeniedError,
         InternalError,
         EngineDeadError,
+        DeadlineExceededError,
     )
 }
 

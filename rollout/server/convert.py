@@ -296,4 +296,6 @@ def status_code(err: RolloutError) -> grpc.StatusCode:
 def error_from_status(code: grpc.StatusCode | None, details: str | None) -> RolloutError:
     """Rebuild a typed error from a gRPC status; ``code`` keeps the status name even without a subclass."""
     name = code.name if code is not None else "UNKNOWN"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # grpc's own words name neither the cause nor a remedy
+        details = f"the call ran past the timeout its caller gave ({details or name}); give a longer timeout"
     return error_from_code(name, details or name)

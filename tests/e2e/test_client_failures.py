@@ -1,0 +1,94 @@
+"""How the clients fail: within the timeout they were given, fast and aborting the rest of a batch,
+and with typed errors a training script can catch (never a bare asyncio.CancelledError)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+
+from rollout.client import AsyncRolloutClient, RolloutClient
+from rollout.errors import DeadlineExceededError, InvalidArgumentError, RolloutError, UnavailableError
+
+LONG = {"max_new_tokens": 1500, "ignore_eos": True, "temperature": 1.0}
+
+
+@pytest.fixture
+def silent_server():
+    """An address that accepts TCP and never answers (a hung server)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield f"127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+
+
+def test_wait_ready_returns_within_its_timeout(silent_server) -> None:
+    with RolloutClient(silent_server) as c:
+        t0 = time.monotonic()
+        with pytest.raises(UnavailableError):
+            c.wait_ready(timeout=1.0)
+        assert time.monotonic() - t0 < 2.5
+
+    async def run() -> float:
+        async with AsyncRolloutClient(silent_server) as c:
+            t0 = time.monotonic()
+            with pytest.raises(UnavailableError):
+                await c.wait_ready(timeout=1.0)
+            return time.monotonic() - t0
+
+    assert asyncio.run(run()) < 2.5
+
+
+def test_a_batch_fails_as_soon_as_one_prompt_does(server, token, idle) -> None:
+    """With the server paused, prompt 0 waits; prompt 1 is refused at once, and the batch raises
+    that without waiting for prompt 0, which it aborts."""
+    box: dict = {}
+    with RolloutClient(server.address, token=token) as c:
+        c.pause("in_place")
+        try:
+            def run() -> None:
+                try:
+                    box["out"] = c.generate_batch([[1, 2, 3], [10**6]], {"max_new_tokens": 8})
+                except BaseException as e:  # noqa: BLE001 - checked below
+                    box["err"] = e
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            t.join(5)
+            blocked = t.is_alive()
+        finally:
+            c.continue_()
+        t.join(30)
+    assert not blocked, "the batch waited on prompt 0 after prompt 1 had failed"
+    assert isinstance(box.get("err"), InvalidArgumentError)
+    idle()
+
+
+def test_a_deadline_is_a_typed_timeout(client, idle) -> None:
+    with pytest.raises(DeadlineExceededError, match="ran past the timeout") as err:
+        client.generate([1, 2, 3], LONG, timeout=1.0)
+    assert isinstance(err.value, TimeoutError) and err.value.code == "DEADLINE_EXCEEDED"
+    idle()
+
+
+def test_closing_the_async_client_fails_its_calls_with_an_error(server, token, idle) -> None:
+    async def run() -> list:
+        c = AsyncRolloutClient(server.address, token=token)
+
+        async def consume() -> None:
+            async for _ in c.stream([4, 5, 6], LONG):
+                pass
+
+        calls = [asyncio.ensure_future(c.generate([1, 2, 3], LONG)), asyncio.ensure_future(consume())]
+        await asyncio.sleep(1.0)
+        await c.close()
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    for got in asyncio.run(run()):
+        assert isinstance(got, UnavailableError) and "was closed while the call ran" in str(got), repr(got)
+        assert isinstance(got, RolloutError)
+    idle()
