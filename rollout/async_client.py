@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import rollout_pb2 as pb
 from protos import rollout_pb2_grpc
-from rollout.errors import UnavailableError
+from rollout.errors import InvalidArgumentError, UnavailableError
 from rollout.server import client_calls as calls
 from rollout.server import convert
 from rollout.server import convert_weights as cw
@@ -135,6 +135,8 @@ class AsyncRolloutClient:
         If one prompt fails the others are cancelled (which aborts them on the server).
         """
         params = calls.per_prompt(prompts, sampling_params)
+        if "request_id" in kwargs:  # one id for every prompt: the second would be refused as in use
+            raise InvalidArgumentError("ids are assigned per prompt in a batch", field="request_id")
         gate = asyncio.Semaphore(max(1, max_concurrency))
 
         async def one(p: Prompt, sp: Sampling) -> list[GenerateOutput]:

@@ -134,7 +134,11 @@ class EngineCore:
         """Queue the ``n`` samples of one prompt. Raises a typed error if it cannot be taken."""
         if req.request_id in self._live:
             raise InvalidArgumentError(f"request id {quoted(req.request_id)} is already in use", field="request_id")
-        if self.scheduler.num_queued + req.sampling.n > self.config.scheduler.max_queued_requests:
+        cap = self.config.scheduler.max_queued_requests
+        if req.sampling.n > cap:  # no retry could ever fit it
+            raise InvalidArgumentError(f"n = {req.sampling.n} samples exceed the queue ({cap}, max_queued_requests)",
+                                       field="n")
+        if self.scheduler.num_queued + req.sampling.n > cap:
             raise ResourceExhaustedError("the request queue is full; retry later")
         if self.gate.closed:
             raise FailedPreconditionError("generation is refused: " + self.gate.reason())

@@ -92,3 +92,12 @@ def test_closing_the_async_client_fails_its_calls_with_an_error(server, token, i
         assert isinstance(got, UnavailableError) and "was closed while the call ran" in str(got), repr(got)
         assert isinstance(got, RolloutError)
     idle()
+
+
+def test_an_async_batch_refuses_one_request_id_for_all_prompts() -> None:
+    async def run() -> None:
+        async with AsyncRolloutClient("127.0.0.1:1") as c:  # refused before any call is made
+            await c.generate_batch([[1, 2], [3, 4]], {"max_new_tokens": 2}, request_id="same")
+
+    with pytest.raises(InvalidArgumentError, match="ids are assigned per prompt"):
+        asyncio.run(run())

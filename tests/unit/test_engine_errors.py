@@ -224,3 +224,12 @@ def test_sampling_params_as_a_dict(engine) -> None:
         engine.generate([3, 4, 5], {"max_tokens": 4})
     with pytest.raises(InvalidArgumentError, match="sampling_params: must be a SamplingParams or a dict"):
         engine.generate([3, 4, 5], 4)
+
+
+def test_more_samples_than_the_queue_holds_is_invalid_not_busy(tiny_model_dir) -> None:
+    """A retry could never fit n samples into a smaller queue: INVALID_ARGUMENT, not 'retry later'."""
+    with Engine(tiny_model_dir("qwen3"), max_total_tokens=256, max_queued_requests=2) as eng:
+        with pytest.raises(InvalidArgumentError, match="exceed the queue") as err:
+            eng.generate([3, 4, 5], SamplingParams(max_new_tokens=2, n=3))
+        assert err.value.code == "INVALID_ARGUMENT"
+        assert len(eng.generate([3, 4, 5], SamplingParams(max_new_tokens=2, n=2))) == 2
