@@ -69,13 +69,17 @@ def test_a_batch_fails_as_soon_as_one_prompt_does(server, token, idle) -> None:
 
 
 def test_a_deadline_is_a_typed_timeout(client, idle) -> None:
-    with pytest.raises(DeadlineExceededError, match="ran past the timeout") as err:
-        client.generate([1, 2, 3], LONG, timeout=1.0)
+    client.pause("in_place")  # the request waits past its deadline however fast the model is
+    try:
+        with pytest.raises(DeadlineExceededError, match="ran past the timeout") as err:
+            client.generate([1, 2, 3], {"max_new_tokens": 4}, timeout=0.5)
+    finally:
+        client.continue_()
     assert isinstance(err.value, TimeoutError) and err.value.code == "DEADLINE_EXCEEDED"
     idle()
 
 
-def test_closing_the_async_client_fails_its_calls_with_an_error(server, token, idle) -> None:
+def test_closing_the_async_client_fails_its_calls_with_an_error(server, token, client, idle) -> None:
     async def run() -> list:
         c = AsyncRolloutClient(server.address, token=token)
 
@@ -88,7 +92,12 @@ def test_closing_the_async_client_fails_its_calls_with_an_error(server, token, i
         await c.close()
         return await asyncio.gather(*calls, return_exceptions=True)
 
-    for got in asyncio.run(run()):
+    client.pause("in_place")  # the calls are still in flight when the client closes, however fast the model
+    try:
+        results = asyncio.run(run())
+    finally:
+        client.continue_()
+    for got in results:
         assert isinstance(got, UnavailableError) and "was closed while the call ran" in str(got), repr(got)
         assert isinstance(got, RolloutError)
     idle()
