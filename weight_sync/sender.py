@@ -43,6 +43,8 @@ PIPELINE_DEPTH = 2  # buckets in flight: one broadcasting while the next is pack
 # Size of the first and the last bucket: the first one's packing and the last one's loading on the
 # engines are the parts of a push that no broadcast hides.
 EDGE_BUCKET_BYTES = 64 << 20
+# How long close() waits for the engines of a broken group to destroy it (see close).
+BROKEN_CLOSE_WAIT_S = 5.0
 
 
 def check_version(version: Any) -> None:
@@ -216,13 +218,16 @@ class WeightSyncGroup:
         store = self.comm.store
         futures = [self._pool.submit(t.destroy_weight_update_group, self.group_name) for t in self.targets]
         self.comm.close()
-        done, late = concurrent.futures.wait(futures, timeout=self.comm.cfg.timeout_s)
+        # A broken group's engines may sit in a receive until their own timeout: those are not waited
+        # for (an engine that refused before the vote answers at once); a push that failed raises now.
+        wait_s = BROKEN_CLOSE_WAIT_S if self.comm.broken else self.comm.cfg.timeout_s
+        done, late = concurrent.futures.wait(futures, timeout=wait_s)
         for fut in done:
             if fut.exception() is not None and not isinstance(fut.exception(), NotFoundError):
                 logger.warning("destroying group %s on an engine failed: %s", self.group_name, fut.exception())
         if late:
             logger.warning("group %s: %d engine(s) did not answer its destroy within %g s", self.group_name,
-                           len(late), self.comm.cfg.timeout_s)
+                           len(late), wait_s)
         del store
         self._pool.shutdown(wait=False)
 

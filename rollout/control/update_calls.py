@@ -32,12 +32,12 @@ class UpdateInCalls:
     def version_of(self, version: int | None) -> int | None:
         """The version a call of the open update makes current: its own, which must be the update's,
         or (None) the update's."""
-        if not self.open or version is None:
-            return version if not self.open else self.version
-        if version != self.version:
+        if not self.open:
+            return version
+        if version is not None and version != self.version:
             raise InvalidArgumentError(f"the calls of one update carry one version: {self.version}, got {version}",
                                        field="version")
-        return version
+        return self.version
 
     def add(self, version: int, written: set[str], drafted: bool) -> None:
         """A call with more to follow wrote ``written`` (and draft tensors if ``drafted``)."""

@@ -376,7 +376,8 @@ class WeightUpdater:
         if more:  # generation waits for the update's last call
             self._calls.add(version, set(written), drafted > 0)
             self._gate.block(Blocker.WEIGHTS_UPDATING,
-                             f"a weight update sent in several calls (version {version}) waits for its last call")
+                             f"a weight update sent in several calls (version {version}) waits for its last call "
+                             "(or for any full update, if its sender is gone)")
             return version
         if self._calls.open:
             earlier, _, drafted_before = self._calls.close()

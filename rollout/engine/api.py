@@ -254,7 +254,7 @@ class Engine:
         switch between two steps (no pause); returns a ``SwapResult`` (which says whether the engine
         had to take the pausing path for lack of memory)."""
         layout = WireLayout(names, dtypes, shapes, offsets, bucket_sizes, flat_bucket)
-        return self._client.call(UpdateWeightsFromDistributed(layout, group_name, version, _swap(swap)))
+        return self._client.call(UpdateWeightsFromDistributed(layout, group_name, version, _flag(swap)))
 
     def update_weights_from_tensor(self, *, names: Sequence[str], dtypes: Sequence[str],
                                    shapes: Sequence[Sequence[int]], sources: Sequence[Any],
@@ -267,13 +267,13 @@ class Engine:
         version); generation waits for the last one (``more=False``), and if a call fails after
         earlier ones were written, the weights count as invalid until a full update."""
         layout = WireLayout(names, dtypes, shapes, offsets, bucket_sizes, flat_bucket)
-        return self._client.call(UpdateWeightsFromTensor(layout, parse_sources(sources), version, _swap(swap),
-                                                         _swap(more, "more")))
+        return self._client.call(UpdateWeightsFromTensor(layout, parse_sources(sources), version, _flag(swap),
+                                                         _flag(more, "more")))
 
     def update_weights_from_disk(self, model_path: str, version: int | None = None,
                                  swap: bool = False) -> int | SwapResult:
         """Reload the weights from a checkpoint directory. ``swap``: as for ``update_weights_from_distributed``."""
-        return self._client.call(UpdateWeightsFromDisk(model_path, version, _swap(swap)))
+        return self._client.call(UpdateWeightsFromDisk(model_path, version, _flag(swap)))
 
     def release_memory(self, tags: Sequence[str] | str | None = None) -> Any:
         """Free the GPU memory of these tags (weights, kv_cache, cuda_graph; None: all)."""
@@ -304,10 +304,10 @@ class Engine:
 
 
 
-def _swap(swap: Any, field: str = "swap") -> bool:
-    if not isinstance(swap, bool):
-        raise InvalidArgumentError(f"must be true or false, got {swap!r}", field=field)
-    return swap
+def _flag(value: Any, field: str = "swap") -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"must be true or false, got {value!r}", field=field)
+    return value
 
 
 def _tags(tags: Sequence[str] | str | None) -> tuple[str, ...]:

@@ -74,7 +74,7 @@ class StopChecker:
         window = state.tail + new
         state.tail = window[len(window) - longest + 1:] if longest > 1 else ""
         # The stop that starts first in the text (OpenAI cuts there), whatever the list order.
-        found = [(window.find(s), i) for i, s in enumerate(seq.sampling.stop) if s in window]
+        found = [(at, i) for i, s in enumerate(seq.sampling.stop) if (at := window.find(s)) >= 0]
         return seq.sampling.stop[min(found)[1]] if found else None
 
 

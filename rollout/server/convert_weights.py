@@ -97,7 +97,7 @@ def distributed_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes:
                          group_name: str = "default", offsets: Sequence[int] | None = None,
                          bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
                          version: int | None = None, swap: bool = False) -> pb.UpdateWeightsFromDistributedRequest:
-    msg = pb.UpdateWeightsFromDistributedRequest(group_name=group_name, swap=_swap(swap))
+    msg = pb.UpdateWeightsFromDistributedRequest(group_name=group_name, swap=_flag(swap))
     return _layout_to_proto(msg, names, dtypes, shapes, offsets, bucket_sizes, flat_bucket, version)
 
 
@@ -133,8 +133,8 @@ def tensor_to_proto(*, names: Sequence[str], dtypes: Sequence[str], shapes: Sequ
                     bucket_sizes: Sequence[int] | None = None, flat_bucket: bool = False,
                     version: int | None = None, swap: bool = False,
                     more: bool = False) -> pb.UpdateWeightsFromTensorRequest:
-    msg = pb.UpdateWeightsFromTensorRequest(sources=[_source_to_proto(s) for s in sources], swap=_swap(swap),
-                                            more=_swap(more, "more"))
+    msg = pb.UpdateWeightsFromTensorRequest(sources=[_source_to_proto(s) for s in sources], swap=_flag(swap),
+                                            more=_flag(more, "more"))
     return _layout_to_proto(msg, names, dtypes, shapes, offsets, bucket_sizes, flat_bucket, version)
 
 
@@ -160,7 +160,7 @@ def update_result_from_proto(msg: pb.UpdateWeightsResponse, swap: bool) -> int |
     return int(msg.weight_version)
 
 
-def _swap(swap: Any, field: str = "swap") -> bool:
-    if not isinstance(swap, bool):
-        raise InvalidArgumentError(f"must be true or false, got {quoted(swap)}", field=field)
-    return swap
+def _flag(value: Any, field: str = "swap") -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"must be true or false, got {quoted(value)}", field=field)
+    return value
