@@ -49,6 +49,8 @@ EXPERT_LEAVES: dict[str, tuple[str, str]] = {
 _EXPERT_RE = re.compile(r"^(.*)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
 _FUSED_EXPERT_RE = re.compile(r"^(.*)\.mlp\.experts\.(gate_up_proj|down_proj)$")
 _IGNORED_RE = re.compile(r"rotary_emb\.inv_freq$")
+TIED_HEAD = "lm_head.weight"
+TIED_EMBEDDING = "model.embed_tokens.weight"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,9 +74,14 @@ class CheckpointNameMap:
         self.tied_lm_head = tied_lm_head
         self.expert_style = expert_style
 
+    def is_tied_head(self, name: str) -> bool:
+        """``name`` is the LM head of a model whose head is its input embedding (one tensor)."""
+        return self.tied_lm_head and name == TIED_HEAD
+
     def target(self, name: str) -> WeightTarget | None:
-        """Our destination of checkpoint tensor ``name``; raises for names we do not know."""
-        if _IGNORED_RE.search(name) or (self.tied_lm_head and name == "lm_head.weight"):
+        """Our destination of checkpoint tensor ``name``; raises for names we do not know. A tied LM
+        head has none of its own: ``WeightWriter`` writes it into the embedding when that is absent."""
+        if _IGNORED_RE.search(name) or self.is_tied_head(name):
             return None
         if name in self.param_names:
             return WeightTarget(name)
@@ -156,6 +163,7 @@ class WeightWriter:
         self._needed = {name: len(name_map.checkpoint_names(name, num_experts)) for name in self._params}
         self._covered: dict[str, set] = {}
         self._unknown: list[str] = []
+        self._tied_head: torch.Tensor | None = None
 
     @torch.no_grad()
     def write(self, ckpt_name: str, tensor: torch.Tensor) -> None:
@@ -166,6 +174,8 @@ class WeightWriter:
             self._unknown.append(ckpt_name)
             return
         if target is None:
+            if self._name_map.is_tied_head(ckpt_name):
+                self._tied_head = tensor
             return
         param = self._params[target.param_name]
         loader = param.weight_loader  # type: ignore[attr-defined]
@@ -189,7 +199,14 @@ class WeightWriter:
         )
 
     def finish(self) -> set[str]:
-        """Raise for the unknown keys seen; else our parameter names written completely."""
+        """Raise for the unknown keys seen; else our parameter names written completely.
+
+        A tied LM head seen without the embedding is written into the embedding (their one tensor),
+        never dropped: a trainer may name the shared tensor either way. Beside the embedding it is
+        skipped, as transformers does when it ties them."""
+        if self._tied_head is not None and TIED_EMBEDDING not in self._covered:
+            self.write(TIED_EMBEDDING, self._tied_head)
+        self._tied_head = None
         if self._unknown:
             unknown = self._unknown
             shown = ", ".join(quoted(n) for n in unknown[:10]) + (

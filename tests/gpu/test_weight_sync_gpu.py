@@ -7,7 +7,7 @@ import torch
 
 import weight_sync
 from rollout import Engine, SamplingParams
-from rollout.errors import InvalidArgumentError
+from rollout.errors import FailedPreconditionError, InvalidArgumentError
 from tests.weight_helpers import client_outputs as engine_outputs
 from tests.weight_helpers import perturb_checkpoint
 
@@ -62,6 +62,31 @@ def test_ipc_update_equals_engine_loaded_from_disk(model_dir, perturbed) -> None
         info = engine.info()
         assert info.weight_version == 5 and info.weights_valid
         assert client_outputs(engine) == want
+    finally:
+        engine.shutdown()
+
+
+def test_ipc_update_in_two_calls_is_one_update(model_dir, perturbed) -> None:
+    """``more`` over CUDA IPC: generation waits for the last call, and the two calls give the weights
+    that one full push gives, tagged with the first call's version."""
+    weights, path = perturbed
+    reference = Engine(path, separate_process=True, **OPTS)
+    try:
+        want = client_outputs(reference)
+    finally:
+        reference.shutdown()
+    engine = Engine(model_dir, separate_process=True, **OPTS)
+    try:
+        trainer = [(n, t.to("cuda", torch.bfloat16)) for n, t in weights.items()]
+        half = len(trainer) // 2
+        assert weight_sync.push_tensors_ipc([engine], trainer[:half], version=8, more=True) == 8
+        with pytest.raises(FailedPreconditionError, match="waits for its last call"):
+            client_outputs(engine)
+        assert engine.info().weight_version == 0
+        assert weight_sync.push_tensors_ipc([engine], trainer[half:]) == 8
+        assert client_outputs(engine) == want
+        info = engine.info()
+        assert info.weight_version == 8 and info.weights_valid
     finally:
         engine.shutdown()
 

@@ -319,3 +319,17 @@ def test_fused_kernel_path_matches_hf(models, variant, monkeypatch):
     logits = ours_logits(model, make_batch(new_backend(config), [(s, 0, sl) for s, sl in zip(seqs, slots)]))
     expected = torch.cat([hf_logits(hf, s) for s in seqs])
     assert (logits - expected).abs().max().item() < TOL
+
+
+def test_a_tied_head_alone_writes_the_embedding(tmp_path):
+    """A trainer may name the tied tensor ``lm_head.weight``: it fills the embedding, never dropped;
+    beside the embedding it is skipped (transformers keeps the embedding)."""
+    path = write_random_model(str(tmp_path), "qwen3", tie_word_embeddings=True)
+    model = _load(path)
+    emb = model.model.embed_tokens.weight
+    new = torch.randn_like(emb)
+    assert "model.embed_tokens.weight" in model.load_weights([("lm_head.weight", new)])
+    assert torch.equal(emb, new) and model.lm_head.weight is emb
+    kept = torch.randn_like(emb)
+    model.load_weights([("lm_head.weight", torch.zeros_like(emb)), ("model.embed_tokens.weight", kept)])
+    assert torch.equal(emb, kept)
