@@ -32,8 +32,8 @@ class AsyncRolloutClient:
     """asyncio client with the methods of ``RolloutClient``, as coroutines (``stream``: an async iterator)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str | None = None,
-                 *, timeout: float | None = None) -> None:
-        self._channel = calls.open_channel(target, tls_ca, aio=True)
+                 *, timeout: float | None = None, keepalive_s: float = calls.KEEPALIVE_S) -> None:
+        self._channel = calls.open_channel(target, tls_ca, aio=True, keepalive_s=keepalive_s)
         self._stub = rollout_pb2_grpc.RolloutStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = bearer_metadata(token) if token else ()

@@ -38,12 +38,14 @@ __all__ = ["RolloutClient", "AsyncRolloutClient", "DEFAULT_GROUP"]
 
 class RolloutClient:
     """Blocking client; thread-safe (one channel shared by all calls). ``target`` is "host:port";
-    ``token`` the server's auth token; ``tls_ca`` a CA file for TLS; ``timeout`` the unary deadline (s).
+    ``token`` the server's auth token; ``tls_ca`` a CA file for TLS; ``timeout`` the unary deadline (s);
+    ``keepalive_s``: a call whose connection is silent this long pings the server, and fails with
+    ``UnavailableError`` when the ping is not answered within as long (a frozen or vanished server).
     """
 
     def __init__(self, target: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str | None = None,
-                 *, timeout: float | None = None) -> None:
-        self._channel = calls.open_channel(target, tls_ca, aio=False)
+                 *, timeout: float | None = None, keepalive_s: float = calls.KEEPALIVE_S) -> None:
+        self._channel = calls.open_channel(target, tls_ca, aio=False, keepalive_s=keepalive_s)
         self._stub = rollout_pb2_grpc.RolloutStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = bearer_metadata(token) if token else ()

@@ -49,6 +49,11 @@ def _server_options(max_request_mb: int) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         # Without this a second server could silently share the port with a running one.
         ("grpc.so_reuseport", 0),
+        # The clients ping a silent call (a stream of a paused engine, a long prompt) to find a frozen
+        # server: accept pings down to their floor (client_calls.MIN_KEEPALIVE_S) and never answer
+        # them with GOAWAY, which would end the streams of a server that is merely quiet.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 

@@ -27,6 +27,12 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 CONNECT_PROBE_S = 0.5
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+# A call whose connection has been silent this long pings the server, and a ping unanswered this long
+# fails the call with UNAVAILABLE: a server that froze or vanished without closing the connection (a
+# stopped process, a lost host) cannot hang a stream that has no deadline. The server accepts pings
+# this often (``rollout/server/app.py``); the floor keeps clients at or above what it accepts.
+KEEPALIVE_S = 20.0
+MIN_KEEPALIVE_S = 1.0
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 DEFAULT_GROUP = "weight_update"  # the group name the clients use when none is given
@@ -134,12 +140,27 @@ def channel_credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
         return grpc.ssl_channel_credentials(root_certificates=f.read())
 
 
-def open_channel(target: str, tls_ca: str | None, *, aio: bool) -> Any:
+def channel_options(keepalive_s: float) -> list[tuple[str, Any]]:
+    """The channel arguments of the clients, with pings after ``keepalive_s`` s of silence on a call."""
+    if isinstance(keepalive_s, bool) or not isinstance(keepalive_s, (int, float)) or not (
+            MIN_KEEPALIVE_S <= keepalive_s <= 3600):
+        raise InvalidArgumentError(f"must be a number of seconds in [{MIN_KEEPALIVE_S:g}, 3600], got {keepalive_s!r}",
+                                   field="keepalive_s")
+    ms = int(keepalive_s * 1000)
+    # gRPC waits for a keepalive ping's answer up to the ping timeout (a minute by default), not the
+    # keepalive timeout alone: both are set. By default it also stops pinging after two pings without
+    # data, which would leave a quiet stream (a paused engine) unguarded.
+    return CHANNEL_OPTIONS + [("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
+                              ("grpc.http2.ping_timeout_ms", ms), ("grpc.http2.max_pings_without_data", 0)]
+
+
+def open_channel(target: str, tls_ca: str | None, *, aio: bool, keepalive_s: float = KEEPALIVE_S) -> Any:
     """A channel to ``target`` (TLS trusting ``tls_ca`` when given), asyncio's when ``aio``."""
+    options = channel_options(keepalive_s)
     creds = channel_credentials(tls_ca)
     mod: Any = grpc.aio if aio else grpc
-    return (mod.secure_channel(target, creds, CHANNEL_OPTIONS) if creds
-            else mod.insecure_channel(target, CHANNEL_OPTIONS))
+    return (mod.secure_channel(target, creds, options) if creds
+            else mod.insecure_channel(target, options))
 
 
 def per_prompt(prompts: Sequence[Prompt], sampling_params: Sampling | Sequence[Sampling]) -> list[Sampling]:

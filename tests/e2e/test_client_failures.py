@@ -4,6 +4,8 @@ and with typed errors a training script can catch (never a bare asyncio.Cancelle
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import threading
 import time
@@ -110,3 +112,80 @@ def test_an_async_batch_refuses_one_request_id_for_all_prompts() -> None:
 
     with pytest.raises(InvalidArgumentError, match="ids are assigned per prompt"):
         asyncio.run(run())
+
+
+def _consume_in_thread(c: RolloutClient, params: dict, box: dict, first: threading.Event) -> threading.Thread:
+    def run() -> None:
+        try:
+            box["tokens"] = 0
+            for chunk in c.stream([4, 5, 6], params):
+                box["tokens"] += len(chunk.token_ids)
+                first.set()
+            box["done"] = True
+        except BaseException as e:  # noqa: BLE001 - checked by the tests
+            box["err"] = e
+            box["at"] = time.monotonic()
+        first.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_stream_of_a_frozen_server_fails_within_its_keepalive(server, token, idle) -> None:
+    """A server that stops answering without closing the connection (a stopped process, a lost host)
+    fails a stream that has no deadline within twice ``keepalive_s``, instead of hanging it."""
+    box: dict = {}
+    first = threading.Event()
+    with RolloutClient(server.address, token=token, keepalive_s=1.0) as c:
+        t = _consume_in_thread(c, LONG, box, first)
+        assert first.wait(60) and "err" not in box
+        os.kill(server.proc.pid, signal.SIGSTOP)  # while tokens flow
+        stopped = time.monotonic()
+        try:
+            t.join(15)
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+    assert not t.is_alive(), "the stream hung on a frozen server"
+    assert isinstance(box.get("err"), UnavailableError), box
+    assert box["at"] - stopped < 6.0
+    idle()
+
+
+def test_a_quiet_stream_is_guarded_and_not_ended_by_its_pings(client, server, token, idle) -> None:
+    """A stream without tokens for a while (a paused engine) keeps pinging, and the server takes the
+    pings without ending the connection (gRPC's default answers frequent pings with GOAWAY); when the
+    server then freezes, the quiet stream fails too."""
+    box: dict = {}
+    first = threading.Event()
+    with RolloutClient(server.address, token=token, keepalive_s=1.0) as c:
+        client.pause("in_place")
+        try:
+            t = _consume_in_thread(c, {"max_new_tokens": 8, "ignore_eos": True}, box, first)
+            time.sleep(5.0)
+            assert "err" not in box, box
+        finally:
+            client.continue_()
+        t.join(60)
+        assert box.get("done") and box["tokens"] == 8, box
+        box.clear()
+        client.pause("in_place")
+        try:
+            t = _consume_in_thread(c, {"max_new_tokens": 8, "ignore_eos": True}, box, first)
+            time.sleep(3.0)
+            os.kill(server.proc.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+                t.join(15)
+            finally:
+                os.kill(server.proc.pid, signal.SIGCONT)
+        finally:
+            client.continue_()
+    assert not t.is_alive(), "the quiet stream hung on a frozen server"
+    assert isinstance(box.get("err"), UnavailableError) and box["at"] - stopped < 6.0, box
+    idle()
+
+
+def test_keepalive_is_checked() -> None:
+    with pytest.raises(InvalidArgumentError, match="keepalive_s"):
+        RolloutClient("127.0.0.1:1", keepalive_s=0.1)
