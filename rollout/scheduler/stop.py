@@ -71,10 +71,14 @@ class StopChecker:
             return None
         # Only text that appeared since the last check (plus room for a stop string that straddles
         # the boundary) can hold a new match.
+        old = len(state.tail)
         window = state.tail + new
         state.tail = window[len(window) - longest + 1:] if longest > 1 else ""
-        # The stop that starts first in the text (OpenAI cuts there), whatever the list order.
-        found = [(at, i) for i, s in enumerate(seq.sampling.stop) if (at := window.find(s)) >= 0]
+        # The stop that starts first in the text (OpenAI cuts there), whatever the list order. A match
+        # must end in the new text: a shorter stop wholly inside the kept tail was seen (or came
+        # before min_new_tokens) already.
+        found = [(at, i) for i, s in enumerate(seq.sampling.stop)
+                 if (at := window.find(s, max(0, old - len(s) + 1))) >= 0]
         return seq.sampling.stop[min(found)[1]] if found else None
 
 

@@ -96,6 +96,17 @@ def test_a_stop_string_wholly_before_min_new_tokens_does_not_count() -> None:
     assert got == 5 and seq.finish_reason is FinishReason.STOP
 
 
+def test_a_short_stop_before_min_new_tokens_does_not_count_beside_a_longer_one() -> None:
+    """The text kept for the longer stop ("zzz") holds a whole "a" from before min_new_tokens=3: it is
+    not a stop; a later "a" is, and so is a stop that straddles the kept text and the new."""
+    seq, got = run(["x", "a", "c", "d", "e"], SamplingParams(max_new_tokens=9, min_new_tokens=3, stop=["a", "zzz"]))
+    assert got is None and seq.finish_reason is None
+    seq, got = run(["x", "a", "c", "a", "e"], SamplingParams(max_new_tokens=9, min_new_tokens=3, stop=["a", "zzz"]))
+    assert got == 4 and seq.matched_stop == "a"
+    seq, got = run(["z", "z", "c", "z", "z", "z"], SamplingParams(max_new_tokens=9, stop=["zc", "zzz"]))
+    assert got == 3 and seq.matched_stop == "zc"
+
+
 def test_stop_ids_are_banned_exactly_until_min_new_tokens() -> None:
     checker = StopChecker((EOS,), context_length=1000, tokenizer=None)
     sp = SamplingParams(max_new_tokens=10, min_new_tokens=3, stop_token_ids=[STOP_ID])
