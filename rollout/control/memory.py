@@ -102,11 +102,17 @@ class MemoryControl:
                 runner.graph_bytes if runner.graphs is not None else 0)
         return states
 
-    def check_weights_writable(self) -> None:
-        """Refuse a weight update while the weights' memory is released (it would write to unmapped memory)."""
-        if self.memory.saver.region("weights").state is not MemoryState.ACTIVE:
+    @property
+    def weights_mapped(self) -> bool:
+        """Whether the weights' memory is there to read and write (not released)."""
+        return self.memory.saver.region("weights").state is MemoryState.ACTIVE
+
+    def check_weights_writable(self, doing: str = "updating weights") -> None:
+        """Refuse a weight update or an expert move while the weights' memory is released (it would
+        touch unmapped memory); ``doing`` names the refused action in the message."""
+        if not self.weights_mapped:
             raise FailedPreconditionError(
-                "the weights' memory is released; call resume_memory(['weights']) before updating weights"
+                f"the weights' memory is released; call resume_memory(['weights']) before {doing}"
             )
 
     def _drop_kv(self) -> None:

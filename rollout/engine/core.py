@@ -213,7 +213,8 @@ class EngineCore:
         """Every ``ep_rebalance_interval`` steps, place the experts by the tokens counted since the last
         time (between two steps, like a rebalance on request; outputs do not change)."""
         every = self.config.parallel.ep_rebalance_interval
-        if not every or self.swap.busy:  # the shadow was filled under the current placement
+        # The shadow was filled under the current placement; released weights cannot be moved.
+        if not every or self.swap.busy or not self.memory.weights_mapped:
             return
         self._steps_since_rebalance += 1
         if self._steps_since_rebalance < every:
@@ -327,6 +328,7 @@ class EngineCore:
                 self.swap.check_idle("an update without swap")
                 return self.ranks.update_weights(cmd, lambda: self.weights.apply(cmd))
             case RebalanceExperts():
+                self.memory.check_weights_writable("moving experts")
                 self.swap.check_idle("moving experts")
                 return self.ranks.rebalance(cmd)
             case ReleaseMemory():

@@ -103,6 +103,20 @@ def _save(path: str, tmp_path) -> str:
     return out
 
 
+def test_a_rebalance_while_the_weights_are_released_is_refused(tiny_model_dir) -> None:
+    """Moving experts needs the weights mapped: refused up front (as an update is), and the weights
+    resumed from their host backup stay valid (the ranks failed mid-move and marked them invalid)."""
+    path = tiny_model_dir("qwen3_moe", num_experts=7, num_experts_per_tok=3)
+    with Engine(path, ep_size=2, ep_spare_slots=2, memory_backup_tags=["weights"], **OPTS) as engine:
+        want = [o.output_ids for o in engine.generate(PROMPTS, GREEDY)]
+        engine.release_memory(["weights"])
+        with pytest.raises(FailedPreconditionError, match="before moving experts"):
+            engine.rebalance_experts()
+        engine.resume_memory(["weights"])
+        assert engine.info().weights_valid
+        assert [o.output_ids for o in engine.generate(PROMPTS, GREEDY)] == want
+
+
 def test_placements() -> None:
     p = ExpertPlacement.contiguous(7, 2, spare_slots=1)
     assert p.slots == ((0, 1, 2, 3, -1), (4, 5, 6, -1, -1))
