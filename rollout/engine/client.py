@@ -249,7 +249,12 @@ class EngineClient:
                 raise EngineDeadError(self._dead)
             call_id = next(self._call_ids)
             self._calls[call_id] = (fut, command, time.monotonic())
-        self._send(Control(call_id, command))
+        try:
+            self._send(Control(call_id, command))
+        except BaseException:
+            with self._lock:
+                self._calls.pop(call_id, None)
+            raise
         return fut
 
     def call(self, command: ControlCommand, timeout: float | None = None) -> Any:

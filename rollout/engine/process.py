@@ -7,14 +7,16 @@ import multiprocessing as mp
 import queue
 import threading
 import time
+from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
 import torch
 
 from rollout.engine.client import EngineClient, EngineObserver
-from rollout.engine.messages import ControlReply, Event
+from rollout.engine.messages import Command, Control, ControlReply, Event
+from rollout.engine.parent_watch import exit_with_parent
 from rollout.engine.rank_launch import RankLinks, build_rank0, rank_options, spawn_followers
-from rollout.errors import EngineDeadError, error_from_code
+from rollout.errors import EngineDeadError, InvalidArgumentError, error_from_code
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,24 @@ def _recv_from(q: Any) -> Callable[[float], list[Event] | None]:
             return None
 
     return recv
+
+
+def _checked_put(q: Any) -> Callable[[Command], None]:
+    """``q.put`` for the queue to an engine process, which pickles in a background thread: there a
+    control argument that cannot be pickled (a generator, a lambda) would be logged and dropped, and
+    its caller would wait forever. Control commands are pickled here first, so it raises instead."""
+
+    def put(msg: Command) -> None:
+        if isinstance(msg, Control):
+            try:
+                ForkingPickler.dumps(msg)
+            except Exception as e:
+                raise InvalidArgumentError(
+                    f"an argument of {type(msg.command).__name__} cannot be sent to the engine process "
+                    f"({type(e).__name__}: {e}); pass lists, strings and numbers", field="command") from None
+        q.put(msg)
+
+    return put
 
 
 def _build_core(model_path: str, options: dict[str, Any], ranks: RankLinks | None = None):
@@ -84,6 +104,7 @@ def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: 
     from rollout.errors import RolloutError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
+    exit_with_parent()
     try:
         core = _build_core(model_path, options, ranks)
     except RolloutError as e:
@@ -158,5 +179,5 @@ def start_engine_process(model_path: str, *, observer: EngineObserver | None = N
                 p.join(timeout=5)
 
     heart.beat()  # the loop starts beating once it runs; loading the model is not a stall
-    return EngineClient(inbox.put, _recv_from(outbox), info, limits, tokenizer, alive=alive, on_close=close,
+    return EngineClient(_checked_put(inbox), _recv_from(outbox), info, limits, tokenizer, alive=alive, on_close=close,
                         last_beat=heart.last, kill=kill, pids=tuple(p.pid for p in procs), observer=observer)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from rollout.distributed.rank_setup import RankSetup, close_rank, init_rank, rank_setups
+from rollout.engine.parent_watch import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ def follower_main(model_path: str, options: dict[str, Any], setup: RankSetup, co
 
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s engine-rank{setup.rank} %(levelname)s %(message)s")
+    exit_with_parent()
     try:
         config = EngineConfig.build(model_path, **options)
         groups = init_rank(setup)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -97,3 +98,21 @@ def test_engine_death_fails_streams_and_stops_the_server(start_server, tiny_mode
     # The server does not linger without its engine: it exits non-zero, saying why.
     assert server.proc.wait(30) == 1
     assert "engine process died" in server.log()
+
+
+def test_a_killed_front_end_takes_its_engine_ranks_with_it(start_server, tiny_model):
+    """SIGKILL of the server's front end (no chance to stop its children): both engine ranks exit
+    within seconds, instead of polling and waiting in a collective while holding their memory."""
+    server = start_server("--model", tiny_model, "--tp-size", "2")
+    m = re.search(r"engine ranks 0\.\.1 run as processes (\d+) (\d+)", server.log())
+    assert m, server.log()
+    ranks = [int(m.group(1)), int(m.group(2))]
+    server.proc.kill()
+    server.proc.wait(10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_state(p) not in ("gone", "Z") for p in ranks):
+        time.sleep(0.2)
+    left = [p for p in ranks if _state(p) not in ("gone", "Z")]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"engine ranks {left} outlived their front end"

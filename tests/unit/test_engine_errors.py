@@ -233,3 +233,17 @@ def test_more_samples_than_the_queue_holds_is_invalid_not_busy(tiny_model_dir) -
             eng.generate([3, 4, 5], SamplingParams(max_new_tokens=2, n=3))
         assert err.value.code == "INVALID_ARGUMENT"
         assert len(eng.generate([3, 4, 5], SamplingParams(max_new_tokens=2, n=2))) == 2
+
+
+def test_an_argument_that_cannot_reach_the_engine_process_is_invalid(tiny_model_dir) -> None:
+    """A control argument that cannot be pickled (a lambda, a generator) is refused in the caller;
+    before, the queue's feeder thread dropped the command and the caller waited forever."""
+    path = tiny_model_dir("qwen3")
+    with Engine(path, separate_process=True, max_total_tokens=256) as engine:
+        with pytest.raises(InvalidArgumentError, match="cannot be sent to the engine process"):
+            engine.update_weights_from_disk(lambda: path)
+        with pytest.raises(InvalidArgumentError):
+            engine.update_weights_from_tensor(names=(n for n in ["x"]), dtypes=["float32"], shapes=[[1]],
+                                              sources=[])
+        sp = SamplingParams(temperature=0.0, max_new_tokens=3)
+        assert len(engine.generate([1, 2, 3], sp)[0].output_ids) == 3
