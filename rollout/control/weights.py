@@ -289,6 +289,13 @@ class WeightUpdater:
             cause = e.message if isinstance(e, RolloutError) else f"{type(e).__name__}: {e}"
             raise FailedPreconditionError(self._abandon(f"a call failed: {cause}")) from e
 
+    def forget_open_update(self) -> None:
+        """Forget an open update in calls, so its calls' writes count toward no full update: the ranks
+        diverged on one of them, and only an update covering every parameter on every rank heals."""
+        if self._calls.open:
+            self._calls.close()
+            self._gate.clear(Blocker.WEIGHTS_UPDATING)
+
     def _abandon(self, why: str) -> str:
         """The open update in calls stops short (``UpdateInCalls.abandon``); the caller's message."""
         msg = self._calls.abandon(why, self._gate)

@@ -87,6 +87,10 @@ class RankControl:
                              "push a full set of weights")
         elif partial:
             self._invalidate(f"engine rank {partial[0].rank} holds partly written weights; push a full set of weights")
+        if failed or partial or error is not None:
+            # Rank 0's open update in calls must not count this call's writes (or its earlier calls')
+            # toward a full update: the later calls would clear the block while the ranks differ.
+            self._weights.forget_open_update()
         if error is not None:
             raise error
         if failed:

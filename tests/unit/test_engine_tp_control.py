@@ -78,9 +78,14 @@ class _Versions:
         self.epochs += 1
 
 
+class _Weights:
+    def forget_open_update(self) -> None:
+        pass
+
+
 def _control(reports: list[RankReport]) -> tuple[RankControl, GenerationGate, _Versions]:
     gate, versions = GenerationGate(), _Versions()
-    return RankControl(_Followers(reports), None, None, gate, versions), gate, versions
+    return RankControl(_Followers(reports), _Weights(), None, gate, versions), gate, versions
 
 
 def test_an_update_that_fails_on_one_rank_only_invalidates_the_weights_everywhere() -> None:
@@ -116,3 +121,42 @@ def test_an_update_that_fails_on_one_rank_only_invalidates_the_weights_everywher
     # All ranks taking it: the version comes back, nothing blocked.
     control, gate, _ = _control([RankReport(1, 1, result=7), RankReport(1, 2, result=7)])
     assert control.update_weights(cmd, lambda: 7) == 7 and not gate.closed
+
+
+def test_a_call_of_an_update_in_calls_that_one_rank_refused_counts_toward_no_full_update(tiny_model_dir) -> None:
+    """Call 1 (``more``) is written on rank 0 and refused on rank 1; call 2 brings the rest on both.
+    Rank 0 must not count calls 1 + 2 as a full update: rank 1 still holds call 1's old tensors."""
+    from rollout.config import EngineConfig
+    from rollout.engine.api import parse_sources
+    from rollout.engine.core import EngineCore
+    from rollout.engine.messages import UpdateWeightsFromTensor
+    from rollout.models.loader import iter_checkpoint
+    from weight_sync.buckets import WireLayout
+
+    core = EngineCore(EngineConfig.build(tiny_model_dir("qwen3"), max_total_tokens=256))
+    refused = RankReport(1, 1, error_code="FAILED_PRECONDITION", error_message="no room")
+    followers = _Followers([refused])
+    core.ranks.followers = followers
+
+    class Target:  # what push_tensors_shm calls, straight into rank 0's control path
+        def engine_ranks(self) -> int:
+            return 2
+
+        def update_weights_from_tensor(self, **args):
+            layout = WireLayout(args["names"], args["dtypes"], args["shapes"], args.get("offsets"),
+                                args.get("bucket_sizes"), args.get("flat_bucket", False))
+            return core.handle(UpdateWeightsFromTensor(layout, parse_sources(args["sources"]), args.get("version"),
+                                                       False, args.get("more", False)))
+
+    items = [(n, t + 0.1) for n, t in iter_checkpoint(tiny_model_dir("qwen3"))]
+    layer0 = [(n, t) for n, t in items if ".layers.0." in n]  # whole parameters: call 1 covers them alone
+    rest = [(n, t) for n, t in items if ".layers.0." not in n]
+    with pytest.raises(FailedPreconditionError, match="engine rank 1: no room"):
+        weight_sync.push_tensors_shm([Target()], layer0, version=3, more=True)
+    assert core.gate.blocks(Blocker.WEIGHTS_INVALID)
+    followers.reports = [RankReport(1, 1, result=3)]
+    weight_sync.push_tensors_shm([Target()], rest, version=3)
+    assert core.gate.blocks(Blocker.WEIGHTS_INVALID), "ranks that differ serve as if one full update landed"
+    assert not core.gate.blocks(Blocker.WEIGHTS_UPDATING)
+    weight_sync.push_tensors_shm([Target()], items, version=4)  # a full update on every rank heals
+    assert not core.gate.closed
