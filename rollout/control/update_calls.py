@@ -22,6 +22,8 @@ class UpdateInCalls:
 
     version: int | None = None
     written: set[str] = field(default_factory=set)
+    # parameter -> shards the calls wrote (q in one call, k and v in the next fill qkv_proj)
+    coverage: dict[str, set] = field(default_factory=dict)
     calls: int = 0
     drafted: int = 0  # draft model tensors its calls wrote
 
@@ -51,6 +53,7 @@ class UpdateInCalls:
         many of them wrote draft tensors."""
         out = (self.written, self.calls, self.drafted)
         self.version, self.written, self.calls, self.drafted = None, set(), 0, 0
+        self.coverage = {}
         return out
 
     def abandon(self, why: str, gate: GenerationGate) -> str:

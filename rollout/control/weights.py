@@ -357,7 +357,9 @@ class WeightUpdater:
 
         runner = self._runner
         try:
-            written = runner.model.load_weights(counted(route(named, put if draft is not None else None)))
+            # The calls of one update count their shards together (``UpdateInCalls.coverage``).
+            coverage = self._calls.coverage if more or self._calls.open else None
+            written = runner.model.load_weights(counted(route(named, put if draft is not None else None)), coverage)
             if draft is not None:
                 draft.finish()
             if runner.device.type == "cuda":

@@ -353,12 +353,14 @@ class LlamaForCausalLM(nn.Module):
         the same values, half the bytes for the sampler to read, no conversion pass)."""
         return self.lm_head(hidden, upcast=upcast)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy HF-named tensors into our parameters in place; returns our names fully written.
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     coverage: dict[str, set] | None = None) -> set[str]:
+        """Copy HF-named tensors into our parameters in place; returns our names fully written (with
+        ``coverage``, counting the shards earlier calls of one update wrote: ``load_named_weights``).
 
         Raises ``InvalidArgumentError`` naming unknown checkpoint keys or a key of the wrong shape.
         """
-        return load_named_weights(self, self.name_map, weights, self.config.num_experts)
+        return load_named_weights(self, self.name_map, weights, self.config.num_experts, coverage)
 
     def param_names_for_checkpoint(self) -> dict[str, list[str]]:
         """Our parameter name -> the checkpoint keys (per-expert layout for MoE) that fill it."""

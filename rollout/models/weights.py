@@ -140,14 +140,16 @@ def load_named_weights(
     name_map: CheckpointNameMap,
     weights: Iterable[tuple[str, torch.Tensor]],
     num_experts: int = 0,
+    coverage: dict[str, set] | None = None,
 ) -> set[str]:
     """Copy every checkpoint tensor into its parameter slice through the parameter's weight_loader.
 
-    Returns our parameter names that were written completely (every shard) by this call. Unknown
+    Returns our parameter names that were written completely (every shard) by this call, or, with
+    ``coverage`` (the shards earlier calls of one update wrote, updated here), by all of them. Unknown
     checkpoint keys are collected and reported together after the others were loaded; a shape
     mismatch raises at once, naming the checkpoint key.
     """
-    writer = WeightWriter(model, name_map, num_experts)
+    writer = WeightWriter(model, name_map, num_experts, coverage)
     for ckpt_name, tensor in weights:
         writer.write(ckpt_name, tensor)
     return writer.finish()
@@ -157,11 +159,14 @@ class WeightWriter:
     """``load_named_weights`` one tensor at a time: for a caller that hands tensors over as they come
     (e.g. the ``draft.`` tensors of an update whose stream mostly goes to another model)."""
 
-    def __init__(self, model: nn.Module, name_map: CheckpointNameMap, num_experts: int = 0) -> None:
+    def __init__(self, model: nn.Module, name_map: CheckpointNameMap, num_experts: int = 0,
+                 coverage: dict[str, set] | None = None) -> None:
+        """``coverage``: parameter -> shards written before (by earlier calls of the same update); it
+        is updated in place, so a parameter whose shards come in several calls counts once complete."""
         self._name_map = name_map
         self._params = dict(model.named_parameters())
         self._needed = {name: len(name_map.checkpoint_names(name, num_experts)) for name in self._params}
-        self._covered: dict[str, set] = {}
+        self._covered: dict[str, set] = coverage if coverage is not None else {}
         self._unknown: list[str] = []
         self._tied_head: torch.Tensor | None = None
 

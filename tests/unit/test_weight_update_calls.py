@@ -75,6 +75,26 @@ def test_other_updates_between_the_calls(model_dir, halves) -> None:
             weight_sync.push_tensors_shm([engine], first, version=6, more=True, swap=True)
 
 
+def test_a_parameter_whose_shards_come_in_two_calls_counts_as_written(model_dir, halves) -> None:
+    """A trainer's buckets may cut between q_proj and k_proj: the calls of one update count the shards
+    of a fused parameter together, so the update is full and heals weights released without a backup."""
+    first, second = halves
+    items = first + second
+    # Just after the first of layer 0's q/k/v: the other two come in the second call.
+    cut = 1 + next(i for i, (n, _) in enumerate(items) if ".layers.0.self_attn." in n and n[-13:-7] in (
+        "q_proj", "k_proj", "v_proj"))
+    with Engine(model_dir, max_total_tokens=1024) as engine:
+        weight_sync.push_tensors_shm([engine], items, version=1)
+        want = engine.generate(PROMPT, GREEDY)[0].output_ids
+        engine.release_memory(["weights"])
+        engine.resume_memory(["weights"])
+        assert not engine.info().weights_valid
+        weight_sync.push_tensors_shm([engine], items[:cut], version=2, more=True)
+        assert weight_sync.push_tensors_shm([engine], items[cut:]) == 2
+        assert engine.info().weights_valid
+        assert engine.generate(PROMPT, GREEDY)[0].output_ids == want
+
+
 def test_more_crosses_the_wire() -> None:
     from rollout.server.convert_weights import tensor_from_proto, tensor_to_proto
 
