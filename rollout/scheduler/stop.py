@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,8 @@ from rollout.types import FinishReason
 
 if TYPE_CHECKING:
     from rollout.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 
 class StopChecker:
@@ -63,7 +66,7 @@ class StopChecker:
             # The first check (at min_new_tokens outputs, or the first token): what came before the
             # last token is context only, as later checks see it; a stop string wholly inside it
             # does not count (it came before min_new_tokens).
-            state = seq.stop_text = StopText(self.tokenizer.decode_stream())
+            state = seq.stop_text = StopText(self.tokenizer.decode_stream(), self.tokenizer.decode)
             before = state.feed(seq.output_ids[:-1])
             state.tail = before[len(before) - longest + 1:] if longest > 1 else ""
         new = state.feed(seq.output_ids)
@@ -86,17 +89,36 @@ class StopText:
     """A sample's output decoded incrementally for stop strings: each token is decoded once (the
     tokenizer's stream decoder, whose pieces add up to the decoded output), and only the last
     ``len(longest stop) - 1`` characters are kept. Decoding the whole output at every token cost
-    0.2-0.5 ms per sequence at 1,000-4,000 tokens, growing with the length."""
+    0.2-0.5 ms per sequence at 1,000-4,000 tokens, growing with the length.
 
-    __slots__ = ("step", "fed", "tail")
+    The tokenizers library's stream decoder raises on some id sequences ("Invalid prefix encountered",
+    huggingface/tokenizers#1705). Such a sample then decodes its whole output at each check instead:
+    slower for that one sample, where the error would have failed the whole step's batch."""
 
-    def __init__(self, step: Callable[[int], str | None]) -> None:
-        self.step = step
+    __slots__ = ("step", "decode", "fed", "chars", "tail")
+
+    def __init__(self, step: Callable[[int], str | None], decode: Callable[[list[int]], str]) -> None:
+        self.step: Callable[[int], str | None] | None = step
+        self.decode = decode
         self.fed = 0  # output tokens decoded so far
+        self.chars = 0  # characters they gave
         self.tail = ""  # the end of the text already scanned
 
     def feed(self, output_ids: list[int]) -> str:
         """The text the tokens after the ones already fed add."""
-        pieces = [self.step(t) for t in output_ids[self.fed:]]
+        if self.step is not None:
+            try:
+                pieces = [self.step(t) for t in output_ids[self.fed:]]
+            except Exception as e:  # noqa: BLE001 - any decoder failure: whole decodes from here on
+                logger.warning("the stream decoder failed (%s); this sample decodes its whole output for "
+                               "stop strings from here on", e)
+                self.step = None
+            else:
+                self.fed = len(output_ids)
+                text = "".join(p for p in pieces if p)
+                self.chars += len(text)
+                return text
+        text = self.decode(output_ids)
         self.fed = len(output_ids)
-        return "".join(p for p in pieces if p)
+        new, self.chars = text[self.chars:], max(self.chars, len(text))
+        return new

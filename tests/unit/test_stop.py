@@ -123,3 +123,38 @@ def test_stop_ids_are_banned_exactly_until_min_new_tokens() -> None:
     ignore = SamplingParams(max_new_tokens=10, min_new_tokens=3, stop_token_ids=[STOP_ID], ignore_eos=True)
     seq = Sequence(uid=2, request_id="r", index=0, prompt_ids=[2], sampling=ignore, seed=0, prompt_key=0, arrival=0)
     assert checker.banned_ids(seq) == [STOP_ID]  # EOS is not masked when it does not stop the sample
+
+
+class FailingStreamTokenizer(PieceTokenizer):
+    """The stream decoder raises at its third token (tokenizers' "Invalid prefix encountered");
+    whole decodes work."""
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+    def decode_stream(self):
+        seen = [0]
+
+        def step(token_id: int) -> str:
+            seen[0] += 1
+            if seen[0] == 3:
+                raise Exception("Invalid prefix encountered while decoding stream")
+            return self.pieces[token_id]
+
+        return step
+
+
+def test_a_failing_stream_decoder_falls_back_to_whole_decodes() -> None:
+    """The failure is that one sample's: it decodes whole outputs from then on and still stops where
+    the text says (before, the error failed every request of the step)."""
+    vocab = ["<eos>", "<stop>", "ab", "cd", "e", "fg", "hi"]
+    checker = StopChecker((EOS,), context_length=1000, tokenizer=FailingStreamTokenizer(vocab))  # type: ignore[arg-type]
+    sp = SamplingParams(max_new_tokens=9, stop=["ef"])
+    seq = Sequence(uid=1, request_id="r", index=0, prompt_ids=[2], sampling=sp, seed=0, prompt_key=0, arrival=0)
+    ended = None
+    for token in range(2, 7):
+        seq.output_ids.append(token)
+        if checker.check(seq):
+            ended = len(seq.output_ids)
+            break
+    assert ended == 4 and seq.matched_stop == "ef"
