@@ -391,4 +391,7 @@ class EngineClient:
                 pass
         self._closed = True
         self._router.join(timeout=5)
+        # Later calls (and any caller the loop did not answer) fail at once instead of waiting on a
+        # router that is gone.
+        self._die("the engine was shut down")
         self._on_close()

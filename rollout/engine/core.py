@@ -180,14 +180,14 @@ class EngineCore:
         With overlap scheduling the batch is launched and the previous one's tokens are collected
         while it runs; otherwise the batch runs to completion here.
         """
-        self._rebalance_when_due()
-        if self.spec is not None and not self.gate.closed:
-            running, waiting = self.scheduler.running, self.scheduler.num_queued
-            if self._queued is not None and self.spec.wants_quiet(running, waiting):
-                self.drain()  # drafting needs every last token on the host
-            self.spec.propose(running, self.cache.available_tokens(), self.scheduler.weight_version, waiting)
-        picked = self.scheduler.schedule() if not self.gate.closed else None
         try:
+            self._rebalance_when_due()
+            if self.spec is not None and not self.gate.closed:
+                running, waiting = self.scheduler.running, self.scheduler.num_queued
+                if self._queued is not None and self.spec.wants_quiet(running, waiting):
+                    self.drain()  # drafting needs every last token on the host
+                self.spec.propose(running, self.cache.available_tokens(), self.scheduler.weight_version, waiting)
+            picked = self.scheduler.schedule() if not self.gate.closed else None
             queued = None
             if picked is not None and picked[0].spec is not None:
                 self._speculative_step(*picked)
@@ -205,8 +205,7 @@ class EngineCore:
                 self.drain()
         except Exception as exc:  # a bug or device failure: fail the batch, keep serving
             logger.error("forward step failed:\n%s", traceback.format_exc())
-            self._queued = None
-            self._step_failed(exc)
+            self.fail_step(exc)
         return self.take_events()
 
     def _rebalance_when_due(self) -> None:
@@ -242,7 +241,7 @@ class EngineCore:
             self._collect(queued)
         except Exception as exc:
             logger.error("forward step failed:\n%s", traceback.format_exc())
-            self._step_failed(exc)
+            self.fail_step(exc)
 
     def _collect(self, queued: tuple[BatchPlan, list[Sequence], QueuedStep]) -> None:
         plan, seqs, step = queued
@@ -251,9 +250,11 @@ class EngineCore:
             if seq.stream and seq.status is SeqStatus.RUNNING:
                 self._events.append(self._chunk(seq))
 
-    def _step_failed(self, exc: BaseException) -> None:
-        """Fail the running requests. With several ranks the engine is broken too: the other ranks ran
-        (or wait in) a step this one did not finish, so no later step could be trusted."""
+    def fail_step(self, exc: BaseException) -> None:
+        """Drop the step in flight and fail the running requests. With several ranks the engine is
+        broken too: the other ranks ran (or wait in) a step this one did not finish, so no later step
+        could be trusted."""
+        self._queued = None
         why = f"{type(exc).__name__}: {exc}"
         if self.followers is None:
             self._fail_running(f"the engine step failed: {why}", "INTERNAL")

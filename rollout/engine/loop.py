@@ -23,6 +23,13 @@ from rollout.errors import RolloutError
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05  # how long an idle loop blocks on its inbox before looking again
+# Commands applied between two steps at most: a sender that never lets the inbox run empty (a flood
+# of aborts) must not keep the engine from stepping.
+MAX_COMMANDS_PER_DRAIN = 256
+# An iteration of the loop that raised outside the step's own handler fails the running requests
+# and the loop goes on; this many in a row means it cannot recover, and it stops (callers then get
+# EngineDeadError rather than a loop spinning on the same fault).
+MAX_FAULTS_IN_A_ROW = 8
 
 
 class Inbox(Protocol):
@@ -48,16 +55,20 @@ class EngineLoop:
             import torch
 
             torch.cuda.set_device(device)
+        faults = 0
         try:
             while not self._stopping:
-                self.beat()
-                self._drain(block=not self.core.has_work())
-                if self._stopping:
-                    break
-                self._finish_jobs()
-                events = self.core.step() if self.core.has_work() else self.core.take_events()
-                if events:
-                    self.send(events)
+                try:
+                    self._iterate()
+                    faults = 0
+                except Exception as exc:  # a bug outside the step's handler: fail what ran, go on
+                    faults += 1
+                    logger.error("engine loop iteration failed (%d in a row):\n%s", faults, traceback.format_exc())
+                    self.core.fail_step(exc)
+                    self.send(self.core.take_events())
+                    if faults >= MAX_FAULTS_IN_A_ROW:
+                        logger.error("the engine loop failed %d times in a row: it stops", faults)
+                        self._stopping = True
                 if self.core.broken:
                     logger.error("%s", self.core.broken)
                     self._stopping = True
@@ -65,6 +76,17 @@ class EngineLoop:
             if self._stopping:
                 self._abandon_jobs()
                 self.core.close()
+
+    def _iterate(self) -> None:
+        """Apply the queued commands, reply to finished background work, run a step if there is work."""
+        self.beat()
+        self._drain(block=not self.core.has_work())
+        if self._stopping:
+            return
+        self._finish_jobs()
+        events = self.core.step() if self.core.has_work() else self.core.take_events()
+        if events:
+            self.send(events)
 
     def _finish_jobs(self) -> None:
         """Reply to the control commands whose background work has ended."""
@@ -80,12 +102,12 @@ class EngineLoop:
                                     error_message=f"the engine stopped before {job.name} completed")])
 
     def _drain(self, block: bool) -> None:
-        """Apply every queued command; wait briefly for one when idle."""
+        """Apply the queued commands (up to ``MAX_COMMANDS_PER_DRAIN``); wait briefly for one when idle."""
         try:
             cmd = self.inbox.get(block=block, timeout=IDLE_WAIT_S if block else None)
         except queue.Empty:
             return
-        while True:
+        for _ in range(MAX_COMMANDS_PER_DRAIN):
             replies = self._apply(cmd)
             if replies:
                 self.send(replies)

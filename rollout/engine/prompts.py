@@ -6,6 +6,7 @@ parameters and request ids, checked and turned into ``AddRequest`` messages.
 
 from __future__ import annotations
 
+import numbers
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -57,13 +58,22 @@ class PromptInputs:
         elif self.text is not None:
             prompts = [self.text] if isinstance(self.text, str) else list(self.text)
         elif self.input_ids is not None:
-            batch = len(self.input_ids) > 0 and not isinstance(self.input_ids[0], int)
-            prompts = [list(p) for p in self.input_ids] if batch else [list(self.input_ids)]
+            # A numpy array or torch tensor of ids (1-D: one prompt, 2-D: a batch) as lists of ints.
+            ids = self.input_ids.tolist() if hasattr(self.input_ids, "tolist") else self.input_ids
+            batch = len(ids) > 0 and not isinstance(ids[0], numbers.Integral)
+            prompts = [_ids(p) for p in ids] if batch else [_ids(ids)]
         else:
             raise InvalidArgumentError("a prompt is required: input_ids, text or messages", field="input_ids")
         if not prompts:
             raise InvalidArgumentError("no prompts given", field=given[0])
         return prompts
+
+
+def _ids(prompt: Any) -> list[Any]:
+    """A prompt's ids as a list, numpy integers as ``int`` (anything else is left for the request
+    checks to refuse by name)."""
+    prompt = prompt.tolist() if hasattr(prompt, "tolist") else prompt
+    return [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in prompt]
 
 
 def _conversations(messages: Any) -> Iterator[Any]:
