@@ -154,7 +154,11 @@ class EngineCore:
                 top_logprobs_num=req.top_logprobs_num, stream=req.stream, routing=self._routed_rows(req),
             ))
         self._live[req.request_id] = req.sampling.n
-        self.scheduler.add(seqs)
+        try:
+            self.scheduler.add(seqs)
+        except Exception:
+            del self._live[req.request_id]  # its id stays free for a retry
+            raise
 
     def _routed_rows(self, req: AddRequest) -> RoutedRows | None:
         """Where one sample of ``req`` gathers its routed experts (None when the request did not ask)."""

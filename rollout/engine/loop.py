@@ -107,17 +107,18 @@ class EngineLoop:
             cmd = self.inbox.get(block=block, timeout=IDLE_WAIT_S if block else None)
         except queue.Empty:
             return
-        for _ in range(MAX_COMMANDS_PER_DRAIN):
+        for applied in range(MAX_COMMANDS_PER_DRAIN):
+            if applied:  # a command is taken only when it will be applied in this drain
+                try:
+                    cmd = self.inbox.get(block=False)
+                except queue.Empty:
+                    return
             replies = self._apply(cmd)
             if replies:
                 self.send(replies)
             if self._stopping:
                 return
             self.beat()
-            try:
-                cmd = self.inbox.get(block=False)
-            except queue.Empty:
-                return
 
     def _apply(self, cmd: Command) -> list[Event]:
         core = self.core
@@ -128,6 +129,10 @@ class EngineLoop:
                 core.add(cmd)
             except RolloutError as e:
                 return [RequestFailed(cmd.request_id, e.code, e.message)]
+            except Exception as e:  # a bug while adding it: this request fails, the running ones go on
+                logger.error("adding request %s failed:\n%s", cmd.request_id, traceback.format_exc())
+                why = f"adding the request failed: {type(e).__name__}: {e}"
+                return [RequestFailed(cmd.request_id, "INTERNAL", why)]
             return []
         if isinstance(cmd, Abort):
             try:

@@ -3,6 +3,7 @@ commands, and fails calls made after it was shut down instead of leaving them wa
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -12,6 +13,9 @@ import torch
 
 import rollout.scheduler.scheduler as sched
 from rollout import Engine, SamplingParams
+from rollout.engine.loop import MAX_COMMANDS_PER_DRAIN, EngineLoop
+from rollout.engine.messages import Abort, Control, ControlReply, GetInfo, Shutdown
+from rollout.engine.process import _build_core
 from rollout.errors import EngineDeadError, RolloutError
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True)
@@ -112,3 +116,56 @@ def test_array_prompts_are_token_ids(model_dir) -> None:
         assert engine.generate(torch.tensor([3, 4, 5]), GREEDY)[0].output_ids == want
         outs = engine.generate(np.array([[3, 4, 5], [3, 4, 5]]), GREEDY)
         assert [o.output_ids for o in outs] == [want, want]
+
+
+def test_every_command_of_a_long_burst_is_applied(model_dir) -> None:
+    """A burst longer than one drain: the command after the bound is applied in the next drain (it
+    was taken off the inbox and dropped, and its caller waited forever)."""
+    core = _build_core(model_dir, {"max_total_tokens": 256})
+    inbox: queue.Queue = queue.Queue()
+    outbox: queue.Queue = queue.Queue()
+    for _ in range(MAX_COMMANDS_PER_DRAIN - 1):
+        inbox.put(Abort(["nobody"]))
+    for call_id in (1, 2, 3):
+        inbox.put(Control(call_id, GetInfo()))
+    thread = threading.Thread(target=EngineLoop(core, inbox, outbox.put).run, daemon=True)
+    thread.start()
+    replies: set[int] = set()
+    try:
+        while len(replies) < 3:
+            replies |= {ev.call_id for ev in outbox.get(timeout=10) if isinstance(ev, ControlReply)}
+    except queue.Empty:
+        pass
+    finally:
+        inbox.put(Control(9, Shutdown()))
+        thread.join(30)
+    assert replies == {1, 2, 3}
+
+
+def test_a_fault_while_adding_a_request_fails_that_request_only(model_dir, monkeypatch) -> None:
+    """A bug in adding one request answers its caller with INTERNAL and leaves the running requests
+    (and its id, for a retry) alone."""
+    with Engine(model_dir, max_total_tokens=512) as engine:
+        long = SamplingParams(temperature=0.0, max_new_tokens=40, ignore_eos=True)
+        want = engine.generate([3, 4, 5], long)[0].output_ids
+        engine.pause("in_place")
+        box: dict = {}
+        worker = threading.Thread(target=lambda: box.setdefault("out", engine.generate([3, 4, 5], long)),
+                                  daemon=True)
+        worker.start()
+        time.sleep(0.3)
+        original = sched.Scheduler.add
+
+        def add(self, seqs):
+            if seqs[0].request_id == "unlucky":
+                raise RuntimeError("a bookkeeping bug")
+            return original(self, seqs)
+
+        monkeypatch.setattr(sched.Scheduler, "add", add)
+        with pytest.raises(RolloutError, match="a bookkeeping bug"):
+            engine.generate([7, 8, 9], GREEDY, request_id="unlucky")
+        monkeypatch.setattr(sched.Scheduler, "add", original)
+        engine.continue_()
+        worker.join(60)
+        assert box["out"][0].output_ids == want
+        assert len(engine.generate([7, 8, 9], GREEDY, request_id="unlucky")[0].output_ids) == 6
