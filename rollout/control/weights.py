@@ -357,7 +357,10 @@ class WeightUpdater:
 
         runner = self._runner
         try:
-            # The calls of one update count their shards together (``UpdateInCalls.coverage``).
+            # The calls of one update count their shards together (``UpdateInCalls.coverage``); a
+            # first call starts afresh (one that failed before left its shards behind).
+            if not self._calls.open:
+                self._calls.coverage = {}
             coverage = self._calls.coverage if more or self._calls.open else None
             written = runner.model.load_weights(counted(route(named, put if draft is not None else None)), coverage)
             if draft is not None:

@@ -102,3 +102,34 @@ def test_more_crosses_the_wire() -> None:
     for more in (True, False):
         msg = tensor_to_proto(names=["a"], dtypes=["float32"], shapes=[[1]], sources=[source], version=3, more=more)
         assert tensor_from_proto(msg).more is more
+
+
+def test_a_failed_first_call_leaves_no_shards_for_the_next_update(model_dir, halves, monkeypatch) -> None:
+    """The first call of an update in calls writes the embedding, then fails (weights invalid). A
+    later update in calls that never sends the embedding is not full: the failed call's shards do
+    not count toward it."""
+    import rollout.control.weights as cw
+
+    first, second = halves
+    items = first + second
+    embed = [(n, t) for n, t in items if "embed_tokens" in n]
+    rest = [(n, t) for n, t in items if "embed_tokens" not in n]
+    original = cw.bucket_views
+    armed = [True]
+
+    def views(layout, buf):
+        for i, item in enumerate(original(layout, buf)):
+            if armed[0] and i == 1:
+                armed[0] = False
+                raise RuntimeError("a device fault mid-call")
+            yield item
+
+    monkeypatch.setattr(cw, "bucket_views", views)
+    with Engine(model_dir, max_total_tokens=1024) as engine:
+        with pytest.raises(FailedPreconditionError, match="weights are invalid"):
+            weight_sync.push_tensors_shm([engine], embed + rest[:1], version=3, more=True)
+        weight_sync.push_tensors_shm([engine], rest[:3], version=4, more=True)
+        weight_sync.push_tensors_shm([engine], rest[3:])
+        assert not engine.info().weights_valid
+        with pytest.raises(FailedPreconditionError, match="weights are invalid"):
+            engine.generate(PROMPT, GREEDY)
