@@ -118,7 +118,9 @@ class StopText:
                 text = "".join(p for p in pieces if p)
                 self.chars += len(text)
                 return text
-        text = self.decode(output_ids)
+        # A character whose bytes are still incomplete decodes to U+FFFD: not text yet (its bytes
+        # are scanned once it completes).
+        text = self.decode(output_ids).rstrip("\ufffd")
         self.fed = len(output_ids)
         new, self.chars = text[self.chars:], max(self.chars, len(text))
         return new

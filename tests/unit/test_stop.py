@@ -158,3 +158,41 @@ def test_a_failing_stream_decoder_falls_back_to_whole_decodes() -> None:
             ended = len(seq.output_ids)
             break
     assert ended == 4 and seq.matched_stop == "ef"
+
+
+class ByteTokenizer:
+    """Tokens are bytes; whole decodes replace incomplete characters with U+FFFD (as byte-level BPE
+    does); the stream decoder raises at its third token."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = pieces
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    def decode_stream(self):
+        seen = [0]
+
+        def step(token_id: int) -> str:
+            seen[0] += 1
+            if seen[0] == 3:
+                raise Exception("Invalid prefix encountered while decoding stream")
+            return self.pieces[token_id].decode()
+
+        return step
+
+
+def test_after_the_fallback_a_character_split_over_tokens_still_matches() -> None:
+    """"中" comes as three byte tokens after the stream decoder failed: the whole decodes end in
+    U+FFFD until it completes, and the stop still matches when it does."""
+    vocab = [b"<eos>", b"<stop>", b"a", b"b", b"c", b"\xe4", b"\xb8", b"\xad", b"d"]
+    checker = StopChecker((EOS,), context_length=1000, tokenizer=ByteTokenizer(vocab))  # type: ignore[arg-type]
+    sp = SamplingParams(max_new_tokens=9, stop=["\u4e2d"])
+    seq = Sequence(uid=1, request_id="r", index=0, prompt_ids=[2], sampling=sp, seed=0, prompt_key=0, arrival=0)
+    ended = None
+    for token in (2, 3, 4, 5, 6, 7, 8):
+        seq.output_ids.append(token)
+        if checker.check(seq):
+            ended = len(seq.output_ids)
+            break
+    assert ended == 6 and seq.matched_stop == "\u4e2d"
