@@ -18,13 +18,14 @@ logger = logging.getLogger(__name__)
 POLL_S = 1.0
 
 
-def exit_with_parent(poll_s: float = POLL_S) -> threading.Thread:
-    """Start a daemon thread that ends this process (exit code 1) when its parent process is gone.
+def exit_with_parent(parent: int, poll_s: float = POLL_S) -> threading.Thread:
+    """Start a daemon thread that ends this process (exit code 1) once ``parent`` (the pid of the
+    process that spawned it, passed down: a child that only reads ``os.getppid()`` after its slow
+    start could read the pid of the process it was re-parented to) is no longer its parent.
 
     ``os.getppid`` is polled rather than ``PR_SET_PDEATHSIG`` set: that signal follows the parent's
     *thread* that spawned the child, and the server spawns its engine from a worker thread.
     """
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:

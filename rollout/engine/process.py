@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import threading
 import time
@@ -98,13 +99,14 @@ def start_engine_thread(model_path: str, **options: Any) -> EngineClient:
 
 
 def _process_main(model_path: str, options: dict[str, Any], inbox: Any, outbox: Any, heart: Heartbeat,
-                  ranks: RankLinks | None = None) -> None:
-    """Entry point of the engine process (rank 0): build, report readiness (call id 0), loop."""
+                  ranks: RankLinks | None, parent: int) -> None:
+    """Entry point of the engine process (rank 0): build, report readiness (call id 0), loop; it
+    exits if process ``parent`` (the front end) is gone."""
     from rollout.engine.loop import EngineLoop
     from rollout.errors import RolloutError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine %(levelname)s %(message)s")
-    exit_with_parent()
+    exit_with_parent(parent)
     try:
         core = _build_core(model_path, options, ranks)
     except RolloutError as e:
@@ -133,7 +135,7 @@ def start_engine_process(model_path: str, *, observer: EngineObserver | None = N
     heart = Heartbeat(ctx)
     procs, links = spawn_followers(ctx, model_path, options)
     proc = ctx.Process(target=_process_main, args=(model_path, rank_options(options, links), inbox, outbox, heart,
-                                                   links), name="rollout-engine", daemon=True)
+                                                   links, os.getpid()), name="rollout-engine", daemon=True)
     proc.start()
     procs.insert(0, proc)
 

@@ -8,6 +8,7 @@ control queue per follower (commands from rank 0) and one report queue back to r
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +49,7 @@ def spawn_followers(ctx: Any, model_path: str, options: dict[str, Any]) -> tuple
     procs = []
     for setup, control in zip(setups[1:], controls):
         proc = ctx.Process(target=follower_main, args=(model_path, {**options, "device": setup.device}, setup,
-                                                       control, reports),
+                                                       control, reports, os.getpid()),
                            name=f"rollout-engine-rank{setup.rank}", daemon=True)
         proc.start()
         procs.append(proc)
@@ -71,14 +72,16 @@ def build_rank0(model_path: str, options: dict[str, Any], links: RankLinks):
     return EngineCore(config, groups.tp, followers)
 
 
-def follower_main(model_path: str, options: dict[str, Any], setup: RankSetup, controls: Any, reports: Any) -> None:
-    """Entry point of rank ``setup.rank`` > 0: build its shard, then follow rank 0 until it stops."""
+def follower_main(model_path: str, options: dict[str, Any], setup: RankSetup, controls: Any, reports: Any,
+                  parent: int) -> None:
+    """Entry point of rank ``setup.rank`` > 0: build its shard, then follow rank 0 until it stops (or
+    until process ``parent``, the front end, is gone)."""
     from rollout.config import EngineConfig
     from rollout.engine.follower import Follower
 
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s engine-rank{setup.rank} %(levelname)s %(message)s")
-    exit_with_parent()
+    exit_with_parent(parent)
     try:
         config = EngineConfig.build(model_path, **options)
         groups = init_rank(setup)

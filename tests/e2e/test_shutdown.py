@@ -116,3 +116,18 @@ def test_a_killed_front_end_takes_its_engine_ranks_with_it(start_server, tiny_mo
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"engine ranks {left} outlived their front end"
+
+
+def test_the_watch_compares_with_the_pid_it_was_given():
+    """A rank whose start outlasted its front end is already re-parented when the watch begins: the
+    watch checks the pid the front end passed down, so it exits at once."""
+    import subprocess
+    import sys
+
+    from tests.e2e.conftest import REPO_ROOT
+
+    code = ("import time\nfrom rollout.engine.parent_watch import exit_with_parent\n"
+            "exit_with_parent(parent=-1, poll_s=0.05)\ntime.sleep(60)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    assert proc.returncode == 1, proc.stderr[-2000:]
