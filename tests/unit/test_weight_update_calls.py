@@ -133,3 +133,19 @@ def test_a_failed_first_call_leaves_no_shards_for_the_next_update(model_dir, hal
         assert not engine.info().weights_valid
         with pytest.raises(FailedPreconditionError, match="weights are invalid"):
             engine.generate(PROMPT, GREEDY)
+
+
+def test_weights_released_between_the_calls_do_not_count_as_written(model_dir, halves) -> None:
+    """The first call's tensors are lost when the weights are released without a backup: the last
+    call does not make the weights valid (they served zeros for the first call's parameters)."""
+    first, second = halves
+    with Engine(model_dir, max_total_tokens=1024) as engine:
+        weight_sync.push_tensors_shm([engine], first, version=3, more=True)
+        engine.release_memory(["weights"])
+        engine.resume_memory(["weights"])
+        weight_sync.push_tensors_shm([engine], second, version=3)
+        assert not engine.info().weights_valid
+        with pytest.raises(FailedPreconditionError, match="weights"):
+            engine.generate(PROMPT, GREEDY)
+        assert weight_sync.push_tensors_shm([engine], first + second, version=4) == 4
+        assert engine.info().weights_valid
