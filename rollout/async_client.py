@@ -23,7 +23,7 @@ from rollout.server import convert
 from rollout.server import convert_weights as cw
 from rollout.server.auth import bearer_metadata
 from rollout.server.client_calls import DEFAULT_GROUP, SERVING, Messages, Prompt, Sampling
-from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk, SwapResult
+from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk, SwapResult, parse_memory_tags
 
 __all__ = ["AsyncRolloutClient"]
 
@@ -215,14 +215,14 @@ class AsyncRolloutClient:
         reply = await self._unary(self._stub.UpdateWeightsFromDisk, request)
         return cw.update_result_from_proto(reply, swap)
 
-    async def release_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    async def release_memory(self, tags: Sequence[str] | str | None = None) -> dict[str, dict[str, Any]]:
         """Release GPU memory of these tags (None: all)."""
-        reply = await self._unary(self._stub.ReleaseMemory, pb.ReleaseMemoryRequest(tags=list(tags or ())))
+        reply = await self._unary(self._stub.ReleaseMemory, pb.ReleaseMemoryRequest(tags=parse_memory_tags(tags)))
         return convert.memory_from_proto(reply)
 
-    async def resume_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    async def resume_memory(self, tags: Sequence[str] | str | None = None) -> dict[str, dict[str, Any]]:
         """Map released memory back (None: all)."""
-        reply = await self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=list(tags or ())))
+        reply = await self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=parse_memory_tags(tags)))
         return convert.memory_from_proto(reply)
 
     async def rebalance_experts(self) -> dict[str, float | int]:

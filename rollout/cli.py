@@ -31,6 +31,7 @@ _ENGINE_FLAGS = (
     "enable_return_routed_experts",
     "deterministic",
     "fp32_lm_head",
+    "memory_backup_tags",
 )
 
 
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enable-return-routed-experts", action="store_true", default=None,
                    help="record each MoE layer's top-k expert ids with the KV, so Generate calls can ask for "
                         "them (return_routed_experts; MoE models only; default: off)")
+    s.add_argument("--memory-backup-tags", nargs="+", default=None, metavar="TAG",
+                   help="memory tags (weights, kv_cache, cuda_graph) copied to host memory on ReleaseMemory and "
+                        "restored on ResumeMemory; without weights here, released weights must be pushed again "
+                        "(default: none)")
     s.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="log verbosity (default: %(default)s)")
     return parser

@@ -31,7 +31,7 @@ from rollout.server import convert
 from rollout.server import convert_weights as cw
 from rollout.server.auth import bearer_metadata
 from rollout.server.client_calls import DEFAULT_GROUP, SERVING, Messages, Prompt, Sampling
-from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk, SwapResult
+from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk, SwapResult, parse_memory_tags
 
 __all__ = ["RolloutClient", "AsyncRolloutClient", "DEFAULT_GROUP"]
 
@@ -224,14 +224,14 @@ class RolloutClient:
         request = calls.from_disk_request(model_path, version, swap)
         return cw.update_result_from_proto(self._unary(self._stub.UpdateWeightsFromDisk, request), swap)
 
-    def release_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    def release_memory(self, tags: Sequence[str] | str | None = None) -> dict[str, dict[str, Any]]:
         """Release GPU memory of these tags (None: all); returns the memory state per tag."""
-        reply = self._unary(self._stub.ReleaseMemory, pb.ReleaseMemoryRequest(tags=list(tags or ())))
+        reply = self._unary(self._stub.ReleaseMemory, pb.ReleaseMemoryRequest(tags=parse_memory_tags(tags)))
         return convert.memory_from_proto(reply)
 
-    def resume_memory(self, tags: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    def resume_memory(self, tags: Sequence[str] | str | None = None) -> dict[str, dict[str, Any]]:
         """Map released memory back (None: all); returns the memory state per tag."""
-        reply = self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=list(tags or ())))
+        reply = self._unary(self._stub.ResumeMemory, pb.ResumeMemoryRequest(tags=parse_memory_tags(tags)))
         return convert.memory_from_proto(reply)
 
     # ------------------------------------------------------------------ experts

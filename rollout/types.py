@@ -43,6 +43,18 @@ def parse_pause_mode(mode: PauseMode | str) -> PauseMode:
             f"unknown pause mode {quoted(mode)}; use one of {[m.value for m in PauseMode]}", field="mode") from None
 
 
+def parse_memory_tags(tags: Any) -> tuple[str, ...]:
+    """Memory tags given as None (all), one tag or a list of them; INVALID_ARGUMENT for anything else
+    (which tags exist is the engine's to check)."""
+    if tags is None:
+        return ()
+    if isinstance(tags, str):
+        return (tags,)
+    if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+        raise InvalidArgumentError(f"must be a memory tag or a list of them, got {quoted(tags)}", field="tags")
+    return tuple(tags)
+
+
 # The largest top_k a request may give (the wire's int32; any value past the vocabulary means no cut).
 TOP_K_MAX = 2**31 - 1
 

@@ -33,7 +33,15 @@ from rollout.engine.process import start_engine_process, start_engine_thread
 from rollout.engine.prompts import Messages, PromptInputs, Prompts, Sampling, Texts, build_requests
 from rollout.errors import InvalidArgumentError, error_from_code
 from rollout.model_source import resolve_model_path
-from rollout.types import EngineInfo, GenerateOutput, PauseMode, StreamChunk, SwapResult, parse_pause_mode
+from rollout.types import (
+    EngineInfo,
+    GenerateOutput,
+    PauseMode,
+    StreamChunk,
+    SwapResult,
+    parse_memory_tags,
+    parse_pause_mode,
+)
 from weight_sync.buckets import WireLayout
 from weight_sync.sources import CudaIpcSource, SharedMemorySource, Source, source_from_dict
 
@@ -311,9 +319,7 @@ def _flag(value: Any, field: str = "swap") -> bool:
 
 
 def _tags(tags: Sequence[str] | str | None) -> tuple[str, ...]:
-    if tags is None:
-        return ()
-    return (tags,) if isinstance(tags, str) else tuple(tags)
+    return parse_memory_tags(tags)
 
 
 def parse_sources(sources: Any) -> tuple[Source, ...]:

@@ -110,3 +110,19 @@ def test_swap_updates_over_grpc(two_servers, model_dir, perturbed, expected):
 
     assert asyncio.run(back_to_old()) == SwapResult(23, swapped=True)
     assert greedy(a) == expected["old"] and a.get_info().weights_valid
+
+
+def test_a_server_started_with_a_weights_backup_keeps_them_over_a_release(start_server, model_dir, expected):
+    """``--memory-backup-tags weights``: released weights come back on resume and generate as before
+    (without the flag a release over gRPC always left them invalid). One tag may be a plain string."""
+    server = start_server("--model", model_dir, "--max-total-tokens", "4096", "--memory-backup-tags", "weights")
+    with DeadlineClient(server.address) as c:
+        assert greedy(c) == expected["old"]
+        c.pause(PauseMode.RETRACT)
+        assert c.release_memory("weights")["weights"]["state"] == "released"
+        assert c.resume_memory("weights")["weights"]["state"] == "active"
+        c.continue_()
+        assert c.get_info().weights_valid
+        assert greedy(c) == expected["old"]
+        with pytest.raises(InvalidArgumentError, match="tags"):
+            c.release_memory(5)  # type: ignore[arg-type]

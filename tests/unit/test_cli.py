@@ -49,3 +49,10 @@ def test_expert_parallel_flags_reach_the_engine_options() -> None:
     args = build_parser().parse_args(["serve", "--model", "m", "--ep-size", "2", "--ep-spare-slots", "1",
                                       "--ep-rebalance-interval", "50"])
     assert engine_options(args) == {"ep_size": 2, "ep_spare_slots": 1, "ep_rebalance_interval": 50}
+
+
+def test_memory_backup_tags_reach_the_engine_options() -> None:
+    from rollout.cli import build_parser, engine_options
+
+    args = build_parser().parse_args(["serve", "--memory-backup-tags", "weights", "kv_cache"])
+    assert engine_options(args) == {"memory_backup_tags": ["weights", "kv_cache"]}

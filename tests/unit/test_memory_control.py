@@ -131,6 +131,9 @@ def test_misuse_gets_clear_errors_and_no_crash(tiny_model_dir) -> None:
             engine.release_memory(["kv_cache", "activations"])
         with pytest.raises(InvalidArgumentError, match="'optimizer'"):
             engine.resume_memory(["optimizer"])
+        for bad in (5, [1, 2], {"weights": 1}):  # a bare TypeError before
+            with pytest.raises(InvalidArgumentError, match="memory tag"):
+                engine.release_memory(bad)  # type: ignore[arg-type]
         assert engine.info().memory["kv_cache"]["state"] == "active"  # nothing changed
 
         # Idle (nothing running) is enough: no pause needed. Twice is harmless, in both directions.
