@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from memory_saver import MemoryState, UnknownTagError
+from rollout.control.draft_memory import DraftMemory
 from rollout.control.gate import Blocker, GenerationGate
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, quoted
 
@@ -37,13 +38,15 @@ class MemoryControl:
     """``release`` / ``resume`` of the engine's tagged memory, and the memory part of ``GetInfo``."""
 
     def __init__(self, memory: EngineMemory, scheduler: Scheduler | None, runner: ModelRunner,
-                 gate: GenerationGate) -> None:
+                 gate: GenerationGate, drafter: Any = None) -> None:
         # scheduler: None on tensor-parallel ranks other than 0 (rank 0 checks the preconditions
-        # and retracts requests; the others only map and unmap their own memory).
+        # and retracts requests; the others only map and unmap their own memory). drafter: the draft
+        # model (``rollout.spec``), whose memory goes and comes back with the engine's.
         self.memory = memory
         self._scheduler = scheduler
         self._runner = runner
         self._gate = gate
+        self._draft = DraftMemory(drafter) if drafter is not None else None
 
     def release(self, tags: Any) -> dict[str, dict[str, object]]:
         """Release ``tags`` (None or empty: all); returns the state of every tag."""
@@ -58,6 +61,8 @@ class MemoryControl:
             self._runner.drop_cuda_graphs()
         try:
             saver.release(wanted)
+            if self._draft is not None:
+                self._draft.release(wanted)
         finally:
             if drop_weights and weights.state is MemoryState.RELEASED:
                 self._gate.block(Blocker.WEIGHTS_INVALID, WEIGHTS_INVALID_MESSAGE)
@@ -86,6 +91,8 @@ class MemoryControl:
         wanted = self._tags(tags)
         try:
             self.memory.saver.resume(wanted)
+            if self._draft is not None:
+                self._draft.resume(wanted)
         finally:
             self._update_blocker()
         if not self.memory.saver.released_tags():
@@ -100,6 +107,8 @@ class MemoryControl:
             runner = self._runner
             states["cuda_graph"]["bytes"] = int(states["cuda_graph"]["bytes"]) + (
                 runner.graph_bytes if runner.graphs is not None else 0)
+        if self._draft is not None:
+            self._draft.add_states(states)
         return states
 
     @property

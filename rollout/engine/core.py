@@ -86,7 +86,7 @@ class EngineCore:
         draft = DraftWeights(spec.draft) if spec is not None and spec.draft is not None else None
         self.weights = WeightUpdater(config.model, self.runner, self.scheduler, self.gate, draft)
         self.swap = WeightSwap(self.weights, self.runner, self.scheduler)
-        self.memory = MemoryControl(self.runner.memory, self.scheduler, self.runner, self.gate)
+        self.memory = MemoryControl(self.runner.memory, self.scheduler, self.runner, self.gate, spec and spec.draft)
         self.ranks = RankControl(followers, self.weights, self.memory, self.gate, self.scheduler,
                                  ExpertBalancer(self.runner.model))
         self._rng = random.Random(config.seed)

@@ -130,7 +130,8 @@ def draft_engine_config(target: EngineConfig, num_slots: int, model: ModelConfig
     return dataclasses.replace(
         target, model_path=path, model=model, load_format="auto",
         cuda_graph_max_bs=min(target.cuda_graph_max_bs or 0, target.spec.max_batch_size, DRAFT_GRAPH_MAX_BS),
-        cache=CacheConfig(page_size=1, max_total_tokens=num_slots, enable_prefix_cache=False),
+        cache=CacheConfig(page_size=1, max_total_tokens=num_slots, enable_prefix_cache=False,
+                          memory_backup_tags=target.cache.memory_backup_tags),
         scheduler=SchedulerConfig(max_running_requests=target.scheduler.max_running_requests),
         spec=dataclasses.replace(target.spec, method=None),
     )

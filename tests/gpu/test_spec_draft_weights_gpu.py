@@ -36,3 +36,26 @@ def test_draft_push_on_gpu(tiny_model_dir, tmp_path, engine_cores, swap: bool) -
     assert outs == want
     drafted, accepted = policy.drafted - drafted, policy.accepted - accepted
     assert drafted > 0 and accepted > 0.9 * drafted  # drafting goes on, from the pushed weights
+
+
+def test_draft_memory_is_released_and_its_graphs_come_back(tiny_model_dir, engine_cores) -> None:
+    """release_memory() unmaps the draft model's weights, KV and graphs too; after the resume (weights
+    backed up) its decode graphs are captured again and it drafts as before, with the same output."""
+    shape = dict(hidden_size=256, intermediate_size=512, head_dim=64, vocab_size=1024, init_std=0.08)
+    target = tiny_model_dir("qwen3", num_hidden_layers=2, **shape)
+    with Engine(target, speculative_method="draft", draft_model_path=target, memory_backup_tags=["weights"],
+                **OPTS) as engine:
+        core = engine_cores[-1]
+        want = [o.output_ids for o in engine.generate(PROMPTS, GREEDY)]
+        draft = core.spec.draft.runner
+        assert draft.graphs is not None
+        engine.release_memory()
+        assert draft.graphs is None
+        assert all(s["state"] == "released" for s in draft.memory.saver.states().values())
+        engine.resume_memory()
+        assert draft.graphs is not None
+        policy = core.spec.policy
+        drafted, accepted = policy.drafted, policy.accepted
+        assert [o.output_ids for o in engine.generate(PROMPTS, GREEDY)] == want
+        engine.check_integrity()
+    assert policy.drafted > drafted and policy.accepted - accepted > 0.9 * (policy.drafted - drafted)

@@ -118,3 +118,37 @@ def test_a_target_update_before_any_step_leaves_the_draft_stale(models, engine_c
         assert weight_sync.push_tensors_shm([engine], models["new"].items(), version=2) == 2
         _, drafted, _ = Run(engine, engine_cores[-1])()
     assert drafted == 0  # the draft went with version 0, not with the first version it drafted under
+
+
+def test_the_draft_models_memory_goes_and_comes_back_with_the_engines(models, engine_cores) -> None:
+    """A release frees the draft model's weights, KV and graphs too (it kept them). With the weights
+    backed up the draft comes back current and drafting; without, it is stale until a push carries it."""
+    old_out = _plain(models["target"])
+    opts = dict(speculative_method="draft", draft_model_path=models["draft"], num_draft_tokens=3)
+    with Engine(models["target"], memory_backup_tags=["weights"], **opts) as engine:
+        core = engine_cores[-1]
+        run = Run(engine, core)
+        assert run()[0] == old_out
+        draft_saver = core.spec.draft.runner.memory.saver
+        held = {tag: int(state["bytes"]) for tag, state in draft_saver.states().items()}
+        assert held["weights"] > 0 and held["kv_cache"] > 0
+        before = engine.info().memory
+        states = engine.release_memory()
+        assert all(s["state"] == "released" for s in draft_saver.states().values())
+        assert states["weights"]["bytes"] == before["weights"]["bytes"]  # the draft's bytes counted in
+        engine.resume_memory()
+        assert all(s["state"] == "active" for s in draft_saver.states().values())
+        out, drafted, accepted = run()
+        assert out == old_out and drafted > 0  # backed up: still drafting
+        engine.check_integrity()
+    with Engine(models["target"], **opts) as engine:
+        core = engine_cores[-1]
+        run = Run(engine, core)
+        engine.release_memory()
+        engine.resume_memory()
+        assert weight_sync.push_tensors_shm([engine], models["old"].items(), version=1) == 1
+        out, drafted, _ = run()
+        assert out == old_out and drafted == 0  # the draft's weights were lost: stale, no drafting
+        assert weight_sync.push_tensors_shm([engine], _with_draft(models["old"]), version=2) == 2
+        out, drafted, accepted = run()
+        assert out == old_out and drafted > 0

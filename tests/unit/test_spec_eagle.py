@@ -255,6 +255,23 @@ def test_draft_pushes_reach_the_head_and_target_pushes_leave_it_stale(heads) -> 
         engine.check_integrity()
 
 
+def test_the_heads_memory_goes_and_comes_back_with_the_engines(heads, engine_cores) -> None:
+    """A release frees the EAGLE head's weights and KV too; backed up, the head drafts as well after
+    the resume as before it."""
+    with Engine(heads["target"], memory_backup_tags=["weights"],
+                **_eagle(heads["trained"], speculative_min_acceptance=0.0)) as engine:
+        saver = engine_cores[-1].spec.draft.runner.memory.saver
+        want = [o.output_ids for o in engine.generate(PROMPTS, GREEDY)]
+        engine.release_memory()
+        assert all(s["state"] == "released" for s in saver.states().values())
+        engine.resume_memory()
+        before = engine.info()
+        assert [o.output_ids for o in engine.generate(PROMPTS, GREEDY)] == want
+        info = engine.info()
+        assert (info.spec_accepted - before.spec_accepted) / max(info.spec_verified - before.spec_verified, 1) > 1.5
+        engine.check_integrity()
+
+
 def test_bad_heads_are_refused(heads, tmp_path) -> None:
     with pytest.raises(InvalidArgumentError, match="draft_model_path"):
         Engine(heads["target"], speculative_method="eagle")
