@@ -20,6 +20,10 @@ from rollout.errors import FailedPreconditionError, InvalidArgumentError
 class UpdateInCalls:
     """The update whose last call has not come yet (``version`` None: none is open)."""
 
+    # On an engine rank > 0: rank 0 checked every call against its own open update, so a call this
+    # rank finds at odds with its own (a call rank 0 took and this rank refused, or the reverse, left
+    # the two apart) starts a new update here instead of being refused: rank 0 decides.
+    follower: bool = False
     version: int | None = None
     written: set[str] = field(default_factory=set)
     # parameter -> shards the calls wrote (q in one call, k and v in the next fill qkv_proj)
@@ -35,6 +39,9 @@ class UpdateInCalls:
         """The version a call of the open update makes current: its own, which must be the update's,
         or (None) the update's."""
         if not self.open:
+            return version
+        if version is not None and version != self.version and self.follower:
+            self.close()
             return version
         if version is not None and version != self.version:
             raise InvalidArgumentError(f"the calls of one update carry one version: {self.version}, got {version}",

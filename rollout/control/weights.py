@@ -84,7 +84,7 @@ class WeightUpdater:
     """Owns the weight-update groups of one engine rank and applies updates to its model shard."""
 
     def __init__(self, model_config: ModelConfig, runner: ModelRunner, scheduler: VersionOwner,
-                 gate: GenerationGate, draft: DraftWeights | None = None) -> None:
+                 gate: GenerationGate, draft: DraftWeights | None = None, follower: bool = False) -> None:
         self._runner = runner
         self.draft = draft  # where ``draft.`` tensors go (None: no draft model, such names are refused)
         self._scheduler = scheduler  # owns the weight version; told of every write
@@ -93,7 +93,7 @@ class WeightUpdater:
         self._groups: dict[str, CommGroup] = {}
         self._joining: set[str] = set()  # names of groups whose join runs beside the loop
         self._layout_cache = LayoutCache()
-        self._calls = UpdateInCalls()  # an update sent in several calls, until its last one
+        self._calls = UpdateInCalls(follower)  # an update sent in several calls, until its last one
 
     @property
     def group_names(self) -> list[str]:

@@ -68,7 +68,7 @@ class Follower:
         self.channel = StepChannel(groups.plan, groups.tp.size)
         self.gate = GenerationGate()
         self.version = RankVersion()
-        self.weights = WeightUpdater(config.model, self.runner, self.version, self.gate)
+        self.weights = WeightUpdater(config.model, self.runner, self.version, self.gate, follower=True)
         self.swap = WeightSwap(self.weights, self.runner, self.version)
         self.memory = MemoryControl(self.runner.memory, None, self.runner, self.gate)
         self.experts = ExpertBalancer(self.runner.model)

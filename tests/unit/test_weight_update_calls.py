@@ -149,3 +149,20 @@ def test_weights_released_between_the_calls_do_not_count_as_written(model_dir, h
             engine.generate(PROMPT, GREEDY)
         assert weight_sync.push_tensors_shm([engine], first + second, version=4) == 4
         assert engine.info().weights_valid
+
+
+def test_a_rank_that_fell_apart_from_rank_0_follows_rank_0s_next_update() -> None:
+    """Rank 1 kept an update in calls open that rank 0 ended (rank 0 refused a call rank 1 took).
+    Rank 0's next update carries another version; rank 1 starts it afresh instead of refusing it,
+    which failed every later update there and kept the weights invalid for good."""
+    from rollout.control.update_calls import UpdateInCalls
+    from rollout.errors import InvalidArgumentError
+
+    for follower in (False, True):
+        calls = UpdateInCalls(follower)
+        calls.add(3, {"a"}, False)
+        if not follower:
+            with pytest.raises(InvalidArgumentError, match="carry one version"):
+                calls.version_of(5)  # rank 0: the caller mixed two updates
+            continue
+        assert calls.version_of(5) == 5 and not calls.open and calls.written == set()
