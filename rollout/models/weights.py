@@ -209,9 +209,12 @@ class WeightWriter:
         A tied LM head seen without the embedding is written into the embedding (their one tensor),
         never dropped: a trainer may name the shared tensor either way. Beside the embedding it is
         skipped, as transformers does when it ties them."""
-        if self._tied_head is not None and TIED_EMBEDDING not in self._covered:
-            self.write(TIED_EMBEDDING, self._tied_head)
-        self._tied_head = None
+        head, self._tied_head = self._tied_head, None
+        if head is not None and TIED_EMBEDDING not in self._covered:
+            try:
+                self.write(TIED_EMBEDDING, head)
+            except InvalidArgumentError as err:  # name the key the caller sent
+                raise InvalidArgumentError(err.reason, field=TIED_HEAD) from err
         if self._unknown:
             unknown = self._unknown
             shown = ", ".join(quoted(n) for n in unknown[:10]) + (

@@ -333,3 +333,5 @@ def test_a_tied_head_alone_writes_the_embedding(tmp_path):
     kept = torch.randn_like(emb)
     model.load_weights([("lm_head.weight", torch.zeros_like(emb)), ("model.embed_tokens.weight", kept)])
     assert torch.equal(emb, kept)
+    with pytest.raises(InvalidArgumentError, match=r"^lm_head\.weight: "):
+        model.load_weights([("lm_head.weight", torch.zeros(3, 4))])
