@@ -49,7 +49,11 @@ class DraftMemory:
             self._drafter.runner.restore_cuda_graphs()
 
     def add_states(self, states: dict[str, dict[str, object]]) -> None:
-        """Add the drafter's bytes to the engine's ``states`` of the same tags."""
+        """Add the drafter's bytes to the engine's ``states`` of the same tags (its decode graphs,
+        allocated by torch, to ``cuda_graph``)."""
+        runner = self._drafter.runner
         for tag, state in self._saver.states().items():
             if tag in states:
                 states[tag]["bytes"] = int(states[tag]["bytes"]) + int(state["bytes"])
+        if "cuda_graph" in states and runner.graphs is not None:
+            states["cuda_graph"]["bytes"] = int(states["cuda_graph"]["bytes"]) + runner.graph_bytes

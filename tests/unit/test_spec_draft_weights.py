@@ -152,3 +152,17 @@ def test_the_draft_models_memory_goes_and_comes_back_with_the_engines(models, en
         assert weight_sync.push_tensors_shm([engine], _with_draft(models["old"]), version=2) == 2
         out, drafted, accepted = run()
         assert out == old_out and drafted > 0
+
+
+def test_the_draft_models_graph_bytes_count_in_cuda_graph(models, engine_cores) -> None:
+    """The draft's decode graphs are torch-allocated like the target's: their bytes are added to the
+    cuda_graph tag (a CPU stand-in for a GPU capture sets them here)."""
+    opts = dict(speculative_method="draft", draft_model_path=models["draft"], num_draft_tokens=3)
+    with Engine(models["target"], **opts) as engine:
+        runner = engine_cores[-1].spec.draft.runner
+        base = engine.info().memory["cuda_graph"]["bytes"]
+        runner.graphs, runner.graph_bytes = object(), 1 << 20
+        try:
+            assert engine.info().memory["cuda_graph"]["bytes"] == base + (1 << 20)
+        finally:
+            runner.graphs, runner.graph_bytes = None, 0
