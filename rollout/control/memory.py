@@ -15,7 +15,7 @@ Rules (see ``docs/architecture.md``, "Releasable memory"):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -47,6 +47,9 @@ class MemoryControl:
         self._runner = runner
         self._gate = gate
         self._draft = DraftMemory(drafter) if drafter is not None else None
+        # Told when a release drops the weights (no backup): the weight updater forgets an update in
+        # calls still open, whose earlier calls' tensors are gone (on every rank).
+        self.on_weights_lost: Callable[[], None] = lambda: None
 
     def release(self, tags: Any) -> dict[str, dict[str, object]]:
         """Release ``tags`` (None or empty: all); returns the state of every tag."""
@@ -66,6 +69,7 @@ class MemoryControl:
         finally:
             if drop_weights and weights.state is MemoryState.RELEASED:
                 self._gate.block(Blocker.WEIGHTS_INVALID, WEIGHTS_INVALID_MESSAGE)
+                self.on_weights_lost()
             self._update_blocker()
         if self.memory.device.type == "cuda":
             torch.cuda.empty_cache()  # cached activation blocks go back to the driver too

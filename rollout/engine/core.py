@@ -87,6 +87,7 @@ class EngineCore:
         self.weights = WeightUpdater(config.model, self.runner, self.scheduler, self.gate, draft)
         self.swap = WeightSwap(self.weights, self.runner, self.scheduler)
         self.memory = MemoryControl(self.runner.memory, self.scheduler, self.runner, self.gate, spec and spec.draft)
+        self.memory.on_weights_lost = self.weights.forget_open_update
         self.ranks = RankControl(followers, self.weights, self.memory, self.gate, self.scheduler,
                                  ExpertBalancer(self.runner.model))
         self._rng = random.Random(config.seed)

@@ -71,6 +71,7 @@ class Follower:
         self.weights = WeightUpdater(config.model, self.runner, self.version, self.gate, follower=True)
         self.swap = WeightSwap(self.weights, self.runner, self.version)
         self.memory = MemoryControl(self.runner.memory, None, self.runner, self.gate)
+        self.memory.on_weights_lost = self.weights.forget_open_update
         self.experts = ExpertBalancer(self.runner.model)
         self._controls = controls
         self._reports = reports

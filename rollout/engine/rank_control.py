@@ -226,12 +226,7 @@ class RankControl:
     # ------------------------------------------------------------------ memory
     def release(self, cmd: ReleaseMemory) -> dict[str, dict[str, object]]:
         self._memory.check_release(cmd.tags)  # a refused release reaches no rank
-        try:
-            return self._memory_everywhere(cmd, lambda: self._memory.release(cmd.tags))
-        finally:
-            if self._gate.blocks(Blocker.WEIGHTS_INVALID):
-                # Weights dropped without a backup: what an open update in calls wrote is gone too.
-                self._weights.forget_open_update()
+        return self._memory_everywhere(cmd, lambda: self._memory.release(cmd.tags))
 
     def resume(self, cmd: ResumeMemory) -> dict[str, dict[str, object]]:
         self._memory.check_resume(cmd.tags)

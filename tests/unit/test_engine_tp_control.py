@@ -160,3 +160,17 @@ def test_a_call_of_an_update_in_calls_that_one_rank_refused_counts_toward_no_ful
     assert not core.gate.blocks(Blocker.WEIGHTS_UPDATING)
     weight_sync.push_tensors_shm([Target()], items, version=4)  # a full update on every rank heals
     assert not core.gate.closed
+
+
+def test_a_release_without_backup_ends_the_open_update_on_every_rank(model_dir, perturbed, expected) -> None:
+    """Rank 1 kept an update in calls open after the release had ended it on rank 0, and refused
+    every later swap update ("cannot come ... between the calls of an update that does")."""
+    weights, _ = perturbed
+    items = list(weights.items())
+    with Engine(model_dir, **OPTS) as engine:
+        assert weight_sync.push_tensors_shm([engine], items[: len(items) // 2], version=3, more=True) == 3
+        engine.release_memory(["weights"])
+        engine.resume_memory(["weights"])
+        result = weight_sync.push_tensors_shm([engine], items, version=4, swap=True)
+        assert result.weight_version == 4
+        assert engine.info().weights_valid and outputs(engine) == expected["new"]

@@ -166,3 +166,17 @@ def test_a_rank_that_fell_apart_from_rank_0_follows_rank_0s_next_update() -> Non
                 calls.version_of(5)  # rank 0: the caller mixed two updates
             continue
         assert calls.version_of(5) == 5 and not calls.open and calls.written == set()
+
+
+def test_a_release_that_keeps_the_weights_keeps_the_open_update(model_dir, halves) -> None:
+    """The weights are invalid (released without a backup); a full update in two calls heals them
+    even with a kv_cache release between its calls: only a release that drops the weights ends it."""
+    first, second = halves
+    with Engine(model_dir, max_total_tokens=1024) as engine:
+        engine.release_memory(["weights"])
+        engine.resume_memory(["weights"])
+        weight_sync.push_tensors_shm([engine], first, version=3, more=True)
+        engine.release_memory(["kv_cache"])
+        engine.resume_memory(["kv_cache"])
+        assert weight_sync.push_tensors_shm([engine], second) == 3
+        assert engine.info().weights_valid
