@@ -45,7 +45,9 @@ class ServerAdapter(BaseRollout):
         tp = int(getattr(config, "tensor_model_parallel_size", 1) or 1)
         rank = int(os.environ.get("RANK", "0"))
         self.replica_rank = rank // tp if replica_rank == -1 else replica_rank
-        self.is_leader_rank = replica_rank != -1 or rank % tp == 0
+        # verl passes replica_rank to every worker of a replica (its checkpoint-engine workers), so
+        # it says nothing of who leads: the first rank of the replica's tp ranks does.
+        self.is_leader_rank = rank % tp == 0
         self._server: Any = None  # the replica's RolloutServer actor
         self._client: RolloutClient | None = None
 

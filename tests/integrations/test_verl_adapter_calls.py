@@ -58,3 +58,12 @@ def test_a_bucket_refused_mid_update_leaves_the_server_refusing(tiny_model_dir) 
         asyncio.run(_adapter(engine, 1).update_weights(iter(good), global_steps=8))
         assert engine.info().weights_valid
         assert engine.generate([1, 2, 3], sp)[0].weight_versions == [8] * 3
+
+
+@pytest.mark.parametrize("rank, leads", [(0, True), (1, False), (2, True), (3, False)])
+def test_one_worker_of_a_replica_leads_also_when_verl_gives_the_replica(monkeypatch, rank: int, leads: bool) -> None:
+    """verl builds every worker of a replica with its replica_rank: all of them led, and each pushed
+    every update (and each release / resume) to the one server."""
+    monkeypatch.setenv("RANK", str(rank))
+    adapter = ServerAdapter(types.SimpleNamespace(tensor_model_parallel_size=2), None, None, replica_rank=0)
+    assert adapter.replica_rank == 0 and adapter.is_leader_rank is leads
