@@ -4,7 +4,9 @@ A trainer that stages one bucket at a time (the verl adapter) sends each bucket 
 calls of one update carry one version; between them generation waits (``Blocker.WEIGHTS_UPDATING``),
 and the last call (``more`` False) makes the version current with every call's tensors counted. If a
 call fails once earlier ones were written, the weights are a mix of two versions: they count as
-invalid (``Blocker.WEIGHTS_INVALID``) until an update that covers every parameter succeeds.
+invalid (``Blocker.WEIGHTS_INVALID``) until an update that covers every parameter succeeds. A call
+of another version while an update is open starts a new update (the open one's sender is gone): the
+open one is abandoned the same way.
 """
 
 from __future__ import annotations
@@ -13,16 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollout.control.gate import Blocker, GenerationGate
-from rollout.errors import FailedPreconditionError, InvalidArgumentError
+from rollout.errors import FailedPreconditionError
 
 
 @dataclass
 class UpdateInCalls:
     """The update whose last call has not come yet (``version`` None: none is open)."""
 
-    # On an engine rank > 0: rank 0 checked every call against its own open update, so a call this
-    # rank finds at odds with its own (a call rank 0 took and this rank refused, or the reverse, left
-    # the two apart) starts a new update here instead of being refused: rank 0 decides.
+    # On an engine rank > 0 rank 0 decides: a call this rank finds at odds with its own open update
+    # (a call rank 0 took and this rank refused, or the reverse, left the two apart) starts a new
+    # update here without marking anything (``version_of``, ``check_swap``).
     follower: bool = False
     version: int | None = None
     written: set[str] = field(default_factory=set)
@@ -35,18 +37,20 @@ class UpdateInCalls:
     def open(self) -> bool:
         return self.version is not None
 
-    def version_of(self, version: int | None) -> int | None:
-        """The version a call of the open update makes current: its own, which must be the update's,
-        or (None) the update's."""
-        if not self.open:
-            return version
-        if version is not None and version != self.version and self.follower:
+    def version_of(self, version: int | None, gate: GenerationGate) -> int | None:
+        """The version a call makes current: its own, or (None) the open update's.
+
+        A call of another version while an update is open starts a new update: the open one's sender
+        is gone (a trainer that failed mid-update and sends its next step), so it is abandoned and the
+        weights count as invalid until the new one covers every parameter. On a rank > 0 rank 0 has
+        decided that already: the stale update is closed without touching this rank's gate."""
+        if not self.open or version is None or version == self.version:
+            return self.version if self.open else version
+        if self.follower:
             self.close()
-            return version
-        if version is not None and version != self.version:
-            raise InvalidArgumentError(f"the calls of one update carry one version: {self.version}, got {version}",
-                                       field="version")
-        return self.version
+        else:
+            self.abandon(f"a call of version {version} started another update", gate)
+        return version
 
     def add(self, version: int, written: set[str], drafted: bool) -> None:
         """A call with more to follow wrote ``written`` (and draft tensors if ``drafted``)."""

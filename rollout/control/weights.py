@@ -277,7 +277,7 @@ class WeightUpdater:
         """Load tensors a colocated trainer shares by CUDA IPC handle or shared-memory segment; one
         call of several with ``cmd.more`` (``control/update_calls.py``)."""
         try:
-            cmd = dataclasses.replace(cmd, version=self._calls.version_of(cmd.version))
+            cmd = dataclasses.replace(cmd, version=self._calls.version_of(cmd.version, self._gate))
             layouts, sources, version, _ = self.tensor_sources(cmd)
             total = sum(len(lay.tensors) for lay in layouts)
             with OpenedSources(sources, layouts, self._runner.device) as buffers:

@@ -153,30 +153,38 @@ def test_weights_released_between_the_calls_do_not_count_as_written(model_dir, h
 
 def test_a_rank_that_fell_apart_from_rank_0_follows_rank_0s_next_update() -> None:
     """Rank 1 kept an update in calls open that rank 0 ended (rank 0 refused a call rank 1 took).
-    Rank 0's next update carries another version; rank 1 starts it afresh instead of refusing it,
-    which failed every later update there and kept the weights invalid for good."""
+    Rank 0's next update carries another version; rank 1 starts it afresh, marking nothing (rank 0
+    decides), instead of refusing it, which failed every later update there for good."""
+    from rollout.control.gate import Blocker, GenerationGate
     from rollout.control.update_calls import UpdateInCalls
-    from rollout.errors import InvalidArgumentError
 
     for follower in (False, True):
-        calls = UpdateInCalls(follower)
+        calls, gate = UpdateInCalls(follower), GenerationGate()
         calls.add(3, {"a"}, False)
-        if not follower:
-            with pytest.raises(InvalidArgumentError, match="carry one version"):
-                calls.version_of(5)  # rank 0: the caller mixed two updates
-            continue
-        assert calls.version_of(5) == 5 and not calls.open and calls.written == set()
+        assert calls.version_of(None, gate) == 3 and calls.version_of(3, gate) == 3 and calls.open
+        assert calls.version_of(5, gate) == 5 and not calls.open and calls.written == set()
+        assert gate.blocks(Blocker.WEIGHTS_INVALID) is not follower
 
 
-def test_a_release_that_keeps_the_weights_keeps_the_open_update(model_dir, halves) -> None:
-    """The weights are invalid (released without a backup); a full update in two calls heals them
-    even with a kv_cache release between its calls: only a release that drops the weights ends it."""
+def test_a_sender_gone_mid_update_is_healed_by_the_next_update_in_calls(model_dir, halves) -> None:
+    """A trainer failed after the first call of version 3 (no last call). Its next step sends version
+    4 in calls: that starts a new update (the old one abandoned, the weights invalid meanwhile), and
+    it heals them; it was refused ("carry one version"), and only a third update loaded."""
     first, second = halves
     with Engine(model_dir, max_total_tokens=1024) as engine:
-        engine.release_memory(["weights"])
-        engine.resume_memory(["weights"])
+        weight_sync.push_tensors_shm([engine], first + second, version=1)
+        want = engine.generate(PROMPT, GREEDY)[0].output_ids
+        engine.update_weights_from_disk(model_dir, version=2)
         weight_sync.push_tensors_shm([engine], first, version=3, more=True)
-        engine.release_memory(["kv_cache"])
-        engine.resume_memory(["kv_cache"])
-        assert weight_sync.push_tensors_shm([engine], second) == 3
+        assert weight_sync.push_tensors_shm([engine], first, version=4, more=True) == 4
+        with pytest.raises(FailedPreconditionError, match="waits for its last call"):
+            engine.generate(PROMPT, GREEDY)
+        assert weight_sync.push_tensors_shm([engine], second) == 4
         assert engine.info().weights_valid
+        out = engine.generate(PROMPT, GREEDY)[0]
+        assert out.output_ids == want and out.weight_versions == [4] * len(want)
+        # A new update that leaves parameters out keeps the weights invalid.
+        weight_sync.push_tensors_shm([engine], first, version=5, more=True)
+        weight_sync.push_tensors_shm([engine], second[:1], version=6, more=True)
+        weight_sync.push_tensors_shm([engine], second[1:2])
+        assert not engine.info().weights_valid
