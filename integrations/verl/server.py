@@ -57,6 +57,10 @@ class RolloutServer:
         self._address: str | None = None
         self._budget: LengthBudget | None = None
         self._reject = False  # abort_all_requests(reject_request=True) until resume_generation
+        # Cleared by abort_all_requests, set by resume_generation: new requests wait for it (verl
+        # resubmits aborted requests while the weights are updated and the KV cache may be released).
+        self._generating = asyncio.Event()
+        self._generating.set()
 
     async def launch_server(self) -> str:
         """Start ``rollout serve`` and wait until it serves; returns its "host:port"."""
@@ -100,6 +104,9 @@ class RolloutServer:
             raise UnimplementedError("multimodal inputs are not supported", field="image_data")
         client = self._require_client()
         if self._reject:
+            raise UnavailableError("generation is paused on this replica and it takes no new requests")
+        await self._generating.wait()
+        if self._reject:  # aborted again with reject_request while this one waited
             raise UnavailableError("generation is paused on this replica and it takes no new requests")
         assert self._budget is not None
         prompt = check_prompt(prompt_ids, self._budget.context_length)
@@ -158,12 +165,14 @@ class RolloutServer:
         New requests wait for ``resume_generation``, or with ``reject_request`` fail at once.
         """
         self._reject = reject_request
+        self._generating.clear()
         await self._require_client().pause(PauseMode.ABORT)
 
     async def resume_generation(self) -> None:
-        """Continue after ``abort_all_requests``."""
+        """Continue after ``abort_all_requests``; the requests that waited go to the engine."""
         self._reject = False
         await self._require_client().continue_()
+        self._generating.set()
 
     async def start_profile(self, **kwargs: Any) -> None:
         """Profiling is not wired to verl's profiler: a no-op."""

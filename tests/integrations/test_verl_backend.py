@@ -224,6 +224,29 @@ def test_abort_with_reject_refuses_new_requests_until_resume(verl_setup):
     assert len(_generate(server, [1, 2, 3]).token_ids) >= 1
 
 
+def test_a_request_resubmitted_during_an_update_waits_for_resume_generation(verl_setup):
+    """verl's CheckpointEngineManager aborts, releases the KV cache, updates and resumes; its server
+    client resubmits an aborted request meanwhile. That request waits for resume_generation (it failed
+    with "memory of kv_cache is released")."""
+    from verl.checkpoint_engine import CheckpointEngineManager
+    from verl.utils import omega_conf_to_dataclass
+
+    config, manager, _, _ = verl_setup
+    server = manager.get_replicas()[0].server_handle
+    ckpt = CheckpointEngineManager(
+        config=omega_conf_to_dataclass(config.actor_rollout_ref.rollout.checkpoint_engine),
+        actor_wg=None, replicas=manager.get_replicas())
+    ckpt.abort_replicas()
+    ckpt.release_kv_cache_replicas()
+    resubmitted = server.generate.remote(prompt_ids=[1, 2, 3], sampling_params={"temperature": 0.0},
+                                         request_id="resubmitted")
+    ready, _ = ray.wait([resubmitted], timeout=1.0)
+    assert not ready  # it waits
+    ckpt.resume_kv_cache_replicas()
+    ckpt.resume_generation_replicas()
+    assert len(ray.get(resubmitted, timeout=CALL_TIMEOUT_S).token_ids) >= 1
+
+
 @pytest.mark.parametrize("sampling,field", [
     ({"repetition_penalty": 1.2}, "repetition_penalty"),
     ({"prompt_logprobs": 0}, "prompt_logprobs"),
