@@ -25,7 +25,7 @@ from weight_sync.buckets import (
     pack_bucket,
     plan_buckets,
 )
-from weight_sync.sender import check_version, named_tensor_list, root_cause_first
+from weight_sync.sender import check_version, named_tensor_list, one_version, root_cause_first
 from weight_sync.shm import ExportedBuffer
 from weight_sync.sources import CudaIpcSource, SharedMemorySource, source_to_dict
 from weight_sync.targets import as_target
@@ -42,7 +42,7 @@ def _call_all(targets: Iterable[Any], args: dict[str, Any]) -> Any:
     errors = root_cause_first([f.exception() for f in futures if f.exception() is not None])
     if errors:
         raise errors[0]
-    return futures[0].result()
+    return one_version([f.result() for f in futures])
 
 
 def push_tensors_shm(

@@ -54,6 +54,20 @@ def check_version(version: Any) -> None:
         raise InvalidArgumentError(f"must be an integer >= 0 or None, got {quoted(version)}", field="version")
 
 
+def one_version(results: Sequence[Any]) -> Any:
+    """The engines' answer to one push: the first engine's, once every engine is on its version.
+
+    Without an explicit version each engine takes its own version + 1, so engines that started apart
+    would tag the same weights differently: that raises, naming the versions (the weights are loaded
+    everywhere; an explicit version on the next push brings the engines together)."""
+    versions = [getattr(r, "weight_version", r) for r in results]
+    if len(set(versions)) > 1:
+        raise FailedPreconditionError(
+            f"the engines took the weights under different versions {versions} (each its own version + 1): "
+            "give the push an explicit version, so that every engine tags its tokens alike", field="version")
+    return results[0]
+
+
 def named_tensor_list(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
     """Materialise ``(name, tensor)`` pairs (references, no copies), checking names are unique."""
     items, seen = [], set()
@@ -188,7 +202,7 @@ class WeightSyncGroup:
                 f"group {quoted(self.group_name)}: {self.comm.broken}" + (f"; engines: {answers}" if answers else "")
             ) from e
         results = [f.result(timeout=self.comm.cfg.timeout_s) for f in futures]
-        return results[0] if results else version
+        return one_version(results) if results else version
 
     def _broadcast(self, layouts: list[BucketLayout], tensors: list[torch.Tensor], engine_failed) -> None:
         """Pack and broadcast every bucket, packing bucket k+1 while bucket k is on the wire."""

@@ -365,3 +365,21 @@ def test_an_update_that_keeps_the_version_never_reuses_old_prefix_kv(model_dir, 
         assert after.output_ids == want.output_ids
         assert after.weight_versions == [0] * len(after.output_ids)
         engine.check_integrity()
+
+
+def test_engines_on_different_versions_are_not_told_apart_silently(model_dir, perturbed) -> None:
+    """Without a version each engine takes its own + 1: engines that started apart would tag the
+    same weights 1 and 8, and the push answered 1. It raises now, naming the versions; an explicit
+    version brings them together (over a group and over shared memory)."""
+    weights, _ = perturbed
+    with Engine(model_dir, **ENGINE_OPTS) as a, Engine(model_dir, **ENGINE_OPTS) as b:
+        b.update_weights_from_disk(model_dir, version=7)
+        with pytest.raises(FailedPreconditionError, match=r"different versions \[1, 8\]"):
+            weight_sync.push_tensors_shm([a, b], weights.items())
+        assert weight_sync.push_tensors_shm([a, b], weights.items(), version=9) == 9
+        b.update_weights_from_disk(model_dir, version=20)
+        with weight_sync.connect([a, b], backend="gloo", bucket_bytes=BUCKET, timeout_s=60) as group:
+            with pytest.raises(FailedPreconditionError, match=r"different versions \[10, 21\]"):
+                group.push(weights.items())
+            assert group.push(weights.items(), version=30) == 30
+        assert a.info().weight_version == b.info().weight_version == 30
