@@ -109,11 +109,20 @@ def create_rollout_actors(
                                        field="bundle_indices")
     actor_cls = ray.remote(RolloutServer)
     actors = []
-    for i, index in enumerate(indices):
-        options: dict[str, Any] = dict(
-            num_cpus=num_cpus, num_gpus=num_gpus,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=index))
-        if name_prefix is not None:
-            options["name"] = f"{name_prefix}-{i}"
-        actors.append(actor_cls.options(**options).remote(config, index))
+    try:
+        for i, index in enumerate(indices):
+            options: dict[str, Any] = dict(
+                num_cpus=num_cpus, num_gpus=num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group,
+                                                                     placement_group_bundle_index=index))
+            if name_prefix is not None:
+                options["name"] = f"{name_prefix}-{i}"
+            actors.append(actor_cls.options(**options).remote(config, index))
+    except BaseException:
+        # A failed start (a name already taken, ...) leaves nothing behind: no actor, no group we made.
+        for actor in actors:
+            ray.kill(actor)
+        if owns:
+            ray.util.remove_placement_group(placement_group)
+        raise
     return RolloutReplicas(actors, placement_group, indices, owns)

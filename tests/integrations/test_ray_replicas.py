@@ -254,3 +254,26 @@ def test_a_two_rank_replica_takes_pushes_as_two_ranks(ray_cluster, models, expec
 
 def _trainer_step() -> str:
     return "stepped"
+
+
+def test_a_failed_start_leaves_no_placement_group_behind(ray_cluster, models):
+    """An actor name already taken fails the start: the group made for it is removed (it held its
+    bundles for good, and the caller had no handle to remove it)."""
+    holder = ray.remote(num_cpus=0)(_NameHolder).options(name="taken-0").remote()
+    ray.get(holder.ping.remote(), timeout=STEP_S)
+
+    def live_groups() -> set:
+        return {k for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
+
+    before = live_groups()
+    try:
+        with pytest.raises(ValueError, match="taken-0"):
+            create_rollout_actors(RolloutServerConfig(models["first"]), 1, num_cpus=0.1, name_prefix="taken")
+        assert live_groups() <= before
+    finally:
+        ray.kill(holder)
+
+
+class _NameHolder:
+    def ping(self) -> int:
+        return 1
