@@ -68,6 +68,17 @@ def test_streamed_completion_joins_to_the_whole_one(oai, engine):
     assert [lp for d in deltas for lp in d.logprobs.token_logprobs] == whole.logprobs.token_logprobs
     assert deltas[-1].finish_reason == "length" and all(d.finish_reason is None for d in deltas[:-1])
     assert events[-1].usage.completion_tokens == 24 and not events[-1].choices
+    assert [o for d in deltas for o in d.logprobs.text_offset] == whole.logprobs.text_offset
+
+
+def test_streamed_text_offsets_follow_the_tokens_also_with_stop_strings(oai):
+    """With stop strings the stream holds back text that could start one; the offsets still count the
+    tokens' own text, as the whole response does (they counted the text let out: mostly 0)."""
+    kw = dict(model=SERVED_MODEL, prompt="The quick brown fox", max_tokens=12, temperature=0.0, logprobs=0,
+              stop=["QQQQQQQQQQ"], extra_body={"ignore_eos": True})
+    whole = oai.completions.create(**kw).choices[0]
+    deltas = [e.choices[0] for e in oai.completions.create(stream=True, **kw) if e.choices]
+    assert [o for d in deltas if d.logprobs for o in d.logprobs.text_offset] == whole.logprobs.text_offset
 
 
 def test_chat_renders_the_template_and_streams_the_same_text(oai, engine):

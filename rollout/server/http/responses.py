@@ -31,6 +31,7 @@ class Choice:
         self._decoder = SampleText(tokenizer)
         self._holdback = max((len(s) for s in stops), default=1) - 1
         self.sent = 0  # characters of the decoded text already handed out
+        self.offset = 0  # the streamed logprobs' text_offset so far (their tokens' characters)
         self.text = ""
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
@@ -165,8 +166,11 @@ def stream_event(call: EngineCall, model: str, tokenizer: Tokenizer, choice: Cho
     lp = None
     if want_logprobs and chunk.logprobs is not None:
         top = chunk.top_logprobs or []
-        lp = (chat_logprobs(tokenizer, chunk.token_ids, chunk.logprobs, top) if chat else
-              completion_logprobs(tokenizer, chunk.token_ids, chunk.logprobs, top, choice.sent - len(delta)))
+        if chat:
+            lp = chat_logprobs(tokenizer, chunk.token_ids, chunk.logprobs, top)
+        else:  # offsets count the tokens' own text, as the whole response does (not the text let out)
+            lp = completion_logprobs(tokenizer, chunk.token_ids, chunk.logprobs, top, choice.offset)
+            choice.offset += sum(len(t) for t in lp["tokens"])
     entry["logprobs"] = lp
     if chunk.finished:
         entry["matched_stop"] = chunk.matched_stop
