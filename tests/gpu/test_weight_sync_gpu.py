@@ -34,13 +34,18 @@ def client_outputs(client) -> list[list[int]]:
     return engine_outputs(client, PROMPTS, GREEDY)
 
 
-def test_ipc_update_equals_engine_loaded_from_disk(model_dir, perturbed) -> None:
-    weights, path = perturbed
+def disk_reference(path: str) -> list[list[int]]:
+    """Greedy outputs of an engine process that loaded ``path`` from disk (what a push must give)."""
     reference = Engine(path, separate_process=True, **OPTS)
     try:
-        want = client_outputs(reference)
+        return client_outputs(reference)
     finally:
         reference.shutdown()
+
+
+def test_ipc_update_equals_engine_loaded_from_disk(model_dir, perturbed) -> None:
+    weights, path = perturbed
+    want = disk_reference(path)
     engine = Engine(model_dir, separate_process=True, **OPTS)
     try:
         assert client_outputs(engine) != want
@@ -70,11 +75,7 @@ def test_ipc_update_in_two_calls_is_one_update(model_dir, perturbed) -> None:
     """``more`` over CUDA IPC: generation waits for the last call, and the two calls give the weights
     that one full push gives, tagged with the first call's version."""
     weights, path = perturbed
-    reference = Engine(path, separate_process=True, **OPTS)
-    try:
-        want = client_outputs(reference)
-    finally:
-        reference.shutdown()
+    want = disk_reference(path)
     engine = Engine(model_dir, separate_process=True, **OPTS)
     try:
         trainer = [(n, t.to("cuda", torch.bfloat16)) for n, t in weights.items()]
@@ -117,11 +118,7 @@ def test_colocated_cycle_release_train_push_resume(model_dir, perturbed) -> None
     """generate, pause, release(kv_cache, weights), a training step taking most of the GPU in another
     process, resume(weights), push new weights over CUDA IPC, resume(kv_cache), generate correctly."""
     weights, path = perturbed
-    reference = Engine(path, separate_process=True, **OPTS)
-    try:
-        want = client_outputs(reference)
-    finally:
-        reference.shutdown()
+    want = disk_reference(path)
     # The KV pool is sized from free memory, as in a real deployment.
     engine = Engine(model_dir, separate_process=True, device="cuda", dtype="bfloat16", kv_memory_fraction=0.6)
     try:

@@ -125,44 +125,9 @@ def test_stop_ids_are_banned_exactly_until_min_new_tokens() -> None:
     assert checker.banned_ids(seq) == [STOP_ID]  # EOS is not masked when it does not stop the sample
 
 
-class FailingStreamTokenizer(PieceTokenizer):
-    """The stream decoder raises at its third token (tokenizers' "Invalid prefix encountered");
-    whole decodes work."""
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.pieces[i] for i in ids)
-
-    def decode_stream(self):
-        seen = [0]
-
-        def step(token_id: int) -> str:
-            seen[0] += 1
-            if seen[0] == 3:
-                raise Exception("Invalid prefix encountered while decoding stream")
-            return self.pieces[token_id]
-
-        return step
-
-
-def test_a_failing_stream_decoder_falls_back_to_whole_decodes() -> None:
-    """The failure is that one sample's: it decodes whole outputs from then on and still stops where
-    the text says (before, the error failed every request of the step)."""
-    vocab = ["<eos>", "<stop>", "ab", "cd", "e", "fg", "hi"]
-    checker = StopChecker((EOS,), context_length=1000, tokenizer=FailingStreamTokenizer(vocab))  # type: ignore[arg-type]
-    sp = SamplingParams(max_new_tokens=9, stop=["ef"])
-    seq = Sequence(uid=1, request_id="r", index=0, prompt_ids=[2], sampling=sp, seed=0, prompt_key=0, arrival=0)
-    ended = None
-    for token in range(2, 7):
-        seq.output_ids.append(token)
-        if checker.check(seq):
-            ended = len(seq.output_ids)
-            break
-    assert ended == 4 and seq.matched_stop == "ef"
-
-
-class ByteTokenizer:
+class FailingStreamTokenizer:
     """Tokens are bytes; whole decodes replace incomplete characters with U+FFFD (as byte-level BPE
-    does); the stream decoder raises at its third token."""
+    does); the stream decoder raises at its third token (tokenizers' "Invalid prefix encountered")."""
 
     def __init__(self, pieces: list[bytes]) -> None:
         self.pieces = pieces
@@ -182,17 +147,28 @@ class ByteTokenizer:
         return step
 
 
+def run_failing_stream(pieces: list[bytes], stop: list[str]) -> tuple[int | None, Sequence]:
+    """Feed tokens 2.. of ``pieces`` (ids 0, 1 reserved) until a stop; how many tokens, and the sample."""
+    tokenizer = FailingStreamTokenizer([b"<eos>", b"<stop>", *pieces])
+    checker = StopChecker((EOS,), context_length=1000, tokenizer=tokenizer)  # type: ignore[arg-type]
+    sp = SamplingParams(max_new_tokens=9, stop=stop)
+    seq = Sequence(uid=1, request_id="r", index=0, prompt_ids=[2], sampling=sp, seed=0, prompt_key=0, arrival=0)
+    for token in range(2, 2 + len(pieces)):
+        seq.output_ids.append(token)
+        if checker.check(seq):
+            return len(seq.output_ids), seq
+    return None, seq
+
+
+def test_a_failing_stream_decoder_falls_back_to_whole_decodes() -> None:
+    """The failure is that one sample's: it decodes whole outputs from then on and still stops where
+    the text says (before, the error failed every request of the step)."""
+    ended, seq = run_failing_stream([b"ab", b"cd", b"e", b"fg", b"hi"], ["ef"])
+    assert ended == 4 and seq.matched_stop == "ef"
+
+
 def test_after_the_fallback_a_character_split_over_tokens_still_matches() -> None:
     """"中" comes as three byte tokens after the stream decoder failed: the whole decodes end in
     U+FFFD until it completes, and the stop still matches when it does."""
-    vocab = [b"<eos>", b"<stop>", b"a", b"b", b"c", b"\xe4", b"\xb8", b"\xad", b"d"]
-    checker = StopChecker((EOS,), context_length=1000, tokenizer=ByteTokenizer(vocab))  # type: ignore[arg-type]
-    sp = SamplingParams(max_new_tokens=9, stop=["\u4e2d"])
-    seq = Sequence(uid=1, request_id="r", index=0, prompt_ids=[2], sampling=sp, seed=0, prompt_key=0, arrival=0)
-    ended = None
-    for token in (2, 3, 4, 5, 6, 7, 8):
-        seq.output_ids.append(token)
-        if checker.check(seq):
-            ended = len(seq.output_ids)
-            break
+    ended, seq = run_failing_stream([b"a", b"b", b"c", b"\xe4", b"\xb8", b"\xad", b"d"], ["\u4e2d"])
     assert ended == 6 and seq.matched_stop == "\u4e2d"
