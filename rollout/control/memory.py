@@ -23,6 +23,7 @@ from memory_saver import MemoryState, UnknownTagError
 from rollout.control.draft_memory import DraftMemory
 from rollout.control.gate import Blocker, GenerationGate
 from rollout.errors import FailedPreconditionError, InvalidArgumentError, quoted
+from rollout.types import parse_memory_tags
 
 if TYPE_CHECKING:
     from rollout.control.memory_placement import EngineMemory
@@ -144,14 +145,9 @@ class MemoryControl:
 
     def _tags(self, tags: Any) -> tuple[str, ...]:
         """Validated tags; None or empty means every tag (as in the protocol)."""
-        if isinstance(tags, str):
-            tags = [tags]
-        tags = list(tags or ())
+        tags = parse_memory_tags(tags)
         if not tags:
             return self.memory.saver.tags
-        for tag in tags:
-            if not isinstance(tag, str):
-                raise InvalidArgumentError(f"tags must be strings, got {quoted(tag)}", field="tags")
         try:
             return self.memory.saver.check_tags(tags)
         except UnknownTagError as e:

@@ -80,8 +80,10 @@ class UpdateInCalls:
     def check_swap(self, cmd: Any) -> None:
         """A swap update neither comes in several calls nor starts while such an update is open (on a
         rank > 0, an update still open is one rank 0 has ended: it is closed, as in ``version_of``)."""
-        if self.follower and self.open and getattr(cmd, "swap", False):
+        if not getattr(cmd, "swap", False):
+            return
+        if self.follower and self.open:
             self.close()
-        if getattr(cmd, "swap", False) and (getattr(cmd, "more", False) or self.open):
+        if getattr(cmd, "more", False) or self.open:
             raise FailedPreconditionError("a swap update cannot come in several calls, nor between the calls "
                                           "of an update that does")

@@ -285,11 +285,11 @@ class Engine:
 
     def release_memory(self, tags: Sequence[str] | str | None = None) -> Any:
         """Free the GPU memory of these tags (weights, kv_cache, cuda_graph; None: all)."""
-        return self._client.call(ReleaseMemory(_tags(tags)))
+        return self._client.call(ReleaseMemory(parse_memory_tags(tags)))
 
     def resume_memory(self, tags: Sequence[str] | str | None = None) -> Any:
         """Map released memory back (same addresses); weights return only if they were backed up."""
-        return self._client.call(ResumeMemory(_tags(tags)))
+        return self._client.call(ResumeMemory(parse_memory_tags(tags)))
 
     def rebalance_experts(self) -> dict[str, float | int]:
         """Place the experts by the tokens routed since the last rebalance (``ep_size`` > 1): hot experts
@@ -316,10 +316,6 @@ def _flag(value: Any, field: str = "swap") -> bool:
     if not isinstance(value, bool):
         raise InvalidArgumentError(f"must be true or false, got {value!r}", field=field)
     return value
-
-
-def _tags(tags: Sequence[str] | str | None) -> tuple[str, ...]:
-    return parse_memory_tags(tags)
 
 
 def parse_sources(sources: Any) -> tuple[Source, ...]:
