@@ -31,16 +31,15 @@ class DraftMemory:
         """Release the drafter's ``tags`` that the engine is releasing."""
         drafter, saver = self._drafter, self._saver
         tags = tuple(t for t in tags if t in saver.tags)
-        if "kv_cache" in tags and saver.region("kv_cache").state is MemoryState.ACTIVE:
-            drafter.kv.forget_all()
         weights = saver.region("weights")
         lost = "weights" in tags and weights.state is MemoryState.ACTIVE and not weights.backup
+        if lost or ("kv_cache" in tags and saver.region("kv_cache").state is MemoryState.ACTIVE):
+            drafter.kv.forget_all()  # its draft KV goes, or was computed with weights that go
         if "cuda_graph" in tags:
             drafter.runner.drop_cuda_graphs()
         saver.release(tags)
         if lost:
             drafter.weight_version = None
-            drafter.kv.forget_all()
 
     def resume(self, tags: tuple[str, ...]) -> None:
         """Resume the drafter's ``tags``; its graphs come back once none of its memory is released."""
